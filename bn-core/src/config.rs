@@ -1,0 +1,196 @@
+//! Options of a layer: presets and explicit overrides.
+
+use crate::BnError;
+
+/// How the running variance is updated from a training batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RunningVar {
+    /// With the biased batch variance `sum((x - mean)^2) / n` (the seed, Keras).
+    #[default]
+    Biased,
+    /// With the unbiased batch variance `sum((x - mean)^2) / (n - 1)` (PyTorch).
+    Unbiased,
+}
+
+/// Named sets of defaults matching a reference implementation.
+///
+/// | preset | momentum | eps | running_var | matches |
+/// |---|---|---|---|---|
+/// | [`Preset::Seed`] (default) | 0.9 | 1e-5 | biased | the seed's NumPy class |
+/// | [`Preset::Pytorch`] | 0.9 (torch 0.1) | 1e-5 | unbiased | `torch.nn.BatchNorm*d` |
+/// | [`Preset::Keras`] | 0.99 | 1e-3 | biased | `keras.layers.BatchNormalization` |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Preset {
+    /// The seed's NumPy design: momentum 0.9, eps 1e-5, biased running variance.
+    #[default]
+    Seed,
+    /// PyTorch's `BatchNorm*d`: momentum 0.9 (torch's 0.1), eps 1e-5, unbiased running variance.
+    Pytorch,
+    /// Keras's `BatchNormalization`: momentum 0.99, eps 1e-3, biased running variance.
+    Keras,
+}
+
+impl Preset {
+    /// The preset's name as written in the attribute (`"seed"`, `"pytorch"`, `"keras"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Preset::Seed => "seed",
+            Preset::Pytorch => "pytorch",
+            Preset::Keras => "keras",
+        }
+    }
+
+    /// Parses a preset name as written in the attribute.
+    pub fn from_name(name: &str) -> Option<Preset> {
+        match name {
+            "seed" => Some(Preset::Seed),
+            "pytorch" => Some(Preset::Pytorch),
+            "keras" => Some(Preset::Keras),
+            _ => None,
+        }
+    }
+}
+
+/// The options of a layer.
+///
+/// Start from a preset and override what differs; every setter is a `const fn`, so a
+/// configuration can be a constant. Values are checked when a layer is built
+/// ([`Config::validate`]).
+///
+/// **Momentum convention**: `momentum` is the weight of the *old* running value (the seed's and
+/// Keras's convention): `running = momentum * running + (1 - momentum) * batch`. PyTorch's
+/// momentum `p` is the weight of the *new* value; [`Config::torch_momentum`] converts
+/// (`momentum = 1 - p`).
+///
+/// ```
+/// use bn_core::{Config, Preset, RunningVar};
+///
+/// const CFG: Config = Config::preset(Preset::Pytorch).eps(1e-3);
+/// assert_eq!(CFG.get_momentum(), 0.9);
+/// assert_eq!(CFG.get_running_var(), RunningVar::Unbiased);
+/// assert_eq!(Config::new().torch_momentum(0.01).get_momentum(), 0.99);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    eps: f64,
+    momentum: f64,
+    running_var: RunningVar,
+    center: bool,
+    scale: bool,
+    track_running_stats: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::new()
+    }
+}
+
+impl Config {
+    /// The default configuration: the `seed` preset.
+    pub const fn new() -> Config {
+        Config::preset(Preset::Seed)
+    }
+
+    /// The configuration of a preset, with `center`, `scale` and `track_running_stats` on.
+    pub const fn preset(preset: Preset) -> Config {
+        let (momentum, eps, running_var) = match preset {
+            Preset::Seed => (0.9, 1e-5, RunningVar::Biased),
+            Preset::Pytorch => (0.9, 1e-5, RunningVar::Unbiased),
+            Preset::Keras => (0.99, 1e-3, RunningVar::Biased),
+        };
+        Config { eps, momentum, running_var, center: true, scale: true, track_running_stats: true }
+    }
+
+    /// Sets the epsilon added to the variance (must be positive and finite).
+    pub const fn eps(mut self, eps: f64) -> Config {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets the momentum: the weight of the old running value, in `[0, 1)`.
+    pub const fn momentum(mut self, momentum: f64) -> Config {
+        self.momentum = momentum;
+        self
+    }
+
+    /// Sets the momentum from PyTorch's convention: `p` in `(0, 1]` is the weight of the new value,
+    /// so this sets `momentum = 1 - p`.
+    pub const fn torch_momentum(mut self, p: f64) -> Config {
+        self.momentum = 1.0 - p;
+        self
+    }
+
+    /// Chooses the batch variance used to update the running variance.
+    pub const fn running_var(mut self, running_var: RunningVar) -> Config {
+        self.running_var = running_var;
+        self
+    }
+
+    /// With `false`, beta is fixed at 0 and gets no gradient (Keras's `center`).
+    pub const fn center(mut self, center: bool) -> Config {
+        self.center = center;
+        self
+    }
+
+    /// With `false`, gamma is fixed at 1 and gets no gradient (Keras's `scale`).
+    pub const fn scale(mut self, scale: bool) -> Config {
+        self.scale = scale;
+        self
+    }
+
+    /// With `false`, both modes normalize with the batch statistics and the running buffers are
+    /// never read or written (PyTorch's `track_running_stats`).
+    pub const fn track_running_stats(mut self, track: bool) -> Config {
+        self.track_running_stats = track;
+        self
+    }
+
+    /// The epsilon added to the variance.
+    pub const fn get_eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The momentum (weight of the old running value).
+    pub const fn get_momentum(&self) -> f64 {
+        self.momentum
+    }
+
+    /// Which batch variance updates the running variance.
+    pub const fn get_running_var(&self) -> RunningVar {
+        self.running_var
+    }
+
+    /// Whether beta is learned (`false`: fixed at 0).
+    pub const fn get_center(&self) -> bool {
+        self.center
+    }
+
+    /// Whether gamma is learned (`false`: fixed at 1).
+    pub const fn get_scale(&self) -> bool {
+        self.scale
+    }
+
+    /// Whether running statistics are kept and used by inference.
+    pub const fn get_track_running_stats(&self) -> bool {
+        self.track_running_stats
+    }
+
+    /// Checks the values: `eps` positive and finite, `momentum` in `[0, 1)`.
+    pub fn validate(&self) -> Result<(), BnError> {
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(BnError::InvalidConfig(format!(
+                "eps must be a positive finite number, got {}",
+                self.eps
+            )));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(BnError::InvalidConfig(format!(
+                "momentum (weight of the old running value) must be in [0, 1), got {} \
+                 (PyTorch's momentum p corresponds to 1 - p)",
+                self.momentum
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! The one error type of the crate.
+
+use thiserror::Error;
+
+/// Everything that can go wrong when a layer is built or called.
+///
+/// Every entry point validates its whole input before it writes anything, so after an `Err` the
+/// layer is bit-for-bit unchanged (output buffers are unspecified). Each message says what was
+/// expected and what was given.
+#[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
+pub enum BnError {
+    /// `shape` has a different number of axes than the layer.
+    #[error("rank mismatch: the layer expects a shape of rank {expected}, got rank {got} ({shape:?})")]
+    RankMismatch {
+        /// The layer's rank.
+        expected: usize,
+        /// The rank of the given shape.
+        got: usize,
+        /// The given shape.
+        shape: Vec<usize>,
+    },
+
+    /// The extents of the feature axes in `shape` are not the layer's.
+    #[error(
+        "feature extent mismatch: the layer expects extents {expected:?} at axes {first_axis}..{end_axis}, \
+         got shape {shape:?}",
+        end_axis = first_axis + expected.len()
+    )]
+    FeatureMismatch {
+        /// The layer's feature extents.
+        expected: Vec<usize>,
+        /// The first feature axis.
+        first_axis: usize,
+        /// The given shape.
+        shape: Vec<usize>,
+    },
+
+    /// A data buffer does not hold exactly the number of elements the shape describes.
+    #[error(
+        "buffer length mismatch: `{buffer}` must hold {expected} elements for shape {shape:?}, got {got}"
+    )]
+    BufferLength {
+        /// Which buffer (`x`, `y`, `dy`, `dx`, `xy`).
+        buffer: &'static str,
+        /// Product of the shape.
+        expected: usize,
+        /// The buffer's length.
+        got: usize,
+        /// The given shape.
+        shape: Vec<usize>,
+    },
+
+    /// Training (or batch statistics) needs at least two values per feature, as in PyTorch.
+    #[error("expected more than 1 value per channel when training, got input size {shape:?}")]
+    TooFewValues {
+        /// The given shape.
+        shape: Vec<usize>,
+    },
+
+    /// Training on a batch with no elements.
+    #[error("empty batch: training needs a non-empty batch, got shape {shape:?}")]
+    EmptyBatch {
+        /// The given shape.
+        shape: Vec<usize>,
+    },
+
+    /// `backward` was called before any successful `forward_train`.
+    #[error("backward called without a preceding successful forward_train")]
+    NoForward,
+
+    /// `backward` was called with a shape other than the last `forward_train`'s.
+    #[error("backward shape mismatch: the last forward_train had shape {expected:?}, got {got:?}")]
+    BackwardShape {
+        /// Shape of the last training forward.
+        expected: Vec<usize>,
+        /// The given shape.
+        got: Vec<usize>,
+    },
+
+    /// A parameter or statistics slice has the wrong length.
+    #[error("parameter length mismatch: `{name}` must hold {expected} values (one per feature), got {got}")]
+    ParamLength {
+        /// Which parameter.
+        name: &'static str,
+        /// Number of features.
+        expected: usize,
+        /// The slice's length.
+        got: usize,
+    },
+
+    /// A non-finite value where only finite ones are allowed: a parameter given to a setter, or a
+    /// batch statistic (mean or variance, including a variance that overflows the parameter type).
+    #[error("non-finite value: {what}[{index}] = {value} (only finite values are allowed)")]
+    NonFinite {
+        /// What held the value (`gamma`, `running_var`, `batch mean`, `batch variance`, ...).
+        what: &'static str,
+        /// Feature index.
+        index: usize,
+        /// The offending value.
+        value: f64,
+    },
+
+    /// A negative running variance given to `set_running_stats`.
+    #[error("negative variance: running_var[{index}] = {value} (variances must be >= 0)")]
+    NegativeVariance {
+        /// Feature index.
+        index: usize,
+        /// The offending value.
+        value: f64,
+    },
+
+    /// A parameter the configuration fixes (`center = false` fixes beta at 0, `scale = false` fixes
+    /// gamma at 1) was given another value.
+    #[error("`{name}` is fixed at {fixed} by `{option} = false`, got {name}[{index}] = {value}")]
+    FixedParameter {
+        /// `gamma` or `beta`.
+        name: &'static str,
+        /// The option that fixes it (`scale` or `center`).
+        option: &'static str,
+        /// The fixed value.
+        fixed: f64,
+        /// Feature index.
+        index: usize,
+        /// The offending value.
+        value: f64,
+    },
+
+    /// The number of elements of a shape does not fit in `usize`.
+    #[error("shape overflow: the number of elements of {shape:?} does not fit in usize")]
+    ShapeOverflow {
+        /// The given shape.
+        shape: Vec<usize>,
+    },
+
+    /// A configuration value out of its range (eps, momentum).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// Features and reduced axes given at run time that do not describe a layout.
+    #[error("invalid layout: {0}")]
+    InvalidLayout(String),
+}

@@ -1,0 +1,27 @@
+//! Runtime of the `batchnorm` crate: layer state, configuration, layouts, errors and kernels.
+//!
+//! Most users depend on the facade crate `batchnorm`, which re-exports everything here together
+//! with the `#[batch_norm]` attribute. See its documentation for a guided tour.
+#![deny(missing_docs)]
+
+mod config;
+mod element;
+mod error;
+pub mod kernels;
+mod layer;
+mod layout;
+#[doc(hidden)]
+pub mod spec;
+mod traits;
+
+#[cfg(feature = "ndarray")]
+mod array;
+
+#[cfg(feature = "ndarray")]
+pub use array::BatchNormArrayExt;
+pub use config::{Config, Preset, RunningVar};
+pub use element::{Element, Param};
+pub use error::BnError;
+pub use layer::{BatchNorm, Features};
+pub use layout::{Canonical, Family, Layout};
+pub use traits::BatchNormLayer;

@@ -1,0 +1,133 @@
+//! The trait every layer implements: the `#[batch_norm]` layers and [`BatchNorm`](crate::BatchNorm).
+
+use crate::{BatchNorm, BnError, Config, Element};
+
+/// The methods of a batch-normalization layer, implemented by every `#[batch_norm]` layer and by
+/// the runtime-generic [`BatchNorm`]. Code generic over layers (a model, a benchmark, a
+/// checkpoint loader) takes `impl BatchNormLayer`.
+///
+/// The layers also have these methods as inherent methods, so calling them needs no import.
+///
+/// ```
+/// use bn_core::{BatchNorm, BatchNormLayer};
+///
+/// fn normalize_batch<L: BatchNormLayer<Elem = f32>>(layer: &mut L, x: &[f32], shape: &[usize]) -> Vec<f32> {
+///     let mut y = vec![0.0; x.len()];
+///     layer.forward_train(x, shape, &mut y).expect("valid batch");
+///     y
+/// }
+/// let mut bn = BatchNorm::new(2, [0])?;
+/// let y = normalize_batch(&mut bn, &[1.0, 10.0, 3.0, 30.0], &[2, 2]);
+/// assert!((y[0] + 1.0).abs() < 1e-4 && (y[2] - 1.0).abs() < 1e-4);
+/// # Ok::<(), bn_core::BnError>(())
+/// ```
+pub trait BatchNormLayer {
+    /// The element type of the data tensors.
+    type Elem: Element;
+    /// The type of the parameters and statistics.
+    type Param;
+
+    /// Number of features: the product of the feature extents (`gamma().len()`).
+    fn features(&self) -> usize;
+    /// Rank of the tensors the layer takes.
+    fn rank(&self) -> usize;
+    /// The layer's configuration.
+    fn config(&self) -> &Config;
+    /// Training forward (see [`BatchNorm::forward_train`]).
+    fn forward_train(
+        &mut self,
+        x: &[Self::Elem],
+        shape: &[usize],
+        y: &mut [Self::Elem],
+    ) -> Result<(), BnError>;
+    /// Inference forward (see [`BatchNorm::forward_eval`]).
+    fn forward_eval(&self, x: &[Self::Elem], shape: &[usize], y: &mut [Self::Elem]) -> Result<(), BnError>;
+    /// Inference forward in place (see [`BatchNorm::forward_eval_inplace`]).
+    fn forward_eval_inplace(&self, xy: &mut [Self::Elem], shape: &[usize]) -> Result<(), BnError>;
+    /// Backward of the last training forward (see [`BatchNorm::backward`]).
+    fn backward(
+        &mut self,
+        x: &[Self::Elem],
+        dy: &[Self::Elem],
+        shape: &[usize],
+        dx: &mut [Self::Elem],
+    ) -> Result<(), BnError>;
+    /// Backward of the inference forward (see [`BatchNorm::backward_eval`]).
+    fn backward_eval(
+        &mut self,
+        x: &[Self::Elem],
+        dy: &[Self::Elem],
+        shape: &[usize],
+        dx: &mut [Self::Elem],
+    ) -> Result<(), BnError>;
+    /// The scale parameter.
+    fn gamma(&self) -> &[Self::Param];
+    /// The shift parameter.
+    fn beta(&self) -> &[Self::Param];
+    /// The running mean.
+    fn running_mean(&self) -> &[Self::Param];
+    /// The running variance.
+    fn running_var(&self) -> &[Self::Param];
+    /// The gradient of gamma from the last backward.
+    fn gamma_grad(&self) -> &[Self::Param];
+    /// The gradient of beta from the last backward.
+    fn beta_grad(&self) -> &[Self::Param];
+    /// Sets gamma and beta (see [`BatchNorm::update_params`]).
+    fn update_params(&mut self, gamma: &[Self::Param], beta: &[Self::Param]) -> Result<(), BnError>;
+    /// Sets the running statistics (see [`BatchNorm::set_running_stats`]).
+    fn set_running_stats(&mut self, mean: &[Self::Param], var: &[Self::Param]) -> Result<(), BnError>;
+}
+
+impl<E: Element> BatchNormLayer for BatchNorm<E> {
+    type Elem = E;
+    type Param = E::Param;
+
+    fn features(&self) -> usize {
+        BatchNorm::features(self)
+    }
+    fn rank(&self) -> usize {
+        BatchNorm::rank(self)
+    }
+    fn config(&self) -> &Config {
+        BatchNorm::config(self)
+    }
+    fn forward_train(&mut self, x: &[E], shape: &[usize], y: &mut [E]) -> Result<(), BnError> {
+        BatchNorm::forward_train(self, x, shape, y)
+    }
+    fn forward_eval(&self, x: &[E], shape: &[usize], y: &mut [E]) -> Result<(), BnError> {
+        BatchNorm::forward_eval(self, x, shape, y)
+    }
+    fn forward_eval_inplace(&self, xy: &mut [E], shape: &[usize]) -> Result<(), BnError> {
+        BatchNorm::forward_eval_inplace(self, xy, shape)
+    }
+    fn backward(&mut self, x: &[E], dy: &[E], shape: &[usize], dx: &mut [E]) -> Result<(), BnError> {
+        BatchNorm::backward(self, x, dy, shape, dx)
+    }
+    fn backward_eval(&mut self, x: &[E], dy: &[E], shape: &[usize], dx: &mut [E]) -> Result<(), BnError> {
+        BatchNorm::backward_eval(self, x, dy, shape, dx)
+    }
+    fn gamma(&self) -> &[E::Param] {
+        BatchNorm::gamma(self)
+    }
+    fn beta(&self) -> &[E::Param] {
+        BatchNorm::beta(self)
+    }
+    fn running_mean(&self) -> &[E::Param] {
+        BatchNorm::running_mean(self)
+    }
+    fn running_var(&self) -> &[E::Param] {
+        BatchNorm::running_var(self)
+    }
+    fn gamma_grad(&self) -> &[E::Param] {
+        BatchNorm::gamma_grad(self)
+    }
+    fn beta_grad(&self) -> &[E::Param] {
+        BatchNorm::beta_grad(self)
+    }
+    fn update_params(&mut self, gamma: &[E::Param], beta: &[E::Param]) -> Result<(), BnError> {
+        BatchNorm::update_params(self, gamma, beta)
+    }
+    fn set_running_stats(&mut self, mean: &[E::Param], var: &[E::Param]) -> Result<(), BnError> {
+        BatchNorm::set_running_stats(self, mean, var)
+    }
+}
