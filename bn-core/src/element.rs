@@ -22,6 +22,9 @@ pub trait Param:
     fn from_f64(value: f64) -> Self;
     /// Whether the value is neither infinite nor NaN.
     fn is_finite(self) -> bool;
+    /// The slice as `f32` when this type is `f32` (the fast kernels' parameter type).
+    #[doc(hidden)]
+    fn slice_as_f32(values: &[Self]) -> Option<&[f32]>;
 }
 
 /// The element type of the data tensors (`x`, `y`, `dy`, `dx`).
@@ -34,10 +37,16 @@ pub trait Element: sealed::Sealed + Copy + Default + Debug + PartialEq + Send + 
     fn to_f64(self) -> f64;
     /// Rounds from `f64` to nearest.
     fn from_f64(value: f64) -> Self;
+    /// The slice as `f32` when this type is `f32` (the element type of the fast kernels).
+    #[doc(hidden)]
+    fn slice_as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// The slice as `f32` when this type is `f32`.
+    #[doc(hidden)]
+    fn slice_as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 macro_rules! impl_float {
-    ($t:ty, $name:literal) => {
+    ($t:ty, $name:literal, |$v:ident| $as_f32:expr, |$m:ident| $as_f32_mut:expr) => {
         impl Param for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -53,6 +62,10 @@ macro_rules! impl_float {
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
+            #[inline(always)]
+            fn slice_as_f32($v: &[Self]) -> Option<&[f32]> {
+                $as_f32
+            }
         }
 
         impl Element for $t {
@@ -66,9 +79,17 @@ macro_rules! impl_float {
             fn from_f64(value: f64) -> Self {
                 value as $t
             }
+            #[inline(always)]
+            fn slice_as_f32($v: &[Self]) -> Option<&[f32]> {
+                $as_f32
+            }
+            #[inline(always)]
+            fn slice_as_f32_mut($m: &mut [Self]) -> Option<&mut [f32]> {
+                $as_f32_mut
+            }
         }
     };
 }
 
-impl_float!(f32, "f32");
-impl_float!(f64, "f64");
+impl_float!(f32, "f32", |v| Some(v), |v| Some(v));
+impl_float!(f64, "f64", |_v| None, |_v| None);
