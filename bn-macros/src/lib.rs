@@ -1,7 +1,85 @@
-//! placeholder
+//! The `#[batch_norm]` attribute of the [`batchnorm`](https://docs.rs/batchnorm) crate.
+//!
+//! Use it through the facade crate (`batchnorm::batch_norm`); the generated code calls the
+//! runtime through `::batchnorm::__private` (or the path given with `crate = "..."`).
+//!
+//! The macro runs in three stages, one module each: `attr` parses the arguments and the item
+//! into typed models that keep the user's tokens, `valid` checks them, `expand` generates the
+//! layer. Every stage reports to one error collector, so a user with three mistakes sees three
+//! errors in one build; with errors, `fallback` still emits the layer's API so its uses do not
+//! fail too.
+#![deny(missing_docs)]
+
+mod attr;
+mod expand;
+mod fallback;
+mod valid;
+
 use proc_macro::TokenStream;
-/// placeholder
+
+/// Compiles a batch-normalization layer for a fixed layout into a unit struct.
+///
+/// ```
+/// use batchnorm::batch_norm;
+///
+/// /// The stem's normalization: NCHW with 64 channels.
+/// #[batch_norm(features = 64, axes = [0, 2, 3])]
+/// pub struct StemBn;
+///
+/// let mut bn = StemBn::new();
+/// let shape = [2, 64, 3, 3];
+/// let x: Vec<f32> = (0..2 * 64 * 9).map(|i| (i % 7) as f32).collect();
+/// let mut y = vec![0.0; x.len()];
+/// bn.forward_train(&x, &shape, &mut y)?;
+/// assert_eq!(StemBn::FEATURES, 64);
+/// assert_eq!(bn.running_mean().len(), 64);
+/// # Ok::<(), batchnorm::BnError>(())
+/// ```
+///
+/// # Keys
+///
+/// | key | value | default |
+/// |---|---|---|
+/// | `features` | the feature extents: `64`, or `[55, 55]` for several adjacent feature axes | required |
+/// | `axes` | the reduced axes (statistics over them), non-empty and ascending: `[0, 2, 3]` | required |
+/// | `preset` | `"seed"`, `"pytorch"` or `"keras"`: the defaults of the other options | `"seed"` |
+/// | `eps` | a positive finite number added to the variance | the preset's |
+/// | `momentum` | the weight of the *old* running value, in `[0, 1)` (the seed's and Keras's convention) | the preset's |
+/// | `torch_momentum` | PyTorch's momentum `p` in `(0, 1]`: `momentum = 1 - p` (not with `momentum`) | |
+/// | `running_var` | `"biased"` or `"unbiased"`: the batch variance that updates the running one | the preset's |
+/// | `center` | `false`: beta fixed at 0 | `true` |
+/// | `scale` | `false`: gamma fixed at 1 | `true` |
+/// | `track_running_stats` | `false`: inference uses batch statistics too | `true` |
+/// | `crate` | the path of the `batchnorm` crate, for a renamed dependency: `crate = "bn"` | `"::batchnorm"` |
+///
+/// Explicit keys override the preset: `preset = "keras", eps = 0.01` has Keras's momentum 0.99
+/// and eps 0.01. The rank is the number of reduced axes plus the number of feature extents, and
+/// the feature axes (those not in `axes`) must be adjacent: `features = [55, 55], axes = [0]`
+/// normalizes `(N, 55, 55)` tensors per feature of the `55 x 55` grid.
+///
+/// # What it generates
+///
+/// The attribute goes on a unit struct and keeps its visibility, doc comments and attributes.
+/// The struct gets private state (build it with `new()`) and:
+///
+/// - the consts `FEATURES` (the product of the feature extents) and `RANK`;
+/// - `new()`, `forward_train`, `forward_eval`, `forward_eval_inplace`, `backward`,
+///   `backward_eval`, `gamma`, `beta`, `running_mean`, `running_var`, `gamma_grad`, `beta_grad`,
+///   `update_params`, `set_running_stats`, `num_batches_tracked`, `config` and `as_batch_norm`
+///   (the runtime-generic `BatchNorm` it wraps), all `pub`;
+/// - impls of `Default`, `Clone`, `Debug` (a `#[derive]` of one of these on the struct is
+///   skipped, not doubled) and `BatchNormLayer`.
+///
+/// Put `#[batch_norm]` above the struct's `#[derive]`s, so the attribute sees them.
+///
+/// # Errors
+///
+/// Bad input is a compile error spanned on what is wrong, with a message that says what is
+/// allowed, every error in one build: a missing `features` or `axes`, a zero extent, an axis
+/// repeated, out of range or out of order, feature axes that are not adjacent, an `eps` or
+/// momentum out of range, both momentum keys, an unknown key or value, a key given twice, a value
+/// of the wrong kind, and an item other than a non-generic unit struct.
 #[proc_macro_attribute]
-pub fn batch_norm(_attr: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn batch_norm(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::batch_norm(args.into(), item.into()).into()
 }

@@ -1,0 +1,425 @@
+//! The whole pipeline (parse, validate, expand) and the code generation.
+//!
+//! The generated layer is a struct wrapping the runtime-generic `BatchNorm` and calling its
+//! `*_spec` entry points with a hidden type whose `Spec` constants are what the attribute fixes
+//! (the channel count, and `INNER == 1` for the rows family), so the specialized kernels see them
+//! as constants: the same kernels, with more of their inputs known at compile time.
+
+use proc_macro2::{Literal, Span, TokenStream};
+use quote::quote;
+use syn::ext::IdentExt;
+use syn::Path;
+
+use crate::attr::{Attr, Shell, Target};
+use crate::fallback;
+use crate::valid::{self, Ctxt, Layout};
+
+/// `#[batch_norm(args)] item`.
+pub(crate) fn batch_norm(args: TokenStream, item: TokenStream) -> TokenStream {
+    let cx = Ctxt::new();
+    let attr = Attr::from_args(&cx, args);
+    let target = Target::from_syn(&cx, item);
+    let layout = valid::validate(&cx, &attr);
+    let krate = krate(&attr);
+    let dtype = Dtype::of(&attr);
+    match (cx.check(), &target, layout) {
+        (Ok(()), Target::Struct(shell), Some(layout)) => {
+            let statics = Statics::new(&krate, &attr, &layout);
+            layer(shell, &krate, &dtype, Some(&statics))
+        }
+        (Err(errors), target, _) => fallback::expand(target, &krate, &dtype, errors),
+        // Every path that leaves no layout reports an error; this is a bug in the macro.
+        (Ok(()), target, _) => {
+            let error = syn::Error::new(Span::call_site(), "internal error in #[batch_norm]: no layout");
+            fallback::expand(target, &krate, &dtype, error)
+        }
+    }
+}
+
+/// The path of the facade crate in generated code: `::batchnorm` or `crate = "..."`.
+fn krate(attr: &Attr) -> Path {
+    match &attr.krate {
+        Some(krate) => krate.value.clone(),
+        None => syn::parse_quote!(::batchnorm),
+    }
+}
+
+/// The element type of the layer's data, and the type of its parameters and statistics.
+/// The one place the `dtype` key will change.
+pub(crate) struct Dtype {
+    elem: TokenStream,
+    param: TokenStream,
+}
+
+impl Dtype {
+    pub(crate) fn of(_attr: &Attr) -> Dtype {
+        Dtype { elem: quote!(f32), param: quote!(f32) }
+    }
+}
+
+/// What a valid attribute fixes at compile time. Without it ([`fallback`]) the layer is a stub
+/// with the same API whose constructor is unreachable: the user sees the attribute's errors and
+/// no follow-on ones where the layer is used.
+pub(crate) struct Statics {
+    features: Literal,
+    rank: Literal,
+    /// `Spec::INNER`: 1 when the feature axes are the last ones, else 0 (not known statically).
+    inner: Literal,
+    /// The body of `new()`.
+    construct: TokenStream,
+    doc_features: String,
+    doc_rank: String,
+}
+
+impl Statics {
+    fn new(krate: &Path, attr: &Attr, layout: &Layout) -> Statics {
+        let private = quote!(#krate::__private);
+        let preset =
+            syn::Ident::new(attr.preset.as_ref().map_or("Seed", |p| p.value.variant()), Span::call_site());
+        let mut config = quote!(#private::Config::preset(#private::Preset::#preset));
+        for (setter, value) in
+            [("eps", &attr.eps), ("momentum", &attr.momentum), ("torch_momentum", &attr.torch_momentum)]
+        {
+            if let Some(value) = value {
+                let setter = syn::Ident::new(setter, Span::call_site());
+                let value = float(value.value);
+                config.extend(quote!(.#setter(#value)));
+            }
+        }
+        if let Some(running_var) = &attr.running_var {
+            let variant = syn::Ident::new(running_var.value.variant(), Span::call_site());
+            config.extend(quote!(.running_var(#private::RunningVar::#variant)));
+        }
+        for (setter, value) in [
+            ("center", &attr.center),
+            ("scale", &attr.scale),
+            ("track_running_stats", &attr.track_running_stats),
+        ] {
+            if let Some(value) = value {
+                let setter = syn::Ident::new(setter, Span::call_site());
+                let value = value.value;
+                config.extend(quote!(.#setter(#value)));
+            }
+        }
+        let rank = Literal::usize_unsuffixed(layout.rank);
+        let first = Literal::usize_unsuffixed(layout.first_feature_axis);
+        let extents = layout.features.iter().map(|&f| Literal::u64_unsuffixed(f));
+        let construct = quote! {
+            const CONFIG: #private::Config = #config;
+            Self { __bn: #private::BatchNorm::__from_static(#rank, #first, &[#(#extents),*], CONFIG) }
+        };
+        let feature_axes = layout.feature_axes();
+        Statics {
+            features: Literal::u64_unsuffixed(layout.channels),
+            rank,
+            inner: Literal::usize_unsuffixed(usize::from(layout.features_last())),
+            construct,
+            doc_features: format!(
+                "The number of features, {}: the product of the feature extents {:?} (the length of \
+                 `gamma()` and of the other parameters and statistics).",
+                layout.channels, layout.features
+            ),
+            doc_rank: format!(
+                "The rank of the tensors the layer takes, {}: the statistics are taken over axes {:?}, \
+                 the feature axes are {:?}.",
+                layout.rank, layout.axes, feature_axes
+            ),
+        }
+    }
+}
+
+/// A float literal for generated code (never `-0.0`: the validated values are not negative).
+fn float(value: f64) -> Literal {
+    Literal::f64_unsuffixed(if value == 0.0 { 0.0 } else { value })
+}
+
+/// The layer: the struct, its inherent API and its trait impls. With `statics == None`, the stub.
+pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<&Statics>) -> TokenStream {
+    let Shell { attrs, vis, struct_token, ident } = shell;
+    let Dtype { elem, param } = dtype;
+    let private = quote!(#krate::__private);
+    let result = quote!(::core::result::Result<(), #private::BnError>);
+    let name = ident.unraw().to_string();
+    // The impls exist exactly when the struct does.
+    let cfgs = attrs.iter().filter(|attr| attr.path().is_ident("cfg"));
+
+    let zero = Literal::usize_unsuffixed(0);
+    let (features, rank, inner) = match statics {
+        Some(s) => (&s.features, &s.rank, &s.inner),
+        None => (&zero, &zero, &zero),
+    };
+    let construct = match statics {
+        Some(s) => s.construct.clone(),
+        None => quote!(::core::unreachable!("the #[batch_norm] attribute of this layer has errors")),
+    };
+    let doc_features = statics.map_or("The number of features.", |s| &s.doc_features);
+    let doc_rank = statics.map_or("The rank of the tensors the layer takes.", |s| &s.doc_rank);
+
+    quote! {
+        #(#attrs)*
+        #vis #struct_token #ident {
+            __bn: #private::BatchNorm<#elem>,
+        }
+
+        #(#cfgs)*
+        const _: () = {
+            /// What the attribute fixes at compile time, passed to the shared kernels.
+            enum __Spec {}
+
+            impl #private::Spec for __Spec {
+                const CHANNELS: usize = #features;
+                const INNER: usize = #inner;
+            }
+
+            impl #ident {
+                #[doc = #doc_features]
+                pub const FEATURES: usize = #features;
+
+                #[doc = #doc_rank]
+                pub const RANK: usize = #rank;
+
+                /// A new layer: gamma 1, beta 0, running mean 0, running variance 1, with the
+                /// options of the attribute (see [`config`](Self::config)). Also [`Default`].
+                #[must_use]
+                pub fn new() -> Self {
+                    #construct
+                }
+
+                /// Training forward: normalizes `x` with its batch statistics into `y`, updates
+                /// the running statistics and saves what [`backward`](Self::backward) needs.
+                ///
+                /// `x` and `y` are row-major in the order of `shape`, which has rank
+                /// [`RANK`](Self::RANK) and the layer's feature extents.
+                ///
+                /// # Errors
+                ///
+                /// A wrong shape or buffer length, an empty batch, fewer than 2 values per
+                /// feature, or a non-finite batch mean or variance. After an error the layer is
+                /// unchanged.
+                #[inline]
+                pub fn forward_train(&mut self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
+                    self.__bn.forward_train_spec::<__Spec>(x, shape, y)
+                }
+
+                /// Inference forward: normalizes `x` into `y` with the running statistics (with
+                /// the batch statistics when `track_running_stats` is off). An empty batch is a
+                /// no-op.
+                ///
+                /// # Errors
+                ///
+                /// A wrong shape or buffer length (or, with `track_running_stats` off, what
+                /// [`forward_train`](Self::forward_train) rejects).
+                #[inline]
+                pub fn forward_eval(&self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
+                    self.__bn.forward_eval_spec::<__Spec>(x, shape, y)
+                }
+
+                /// [`forward_eval`](Self::forward_eval) in place, bit-identical to it.
+                ///
+                /// # Errors
+                ///
+                /// As [`forward_eval`](Self::forward_eval).
+                #[inline]
+                pub fn forward_eval_inplace(&self, xy: &mut [#elem], shape: &[usize]) -> #result {
+                    self.__bn.forward_eval_inplace_spec::<__Spec>(xy, shape)
+                }
+
+                /// Backward of the last [`forward_train`](Self::forward_train), with the gamma
+                /// and statistics saved by it: writes `dx` and overwrites
+                /// [`gamma_grad`](Self::gamma_grad) and [`beta_grad`](Self::beta_grad).
+                ///
+                /// # Errors
+                ///
+                /// No training forward yet, a `shape` other than that forward's, or a wrong
+                /// buffer length.
+                #[inline]
+                pub fn backward(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
+                    self.__bn.backward_spec::<__Spec>(x, dy, shape, dx)
+                }
+
+                /// Backward of [`forward_eval`](Self::forward_eval) (frozen statistics, as in
+                /// fine-tuning): `dx = dy * gamma / sqrt(running_var + eps)`; overwrites
+                /// [`gamma_grad`](Self::gamma_grad) and [`beta_grad`](Self::beta_grad).
+                ///
+                /// # Errors
+                ///
+                /// A wrong shape or buffer length.
+                #[inline]
+                pub fn backward_eval(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
+                    self.__bn.backward_eval_spec::<__Spec>(x, dy, shape, dx)
+                }
+
+                /// The scale parameter, one value per feature.
+                #[inline]
+                pub fn gamma(&self) -> &[#param] {
+                    self.__bn.gamma()
+                }
+
+                /// The shift parameter, one value per feature.
+                #[inline]
+                pub fn beta(&self) -> &[#param] {
+                    self.__bn.beta()
+                }
+
+                /// The running mean used by inference.
+                #[inline]
+                pub fn running_mean(&self) -> &[#param] {
+                    self.__bn.running_mean()
+                }
+
+                /// The running variance used by inference.
+                #[inline]
+                pub fn running_var(&self) -> &[#param] {
+                    self.__bn.running_var()
+                }
+
+                /// The gradient of gamma from the last backward (zeros before any).
+                #[inline]
+                pub fn gamma_grad(&self) -> &[#param] {
+                    self.__bn.gamma_grad()
+                }
+
+                /// The gradient of beta from the last backward (zeros before any).
+                #[inline]
+                pub fn beta_grad(&self) -> &[#param] {
+                    self.__bn.beta_grad()
+                }
+
+                /// Sets gamma and beta.
+                ///
+                /// # Errors
+                ///
+                /// Wrong lengths, non-finite values, or values other than the fixed ones when
+                /// `scale` (gamma = 1) or `center` (beta = 0) is off. After an error the layer is
+                /// unchanged.
+                #[inline]
+                pub fn update_params(&mut self, gamma: &[#param], beta: &[#param]) -> #result {
+                    self.__bn.update_params(gamma, beta)
+                }
+
+                /// Sets the running mean and variance.
+                ///
+                /// # Errors
+                ///
+                /// Wrong lengths, non-finite values or negative variances. After an error the
+                /// layer is unchanged.
+                #[inline]
+                pub fn set_running_stats(&mut self, mean: &[#param], var: &[#param]) -> #result {
+                    self.__bn.set_running_stats(mean, var)
+                }
+
+                /// How many training batches have updated the running statistics.
+                #[inline]
+                pub fn num_batches_tracked(&self) -> u64 {
+                    self.__bn.num_batches_tracked()
+                }
+
+                /// The layer's options: the preset and the keys of the attribute.
+                #[inline]
+                pub fn config(&self) -> &#private::Config {
+                    self.__bn.config()
+                }
+
+                /// The runtime-generic layer this one wraps (same state, same kernels).
+                #[inline]
+                pub fn as_batch_norm(&self) -> &#private::BatchNorm<#elem> {
+                    &self.__bn
+                }
+            }
+
+            #[automatically_derived]
+            impl ::core::default::Default for #ident {
+                #[inline]
+                fn default() -> Self {
+                    Self::new()
+                }
+            }
+
+            #[automatically_derived]
+            impl ::core::clone::Clone for #ident {
+                #[inline]
+                fn clone(&self) -> Self {
+                    Self { __bn: ::core::clone::Clone::clone(&self.__bn) }
+                }
+            }
+
+            #[automatically_derived]
+            impl ::core::fmt::Debug for #ident {
+                fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                    f.debug_tuple(#name).field(&self.__bn).finish()
+                }
+            }
+
+            #[automatically_derived]
+            impl #private::BatchNormLayer for #ident {
+                type Elem = #elem;
+                type Param = #param;
+
+                #[inline]
+                fn features(&self) -> usize {
+                    Self::FEATURES
+                }
+                #[inline]
+                fn rank(&self) -> usize {
+                    Self::RANK
+                }
+                #[inline]
+                fn config(&self) -> &#private::Config {
+                    #ident::config(self)
+                }
+                #[inline]
+                fn forward_train(&mut self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
+                    #ident::forward_train(self, x, shape, y)
+                }
+                #[inline]
+                fn forward_eval(&self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
+                    #ident::forward_eval(self, x, shape, y)
+                }
+                #[inline]
+                fn forward_eval_inplace(&self, xy: &mut [#elem], shape: &[usize]) -> #result {
+                    #ident::forward_eval_inplace(self, xy, shape)
+                }
+                #[inline]
+                fn backward(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
+                    #ident::backward(self, x, dy, shape, dx)
+                }
+                #[inline]
+                fn backward_eval(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
+                    #ident::backward_eval(self, x, dy, shape, dx)
+                }
+                #[inline]
+                fn gamma(&self) -> &[#param] {
+                    #ident::gamma(self)
+                }
+                #[inline]
+                fn beta(&self) -> &[#param] {
+                    #ident::beta(self)
+                }
+                #[inline]
+                fn running_mean(&self) -> &[#param] {
+                    #ident::running_mean(self)
+                }
+                #[inline]
+                fn running_var(&self) -> &[#param] {
+                    #ident::running_var(self)
+                }
+                #[inline]
+                fn gamma_grad(&self) -> &[#param] {
+                    #ident::gamma_grad(self)
+                }
+                #[inline]
+                fn beta_grad(&self) -> &[#param] {
+                    #ident::beta_grad(self)
+                }
+                #[inline]
+                fn update_params(&mut self, gamma: &[#param], beta: &[#param]) -> #result {
+                    #ident::update_params(self, gamma, beta)
+                }
+                #[inline]
+                fn set_running_stats(&mut self, mean: &[#param], var: &[#param]) -> #result {
+                    #ident::set_running_stats(self, mean, var)
+                }
+            }
+        };
+    }
+}

@@ -1,0 +1,282 @@
+//! Semantic checks of the parsed attribute, and the collector every stage reports errors to.
+//!
+//! Each check reports to the [`Ctxt`] and goes on, skipping only the checks a previous error
+//! makes meaningless (no "out of range" when the rank is unknown), so the user sees every real
+//! mistake in one build and no follow-on ones.
+
+use core::cell::{Cell, RefCell};
+use core::fmt::Display;
+
+use proc_macro2::Span;
+use quote::ToTokens;
+
+use crate::attr::{Attr, Key, Spanned};
+
+/// Collects errors and combines them into one `syn::Error` (as serde's `internals/ctxt.rs`),
+/// in the order of the source: each error is tagged with the current *position* (the index of
+/// the attribute entry being checked, then [`Ctxt::MISSING`], then [`Ctxt::ITEM`]), and the
+/// errors are sorted by it, whichever stage reported them.
+pub(crate) struct Ctxt {
+    errors: RefCell<Vec<(usize, syn::Error)>>,
+    position: Cell<usize>,
+}
+
+impl Ctxt {
+    /// The position of errors about keys that are missing (spanned on the whole attribute).
+    pub(crate) const MISSING: usize = usize::MAX - 1;
+    /// The position of errors about the item the attribute is on.
+    pub(crate) const ITEM: usize = usize::MAX;
+
+    pub(crate) fn new() -> Ctxt {
+        Ctxt { errors: RefCell::new(Vec::new()), position: Cell::new(0) }
+    }
+
+    /// Tags the errors reported from now on with `position`.
+    pub(crate) fn set_position(&self, position: usize) {
+        self.position.set(position);
+    }
+
+    /// An error spanned on the tokens of `obj` (from its first to its last token).
+    pub(crate) fn error_spanned_by<A: ToTokens, T: Display>(&self, obj: A, msg: T) {
+        self.syn_error(syn::Error::new_spanned(obj.into_token_stream(), msg));
+    }
+
+    /// An error at `span`.
+    pub(crate) fn error_at<T: Display>(&self, span: Span, msg: T) {
+        self.syn_error(syn::Error::new(span, msg));
+    }
+
+    /// One of syn's parse errors.
+    pub(crate) fn syn_error(&self, error: syn::Error) {
+        self.errors.borrow_mut().push((self.position.get(), error));
+    }
+
+    /// `Ok` if nothing was reported, else every error combined, in source order.
+    pub(crate) fn check(self) -> syn::Result<()> {
+        let mut errors = self.errors.into_inner();
+        errors.sort_by_key(|&(position, _)| position); // stable: report order within a position
+        let mut errors = errors.into_iter().map(|(_, error)| error);
+        let Some(mut combined) = errors.next() else {
+            return Ok(());
+        };
+        for rest in errors {
+            combined.combine(rest);
+        }
+        Err(combined)
+    }
+}
+
+/// The layout the attribute describes, once checked.
+pub(crate) struct Layout {
+    /// The feature extents.
+    pub features: Vec<u64>,
+    /// The reduced axes, ascending.
+    pub axes: Vec<u64>,
+    pub rank: usize,
+    pub first_feature_axis: usize,
+    /// The number of features: the product of the extents (fits in 64 bits).
+    pub channels: u64,
+}
+
+impl Layout {
+    /// Whether the feature axes are the last ones (the rows family: `inner == 1`).
+    pub(crate) fn features_last(&self) -> bool {
+        self.first_feature_axis + self.features.len() == self.rank
+    }
+
+    /// The feature axes, as `[first, last]` or `[first]`, for docs.
+    pub(crate) fn feature_axes(&self) -> Vec<usize> {
+        (self.first_feature_axis..self.first_feature_axis + self.features.len()).collect()
+    }
+}
+
+/// Checks the attribute; returns the layout when it is valid. Every problem goes to `cx`.
+pub(crate) fn validate(cx: &Ctxt, attr: &Attr) -> Option<Layout> {
+    check_options(cx, attr);
+    check_layout(cx, attr)
+}
+
+fn check_options(cx: &Ctxt, attr: &Attr) {
+    if let Some(eps) = &attr.eps {
+        cx.set_position(attr.position(Key::Eps));
+        if !(eps.value.is_finite() && eps.value > 0.0) {
+            cx.error_spanned_by(
+                &eps.tokens,
+                format!("`eps` must be a positive finite number, e.g. `eps = 1e-5`; got {:?}", eps.value),
+            );
+        }
+    }
+    if let Some(m) = &attr.momentum {
+        cx.set_position(attr.position(Key::Momentum));
+        if !(0.0..1.0).contains(&m.value) {
+            cx.error_spanned_by(
+                &m.tokens,
+                format!(
+                    "`momentum` (the weight of the old running value) must be in [0, 1), got {:?}; \
+                     PyTorch's momentum p is `torch_momentum = p`",
+                    m.value
+                ),
+            );
+        }
+    }
+    if let Some(p) = &attr.torch_momentum {
+        cx.set_position(attr.position(Key::TorchMomentum));
+        if !(p.value > 0.0 && p.value <= 1.0) {
+            cx.error_spanned_by(
+                &p.tokens,
+                format!(
+                    "`torch_momentum` (PyTorch's momentum, the weight of the new value) must be in (0, 1], \
+                     got {:?}",
+                    p.value
+                ),
+            );
+        }
+    }
+    // Both momentum keys: the error goes on whichever came second.
+    let mut momenta =
+        attr.given.iter().filter(|(key, _, _)| matches!(key, Key::Momentum | Key::TorchMomentum));
+    if let (Some(_), Some((_, position, second))) = (momenta.next(), momenta.next()) {
+        cx.set_position(*position);
+        cx.error_spanned_by(
+            second,
+            "`momentum` and `torch_momentum` both set the momentum; give only one of them \
+             (`torch_momentum = p` is `momentum = 1 - p`)",
+        );
+    }
+}
+
+fn check_layout(cx: &Ctxt, attr: &Attr) -> Option<Layout> {
+    if !attr.malformed {
+        cx.set_position(Ctxt::MISSING);
+        for (key, example) in [
+            (Key::Features, "`features = 64` (one feature axis) or `features = [55, 55]` (adjacent ones)"),
+            (Key::Axes, "`axes = [0, 2, 3]` (the reduced axes: N, H and W of NCHW)"),
+        ] {
+            if !attr.is_given(key) && !attr.misspelled.contains(&key) {
+                cx.error_at(Span::call_site(), format!("missing `{}`: add {example}", key.name()));
+            }
+        }
+    }
+    cx.set_position(attr.position(Key::Features));
+    let features = attr.features.as_ref().and_then(|features| check_features(cx, features));
+    // The rank is known when the features' count is, even if an extent is wrong.
+    let n_features = attr.features.as_ref().map(|f| f.value.len()).filter(|&n| n > 0);
+    cx.set_position(attr.position(Key::Axes));
+    let axes_ok = attr.axes.as_ref().is_some_and(|axes| check_axes(cx, axes, n_features));
+    let (features, channels) = features?;
+    if !axes_ok {
+        return None;
+    }
+    let axes: Vec<u64> = attr.axes.as_ref()?.value.iter().map(|a| a.value).collect();
+    let rank = axes.len() + features.len();
+    let first_feature_axis = (0..rank).find(|&a| !axes.contains(&(a as u64)))?;
+    Some(Layout { features, axes, rank, first_feature_axis, channels })
+}
+
+/// The extents and their product when they are valid.
+fn check_features(cx: &Ctxt, features: &Spanned<Vec<Spanned<u64>>>) -> Option<(Vec<u64>, u64)> {
+    if features.value.is_empty() {
+        cx.error_spanned_by(
+            &features.tokens,
+            "`features` must name at least one extent, e.g. `features = 64` or `features = [55, 55]`",
+        );
+        return None;
+    }
+    let mut ok = true;
+    for extent in &features.value {
+        if extent.value == 0 {
+            cx.error_spanned_by(&extent.tokens, "feature extents must be positive, got 0");
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    let extents: Vec<u64> = features.value.iter().map(|f| f.value).collect();
+    let channels =
+        extents.iter().try_fold(1u64, |acc, &f| acc.checked_mul(f)).filter(|&c| usize::try_from(c).is_ok());
+    let Some(channels) = channels else {
+        cx.error_spanned_by(
+            &features.tokens,
+            format!("the number of features (the product of the extents {extents:?}) overflows usize"),
+        );
+        return None;
+    };
+    Some((extents, channels))
+}
+
+/// Checks the reduced axes; with the number of feature extents (when known) also against the
+/// rank `axes.len() + n_features`. `true` when they are valid. Reports each offending axis once,
+/// with the first reason that applies.
+fn check_axes(cx: &Ctxt, axes: &Spanned<Vec<Spanned<u64>>>, n_features: Option<usize>) -> bool {
+    if axes.value.is_empty() {
+        cx.error_spanned_by(
+            &axes.tokens,
+            "`axes` must name at least one reduced axis (the axes the statistics are taken over), \
+             e.g. `axes = [0]`",
+        );
+        return false;
+    }
+    let n_axes = axes.value.len();
+    let mut ok = true;
+    let mut seen: Vec<u64> = Vec::with_capacity(n_axes);
+    for axis in &axes.value {
+        let a = axis.value;
+        let message = if seen.contains(&a) {
+            Some(format!(
+                "axis {a} is repeated in `axes`; the reduced axes and the feature axes cover each axis \
+                 exactly once"
+            ))
+        } else if let Some((n_features, rank)) =
+            n_features.map(|n| (n, n + n_axes)).filter(|&(_, r)| a >= r as u64)
+        {
+            Some(format!(
+                "axis {a} is out of range: {n_axes} reduced {} and {n_features} feature {} make rank {rank}, \
+                 so axes are in 0..{rank}",
+                plural(n_axes, "axis", "axes"),
+                plural(n_features, "axis", "axes"),
+            ))
+        } else if let Some(&previous) = seen.last().filter(|&&p| p > a) {
+            Some(format!("`axes` must be ascending: axis {a} comes after axis {previous}"))
+        } else {
+            None
+        };
+        if let Some(message) = message {
+            cx.error_spanned_by(&axis.tokens, message);
+            ok = false;
+        }
+        seen.push(a);
+    }
+    let Some(n_features) = n_features else {
+        return false;
+    };
+    if !ok {
+        return false;
+    }
+    let rank = n_axes + n_features;
+    // In range and distinct: the feature axes are the rest; they must form one run.
+    let feature_axes: Vec<usize> = (0..rank).filter(|&a| !seen.contains(&(a as u64))).collect();
+    let adjacent = feature_axes.windows(2).all(|w| w[1] == w[0] + 1);
+    if !adjacent {
+        let example: Vec<usize> = (0..n_axes).collect();
+        cx.error_spanned_by(
+            &axes.tokens,
+            format!(
+                "the feature axes (the axes not in `axes`) must be adjacent, got {feature_axes:?}; \
+                 the {n_axes} reduced {} must leave one run of {n_features} feature {}, e.g. `axes = {example:?}`",
+                plural(n_axes, "axis", "axes"),
+                plural(n_features, "axis", "axes"),
+            ),
+        );
+        return false;
+    }
+    true
+}
+
+fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
