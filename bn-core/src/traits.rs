@@ -25,7 +25,7 @@ pub trait BatchNormLayer {
     /// The element type of the data tensors.
     type Elem: Element;
     /// The type of the parameters and statistics.
-    type Param;
+    type Param: crate::Param;
 
     /// Number of features: the product of the feature extents (`gamma().len()`).
     fn features(&self) -> usize;
