@@ -154,6 +154,16 @@ impl<E: Element> BatchNorm<E> {
     pub fn with_layout(layout: Layout, config: Config) -> Result<Self, BnError> {
         config.validate()?;
         let c = layout.channels();
+        // The feature count is user input: a count whose buffers cannot exist is an error, not
+        // the "capacity overflow" panic of `vec!` (the widest buffer holds f64s).
+        let mut probe: Vec<f64> = Vec::new();
+        if probe.try_reserve_exact(c).is_err() {
+            return Err(BnError::InvalidLayout(format!(
+                "the state of {c} features (extents {:?}) cannot be allocated",
+                layout.features()
+            )));
+        }
+        drop(probe);
         let p = |v: E::Param| vec![v; c];
         let inv_std = 1.0 / (1.0 + config.get_eps()).sqrt();
         Ok(BatchNorm {
