@@ -74,6 +74,7 @@ impl Preset {
 pub struct Config {
     eps: f64,
     momentum: f64,
+    cumulative: bool,
     running_var: RunningVar,
     center: bool,
     scale: bool,
@@ -99,7 +100,15 @@ impl Config {
             Preset::Pytorch => (0.9, 1e-5, RunningVar::Unbiased),
             Preset::Keras => (0.99, 1e-3, RunningVar::Biased),
         };
-        Config { eps, momentum, running_var, center: true, scale: true, track_running_stats: true }
+        Config {
+            eps,
+            momentum,
+            cumulative: false,
+            running_var,
+            center: true,
+            scale: true,
+            track_running_stats: true,
+        }
     }
 
     /// Sets the epsilon added to the variance (must be positive and finite).
@@ -111,6 +120,7 @@ impl Config {
     /// Sets the momentum: the weight of the old running value, in `[0, 1)`.
     pub const fn momentum(mut self, momentum: f64) -> Config {
         self.momentum = momentum;
+        self.cumulative = false;
         self
     }
 
@@ -118,6 +128,22 @@ impl Config {
     /// so this sets `momentum = 1 - p`.
     pub const fn torch_momentum(mut self, p: f64) -> Config {
         self.momentum = 1.0 - p;
+        self.cumulative = false;
+        self
+    }
+
+    /// Uses a cumulative moving average instead of an exponential one (PyTorch's
+    /// `momentum=None`): after `k` training batches the running statistics are the plain average
+    /// of the `k` batch statistics, i.e. batch `k` has weight `1/k`
+    /// ([`BatchNorm::num_batches_tracked`](crate::BatchNorm::num_batches_tracked) counts them).
+    ///
+    /// ```
+    /// use bn_core::Config;
+    /// assert!(Config::new().cumulative_momentum().get_cumulative_momentum());
+    /// assert!(!Config::new().cumulative_momentum().momentum(0.9).get_cumulative_momentum());
+    /// ```
+    pub const fn cumulative_momentum(mut self) -> Config {
+        self.cumulative = true;
         self
     }
 
@@ -154,6 +180,12 @@ impl Config {
     /// The momentum (weight of the old running value).
     pub const fn get_momentum(&self) -> f64 {
         self.momentum
+    }
+
+    /// Whether the running statistics are a cumulative moving average
+    /// ([`Config::cumulative_momentum`]); [`Config::get_momentum`] is then unused.
+    pub const fn get_cumulative_momentum(&self) -> bool {
+        self.cumulative
     }
 
     /// Which batch variance updates the running variance.

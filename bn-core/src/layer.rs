@@ -224,6 +224,12 @@ impl<E: Element> BatchNorm<E> {
         self.num_batches_tracked
     }
 
+    /// Sets the number of training batches seen (as loaded from a checkpoint); it weighs the
+    /// next batch in the cumulative moving average ([`Config::cumulative_momentum`]).
+    pub fn set_num_batches_tracked(&mut self, batches: u64) {
+        self.num_batches_tracked = batches;
+    }
+
     /// The scale parameter, one value per feature.
     pub fn gamma(&self) -> &[E::Param] {
         &self.gamma
@@ -409,7 +415,13 @@ impl<E: Element> BatchNorm<E> {
             Affine { mean: &scratch.mean, inv_std: &scratch.inv_std, gamma: &self.gamma, beta: &self.beta };
         reference::normalize(x, y, dims, affine);
         if self.config.get_track_running_stats() {
-            let m = self.config.get_momentum();
+            // Batch k (counting from 1) has weight 1/k in a cumulative average.
+            let batches = self.num_batches_tracked.saturating_add(1);
+            let m = if self.config.get_cumulative_momentum() {
+                1.0 - 1.0 / batches as f64
+            } else {
+                self.config.get_momentum()
+            };
             let n = dims.per_channel() as f64;
             let correction = match self.config.get_running_var() {
                 RunningVar::Biased => 1.0,
@@ -422,7 +434,7 @@ impl<E: Element> BatchNorm<E> {
                 *rv = E::Param::from_f64(m * rv.to_f64() + (1.0 - m) * scratch.var[c] * correction);
             }
             self.refresh_eval_inv_std();
-            self.num_batches_tracked = self.num_batches_tracked.saturating_add(1);
+            self.num_batches_tracked = batches;
         }
         // Save the statistics for backward: swap buffers rather than copy them.
         core::mem::swap(&mut self.saved.mean, &mut scratch.mean);
