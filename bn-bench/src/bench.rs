@@ -1,0 +1,338 @@
+//! The measuring loop: every implementation of one (case, mode) on the same inputs, interleaved
+//! repetition by repetition so that drift (frequency, other processes) hits them alike, each
+//! repeated until it has used its time budget.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use batchnorm::BnError;
+use ndarray::{ArrayViewD, IxDyn};
+use rayon::prelude::*;
+
+use crate::case::{Case, Implementation, Mode};
+use crate::layers::{macro_layer, runtime_layer, DynLayer};
+use crate::naive::NaiveBatchNorm;
+
+/// How long each implementation of a row is repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Time each implementation of a row runs for (timed repetitions only), once it has its
+    /// minimum number of repetitions.
+    pub budget: Duration,
+    /// Minimum timed repetitions of the layers and the copy.
+    pub min_reps: usize,
+    /// Minimum timed repetitions of the naive baseline (it is much slower).
+    pub naive_min_reps: usize,
+    /// Maximum timed repetitions of anything.
+    pub max_reps: usize,
+}
+
+impl Settings {
+    /// The default run: 0.4 s per implementation and row, at least 5 repetitions (naive: 3).
+    pub const FULL: Settings =
+        Settings { budget: Duration::from_millis(400), min_reps: 5, naive_min_reps: 3, max_reps: 20_000 };
+    /// `--quick`: 50 ms per implementation and row, at least 3 repetitions (naive: 2).
+    pub const QUICK: Settings =
+        Settings { budget: Duration::from_millis(50), min_reps: 3, naive_min_reps: 2, max_reps: 2_000 };
+}
+
+/// Median and spread of the timed repetitions of one implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Median time of one repetition, in nanoseconds.
+    pub median_ns: u64,
+    /// Fastest repetition, in nanoseconds.
+    pub min_ns: u64,
+    /// Slowest repetition, in nanoseconds.
+    pub max_ns: u64,
+    /// Number of timed repetitions.
+    pub reps: usize,
+}
+
+impl Timing {
+    /// Median, min and max of `samples` (which must not be empty).
+    pub fn from_samples(samples: &[Duration]) -> Timing {
+        let mut ns: Vec<u64> = samples.iter().map(|d| d.as_nanos().min(u64::MAX as u128) as u64).collect();
+        ns.sort_unstable();
+        let n = ns.len();
+        assert!(n > 0, "a timing needs at least one sample");
+        let median = if n % 2 == 1 { ns[n / 2] } else { ns[n / 2 - 1] / 2 + ns[n / 2] / 2 };
+        Timing { median_ns: median.max(1), min_ns: ns[0], max_ns: ns[n - 1], reps: n }
+    }
+}
+
+/// One measured row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measurement {
+    /// The case.
+    pub case: Case,
+    /// The mode.
+    pub mode: Mode,
+    /// Who ran it.
+    pub implementation: Implementation,
+    /// Its timing.
+    pub timing: Timing,
+}
+
+/// The copy the bandwidth reference uses: `copy_from_slice`, or the same split into chunks copied
+/// in parallel on the current Rayon pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// One `copy_from_slice`.
+    Serial,
+    /// Chunks of [`COPY_CHUNK`] elements copied in parallel on the current Rayon pool.
+    Parallel,
+}
+
+/// Elements per chunk of the parallel copy (256 KiB of f32).
+pub const COPY_CHUNK: usize = 64 * 1024;
+
+/// Copies `src` into `dst` (same length) the given way.
+pub fn copy(kind: CopyKind, src: &[f32], dst: &mut [f32]) {
+    match kind {
+        CopyKind::Serial => dst.copy_from_slice(src),
+        CopyKind::Parallel => dst
+            .par_chunks_mut(COPY_CHUNK)
+            .zip(src.par_chunks(COPY_CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s)),
+    }
+}
+
+/// Deterministic pseudo-random data, about `offset + U(-1, 1)` (xorshift64*).
+pub fn fill(len: usize, seed: u64, offset: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40; // 24 random bits
+            offset + (bits as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+/// `v` as a tensor of `shape`.
+fn view<'a>(shape: &[usize], v: &'a [f32]) -> ArrayViewD<'a, f32> {
+    ArrayViewD::from_shape(IxDyn(shape), v).expect("buffers have the case's shape")
+}
+
+/// What one timed repetition runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    /// `layers[i]`.
+    Layer(usize),
+    Naive,
+    Copy(CopyKind),
+}
+
+/// The inputs and the state of every implementation for one (case, mode).
+pub struct Workload {
+    case: Case,
+    mode: Mode,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    /// The layers and their output buffers.
+    layers: Vec<(Implementation, DynLayer, Vec<f32>)>,
+    naive: Option<NaiveBatchNorm>,
+    copy_src: Vec<f32>,
+    copy_dst: Vec<f32>,
+    /// The copy [`Workload::run_once`] runs for [`Implementation::Copy`].
+    copy_kind: CopyKind,
+}
+
+impl Workload {
+    /// Builds the inputs and the layers of a row, and brings every layer into the state the mode
+    /// needs (a training forward before inference and backward, non-trivial parameters).
+    ///
+    /// `with_naive` adds the naive baseline; the macro layer is added when the case is a
+    /// standard shape.
+    pub fn new(case: &Case, mode: Mode, with_naive: bool) -> Result<Workload, BnError> {
+        let len = case.len();
+        let features: usize = case.features().iter().product();
+        let x = fill(len, 1, 0.5);
+        let dy = fill(len, 2, 0.0);
+        let gamma: Vec<f32> = (0..features).map(|c| 1.0 + 0.25 * ((c % 7) as f32 / 7.0)).collect();
+        let beta: Vec<f32> = (0..features).map(|c| 0.1 * ((c % 5) as f32 - 2.0)).collect();
+        let mut layers = Vec::new();
+        if let Some(layer) = macro_layer(case) {
+            layers.push((Implementation::Macro, layer, vec![0.0; len]));
+        }
+        layers.push((Implementation::Runtime, runtime_layer(case)?, vec![0.0; len]));
+        for (_, layer, out) in &mut layers {
+            layer.update_params(&gamma, &beta)?;
+            layer.forward_train(&x, &case.shape, out)?;
+        }
+        let naive = if with_naive {
+            let config = batchnorm::Config::new();
+            let mut naive = NaiveBatchNorm::new(
+                &case.shape,
+                &case.axes,
+                config.get_momentum(),
+                config.get_eps(),
+                config.get_running_var() == batchnorm::RunningVar::Unbiased,
+            )
+            .expect("the case's axes were validated by the runtime layer");
+            naive.update_params(&gamma, &beta);
+            black_box(naive.forward_train(view(&case.shape, &x)));
+            Some(naive)
+        } else {
+            None
+        };
+        let copy_len = len * mode.traffic_factor() / 2;
+        Ok(Workload {
+            case: case.clone(),
+            mode,
+            x,
+            dy,
+            layers,
+            naive,
+            copy_src: fill(copy_len, 3, 0.0),
+            copy_dst: vec![0.0; copy_len],
+            copy_kind: if rayon::current_num_threads() > 1 { CopyKind::Parallel } else { CopyKind::Serial },
+        })
+    }
+
+    /// The implementations this workload has, in table order.
+    pub fn implementations(&self) -> Vec<Implementation> {
+        let mut out: Vec<Implementation> = self.layers.iter().map(|l| l.0).collect();
+        if self.naive.is_some() {
+            out.push(Implementation::Naive);
+        }
+        out.push(Implementation::Copy);
+        out
+    }
+
+    /// Times a few copies of each kind and keeps the faster for [`Workload::run_once`].
+    pub fn calibrate_copy(&mut self) -> CopyKind {
+        let mut best = (Duration::MAX, self.copy_kind);
+        for kind in [CopyKind::Serial, CopyKind::Parallel] {
+            let mut samples = Vec::new();
+            for _ in 0..5 {
+                let start = Instant::now();
+                copy(kind, &self.copy_src, &mut self.copy_dst);
+                samples.push(start.elapsed());
+            }
+            let median = Duration::from_nanos(Timing::from_samples(&samples).median_ns);
+            if median < best.0 {
+                best = (median, kind);
+            }
+        }
+        self.copy_kind = best.1;
+        best.1
+    }
+
+    /// Runs one call of `implementation` in the workload's mode (for criterion). Implementations
+    /// the workload lacks do nothing.
+    pub fn run_once(&mut self, implementation: Implementation) -> Result<(), BnError> {
+        let job = match implementation {
+            Implementation::Naive if self.naive.is_some() => Job::Naive,
+            Implementation::Copy => Job::Copy(self.copy_kind),
+            imp => match self.layers.iter().position(|l| l.0 == imp) {
+                Some(i) => Job::Layer(i),
+                None => return Ok(()),
+            },
+        };
+        self.run(job)
+    }
+
+    fn jobs(&self) -> Vec<Job> {
+        let mut jobs: Vec<Job> = (0..self.layers.len()).map(Job::Layer).collect();
+        if self.naive.is_some() {
+            jobs.push(Job::Naive);
+        }
+        jobs.push(Job::Copy(CopyKind::Serial));
+        jobs.push(Job::Copy(CopyKind::Parallel));
+        jobs
+    }
+
+    fn run(&mut self, job: Job) -> Result<(), BnError> {
+        let shape = &self.case.shape;
+        match job {
+            Job::Layer(i) => {
+                let (_, layer, out) = &mut self.layers[i];
+                match self.mode {
+                    Mode::Train => layer.forward_train(&self.x, shape, out)?,
+                    Mode::Eval => layer.forward_eval(&self.x, shape, out)?,
+                    Mode::Backward => layer.backward(&self.x, &self.dy, shape, out)?,
+                }
+                black_box(out);
+            }
+            Job::Naive => {
+                let naive = self.naive.as_mut().expect("the naive job exists only with a naive layer");
+                // The result is allocated and dropped on every call, as in NumPy.
+                match self.mode {
+                    Mode::Train => drop(black_box(naive.forward_train(view(shape, &self.x)))),
+                    Mode::Eval => drop(black_box(naive.forward_eval(view(shape, &self.x)))),
+                    Mode::Backward => drop(black_box(naive.backward(view(shape, &self.dy)))),
+                }
+            }
+            Job::Copy(kind) => {
+                copy(kind, &self.copy_src, &mut self.copy_dst);
+                black_box(&mut self.copy_dst);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the row: one untimed warm-up repetition of everything, then timed repetitions,
+    /// interleaved (in an order that rotates every round), until every implementation has its minimum repetitions and its budget.
+    /// The copy is reported as the faster (by median) of its serial and parallel variants.
+    pub fn measure(&mut self, settings: &Settings) -> Result<Vec<Measurement>, BnError> {
+        let jobs = self.jobs();
+        for &job in &jobs {
+            self.run(job)?;
+        }
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); jobs.len()];
+        let mut spent = vec![Duration::ZERO; jobs.len()];
+        // Round r starts with job r (mod the number of jobs): every implementation follows every
+        // other equally often, so what the previous call left in the caches favours none.
+        for round in 0.. {
+            let mut ran = false;
+            for step in 0..jobs.len() {
+                let j = (round + step) % jobs.len();
+                let job = jobs[j];
+                let min = if job == Job::Naive { settings.naive_min_reps } else { settings.min_reps };
+                let reps = samples[j].len();
+                if reps >= settings.max_reps || (reps >= min.max(1) && spent[j] >= settings.budget) {
+                    continue;
+                }
+                ran = true;
+                let start = Instant::now();
+                self.run(job)?;
+                let elapsed = start.elapsed();
+                samples[j].push(elapsed);
+                spent[j] += elapsed;
+            }
+            if !ran {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        let mut best_copy: Option<Timing> = None;
+        for (&job, s) in jobs.iter().zip(&samples) {
+            let timing = Timing::from_samples(s);
+            let implementation = match job {
+                Job::Layer(i) => self.layers[i].0,
+                Job::Naive => Implementation::Naive,
+                Job::Copy(_) => {
+                    if best_copy.is_none_or(|b| timing.median_ns < b.median_ns) {
+                        best_copy = Some(timing);
+                    }
+                    continue;
+                }
+            };
+            out.push(Measurement { case: self.case.clone(), mode: self.mode, implementation, timing });
+        }
+        if let Some(timing) = best_copy {
+            out.push(Measurement {
+                case: self.case.clone(),
+                mode: self.mode,
+                implementation: Implementation::Copy,
+                timing,
+            });
+        }
+        out.sort_by_key(|m| m.implementation);
+        Ok(out)
+    }
+}

@@ -1,0 +1,189 @@
+//! Rows with their derived figures, the printed table and the JSON records.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bench::Measurement;
+use crate::case::{Case, Implementation, Mode};
+
+/// One row of the report: the JSON record of `--json` (these fields exactly) and the table line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// `S1`..`S6`, or `custom`.
+    pub case: String,
+    /// The tensor shape.
+    pub shape: Vec<usize>,
+    /// The reduced axes.
+    pub axes: Vec<usize>,
+    /// `train`, `eval` or `backward`.
+    pub mode: String,
+    /// `macro`, `runtime`, `naive` or `copy`.
+    pub implementation: String,
+    /// Threads of the Rayon pool the row ran on.
+    pub threads: usize,
+    /// The SIMD backend of the layers.
+    pub backend: String,
+    /// Median time of one call, in nanoseconds.
+    pub median_ns: u64,
+    /// Fastest call, in nanoseconds.
+    pub min_ns: u64,
+    /// Slowest call, in nanoseconds.
+    pub max_ns: u64,
+    /// Effective bandwidth: the bytes the mode must move at least (2x the tensor forward, 3x
+    /// backward) over the median time, in GB/s (1e9 bytes per second).
+    pub gbps: f64,
+    /// Throughput as a fraction of the copy's: copy median / this median (1.0 = as fast as
+    /// copying the same number of bytes, the memory-bandwidth limit).
+    pub copy_ratio: f64,
+    /// Speedup over the naive baseline: naive median / this median.
+    pub naive_speedup: f64,
+    /// Speedup of the macro layer over the runtime-generic one (macro rows only; not in JSON).
+    #[serde(skip)]
+    pub macro_speedup: Option<f64>,
+}
+
+/// Bytes a mode moves at least on a case.
+pub fn traffic_bytes(case: &Case, mode: Mode) -> u64 {
+    (case.len() * 4 * mode.traffic_factor()) as u64
+}
+
+/// Derives the rows of the report from the measurements.
+pub fn rows(measurements: &[Measurement], threads: usize, backend: &str) -> Vec<Row> {
+    let median = |m: &Measurement, imp: Implementation| {
+        measurements
+            .iter()
+            .find(|o| o.case == m.case && o.mode == m.mode && o.implementation == imp)
+            .map(|o| o.timing.median_ns as f64)
+    };
+    measurements
+        .iter()
+        .map(|m| {
+            let t = m.timing.median_ns as f64;
+            let ratio = |imp| median(m, imp).map_or(f64::NAN, |other| other / t);
+            let macro_speedup = (m.implementation == Implementation::Macro)
+                .then(|| ratio(Implementation::Runtime))
+                .filter(|r| r.is_finite());
+            Row {
+                case: m.case.name.clone(),
+                shape: m.case.shape.clone(),
+                axes: m.case.axes.clone(),
+                mode: m.mode.name().to_string(),
+                implementation: m.implementation.name().to_string(),
+                threads,
+                backend: backend.to_string(),
+                median_ns: m.timing.median_ns,
+                min_ns: m.timing.min_ns,
+                max_ns: m.timing.max_ns,
+                gbps: traffic_bytes(&m.case, m.mode) as f64 / t,
+                // Our time over the copy's: 1.10x is 10% slower than moving the bytes.
+                copy_ratio: median(m, Implementation::Copy).map_or(f64::NAN, |copy| t / copy),
+                naive_speedup: ratio(Implementation::Naive),
+                macro_speedup,
+            }
+        })
+        .collect()
+}
+
+/// A duration in nanoseconds, written with a unit that keeps 3 significant digits.
+pub fn format_ns(ns: u64) -> String {
+    let v = ns as f64;
+    if v < 1e3 {
+        format!("{ns} ns")
+    } else if v < 1e6 {
+        format!("{:.3} µs", v / 1e3)
+    } else if v < 1e9 {
+        format!("{:.3} ms", v / 1e6)
+    } else {
+        format!("{:.3} s", v / 1e9)
+    }
+}
+
+fn format_ratio(r: f64) -> String {
+    if !r.is_finite() {
+        "-".to_string()
+    } else if r >= 100.0 {
+        format!("{r:.0}x")
+    } else if r >= 10.0 {
+        format!("{r:.1}x")
+    } else {
+        format!("{r:.2}x")
+    }
+}
+
+/// The table as printed: a header with the cases, threads and backend, then one line per row,
+/// a blank line between (case, mode) groups.
+pub fn table(rows: &[Row], cases: &[Case], threads: usize, backend: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "bn-bench: f32, {threads} thread(s), backend {backend}");
+    for case in cases {
+        let _ = writeln!(s, "  {}", case.describe());
+    }
+    let _ = writeln!(s);
+    let header = ["case", "mode", "impl", "median", "min .. max", "GB/s", "x copy", "vs naive", "macro/rt"];
+    let cells: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.case.clone(),
+                r.mode.clone(),
+                r.implementation.clone(),
+                format_ns(r.median_ns),
+                format!("{} .. {}", format_ns(r.min_ns), format_ns(r.max_ns)),
+                format!("{:.2}", r.gbps),
+                format_ratio(r.copy_ratio),
+                format_ratio(r.naive_speedup),
+                r.macro_speedup.map_or_else(String::new, format_ratio),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    // Text columns left-aligned, figures right-aligned.
+    let line = |cols: &[&str]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cols.iter().zip(&widths).enumerate() {
+            let pad = w - c.chars().count();
+            if i > 0 {
+                l.push_str("  ");
+            }
+            if i < 3 {
+                l.push_str(c);
+                l.push_str(&" ".repeat(pad));
+            } else {
+                l.push_str(&" ".repeat(pad));
+                l.push_str(c);
+            }
+        }
+        l.trim_end().to_string()
+    };
+    let _ = writeln!(s, "{}", line(&header));
+    let mut last_group: Option<(&str, &str)> = None;
+    for (r, c) in rows.iter().zip(&cells) {
+        let group = (r.case.as_str(), r.mode.as_str());
+        if last_group.is_some_and(|g| g != group) {
+            let _ = writeln!(s);
+        }
+        last_group = Some(group);
+        let cols: Vec<&str> = c.iter().map(String::as_str).collect();
+        let _ = writeln!(s, "{}", line(&cols));
+    }
+    let _ = writeln!(
+        s,
+        "\nGB/s: bytes the mode must move (2x tensor forward, 3x backward) / median. \
+         x copy: median / copy median (1.00x = at the memory-bandwidth limit).\nvs naive: naive median / median. \
+         macro/rt: runtime-generic median / macro median."
+    );
+    s
+}
+
+/// Writes the rows as a JSON array of records.
+pub fn write_json(path: &Path, rows: &[Row]) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(rows).map_err(std::io::Error::other)?;
+    std::fs::write(path, text + "\n")
+}
