@@ -70,6 +70,13 @@
 //! `BatchNorm<f64>` keeps everything in `f64`. Both kinds implement [`BatchNormLayer`], and
 //! [`BatchNormArrayExt`] adds ndarray entry points to both.
 //!
+//! # Deployment
+//!
+//! [`checkpoint`] loads and saves a layer's state as safetensors in PyTorch's `state_dict` names
+//! (or Keras's, or your own), and [`fold`] folds a trained layer's inference transform into the
+//! convolution or linear layer next to it. `momentum = "cumulative"` is PyTorch's
+//! `momentum=None` (a plain average of the batches seen, counted by `num_batches_tracked`).
+//!
 //! # Errors
 //!
 //! Every entry point validates its input (rank, feature extents, buffer lengths, overflow,
@@ -91,7 +98,7 @@ pub use bn_macros::batch_norm;
 #[doc(hidden)]
 pub mod __private {
     pub use bn_core::spec::{Dynamic, Spec};
-    pub use bn_core::{BatchNorm, BatchNormLayer, BnError, Config, Element, Preset, RunningVar};
+    pub use bn_core::{BatchNorm, BatchNormLayer, BnError, Config, Element, Layout, Preset, RunningVar};
 }
 
 /// The README's examples, compiled and run as doc tests.

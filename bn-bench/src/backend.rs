@@ -3,8 +3,7 @@
 //! bn-core selects its kernels once per process; `BN_BACKEND=scalar|wide|avx2|avx512` forces one
 //! (DESIGN.md, "Kernels"). `--backend` sets that variable before the first layer runs.
 //!
-//! This crate does not decide anything about backends: it asks bn-core which one runs. While
-//! bn-core has only the scalar reference kernels, that is `reference`, whatever was requested.
+//! This crate does not decide anything about backends: it asks bn-core which one runs.
 
 /// The backend names `--backend` accepts (those of `BN_BACKEND`).
 pub const BACKEND_NAMES: [&str; 4] = ["scalar", "wide", "avx2", "avx512"];
@@ -19,13 +18,9 @@ pub fn request_backend(name: &str) {
     std::env::set_var(batchnorm::kernels::BACKEND_ENV, name);
 }
 
-/// The name of the backend the layers run.
-///
-/// The layers of this bn-core still call the scalar reference kernels (`f64` accumulation)
-/// whatever `Backend::detect()` says, so this reports `reference`. When the layers dispatch
-/// through `Backend::detect()`, it becomes `batchnorm::Backend::detect().name()`.
+/// The name of the backend the layers run (`scalar` is the `f64` reference).
 pub fn backend_name() -> String {
-    "reference".to_string()
+    batchnorm::Backend::detect().name().to_string()
 }
 
 /// A note for the report when the backend that runs is not the one requested, if any.
@@ -33,5 +28,5 @@ pub fn backend_note() -> Option<String> {
     let requested = std::env::var(batchnorm::kernels::BACKEND_ENV).ok().filter(|b| !b.is_empty())?;
     let running = backend_name();
     (requested != running)
-        .then(|| format!("BN_BACKEND={requested} was requested; this bn-core runs its `{running}` kernels"))
+        .then(|| format!("BN_BACKEND={requested} was requested; this machine runs `{running}`"))
 }

@@ -140,4 +140,24 @@ pub enum BnError {
     /// Features and reduced axes given at run time that do not describe a layout.
     #[error("invalid layout: {0}")]
     InvalidLayout(String),
+
+    /// A tensor of a checkpoint cannot be loaded into the layer (missing, wrong dtype, shape or
+    /// length, a non-finite value, a negative variance, ...) or cannot be saved (a name given
+    /// twice). Loading checks every tensor before it sets anything: the layer is unchanged.
+    #[error("checkpoint tensor `{tensor}`: {message}")]
+    Checkpoint {
+        /// The tensor's full name in the checkpoint (prefix included), e.g. `1.running_var`.
+        tensor: String,
+        /// What was expected and what was found.
+        message: String,
+    },
+
+    /// A checkpoint file that cannot be read, parsed or written (I/O, not safetensors).
+    #[error("checkpoint file: {0}")]
+    CheckpointFile(String),
+
+    /// A layer's inference transform cannot be folded into a neighbouring layer: mismatched
+    /// weight or bias shapes, or a layer without running statistics.
+    #[error("cannot fold: {0}")]
+    Fold(String),
 }

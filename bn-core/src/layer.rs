@@ -5,7 +5,10 @@
 
 use core::fmt;
 
+use std::borrow::Cow;
+
 use crate::kernels::reference::{self, Affine};
+use crate::kernels::{self, Backend};
 use crate::spec::{specialize, Dynamic, Spec};
 use crate::{BnError, Canonical, Config, Element, Layout, Param, RunningVar};
 
@@ -98,8 +101,14 @@ pub struct BatchNorm<E: Element = f32> {
     beta: Vec<E::Param>,
     running_mean: Vec<E::Param>,
     running_var: Vec<E::Param>,
-    /// `1 / sqrt(running_var + eps)`, kept in step with `running_var`.
+    /// `1 / sqrt(running_var + eps)`, kept in step with `running_var` (the reference's).
     eval_inv_std: Vec<f64>,
+    /// The same in the parameter type (the fast kernels' frozen-statistics backward).
+    eval_inv_std_p: Vec<E::Param>,
+    /// `gamma / sqrt(running_var + eps)`, kept in step with both (the fast inference scale).
+    eval_scale: Vec<E::Param>,
+    /// The kernels' backend for this layer; `None`: the process-wide [`Backend::detect`].
+    backend: Option<Backend>,
     gamma_grad: Vec<E::Param>,
     beta_grad: Vec<E::Param>,
     num_batches_tracked: u64,
@@ -165,15 +174,17 @@ impl<E: Element> BatchNorm<E> {
         }
         drop(probe);
         let p = |v: E::Param| vec![v; c];
-        let inv_std = 1.0 / (1.0 + config.get_eps()).sqrt();
-        Ok(BatchNorm {
+        let mut bn = BatchNorm {
             layout,
             config,
             gamma: p(E::Param::ONE),
             beta: p(E::Param::ZERO),
             running_mean: p(E::Param::ZERO),
             running_var: p(E::Param::ONE),
-            eval_inv_std: vec![inv_std; c],
+            eval_inv_std: vec![0.0; c],
+            eval_inv_std_p: p(E::Param::ZERO),
+            eval_scale: p(E::Param::ZERO),
+            backend: None,
             gamma_grad: p(E::Param::ZERO),
             beta_grad: p(E::Param::ZERO),
             num_batches_tracked: 0,
@@ -185,7 +196,9 @@ impl<E: Element> BatchNorm<E> {
                 gamma: p(E::Param::ONE),
             },
             scratch: Scratch { mean: vec![0.0; c], var: vec![0.0; c], inv_std: vec![0.0; c] },
-        })
+        };
+        bn.refresh_eval();
+        Ok(bn)
     }
 
     /// Used by `#[batch_norm]` expansions, whose layout and configuration were checked at
@@ -309,6 +322,7 @@ impl<E: Element> BatchNorm<E> {
         }
         self.gamma.copy_from_slice(gamma);
         self.beta.copy_from_slice(beta);
+        self.refresh_eval();
         Ok(())
     }
 
@@ -325,14 +339,47 @@ impl<E: Element> BatchNorm<E> {
         }
         self.running_mean.copy_from_slice(mean);
         self.running_var.copy_from_slice(var);
-        self.refresh_eval_inv_std();
+        self.refresh_eval();
         Ok(())
     }
 
-    fn refresh_eval_inv_std(&mut self) {
+    /// The backend this layer's kernels run: the one given to
+    /// [`set_backend`](Self::set_backend), else the process-wide [`Backend::detect`]. `f64`
+    /// layers always run the `f64` reference kernels.
+    pub fn backend(&self) -> Backend {
+        self.backend.unwrap_or_else(Backend::detect)
+    }
+
+    /// Runs this layer's kernels on `backend` (`None`: the process-wide choice, which honors
+    /// `BN_BACKEND`). A backend this machine lacks is an error and changes nothing.
+    ///
+    /// ```
+    /// use bn_core::{kernels::Backend, BatchNorm};
+    /// let mut bn = BatchNorm::new(8, [0])?;
+    /// bn.set_backend(Some(Backend::Scalar))?; // the f64 reference kernels
+    /// assert_eq!(bn.backend(), Backend::Scalar);
+    /// # Ok::<(), bn_core::BnError>(())
+    /// ```
+    pub fn set_backend(&mut self, backend: Option<Backend>) -> Result<(), BnError> {
+        if let Some(b) = backend.filter(|b| !b.is_available()) {
+            let available: Vec<&str> = Backend::available().iter().map(|b| b.name()).collect();
+            return Err(BnError::InvalidConfig(format!(
+                "backend {b} is not supported by this CPU (available: {})",
+                available.join(", ")
+            )));
+        }
+        self.backend = backend;
+        Ok(())
+    }
+
+    /// Recomputes the inference coefficients from gamma and the running variance.
+    fn refresh_eval(&mut self) {
         let eps = self.config.get_eps();
-        for (s, v) in self.eval_inv_std.iter_mut().zip(&self.running_var) {
-            *s = 1.0 / (v.to_f64() + eps).sqrt();
+        for c in 0..self.running_var.len() {
+            let inv_std = 1.0 / (self.running_var[c].to_f64() + eps).sqrt();
+            self.eval_inv_std[c] = inv_std;
+            self.eval_inv_std_p[c] = E::Param::from_f64(inv_std);
+            self.eval_scale[c] = E::Param::from_f64(self.gamma[c].to_f64() * inv_std);
         }
     }
 
@@ -341,12 +388,7 @@ impl<E: Element> BatchNorm<E> {
         let dims = self.layout.canonical(shape)?;
         for &(buffer, got) in buffers {
             if got != dims.len() {
-                return Err(BnError::BufferLength {
-                    buffer,
-                    expected: dims.len(),
-                    got,
-                    shape: shape.to_vec(),
-                });
+                return Err(BnError::BufferLength { buffer, expected: dims.len(), got, shape: shape.to_vec() });
             }
         }
         Ok(dims)
@@ -363,58 +405,84 @@ impl<E: Element> BatchNorm<E> {
         Ok(())
     }
 
-    /// Batch statistics into `mean` and `inv_std` (`var` is working space); `Err` when one is
-    /// not finite in the parameter type. Returns nothing else: the biased variance stays in `var`.
-    fn batch_statistics(
+    /// Checks batch statistics are finite in the parameter type and computes `inv_std`.
+    /// `updates_running`: the unbiased variance the running variance would take must fit too.
+    fn check_statistics(
         &self,
-        x: &[E],
         dims: Canonical,
-        mean: &mut [f64],
-        var: &mut [f64],
+        mean: &[f64],
+        var: &[f64],
         inv_std: &mut [f64],
+        updates_running: bool,
     ) -> Result<(), BnError> {
-        reference::batch_stats(x, dims, mean, var);
         let n = dims.per_channel() as f64;
-        let unbiased = self.config.get_running_var() == RunningVar::Unbiased;
+        let unbiased = updates_running && self.config.get_running_var() == RunningVar::Unbiased;
+        let eps = self.config.get_eps();
         for c in 0..dims.channels {
             if !E::Param::from_f64(mean[c]).is_finite() {
                 return Err(BnError::NonFinite { what: "batch mean", index: c, value: mean[c] });
             }
-            // The variance (and the unbiased one the running variance would take) must fit.
             let v = if unbiased { var[c] * n / (n - 1.0) } else { var[c] };
             if !E::Param::from_f64(var[c]).is_finite() || !E::Param::from_f64(v).is_finite() {
                 return Err(BnError::NonFinite { what: "batch variance", index: c, value: v });
             }
-            inv_std[c] = 1.0 / (var[c] + self.config.get_eps()).sqrt();
+            inv_std[c] = 1.0 / (var[c] + eps).sqrt();
         }
         Ok(())
     }
 
+    /// Batch statistics computed by the reference kernel and checked: `(mean, inv_std)`.
+    fn reference_statistics(&self, x: &[E], dims: Canonical, shape: &[usize]) -> Result<(Vec<f64>, Vec<f64>), BnError> {
+        Self::check_batch(dims, shape)?;
+        let c = dims.channels;
+        let (mut mean, mut var, mut inv_std) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
+        reference::batch_stats(x, dims, &mut mean, &mut var);
+        self.check_statistics(dims, &mean, &var, &mut inv_std, false)?;
+        Ok((mean, inv_std))
+    }
+
     #[doc(hidden)]
     #[inline]
-    pub fn forward_train_spec<S: Spec>(
-        &mut self,
-        x: &[E],
-        shape: &[usize],
-        y: &mut [E],
-    ) -> Result<(), BnError> {
+    pub fn forward_train_spec<S: Spec>(&mut self, x: &[E], shape: &[usize], y: &mut [E]) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("y", y.len())])?;
         Self::check_batch(dims, shape)?;
         let dims = specialize::<S>(dims);
+        let backend = self.backend();
+        let eps = self.config.get_eps();
+        let track = self.config.get_track_running_stats();
         let mut scratch = core::mem::replace(
             &mut self.scratch,
             Scratch { mean: Vec::new(), var: Vec::new(), inv_std: Vec::new() },
         );
-        let stats = self.batch_statistics(x, dims, &mut scratch.mean, &mut scratch.var, &mut scratch.inv_std);
-        if let Err(e) = stats {
+        // f32 data: the fused kernel writes y along with the statistics (y is unspecified after
+        // an Err). Other types: the reference statistics, checked, then the reference normalize.
+        let fused = match (
+            E::slice_as_f32(x),
+            E::slice_as_f32_mut(y),
+            E::Param::slice_as_f32(&self.gamma),
+            E::Param::slice_as_f32(&self.beta),
+        ) {
+            (Some(x), Some(y), Some(gamma), Some(beta)) => {
+                kernels::forward_train::<S>(backend, x, y, dims, gamma, beta, eps, &mut scratch.mean, &mut scratch.var);
+                true
+            }
+            _ => {
+                reference::batch_stats(x, dims, &mut scratch.mean, &mut scratch.var);
+                false
+            }
+        };
+        let checked = self.check_statistics(dims, &scratch.mean, &scratch.var, &mut scratch.inv_std, track);
+        if let Err(e) = checked {
             self.scratch = scratch;
             return Err(e);
         }
         // Validated: from here on nothing fails.
-        let affine =
-            Affine { mean: &scratch.mean, inv_std: &scratch.inv_std, gamma: &self.gamma, beta: &self.beta };
-        reference::normalize(x, y, dims, affine);
-        if self.config.get_track_running_stats() {
+        if !fused {
+            let affine =
+                Affine { mean: &scratch.mean, inv_std: &scratch.inv_std, gamma: &self.gamma, beta: &self.beta };
+            reference::normalize(x, y, dims, affine);
+        }
+        if track {
             // Batch k (counting from 1) has weight 1/k in a cumulative average.
             let batches = self.num_batches_tracked.saturating_add(1);
             let m = if self.config.get_cumulative_momentum() {
@@ -433,7 +501,7 @@ impl<E: Element> BatchNorm<E> {
                 let rv = &mut self.running_var[c];
                 *rv = E::Param::from_f64(m * rv.to_f64() + (1.0 - m) * scratch.var[c] * correction);
             }
-            self.refresh_eval_inv_std();
+            self.refresh_eval();
             self.num_batches_tracked = batches;
         }
         // Save the statistics for backward: swap buffers rather than copy them.
@@ -447,18 +515,20 @@ impl<E: Element> BatchNorm<E> {
         Ok(())
     }
 
-    /// Per-channel `(mean, inv_std)` for inference when `track_running_stats` is off: the batch's.
-    fn eval_batch_statistics(
-        &self,
-        x: &[E],
-        dims: Canonical,
-        shape: &[usize],
-    ) -> Result<(Vec<f64>, Vec<f64>), BnError> {
-        Self::check_batch(dims, shape)?;
-        let c = dims.channels;
-        let (mut mean, mut var, mut inv_std) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
-        self.batch_statistics(x, dims, &mut mean, &mut var, &mut inv_std)?;
-        Ok((mean, inv_std))
+    /// The inference coefficients: the cached running ones, or (with `track_running_stats` off)
+    /// the batch's, computed from `x` and checked.
+    fn eval_coefficients(&self, x: &[E], dims: Canonical, shape: &[usize]) -> Result<EvalCoefficients<'_, E::Param>, BnError> {
+        if self.config.get_track_running_stats() {
+            return Ok(EvalCoefficients {
+                mean: Cow::Borrowed(&self.running_mean),
+                inv_std: Cow::Borrowed(&self.eval_inv_std),
+                scale: Cow::Borrowed(&self.eval_scale),
+            });
+        }
+        let (mean, inv_std) = self.reference_statistics(x, dims, shape)?;
+        let scale = self.gamma.iter().zip(&inv_std).map(|(g, s)| E::Param::from_f64(g.to_f64() * s)).collect();
+        let mean = mean.iter().map(|&m| E::Param::from_f64(m)).collect();
+        Ok(EvalCoefficients { mean: Cow::Owned(mean), inv_std: Cow::Owned(inv_std), scale: Cow::Owned(scale) })
     }
 
     #[doc(hidden)]
@@ -469,18 +539,13 @@ impl<E: Element> BatchNorm<E> {
             return Ok(());
         }
         let dims = specialize::<S>(dims);
-        if self.config.get_track_running_stats() {
-            let affine = Affine {
-                mean: &self.running_mean,
-                inv_std: &self.eval_inv_std,
-                gamma: &self.gamma,
-                beta: &self.beta,
-            };
-            reference::normalize(x, y, dims, affine);
-        } else {
-            let (mean, inv_std) = self.eval_batch_statistics(x, dims, shape)?;
-            let affine = Affine { mean: &mean, inv_std: &inv_std, gamma: &self.gamma, beta: &self.beta };
-            reference::normalize(x, y, dims, affine);
+        let k = self.eval_coefficients(x, dims, shape)?;
+        let p32 = E::Param::slice_as_f32;
+        match (E::slice_as_f32(x), E::slice_as_f32_mut(y), p32(&k.mean), p32(&k.scale), p32(&self.beta)) {
+            (Some(x), Some(y), Some(mean), Some(scale), Some(shift)) => {
+                kernels::normalize::<S>(self.backend(), x, y, dims, mean, scale, shift)
+            }
+            _ => reference::normalize(x, y, dims, k.affine(&self.gamma, &self.beta)),
         }
         Ok(())
     }
@@ -493,18 +558,13 @@ impl<E: Element> BatchNorm<E> {
             return Ok(());
         }
         let dims = specialize::<S>(dims);
-        if self.config.get_track_running_stats() {
-            let affine = Affine {
-                mean: &self.running_mean,
-                inv_std: &self.eval_inv_std,
-                gamma: &self.gamma,
-                beta: &self.beta,
-            };
-            reference::normalize_inplace(xy, dims, affine);
-        } else {
-            let (mean, inv_std) = self.eval_batch_statistics(xy, dims, shape)?;
-            let affine = Affine { mean: &mean, inv_std: &inv_std, gamma: &self.gamma, beta: &self.beta };
-            reference::normalize_inplace(xy, dims, affine);
+        let k = self.eval_coefficients(xy, dims, shape)?;
+        let p32 = E::Param::slice_as_f32;
+        match (E::slice_as_f32_mut(xy), p32(&k.mean), p32(&k.scale), p32(&self.beta)) {
+            (Some(xy), Some(mean), Some(scale), Some(shift)) => {
+                kernels::normalize_inplace::<S>(self.backend(), xy, dims, mean, scale, shift)
+            }
+            _ => reference::normalize_inplace(xy, dims, k.affine(&self.gamma, &self.beta)),
         }
         Ok(())
     }
@@ -516,6 +576,40 @@ impl<E: Element> BatchNorm<E> {
         for c in 0..self.gamma_grad.len() {
             self.gamma_grad[c] = if scale { E::Param::from_f64(sum_dy_xhat[c]) } else { E::Param::ZERO };
             self.beta_grad[c] = if center { E::Param::from_f64(sum_dy[c]) } else { E::Param::ZERO };
+        }
+    }
+
+    /// The training backward with the given statistics and gamma: writes `dx` and the sums.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_with<S: Spec>(
+        &self,
+        x: &[E],
+        dy: &[E],
+        dx: &mut [E],
+        dims: Canonical,
+        mean: &[f64],
+        inv_std: &[f64],
+        gamma: &[E::Param],
+        sums: &mut Scratch,
+    ) {
+        let (sum_dy, sum_dy_xhat) = (&mut sums.mean, &mut sums.var);
+        match (E::slice_as_f32(x), E::slice_as_f32(dy), E::slice_as_f32_mut(dx), E::Param::slice_as_f32(gamma)) {
+            (Some(x), Some(dy), Some(dx), Some(gamma)) => kernels::backward::<S>(
+                self.backend(),
+                x,
+                dy,
+                dx,
+                dims,
+                mean,
+                inv_std,
+                gamma,
+                sum_dy,
+                sum_dy_xhat,
+            ),
+            _ => {
+                reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy, sum_dy_xhat);
+                reference::backward_train_dx(x, dy, dx, dims, mean, inv_std, gamma, sum_dy, sum_dy_xhat);
+            }
         }
     }
 
@@ -541,20 +635,8 @@ impl<E: Element> BatchNorm<E> {
             &mut self.scratch,
             Scratch { mean: Vec::new(), var: Vec::new(), inv_std: Vec::new() },
         );
-        let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
         let saved = &self.saved;
-        reference::backward_sums(x, dy, dims, &saved.mean, &saved.inv_std, sum_dy, sum_dy_xhat);
-        reference::backward_train_dx(
-            x,
-            dy,
-            dx,
-            dims,
-            &saved.mean,
-            &saved.inv_std,
-            &saved.gamma,
-            sum_dy,
-            sum_dy_xhat,
-        );
+        self.backward_with::<S>(x, dy, dx, dims, &saved.mean, &saved.inv_std, &saved.gamma, &mut scratch);
         self.store_grads(&scratch.mean, &scratch.var);
         self.scratch = scratch;
         Ok(())
@@ -570,7 +652,6 @@ impl<E: Element> BatchNorm<E> {
         dx: &mut [E],
     ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())])?;
-        let track = self.config.get_track_running_stats();
         if dims.is_empty() {
             self.gamma_grad.fill(E::Param::ZERO);
             self.beta_grad.fill(E::Param::ZERO);
@@ -581,39 +662,42 @@ impl<E: Element> BatchNorm<E> {
             &mut self.scratch,
             Scratch { mean: Vec::new(), var: Vec::new(), inv_std: Vec::new() },
         );
-        let result = if track {
+        let result = if self.config.get_track_running_stats() {
             let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
-            reference::backward_sums(
-                x,
-                dy,
-                dims,
-                &self.running_mean,
-                &self.eval_inv_std,
-                sum_dy,
-                sum_dy_xhat,
-            );
-            reference::backward_eval_dx(dy, dx, dims, &self.eval_inv_std, &self.gamma);
+            let p32 = E::Param::slice_as_f32;
+            match (
+                E::slice_as_f32(x),
+                E::slice_as_f32(dy),
+                E::slice_as_f32_mut(dx),
+                p32(&self.running_mean),
+                p32(&self.eval_inv_std_p),
+                p32(&self.gamma),
+            ) {
+                (Some(x), Some(dy), Some(dx), Some(mean), Some(inv_std), Some(gamma)) => {
+                    kernels::backward_eval::<S>(
+                        self.backend(),
+                        x,
+                        dy,
+                        dx,
+                        dims,
+                        mean,
+                        inv_std,
+                        gamma,
+                        sum_dy,
+                        sum_dy_xhat,
+                    )
+                }
+                _ => {
+                    let (mean, inv_std) = (&self.running_mean, &self.eval_inv_std);
+                    reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy, sum_dy_xhat);
+                    reference::backward_eval_dx(dy, dx, dims, inv_std, &self.gamma);
+                }
+            }
             Ok(())
         } else {
             // Inference used the batch statistics: this is the training backward of this batch.
-            Self::check_batch(dims, shape).and_then(|()| {
-                let c = dims.channels;
-                let (mut mean, mut inv_std) = (vec![0.0; c], vec![0.0; c]);
-                self.batch_statistics(x, dims, &mut mean, &mut scratch.var, &mut inv_std)?;
-                let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
-                reference::backward_sums(x, dy, dims, &mean, &inv_std, sum_dy, sum_dy_xhat);
-                reference::backward_train_dx(
-                    x,
-                    dy,
-                    dx,
-                    dims,
-                    &mean,
-                    &inv_std,
-                    &self.gamma,
-                    sum_dy,
-                    sum_dy_xhat,
-                );
-                Ok(())
+            self.reference_statistics(x, dims, shape).map(|(mean, inv_std)| {
+                self.backward_with::<S>(x, dy, dx, dims, &mean, &inv_std, &self.gamma, &mut scratch)
             })
         };
         if result.is_ok() {
@@ -621,6 +705,21 @@ impl<E: Element> BatchNorm<E> {
         }
         self.scratch = scratch;
         result
+    }
+}
+
+/// Per-channel inference coefficients: borrowed from the layer (running statistics) or computed
+/// from the batch.
+struct EvalCoefficients<'a, P: Clone> {
+    mean: Cow<'a, [P]>,
+    inv_std: Cow<'a, [f64]>,
+    scale: Cow<'a, [P]>,
+}
+
+impl<P: Param> EvalCoefficients<'_, P> {
+    /// The reference kernel's view of them.
+    fn affine<'b>(&'b self, gamma: &'b [P], beta: &'b [P]) -> Affine<'b, P, P> {
+        Affine { mean: &self.mean, inv_std: &self.inv_std, gamma, beta }
     }
 }
 

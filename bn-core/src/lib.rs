@@ -4,9 +4,12 @@
 //! with the `#[batch_norm]` attribute. See its documentation for a guided tour.
 #![deny(missing_docs)]
 
+#[cfg(feature = "safetensors")]
+pub mod checkpoint;
 mod config;
 mod element;
 mod error;
+pub mod fold;
 pub mod kernels;
 mod layer;
 mod layout;
@@ -22,6 +25,7 @@ pub use array::BatchNormArrayExt;
 pub use config::{Config, Preset, RunningVar};
 pub use element::{Element, Param};
 pub use error::BnError;
+pub use kernels::Backend;
 pub use layer::{BatchNorm, Features};
 pub use layout::{Canonical, Family, Layout};
 pub use traits::BatchNormLayer;

@@ -1,6 +1,6 @@
 //! The trait every layer implements: the `#[batch_norm]` layers and [`BatchNorm`](crate::BatchNorm).
 
-use crate::{BatchNorm, BnError, Config, Element};
+use crate::{BatchNorm, BnError, Config, Element, Layout};
 
 /// The methods of a batch-normalization layer, implemented by every `#[batch_norm]` layer and by
 /// the runtime-generic [`BatchNorm`]. Code generic over layers (a model, a benchmark, a
@@ -33,6 +33,14 @@ pub trait BatchNormLayer {
     fn rank(&self) -> usize;
     /// The layer's configuration.
     fn config(&self) -> &Config;
+    /// The layer's layout: rank, feature axes and extents.
+    fn layout(&self) -> &Layout;
+    /// How many training batches have updated the running statistics (PyTorch's
+    /// `num_batches_tracked`; see [`BatchNorm::num_batches_tracked`]).
+    fn num_batches_tracked(&self) -> u64;
+    /// Sets the number of training batches seen, as loaded from a checkpoint (see
+    /// [`BatchNorm::set_num_batches_tracked`]).
+    fn set_num_batches_tracked(&mut self, batches: u64);
     /// Training forward (see [`BatchNorm::forward_train`]).
     fn forward_train(
         &mut self,
@@ -90,6 +98,15 @@ impl<E: Element> BatchNormLayer for BatchNorm<E> {
     }
     fn config(&self) -> &Config {
         BatchNorm::config(self)
+    }
+    fn layout(&self) -> &Layout {
+        BatchNorm::layout(self)
+    }
+    fn num_batches_tracked(&self) -> u64 {
+        BatchNorm::num_batches_tracked(self)
+    }
+    fn set_num_batches_tracked(&mut self, batches: u64) {
+        BatchNorm::set_num_batches_tracked(self, batches)
     }
     fn forward_train(&mut self, x: &[E], shape: &[usize], y: &mut [E]) -> Result<(), BnError> {
         BatchNorm::forward_train(self, x, shape, y)

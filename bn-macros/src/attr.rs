@@ -40,7 +40,11 @@ impl Key {
         (Key::Features, "features", "`features = 64` or `features = [55, 55]`"),
         (Key::Axes, "axes", "`axes = [0, 2, 3]`"),
         (Key::Eps, "eps", "`eps = 1e-5`"),
-        (Key::Momentum, "momentum", "`momentum = 0.9` (the weight of the old running value, in [0, 1))"),
+        (
+            Key::Momentum,
+            "momentum",
+            "`momentum = 0.9` (the weight of the old running value, in [0, 1)) or `momentum = \"cumulative\"`",
+        ),
         (Key::TorchMomentum, "torch_momentum", "`torch_momentum = 0.1` (PyTorch's momentum, in (0, 1])"),
         (Key::RunningVar, "running_var", "`running_var = \"biased\"` or `running_var = \"unbiased\"`"),
         (Key::Preset, "preset", "`preset = \"seed\"`, `preset = \"pytorch\"` or `preset = \"keras\"`"),
@@ -105,6 +109,15 @@ impl Preset {
     }
 }
 
+/// The `momentum` key's values: a number, or `"cumulative"` (`Config::cumulative_momentum`).
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Momentum {
+    /// The weight of the old running value (its range is checked in `valid.rs`).
+    Value(f64),
+    /// A cumulative moving average (PyTorch's `momentum=None`).
+    Cumulative,
+}
+
 /// The `running_var` key's values (mirrors `bn_core::RunningVar`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum RunningVar {
@@ -132,7 +145,7 @@ pub(crate) struct Attr {
     pub features: Option<Integers>,
     pub axes: Option<Integers>,
     pub eps: Option<Spanned<f64>>,
-    pub momentum: Option<Spanned<f64>>,
+    pub momentum: Option<Spanned<Momentum>>,
     pub torch_momentum: Option<Spanned<f64>>,
     pub running_var: Option<Spanned<RunningVar>>,
     pub preset: Option<Spanned<Preset>>,
@@ -201,7 +214,7 @@ impl Attr {
             Key::Features => self.features = integers(cx, key, value, true, "positive integers"),
             Key::Axes => self.axes = integers(cx, key, value, false, "axis indices (non-negative integers)"),
             Key::Eps => self.eps = number(cx, key, value),
-            Key::Momentum => self.momentum = number(cx, key, value),
+            Key::Momentum => self.momentum = momentum(cx, key, value),
             Key::TorchMomentum => self.torch_momentum = number(cx, key, value),
             Key::RunningVar => self.running_var = choice(cx, key, value, RunningVar::ALL),
             Key::Preset => self.preset = choice(cx, key, value, Preset::ALL),
@@ -343,22 +356,24 @@ fn integer(expr: &Expr) -> Result<u64, &'static str> {
     }
 }
 
+/// The value of a number literal, integer or float, possibly negative.
+fn parse_number(expr: &Expr) -> Option<f64> {
+    match expr {
+        Expr::Lit(lit) => match &lit.lit {
+            Lit::Float(float) => float.base10_parse::<f64>().ok(),
+            Lit::Int(int) => int.base10_digits().parse::<f64>().ok(),
+            _ => None,
+        },
+        Expr::Unary(unary) if matches!(unary.op, UnOp::Neg(_)) => {
+            parse_number(unwrap_group(&unary.expr)).map(|v| -v)
+        }
+        _ => None,
+    }
+}
+
 /// A number literal, integer or float, possibly negative (ranges are checked later).
 fn number(cx: &Ctxt, key: Key, value: &Expr) -> Option<Spanned<f64>> {
-    fn parse(expr: &Expr) -> Option<f64> {
-        match expr {
-            Expr::Lit(lit) => match &lit.lit {
-                Lit::Float(float) => float.base10_parse::<f64>().ok(),
-                Lit::Int(int) => int.base10_digits().parse::<f64>().ok(),
-                _ => None,
-            },
-            Expr::Unary(unary) if matches!(unary.op, UnOp::Neg(_)) => {
-                parse(unwrap_group(&unary.expr)).map(|v| -v)
-            }
-            _ => None,
-        }
-    }
-    let parsed = parse(value);
+    let parsed = parse_number(value);
     if parsed.is_none() {
         cx.error_spanned_by(
             value,
@@ -366,6 +381,33 @@ fn number(cx: &Ctxt, key: Key, value: &Expr) -> Option<Spanned<f64>> {
         );
     }
     parsed.map(|v| Spanned::new(v, value))
+}
+
+/// `momentum = 0.9` (a number; its range is checked later) or `momentum = "cumulative"`.
+fn momentum(cx: &Ctxt, key: Key, value: &Expr) -> Option<Spanned<Momentum>> {
+    const ALLOWED: &str = "a number in [0, 1) (the weight of the old running value, e.g. `momentum = 0.9`) \
+                           or \"cumulative\" (a cumulative moving average, PyTorch's `momentum=None`)";
+    if let Some(lit) = string(value) {
+        if lit.value() == "cumulative" {
+            return Some(Spanned::new(Momentum::Cumulative, value));
+        }
+        cx.error_spanned_by(
+            value,
+            format!("unknown `{}` \"{}\": expected {ALLOWED}", key.name(), lit.value()),
+        );
+        return None;
+    }
+    let parsed = parse_number(value);
+    if parsed.is_none() {
+        let hint = match value {
+            Expr::Path(path) if path.path.is_ident("cumulative") => {
+                format!(" (write `{} = \"cumulative\"`, not `{0} = cumulative`)", key.name())
+            }
+            _ => String::new(),
+        };
+        cx.error_spanned_by(value, format!("`{}` takes {ALLOWED}{hint}", key.name()));
+    }
+    parsed.map(|v| Spanned::new(Momentum::Value(v), value))
 }
 
 /// A string literal naming one of `choices`.

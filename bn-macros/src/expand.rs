@@ -10,7 +10,7 @@ use quote::quote;
 use syn::ext::IdentExt;
 use syn::Path;
 
-use crate::attr::{Attr, Shell, Target};
+use crate::attr::{Attr, Momentum, Shell, Target};
 use crate::fallback;
 use crate::valid::{self, Ctxt, Layout};
 
@@ -77,14 +77,21 @@ impl Statics {
         let preset =
             syn::Ident::new(attr.preset.as_ref().map_or("Seed", |p| p.value.variant()), Span::call_site());
         let mut config = quote!(#private::Config::preset(#private::Preset::#preset));
-        for (setter, value) in
-            [("eps", &attr.eps), ("momentum", &attr.momentum), ("torch_momentum", &attr.torch_momentum)]
-        {
+        let momentum = attr.momentum.as_ref().and_then(|m| match m.value {
+            Momentum::Value(value) => Some(value),
+            Momentum::Cumulative => None,
+        });
+        let torch_momentum = attr.torch_momentum.as_ref().map(|p| p.value);
+        let eps = attr.eps.as_ref().map(|eps| eps.value);
+        for (setter, value) in [("eps", eps), ("momentum", momentum), ("torch_momentum", torch_momentum)] {
             if let Some(value) = value {
                 let setter = syn::Ident::new(setter, Span::call_site());
-                let value = float(value.value);
+                let value = float(value);
                 config.extend(quote!(.#setter(#value)));
             }
+        }
+        if attr.momentum.as_ref().is_some_and(|m| m.value == Momentum::Cumulative) {
+            config.extend(quote!(.cumulative_momentum()));
         }
         if let Some(running_var) = &attr.running_var {
             let variant = syn::Ident::new(running_var.value.variant(), Span::call_site());
@@ -314,6 +321,19 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                     self.__bn.num_batches_tracked()
                 }
 
+                /// Sets the number of training batches seen (as loaded from a checkpoint); it
+                /// weighs the next batch when `momentum = "cumulative"`.
+                #[inline]
+                pub fn set_num_batches_tracked(&mut self, batches: u64) {
+                    self.__bn.set_num_batches_tracked(batches)
+                }
+
+                /// The layer's layout: rank, feature axes and extents.
+                #[inline]
+                pub fn layout(&self) -> &#private::Layout {
+                    self.__bn.layout()
+                }
+
                 /// The layer's options: the preset and the keys of the attribute.
                 #[inline]
                 pub fn config(&self) -> &#private::Config {
@@ -366,6 +386,18 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 #[inline]
                 fn config(&self) -> &#private::Config {
                     #ident::config(self)
+                }
+                #[inline]
+                fn layout(&self) -> &#private::Layout {
+                    #ident::layout(self)
+                }
+                #[inline]
+                fn num_batches_tracked(&self) -> u64 {
+                    #ident::num_batches_tracked(self)
+                }
+                #[inline]
+                fn set_num_batches_tracked(&mut self, batches: u64) {
+                    #ident::set_num_batches_tracked(self, batches)
                 }
                 #[inline]
                 fn forward_train(&mut self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {

@@ -44,7 +44,7 @@ use proc_macro::TokenStream;
 /// | `axes` | the reduced axes (statistics over them), non-empty and ascending: `[0, 2, 3]` | required |
 /// | `preset` | `"seed"`, `"pytorch"` or `"keras"`: the defaults of the other options | `"seed"` |
 /// | `eps` | a positive finite number added to the variance | the preset's |
-/// | `momentum` | the weight of the *old* running value, in `[0, 1)` (the seed's and Keras's convention) | the preset's |
+/// | `momentum` | the weight of the *old* running value, in `[0, 1)` (the seed's and Keras's convention), or `"cumulative"`: a cumulative moving average (PyTorch's `momentum=None`) | the preset's |
 /// | `torch_momentum` | PyTorch's momentum `p` in `(0, 1]`: `momentum = 1 - p` (not with `momentum`) | |
 /// | `running_var` | `"biased"` or `"unbiased"`: the batch variance that updates the running one | the preset's |
 /// | `center` | `false`: beta fixed at 0 | `true` |
@@ -65,7 +65,8 @@ use proc_macro::TokenStream;
 /// - the consts `FEATURES` (the product of the feature extents) and `RANK`;
 /// - `new()`, `forward_train`, `forward_eval`, `forward_eval_inplace`, `backward`,
 ///   `backward_eval`, `gamma`, `beta`, `running_mean`, `running_var`, `gamma_grad`, `beta_grad`,
-///   `update_params`, `set_running_stats`, `num_batches_tracked`, `config` and `as_batch_norm`
+///   `update_params`, `set_running_stats`, `num_batches_tracked`, `set_num_batches_tracked`,
+///   `config`, `layout` and `as_batch_norm`
 ///   (the runtime-generic `BatchNorm` it wraps), all `pub`;
 /// - impls of `Default`, `Clone`, `Debug` (a `#[derive]` of one of these on the struct is
 ///   skipped, not doubled) and `BatchNormLayer`.

@@ -10,7 +10,7 @@ use core::fmt::Display;
 use proc_macro2::Span;
 use quote::ToTokens;
 
-use crate::attr::{Attr, Key, Spanned};
+use crate::attr::{Attr, Key, Momentum, Spanned};
 
 /// Collects errors and combines them into one `syn::Error` (as serde's `internals/ctxt.rs`),
 /// in the order of the source: each error is tagged with the current *position* (the index of
@@ -106,15 +106,15 @@ fn check_options(cx: &Ctxt, attr: &Attr) {
             );
         }
     }
-    if let Some(m) = &attr.momentum {
+    if let Some(Spanned { value: Momentum::Value(m), tokens }) = &attr.momentum {
         cx.set_position(attr.position(Key::Momentum));
-        if !(0.0..1.0).contains(&m.value) {
+        if !(0.0..1.0).contains(m) {
             cx.error_spanned_by(
-                &m.tokens,
+                tokens,
                 format!(
-                    "`momentum` (the weight of the old running value) must be in [0, 1), got {:?}; \
-                     PyTorch's momentum p is `torch_momentum = p`",
-                    m.value
+                    "`momentum` (the weight of the old running value) must be in [0, 1), got {m:?}; \
+                     PyTorch's momentum p is `torch_momentum = p`, and `momentum = \"cumulative\"` is \
+                     a cumulative moving average"
                 ),
             );
         }
@@ -140,7 +140,8 @@ fn check_options(cx: &Ctxt, attr: &Attr) {
         cx.error_spanned_by(
             second,
             "`momentum` and `torch_momentum` both set the momentum; give only one of them \
-             (`torch_momentum = p` is `momentum = 1 - p`)",
+             (`torch_momentum = p` is `momentum = 1 - p`; PyTorch's `momentum=None` is \
+             `momentum = \"cumulative\"`)",
         );
     }
 }

@@ -1,6 +1,333 @@
 //! Kernels over the canonical `(outer, C, inner)` view.
 //!
-//! [`reference`] is the scalar oracle (f64 accumulation, two-pass statistics) every other path
-//! is tested against.
+//! [`reference`](mod@reference) is the scalar oracle (f64 accumulation, two-pass statistics) every other path
+//! is tested against. The functions of this module are the fast `f32` paths the layers call:
+//! each takes a [`Backend`] ([`Backend::detect`] for the process-wide choice) and a
+//! [`Spec`] whose constants (channels, inner extent) become the loops' trip counts.
+//!
+//! # How the fast kernels are built
+//!
+//! - **One body per kernel, every instruction set.** Kernel bodies are generic over an
+//!   instruction-set token (`Wide`: `wide::f32x8`; `Avx2`; `Avx512`: masked tails), the way
+//!   matrixmultiply and pulp do it, and entered through a `#[target_feature]` wrapper so that the
+//!   same source compiles to AVX2 and AVX-512. Odd extents (`C` or `inner` of 1, 7, 49, 70, ...)
+//!   run whole vectors plus one masked vector; in the rows family a small `C` is widened to
+//!   virtual rows of `lcm(C, 16)` values.
+//! - **Two families.** Planes (`inner > 1`): parameters broadcast along contiguous runs; a
+//!   training task owns whole channels and normalizes each right after its statistics, while the
+//!   channel is in cache. Rows (`inner == 1`): per-lane parameters; statistics over tiles of
+//!   row blocks, then a streaming pass.
+//! - **Statistics.** Two passes over each cache-resident block (its mean, then the deviations
+//!   from it), blocks combined with Chan's merge in `f64`: accurate when `|mean| >> std`.
+//! - **Parallelism.** On the caller's Rayon pool, serially below a work threshold. Every block,
+//!   chunk and merge order is fixed by the shape: results are bit-identical for any number of
+//!   threads (not across backends).
+//! - **Memory.** Inference is one pass and allocates nothing. Training and backward allocate at
+//!   most a few per-channel arrays, never anything the size of the tensor.
 
 pub mod reference;
+
+mod backend;
+mod isa;
+mod parallel;
+mod planes;
+mod portable;
+mod rows;
+mod stats;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use backend::{Backend, ParseBackendError, BACKEND_ENV};
+
+use crate::spec::{specialize, Spec};
+use crate::{Canonical, Family};
+use isa::{InPlace, Io, Split};
+use portable::Wide;
+
+/// Runs `$body` with `$isa` bound to the token of `$backend` (which must not be `Scalar`).
+macro_rules! with_isa {
+    ($backend:expr, |$isa:ident| $body:expr) => {
+        match $backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => match x86::Avx512::new() {
+                Some($isa) => $body,
+                None => {
+                    let $isa = Wide;
+                    $body
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => match x86::Avx2::new() {
+                Some($isa) => $body,
+                None => {
+                    let $isa = Wide;
+                    $body
+                }
+            },
+            _ => {
+                let $isa = Wide;
+                $body
+            }
+        }
+    };
+}
+
+/// Training forward, fused: per-channel batch mean and biased variance into `mean_out` and
+/// `var_out` (`f64`), and `y = (x - mean) * gamma / sqrt(var + eps) + beta`.
+///
+/// `x` and `y` hold `dims.len()` values; `gamma`, `beta`, `mean_out` and `var_out` hold
+/// `dims.channels`; `dims.per_channel() >= 1` (the layer asks for 2). If a statistic is not
+/// finite, `y` is unspecified. `Backend::Scalar` runs the `f64` reference kernels.
+///
+/// ```
+/// use bn_core::kernels::{self, Backend};
+/// use bn_core::{spec::Dynamic, Canonical};
+///
+/// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
+/// let (x, mut y) = ([1.0, 2.0, 3.0, 4.0], [0.0; 4]);
+/// let (mut mean, mut var) = ([0.0], [0.0]);
+/// kernels::forward_train::<Dynamic>(Backend::detect(), &x, &mut y, dims, &[1.0], &[0.0], 0.0, &mut mean, &mut var);
+/// assert_eq!((mean[0], var[0]), (2.5, 1.25));
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    y: &mut [f32],
+    dims: Canonical,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let dims = specialize::<S>(dims);
+    let c = dims.channels;
+    assert!(x.len() == dims.len() && y.len() == dims.len(), "x and y must hold dims.len() values");
+    assert!(gamma.len() == c && beta.len() == c && mean_out.len() == c && var_out.len() == c);
+    if dims.per_channel() == 0 {
+        mean_out.fill(f64::NAN);
+        var_out.fill(f64::NAN);
+        return;
+    }
+    match backend.usable() {
+        Backend::Scalar => {
+            reference::batch_stats(x, dims, mean_out, var_out);
+            let inv_std: Vec<f64> = var_out.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+            let affine = reference::Affine { mean: &*mean_out, inv_std: &inv_std, gamma, beta };
+            reference::normalize(x, y, dims, affine);
+        }
+        b => parallel::in_pool(2 * dims.len(), || {
+            with_isa!(b, |isa| match dims.family() {
+                Family::Planes => planes::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
+                Family::Rows => rows::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
+            })
+        }),
+    }
+}
+
+/// Inference: `y = (x - mean[c]) * scale[c] + shift[c]`, one streaming pass, no allocation.
+///
+/// `x` and `y` hold `dims.len()` values (an empty tensor is a no-op); `mean`, `scale` and
+/// `shift` hold `dims.channels`. `Backend::Scalar` computes in `f64` (the reference's formula
+/// with `inv_std = scale`, `gamma = 1`).
+pub fn normalize<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    y: &mut [f32],
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    assert!(x.len() == dims.len() && y.len() == dims.len(), "x and y must hold dims.len() values");
+    normalize_io::<S, _>(backend, Split { x, y }, dims, mean, scale, shift);
+}
+
+/// [`normalize`] in place: bit-identical to it (the same loop body runs both).
+pub fn normalize_inplace<S: Spec>(
+    backend: Backend,
+    xy: &mut [f32],
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    assert!(xy.len() == dims.len(), "xy must hold dims.len() values");
+    normalize_io::<S, _>(backend, InPlace(xy), dims, mean, scale, shift);
+}
+
+fn normalize_io<S: Spec, T: Io>(
+    backend: Backend,
+    io: T,
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let c = dims.channels;
+    assert!(mean.len() == c && scale.len() == c && shift.len() == c);
+    if dims.is_empty() {
+        return;
+    }
+    let dims = specialize::<S>(dims);
+    match backend.usable() {
+        Backend::Scalar => scalar_normalize(io, dims, mean, scale, shift),
+        b => with_isa!(b, |isa| match dims.family() {
+            Family::Planes => planes::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
+            Family::Rows => rows::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
+        }),
+    }
+}
+
+/// The scalar inference: `((x - mean) * scale + shift)` in `f64`, rounded once.
+fn scalar_normalize<T: Io>(mut io: T, dims: Canonical, mean: &[f32], scale: &[f32], shift: &[f32]) {
+    let inner = dims.inner;
+    for (r, start) in (0..dims.len()).step_by(inner).enumerate() {
+        let c = r % dims.channels;
+        let (m, s, t) = (mean[c] as f64, scale[c] as f64, shift[c] as f64);
+        for i in start..start + inner {
+            let v = io.get(i);
+            io.set(i, ((v as f64 - m) * s + t) as f32);
+        }
+    }
+}
+
+/// Training backward, fused: per-channel `sum_dy = sum(dy)` and `sum_dy_xhat = sum(dy * xhat)`
+/// with `xhat = (x - mean) * inv_std`, then
+/// `dx = gamma * inv_std * (dy - sum_dy / n - xhat * sum_dy_xhat / n)`, `n = outer * inner`.
+///
+/// `x`, `dy` and `dx` hold `dims.len()` values; the per-channel slices hold `dims.channels`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let dims = specialize::<S>(dims);
+    let c = dims.channels;
+    assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
+    assert!(mean.len() == c && inv_std.len() == c && gamma.len() == c);
+    assert!(sum_dy_out.len() == c && sum_dy_xhat_out.len() == c);
+    if dims.per_channel() == 0 {
+        sum_dy_out.fill(0.0);
+        sum_dy_xhat_out.fill(0.0);
+        return;
+    }
+    match backend.usable() {
+        Backend::Scalar => {
+            reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out);
+            reference::backward_train_dx(x, dy, dx, dims, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
+        }
+        b => parallel::in_pool(3 * dims.len(), || with_isa!(b, |isa| match dims.family() {
+            Family::Planes => planes::backward::<S, _>(
+                isa,
+                x,
+                dy,
+                dx,
+                dims,
+                mean,
+                inv_std,
+                gamma,
+                sum_dy_out,
+                sum_dy_xhat_out
+            ),
+            Family::Rows => {
+                rows::backward::<S, _>(isa, x, dy, dx, dims, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out)
+            }
+        })),
+    }
+}
+
+/// Backward with frozen statistics (of the inference forward): the same sums with the given
+/// `mean` and `inv_std`, and `dx = dy * gamma * inv_std`. One pass over `x`, `dy` and `dx`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_eval<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f32],
+    inv_std: &[f32],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let dims = specialize::<S>(dims);
+    let c = dims.channels;
+    assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
+    assert!(mean.len() == c && inv_std.len() == c && gamma.len() == c);
+    assert!(sum_dy_out.len() == c && sum_dy_xhat_out.len() == c);
+    if dims.is_empty() {
+        sum_dy_out.fill(0.0);
+        sum_dy_xhat_out.fill(0.0);
+        return;
+    }
+    match backend.usable() {
+        Backend::Scalar => {
+            let inv_std: Vec<f64> = inv_std.iter().map(|&s| s as f64).collect();
+            reference::backward_sums(x, dy, dims, mean, &inv_std, sum_dy_out, sum_dy_xhat_out);
+            reference::backward_eval_dx(dy, dx, dims, &inv_std, gamma);
+        }
+        b => {
+            let mut stack = [0.0f32; STACK_CHANNELS];
+            let mut heap = Vec::new();
+            let scale = if c <= STACK_CHANNELS {
+                &mut stack[..c]
+            } else {
+                heap.resize(c, 0.0);
+                &mut heap[..]
+            };
+            for ((s, &g), &i) in scale.iter_mut().zip(gamma).zip(inv_std) {
+                *s = (g as f64 * i as f64) as f32;
+            }
+            let scale = &*scale;
+            with_isa!(b, |isa| match dims.family() {
+                Family::Planes => planes::backward_eval::<S, _>(
+                    isa,
+                    x,
+                    dy,
+                    dx,
+                    dims,
+                    mean,
+                    inv_std,
+                    scale,
+                    sum_dy_out,
+                    sum_dy_xhat_out
+                ),
+                Family::Rows => rows::backward_eval::<S, _>(
+                    isa,
+                    x,
+                    dy,
+                    dx,
+                    dims,
+                    mean,
+                    inv_std,
+                    scale,
+                    sum_dy_out,
+                    sum_dy_xhat_out
+                ),
+            })
+        }
+    }
+}
+
+/// Forces non-temporal (streaming) stores for every out-of-place output on (`Some(true)`) or off
+/// (`Some(false)`), or restores the size rule (`None`: outputs of 16 MiB and more, in runs of
+/// at least 256 values). Results are the same bits either way; for tests and measurements.
+/// The environment variable `BN_STREAM=0|1`, read on first use, does the same.
+#[doc(hidden)]
+pub fn __force_streaming(on: Option<bool>) {
+    parallel::force_streaming(on);
+}
+
+/// Channels whose per-call `f32` coefficients live on the stack.
+const STACK_CHANNELS: usize = 1024;

@@ -1,0 +1,364 @@
+//! The kernel contract: what a SIMD instruction set offers the generic kernel bodies.
+//!
+//! As in matrixmultiply (`KernelAvx`, `KernelFmaAvx2`, `KernelFallback`) and pulp (`Simd`), every
+//! instruction set is a zero-sized *token* type implementing [`Isa`]; a token of a `core::arch`
+//! instruction set can only be made when the CPU has it, which is what makes its methods safe.
+//! Kernel bodies are written once, generic over `I: Isa`, as a [`Kernel`]; [`Isa::vectorize`]
+//! runs one inside a thin `#[target_feature]` wrapper so that, after inlining, the whole body is
+//! compiled for that instruction set.
+
+use rayon::prelude::*;
+
+/// A kernel body, generic over the instruction set. `run` must be `#[inline(always)]` (and so
+/// must everything it calls) so that it is compiled inside the `#[target_feature]` wrapper of
+/// [`Isa::vectorize`].
+pub(crate) trait Kernel {
+    /// What the kernel returns.
+    type Output;
+    /// The body.
+    fn run<I: Isa>(self, isa: I) -> Self::Output;
+}
+
+/// An instruction set: `f32` vectors of `LANES` lanes and the operations the kernels need.
+///
+/// Loads and stores take slices and check their bounds (`load` needs `LANES` values, `load_tail`
+/// fewer); in the kernels' loops those checks are provable and compiled away.
+pub(crate) trait Isa: Copy + Send + Sync + 'static {
+    /// Lanes per vector.
+    const LANES: usize;
+    /// An `f32` vector.
+    type V: Copy;
+
+    /// Runs `kernel` compiled for this instruction set.
+    fn vectorize<K: Kernel>(self, kernel: K) -> K::Output;
+
+    /// All lanes `x`.
+    fn splat(self, x: f32) -> Self::V;
+    /// All lanes zero.
+    #[inline(always)]
+    fn zero(self) -> Self::V {
+        self.splat(0.0)
+    }
+    /// `a + b`.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a - b`.
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b`.
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c`, fused where the instruction set has FMA.
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+
+    /// The first `LANES` values of `s` (panics if `s` is shorter).
+    fn load(self, s: &[f32]) -> Self::V;
+    /// Stores `v` into the first `LANES` values of `s` (panics if `s` is shorter).
+    fn store(self, s: &mut [f32], v: Self::V);
+    /// The `s.len() < LANES` values of `s` in the low lanes, zeros above.
+    fn load_tail(self, s: &[f32]) -> Self::V;
+    /// Stores the low `s.len() < LANES` lanes of `v` into `s`.
+    fn store_tail(self, s: &mut [f32], v: Self::V);
+    /// `v` with the lanes from `n` up set to zero.
+    fn zero_from(self, v: Self::V, n: usize) -> Self::V;
+    /// The sum of the lanes, in `f32` (a tree of additions).
+    fn sum(self, v: Self::V) -> f32;
+    /// Stores `v` into the first `LANES` values of `s` with a non-temporal (streaming) store
+    /// where the instruction set has one; `s` must start on a `4 * LANES`-byte boundary (checked).
+    /// Call [`Isa::fence`] before other threads read what was streamed.
+    #[inline(always)]
+    fn stream(self, s: &mut [f32], v: Self::V) {
+        self.store(s, v)
+    }
+    /// Orders streaming stores before later stores (`sfence`).
+    #[inline(always)]
+    fn fence(self) {}
+    /// Hints that the cache line holding `p` will be read soon. `p` may point anywhere: a
+    /// prefetch never faults and dereferences nothing.
+    #[inline(always)]
+    fn prefetch(self, p: *const f32) {
+        prefetch(p)
+    }
+}
+
+/// A software prefetch into all cache levels (`prefetcht0` on x86-64; nothing elsewhere).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64; a prefetch reads no memory and cannot fault, whatever `p`.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Reads `x` and writes `y` in step, the same positions: either two slices or one in place.
+///
+/// One loop body serves both, which is what makes `normalize_inplace` bit-identical to
+/// `normalize`.
+pub(crate) trait Io: Send + Sized {
+    /// Whether streaming stores may be used (not in place: the line was just read).
+    const STREAM: bool;
+    /// A sub-range of the same kind.
+    type Part<'b>: Io
+    where
+        Self: 'b;
+    /// Number of values.
+    fn len(&self) -> usize;
+    /// Input value `i`.
+    fn get(&self, i: usize) -> f32;
+    /// Writes output value `i`.
+    fn set(&mut self, i: usize, v: f32);
+    /// The values `start..end`.
+    fn part(&mut self, start: usize, end: usize) -> Self::Part<'_>;
+    /// Calls `f(k, chunk)` for the consecutive chunks of `chunk` values (the last may be
+    /// shorter), on the current Rayon pool when `parallel`.
+    fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send);
+    /// `out = f(pos, in)` for the whole vectors from `start` (`(end - start) % LANES == 0`),
+    /// with streaming stores when `stream` (the output at `start` must then be aligned).
+    fn map_full<I: Isa>(
+        &mut self,
+        isa: I,
+        start: usize,
+        end: usize,
+        stream: bool,
+        f: &mut impl FnMut(Pos, I::V) -> I::V,
+    );
+    /// `out = f(pos, in)` for the fewer than `LANES` values `start..end` (masked).
+    #[inline(always)]
+    fn map_partial<I: Isa>(&mut self, isa: I, start: usize, end: usize, f: &mut impl FnMut(Pos, I::V) -> I::V) {
+        let mut part = self.part(start, end);
+        let v = f(Pos { i: start, n: end - start }, part.load_tail(isa));
+        part.store_tail(isa, v);
+    }
+    /// All the input values (fewer than `LANES`), zeros above.
+    fn load_tail<I: Isa>(&self, isa: I) -> I::V;
+    /// Writes all the output values (fewer than `LANES`) from the low lanes of `v`.
+    fn store_tail<I: Isa>(&mut self, isa: I, v: I::V);
+    /// The output's offset, in values, from the previous `4 * LANES`-byte boundary.
+    fn misalignment<I: Isa>(&self) -> usize;
+}
+
+/// Separate input and output slices of the same length.
+pub(crate) struct Split<'a> {
+    pub x: &'a [f32],
+    pub y: &'a mut [f32],
+}
+
+/// One slice read and overwritten.
+pub(crate) struct InPlace<'a>(pub &'a mut [f32]);
+
+impl<'a> Io for Split<'a> {
+    const STREAM: bool = true;
+    type Part<'b>
+        = Split<'b>
+    where
+        Self: 'b;
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.x.len()
+    }
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        self.x[i]
+    }
+    #[inline(always)]
+    fn set(&mut self, i: usize, v: f32) {
+        self.y[i] = v;
+    }
+    #[inline(always)]
+    fn part(&mut self, start: usize, end: usize) -> Split<'_> {
+        Split { x: &self.x[start..end], y: &mut self.y[start..end] }
+    }
+    fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
+        assert_eq!(self.x.len(), self.y.len());
+        if parallel {
+            let chunks = self.y.par_chunks_mut(chunk).zip(self.x.par_chunks(chunk));
+            chunks.enumerate().for_each(|(k, (y, x))| f(k, Split { x, y }));
+        } else {
+            let chunks = self.y.chunks_mut(chunk).zip(self.x.chunks(chunk));
+            chunks.enumerate().for_each(|(k, (y, x))| f(k, Split { x, y }));
+        }
+    }
+    #[inline(always)]
+    fn map_full<I: Isa>(
+        &mut self,
+        isa: I,
+        start: usize,
+        end: usize,
+        stream: bool,
+        f: &mut impl FnMut(Pos, I::V) -> I::V,
+    ) {
+        let l = I::LANES;
+        let (x, y) = (&self.x[start..end], &mut self.y[start..end]);
+        let n = x.len();
+        assert_eq!(y.len(), n);
+        let mut i = 0;
+        if stream {
+            while i + l <= n {
+                isa.stream(&mut y[i..i + l], f(Pos { i: start + i, n: l }, isa.load(&x[i..i + l])));
+                i += l;
+            }
+        } else {
+            while i + l <= n {
+                isa.store(&mut y[i..i + l], f(Pos { i: start + i, n: l }, isa.load(&x[i..i + l])));
+                i += l;
+            }
+        }
+    }
+    #[inline(always)]
+    fn load_tail<I: Isa>(&self, isa: I) -> I::V {
+        isa.load_tail(self.x)
+    }
+    #[inline(always)]
+    fn store_tail<I: Isa>(&mut self, isa: I, v: I::V) {
+        let n = self.x.len();
+        isa.store_tail(&mut self.y[..n], v)
+    }
+    #[inline(always)]
+    fn misalignment<I: Isa>(&self) -> usize {
+        (self.y.as_ptr() as usize / 4) % I::LANES
+    }
+}
+
+impl<'a> Io for InPlace<'a> {
+    const STREAM: bool = false;
+    type Part<'b>
+        = InPlace<'b>
+    where
+        Self: 'b;
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        self.0[i]
+    }
+    #[inline(always)]
+    fn set(&mut self, i: usize, v: f32) {
+        self.0[i] = v;
+    }
+    #[inline(always)]
+    fn part(&mut self, start: usize, end: usize) -> InPlace<'_> {
+        InPlace(&mut self.0[start..end])
+    }
+    fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
+        if parallel {
+            self.0.par_chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, InPlace(xy)));
+        } else {
+            self.0.chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, InPlace(xy)));
+        }
+    }
+    #[inline(always)]
+    fn map_full<I: Isa>(
+        &mut self,
+        isa: I,
+        start: usize,
+        end: usize,
+        _stream: bool,
+        f: &mut impl FnMut(Pos, I::V) -> I::V,
+    ) {
+        let l = I::LANES;
+        let xy = &mut self.0[start..end];
+        let n = xy.len();
+        let mut i = 0;
+        while i + l <= n {
+            let v = f(Pos { i: start + i, n: l }, isa.load(&xy[i..i + l]));
+            isa.store(&mut xy[i..i + l], v);
+            i += l;
+        }
+    }
+    #[inline(always)]
+    fn load_tail<I: Isa>(&self, isa: I) -> I::V {
+        isa.load_tail(self.0)
+    }
+    #[inline(always)]
+    fn store_tail<I: Isa>(&mut self, isa: I, v: I::V) {
+        isa.store_tail(self.0, v)
+    }
+    #[inline(always)]
+    fn misalignment<I: Isa>(&self) -> usize {
+        (self.0.as_ptr() as usize / 4) % I::LANES
+    }
+}
+
+/// `out[i] = f(pos, in[i])` over `io`, one vector at a time (masked tail); `f` gets the position
+/// of the vector so that per-column parameters can be loaded there ([`load_at`]).
+///
+/// With `stream` (ignored for in-place outputs) the full vectors are written with non-temporal
+/// stores: a partial vector first, up to the output's first `4 * LANES`-byte boundary. The values
+/// are the same either way; only the stores differ.
+#[inline(always)]
+pub(crate) fn map<I: Isa, T: Io>(isa: I, io: &mut T, stream: bool, mut f: impl FnMut(Pos, I::V) -> I::V) {
+    let n = io.len();
+    let stream = stream && T::STREAM;
+    let head = if stream { ((I::LANES - io.misalignment::<I>()) % I::LANES).min(n) } else { 0 };
+    if head > 0 {
+        io.map_partial(isa, 0, head, &mut f);
+    }
+    let full = head + (n - head) / I::LANES * I::LANES;
+    io.map_full(isa, head, full, stream, &mut f);
+    if full < n {
+        io.map_partial(isa, full, n, &mut f);
+    }
+}
+
+/// Where a vector sits in a segment: offset `i` and `n` valid lanes (`LANES` except in the tail).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pos {
+    pub i: usize,
+    pub n: usize,
+}
+
+/// Loads the lanes of `params` at `pos` (per-column parameters of a row); zeros past the tail.
+#[inline(always)]
+pub(crate) fn load_at<I: Isa>(isa: I, params: &[f32], pos: Pos) -> I::V {
+    if pos.n == I::LANES {
+        isa.load(&params[pos.i..])
+    } else {
+        isa.load_tail(&params[pos.i..pos.i + pos.n])
+    }
+}
+
+/// `dx[i] = f(pos, x[i], dy[i])` over three slices of one length, one vector at a time; with
+/// `stream`, non-temporal stores as in [`map`].
+#[inline(always)]
+pub(crate) fn map2<I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    stream: bool,
+    mut f: impl FnMut(Pos, I::V, I::V) -> I::V,
+) {
+    let n = dx.len();
+    assert!(x.len() == n && dy.len() == n);
+    let l = I::LANES;
+    let head = if stream { ((l - (dx.as_ptr() as usize / 4) % l) % l).min(n) } else { 0 };
+    if head > 0 {
+        let v = f(Pos { i: 0, n: head }, isa.load_tail(&x[..head]), isa.load_tail(&dy[..head]));
+        isa.store_tail(&mut dx[..head], v);
+    }
+    let full = head + (n - head) / l * l;
+    let (xb, gb, db) = (&x[head..full], &dy[head..full], &mut dx[head..full]);
+    let len = db.len();
+    assert!(xb.len() == len && gb.len() == len);
+    let mut i = 0;
+    if stream {
+        while i + l <= len {
+            let v = f(Pos { i: head + i, n: l }, isa.load(&xb[i..i + l]), isa.load(&gb[i..i + l]));
+            isa.stream(&mut db[i..i + l], v);
+            i += l;
+        }
+    } else {
+        while i + l <= len {
+            let v = f(Pos { i: head + i, n: l }, isa.load(&xb[i..i + l]), isa.load(&gb[i..i + l]));
+            isa.store(&mut db[i..i + l], v);
+            i += l;
+        }
+    }
+    if full < n {
+        let pos = Pos { i: full, n: n - full };
+        let v = f(pos, isa.load_tail(&x[full..]), isa.load_tail(&dy[full..]));
+        isa.store_tail(&mut dx[full..], v);
+    }
+}

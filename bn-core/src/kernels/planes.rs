@@ -1,0 +1,857 @@
+//! The planes family (`inner > 1`): channel `c` is `outer` contiguous runs of `inner` values,
+//! run `(o, c)` starting at `(o * C + c) * inner`. Parameters are broadcast along a run.
+//!
+//! Schedules (all partitions fixed by the shape; see [`Geometry`]):
+//! - inference: one streaming pass over contiguous ranges of runs;
+//! - training: *fused* — a task owns whole channels and, per channel, computes the statistics
+//!   (two passes per 32 KiB block, Chan merge across blocks) then normalizes the channel while
+//!   its slab is still in cache — when the slab fits [`FUSE_BYTES`] and there are channels enough
+//!   to share out; else *split* — statistics of fixed chunks of every channel in parallel, an
+//!   ordered merge, then a streaming normalize. Both compute the same chunks and merge them in
+//!   the same order, so they give the same bits;
+//! - backward: the same two schedules around the fused pair of reductions and the `dx` pass;
+//! - backward with frozen statistics: one pass (reductions and `dx = k * dy` together).
+
+use core::marker::PhantomData;
+use core::ops::Range;
+
+use super::isa::{map, map2, Io, Isa, Kernel, Split};
+use super::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut};
+use super::stats::{sum_dy_xhat, Affine32, AffineGroup, DxCoefficients, Moments};
+use crate::spec::{specialize, Spec};
+use crate::Canonical;
+
+/// Values per statistics block: 32 KiB, so the block is still in L1 for its second pass.
+const BLOCK_ELEMS: usize = 8192;
+/// Least values per chunk (a unit of parallel statistics work).
+const CHUNK_ELEMS: usize = 1 << 16;
+/// Most chunks per channel (bounds the scratch of the split schedule).
+const MAX_CHUNKS: usize = 64;
+/// Largest per-channel slab (bytes of every tensor the pass re-reads) the fused schedules keep
+/// in cache between the reductions and the elementwise pass: a good part of a 1 MiB L2.
+const FUSE_BYTES: usize = 1 << 20;
+/// Least values per task of an elementwise pass.
+const MAP_TASK_ELEMS: usize = 1 << 15;
+
+/// How every channel's values are cut into blocks and chunks; a function of the shape alone.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    dims: Canonical,
+    /// Pieces per run (runs longer than a block are cut into pieces of `piece` values).
+    pieces: usize,
+    piece: usize,
+    /// Runs per block when `pieces == 1`.
+    runs_per_block: usize,
+    /// Blocks per channel.
+    blocks: usize,
+    /// Blocks per chunk.
+    chunk_blocks: usize,
+    /// Chunks per channel.
+    chunks: usize,
+}
+
+/// Block: runs `o0..o1`, values `i0..i1` of each.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    o0: usize,
+    o1: usize,
+    i0: usize,
+    i1: usize,
+}
+
+impl Block {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        (self.o1 - self.o0) * (self.i1 - self.i0)
+    }
+}
+
+impl Geometry {
+    #[inline(always)]
+    fn new(dims: Canonical) -> Geometry {
+        let inner = dims.inner.max(1);
+        let (pieces, piece, runs_per_block) = if inner <= BLOCK_ELEMS {
+            (1, inner, BLOCK_ELEMS / inner)
+        } else {
+            (inner.div_ceil(BLOCK_ELEMS), BLOCK_ELEMS, 1)
+        };
+        let blocks =
+            if pieces == 1 { dims.outer.div_ceil(runs_per_block) } else { dims.outer * pieces };
+        let block_elems = runs_per_block * piece;
+        let chunk_blocks = (CHUNK_ELEMS / block_elems).max(blocks.div_ceil(MAX_CHUNKS)).max(1);
+        let chunks = blocks.div_ceil(chunk_blocks);
+        Geometry { dims, pieces, piece, runs_per_block, blocks, chunk_blocks, chunks }
+    }
+
+    #[inline(always)]
+    fn run_start(&self, o: usize, c: usize) -> usize {
+        (o * self.dims.channels + c) * self.dims.inner
+    }
+
+    #[inline(always)]
+    fn block(&self, b: usize) -> Block {
+        if self.pieces == 1 {
+            let o0 = b * self.runs_per_block;
+            Block { o0, o1: (o0 + self.runs_per_block).min(self.dims.outer), i0: 0, i1: self.dims.inner }
+        } else {
+            let (o, k) = (b / self.pieces, b % self.pieces);
+            let i0 = k * self.piece;
+            Block { o0: o, o1: o + 1, i0, i1: (i0 + self.piece).min(self.dims.inner) }
+        }
+    }
+
+    /// Distance (values) from a run to the channel's next run.
+    #[inline(always)]
+    fn stride(&self) -> usize {
+        self.dims.channels * self.dims.inner
+    }
+
+    /// The values of block `blk` in run `(o, c)` of `x`.
+    #[inline(always)]
+    fn piece_of<'x>(&self, x: &'x [f32], o: usize, c: usize, blk: Block) -> &'x [f32] {
+        let s = self.run_start(o, c);
+        &x[s + blk.i0..s + blk.i1]
+    }
+
+    #[inline(always)]
+    fn chunk(&self, k: usize) -> Range<usize> {
+        k * self.chunk_blocks..((k + 1) * self.chunk_blocks).min(self.blocks)
+    }
+
+    /// Bytes of one channel of one tensor.
+    #[inline(always)]
+    fn slab_bytes(&self) -> usize {
+        self.dims.outer * self.dims.inner * 4
+    }
+}
+
+/// Most channels per group of the fused schedules.
+const MAX_GROUP: usize = 8;
+/// Bytes of one tensor's channels per group: small channels are processed a few at a time
+/// (statistics of all, then their normalize) so that their short dependency chains overlap,
+/// while the group stays in L1.
+const GROUP_BYTES: usize = 32 << 10;
+
+/// `channels` cut into consecutive groups of [`GROUP_BYTES`] (at most [`MAX_GROUP`] channels).
+#[inline(always)]
+fn channel_groups(g: &Geometry, channels: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let size = (GROUP_BYTES / g.slab_bytes().max(1)).clamp(1, MAX_GROUP);
+    let end = channels.end;
+    channels.step_by(size).map(move |c| c..(c + size).min(end))
+}
+
+/// Sum of four accumulators in `f32` (for partial sums that each add at most a block).
+#[inline(always)]
+fn reduce32<I: Isa>(isa: I, a: [I::V; 4]) -> f64 {
+    isa.sum(isa.add(isa.add(a[0], a[1]), isa.add(a[2], a[3]))) as f64
+}
+
+/// Calls `f(state, k, values)` for each full vector of `s` (four at a time, `k` = accumulator)
+/// and `tail(state, values)` for the rest.
+#[inline(always)]
+fn for_vectors<I: Isa, T>(
+    s: &[f32],
+    state: &mut T,
+    mut f: impl FnMut(&mut T, usize, &[f32]),
+    tail: impl FnOnce(&mut T, &[f32]),
+) {
+    let l = I::LANES;
+    let n = s.len();
+    let mut i = 0;
+    while i + 4 * l <= n {
+        f(state, 0, &s[i..i + l]);
+        f(state, 1, &s[i + l..i + 2 * l]);
+        f(state, 2, &s[i + 2 * l..i + 3 * l]);
+        f(state, 3, &s[i + 3 * l..i + 4 * l]);
+        i += 4 * l;
+    }
+    let mut k = 0;
+    while i + l <= n {
+        f(state, k, &s[i..i + l]);
+        i += l;
+        k += 1;
+    }
+    if i < n {
+        tail(state, &s[i..]);
+    }
+}
+
+/// `acc += x * w` (the block mean without overflow: `w = 1 / n`), prefetching the values
+/// `ahead` positions further (the same place in the channel's next run).
+#[inline(always)]
+fn accumulate_mean<I: Isa>(isa: I, x: &[f32], w: I::V, acc: &mut [I::V; 4], ahead: usize) {
+    for_vectors::<I, _>(
+        x,
+        acc,
+        #[inline(always)] |acc, k, v| {
+            isa.prefetch(v.as_ptr().wrapping_add(ahead));
+            acc[k] = isa.mul_add(isa.load(v), w, acc[k])
+        },
+        #[inline(always)] |acc, t| acc[3] = isa.mul_add(isa.load_tail(t), w, acc[3]),
+    );
+}
+
+/// `ds += x - m`, `qs += (x - m)^2`.
+#[inline(always)]
+fn accumulate_deviations<I: Isa>(isa: I, x: &[f32], m: I::V, ds: &mut [I::V; 4], qs: &mut [I::V; 4]) {
+    for_vectors::<I, _>(
+        x,
+        &mut (ds, qs),
+        #[inline(always)] |(ds, qs), k, v| {
+            let d = isa.sub(isa.load(v), m);
+            ds[k] = isa.add(ds[k], d);
+            qs[k] = isa.mul_add(d, d, qs[k]);
+        },
+        #[inline(always)] |(ds, qs), t| {
+            let d = isa.zero_from(isa.sub(isa.load_tail(t), m), t.len());
+            ds[3] = isa.add(ds[3], d);
+            qs[3] = isa.mul_add(d, d, qs[3]);
+        },
+    );
+}
+
+/// `sdy += dy`, `sxm += dy * (x - m)`, prefetching both `ahead` positions further.
+#[inline(always)]
+fn accumulate_backward<I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    m: I::V,
+    sdy: &mut [I::V; 4],
+    sxm: &mut [I::V; 4],
+    ahead: usize,
+) {
+    assert_eq!(x.len(), dy.len());
+    let l = I::LANES;
+    let n = x.len();
+    let mut i = 0;
+    while i + 4 * l <= n {
+        for k in 0..4 {
+            let r = i + k * l..i + (k + 1) * l;
+            isa.prefetch(x.as_ptr().wrapping_add(r.start + ahead));
+            isa.prefetch(dy.as_ptr().wrapping_add(r.start + ahead));
+            let g = isa.load(&dy[r.clone()]);
+            sdy[k] = isa.add(sdy[k], g);
+            sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[r]), m), sxm[k]);
+        }
+        i += 4 * l;
+    }
+    let mut k = 0;
+    while i + l <= n {
+        isa.prefetch(x.as_ptr().wrapping_add(i + ahead));
+        isa.prefetch(dy.as_ptr().wrapping_add(i + ahead));
+        let g = isa.load(&dy[i..i + l]);
+        sdy[k] = isa.add(sdy[k], g);
+        sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[i..i + l]), m), sxm[k]);
+        i += l;
+        k += 1;
+    }
+    if i < n {
+        // Masked lanes of `dy` are zero, so their products vanish.
+        let g = isa.load_tail(&dy[i..]);
+        sdy[3] = isa.add(sdy[3], g);
+        sxm[3] = isa.mul_add(g, isa.sub(isa.load_tail(&x[i..]), m), sxm[3]);
+    }
+}
+
+/// Two-pass moments of one block of channel `c`.
+#[inline(always)]
+fn block_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, blk: Block) -> Moments {
+    let n = blk.len() as f64;
+    let inv_n = 1.0 / n;
+    let w = isa.splat(inv_n as f32);
+    let mut acc = [isa.zero(); 4];
+    for o in blk.o0..blk.o1 {
+        accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut acc, g.stride());
+    }
+    let m = reduce32(isa, acc) as f32;
+    let mv = isa.splat(m);
+    let (mut ds, mut qs) = ([isa.zero(); 4], [isa.zero(); 4]);
+    for o in blk.o0..blk.o1 {
+        accumulate_deviations(isa, g.piece_of(x, o, c, blk), mv, &mut ds, &mut qs);
+    }
+    Moments::from_deviations(n, inv_n, m, reduce32(isa, ds), reduce32(isa, qs))
+}
+
+/// Moments of chunk `k` of channel `c`: its blocks merged in order.
+#[inline(always)]
+fn chunk_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, k: usize) -> Moments {
+    let mut acc = Moments::EMPTY;
+    for b in g.chunk(k) {
+        acc = acc.merge(block_moments(isa, g, x, c, g.block(b)));
+    }
+    acc
+}
+
+/// `(sum(dy), sum(dy * (x - m)))` of chunk `k` of channel `c`: per block in `f32`, then in
+/// `f64` in block order.
+#[inline(always)]
+fn chunk_backward_sums<I: Isa>(
+    isa: I,
+    g: &Geometry,
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    k: usize,
+    m: f32,
+) -> (f64, f64) {
+    let mv = isa.splat(m);
+    let (mut sum_dy, mut sum_xm) = (0.0, 0.0);
+    for b in g.chunk(k) {
+        let blk = g.block(b);
+        let (mut sdy, mut sxm) = ([isa.zero(); 4], [isa.zero(); 4]);
+        for o in blk.o0..blk.o1 {
+            let s = g.run_start(o, c);
+            let r = s + blk.i0..s + blk.i1;
+            accumulate_backward(isa, &x[r.clone()], &dy[r], mv, &mut sdy, &mut sxm, g.stride());
+        }
+        sum_dy += reduce32(isa, sdy);
+        sum_xm += reduce32(isa, sxm);
+    }
+    (sum_dy, sum_xm)
+}
+
+/// `y = (x - m) * s + t`, the one formula of every normalize path.
+#[inline(always)]
+pub(crate) fn affine<I: Isa>(isa: I, x: I::V, m: I::V, s: I::V, t: I::V) -> I::V {
+    isa.mul_add(isa.sub(x, m), s, t)
+}
+
+/// `dx = k1 * dy + (k2 * (x - m) + k3)`, the one formula of every training `dx` path.
+#[inline(always)]
+pub(crate) fn dx_train<I: Isa>(isa: I, x: I::V, dy: I::V, m: I::V, k1: I::V, k2: I::V, k3: I::V) -> I::V {
+    isa.mul_add(k1, dy, isa.mul_add(k2, isa.sub(x, m), k3))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inference and the streaming passes of the split schedules.
+
+/// `y = (x - m_c) * s_c + t_c` over the runs `first_run..` that `io` covers (whole runs).
+struct NormalizeRuns<'a, S, T, P> {
+    io: T,
+    first_run: usize,
+    dims: Canonical,
+    params: &'a P,
+    stream: bool,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec, T: Io, P: Fn(usize) -> Affine32> Kernel for NormalizeRuns<'_, S, T, P> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(mut self, isa: I) {
+        let dims = specialize::<S>(self.dims);
+        let runs = self.io.len() / dims.inner;
+        for r in 0..runs {
+            let a = (self.params)((self.first_run + r) % dims.channels);
+            let (m, s, t) = (isa.splat(a.m), isa.splat(a.s), isa.splat(a.t));
+            let mut run = self.io.part(r * dims.inner, (r + 1) * dims.inner);
+            map(isa, &mut run, self.stream, #[inline(always)] |_, v| affine(isa, v, m, s, t));
+        }
+        if self.stream {
+            isa.fence();
+        }
+    }
+}
+
+/// The streaming normalize: contiguous ranges of whole runs, in parallel above the threshold.
+fn normalize_runs<S: Spec, I: Isa, T: Io>(
+    isa: I,
+    io: T,
+    dims: Canonical,
+    params: &(impl Fn(usize) -> Affine32 + Sync),
+) {
+    let parallel = use_pool(2 * dims.len());
+    let runs = dims.outer * dims.channels;
+    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let runs_per_task = runs.div_ceil(tasks).max(1);
+    let stream = streaming(dims.len(), dims.inner);
+    io.for_each_chunk(parallel, runs_per_task * dims.inner, |k, io| {
+        let first_run = k * runs_per_task;
+        isa.vectorize(NormalizeRuns::<S, T, _> { io, first_run, dims, params, stream, _spec: PhantomData });
+    });
+}
+
+/// Inference: `y = (x - mean) * scale + shift` per channel, one pass.
+pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
+    isa: I,
+    io: T,
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let params = |c: usize| Affine32 { m: mean[c], s: scale[c], t: shift[c] };
+    normalize_runs::<S, I, T>(isa, io, dims, &params);
+}
+
+/// `dx` of the training backward over contiguous whole runs, from per-channel coefficients.
+struct DxRuns<'a, S> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    dx: &'a mut [f32],
+    first_run: usize,
+    dims: Canonical,
+    coefficients: &'a [DxCoefficients],
+    stream: bool,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for DxRuns<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let dims = specialize::<S>(self.dims);
+        let inner = dims.inner;
+        let runs = self.dx.len() / inner;
+        for r in 0..runs {
+            let q = &self.coefficients[(self.first_run + r) % dims.channels];
+            let (m, k1, k2, k3) = (isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3));
+            let span = r * inner..(r + 1) * inner;
+            let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+            map2(isa, x, dy, &mut self.dx[span], self.stream, #[inline(always)] |_, x, g| {
+                dx_train(isa, x, g, m, k1, k2, k3)
+            });
+        }
+        if self.stream {
+            isa.fence();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training forward.
+
+/// Fused training of the channels `channels`: statistics, then normalize while the slab is hot.
+struct TrainFused<'a, 'y, S> {
+    x: &'a [f32],
+    y: &'a SharedMut<'y, f32>,
+    dims: Canonical,
+    channels: Range<usize>,
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    eps: f64,
+    mean: &'a mut [f64],
+    var: &'a mut [f64],
+    stream: bool,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for TrainFused<'_, '_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let g = Geometry::new(specialize::<S>(self.dims));
+        let inner = g.dims.inner;
+        let first = self.channels.start;
+        for group in channel_groups(&g, self.channels.clone()) {
+            // The statistics of the whole group first (their dependency chains overlap), then
+            // its transforms as vector arithmetic, then its normalize.
+            let (mut mean, mut var) = ([0.0; MAX_GROUP], [1.0; MAX_GROUP]);
+            let (mut gamma, mut beta) = ([0.0; MAX_GROUP], [0.0; MAX_GROUP]);
+            for (j, c) in group.clone().enumerate() {
+                let mut mom = Moments::EMPTY;
+                for k in 0..g.chunks {
+                    mom = mom.merge(chunk_moments(isa, &g, self.x, c, k));
+                }
+                (mean[j], var[j]) = (mom.mean, mom.m2 / mom.n);
+                self.mean[c - first] = mean[j];
+                self.var[c - first] = var[j];
+                (gamma[j], beta[j]) = (self.gamma[c], self.beta[c]);
+            }
+            let params = AffineGroup::train(&mean, &var, self.eps, &gamma, &beta);
+            for (j, c) in group.enumerate() {
+                let (m, s, t) = (isa.splat(params.m[j]), isa.splat(params.s[j]), isa.splat(params.t[j]));
+                for o in 0..g.dims.outer {
+                    let start = g.run_start(o, c);
+                    // SAFETY: run `(o, c)` belongs to channel `c`, which only this task
+                    // processes; runs of distinct `(o, c)` are disjoint, and this one is released
+                    // before the next is taken.
+                    let y = unsafe { self.y.slice(start, inner) };
+                    let mut io = Split { x: &self.x[start..start + inner], y };
+                    map(isa, &mut io, self.stream, #[inline(always)] |_, v| affine(isa, v, m, s, t));
+                }
+            }
+        }
+        if self.stream {
+            isa.fence();
+        }
+    }
+}
+
+/// Moments of the chunks `q` of `tasks` (flat index `q = c * chunks + k`).
+struct ChunkMoments<'a, S> {
+    x: &'a [f32],
+    dims: Canonical,
+    first: usize,
+    out: &'a mut [Moments],
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for ChunkMoments<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let g = Geometry::new(specialize::<S>(self.dims));
+        for (j, out) in self.out.iter_mut().enumerate() {
+            let q = self.first + j;
+            *out = chunk_moments(isa, &g, self.x, q / g.chunks, q % g.chunks);
+        }
+    }
+}
+
+/// Training forward of the planes family.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_train<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    y: &mut [f32],
+    dims: Canonical,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let g = Geometry::new(dims);
+    let parallel = use_pool(2 * dims.len());
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let stream = streaming(dims.len(), dims.inner);
+    if g.slab_bytes() <= FUSE_BYTES && dims.channels >= 2 * threads {
+        let tasks = task_count(parallel, dims.len(), 2 * CHUNK_ELEMS).min(dims.channels);
+        let (y, mean, var) = (SharedMut::new(y), SharedMut::new(mean_out), SharedMut::new(var_out));
+        for_each_task(parallel, tasks, |k| {
+            let channels = part(dims.channels, tasks, k);
+            let len = channels.len();
+            // SAFETY: the channel ranges of distinct tasks are disjoint.
+            let (mean, var) = unsafe { (mean.slice(channels.start, len), var.slice(channels.start, len)) };
+            let (x, y) = (x, &y);
+            isa.vectorize(TrainFused::<S> {
+                x,
+                y,
+                dims,
+                channels,
+                gamma,
+                beta,
+                eps,
+                mean,
+                var,
+                stream,
+                _spec: PhantomData,
+            });
+        });
+        return;
+    }
+    // Split: chunk moments in parallel, an ordered merge, a streaming normalize.
+    let total = dims.channels * g.chunks;
+    let mut moments = vec![Moments::EMPTY; total];
+    let tasks = task_count(parallel, dims.len(), CHUNK_ELEMS).min(total);
+    let shared = SharedMut::new(&mut moments);
+    for_each_task(parallel, tasks, |k| {
+        let r = part(total, tasks, k);
+        // SAFETY: the ranges of distinct tasks are disjoint.
+        let out = unsafe { shared.slice(r.start, r.len()) };
+        isa.vectorize(ChunkMoments::<S> { x, dims, first: r.start, out, _spec: PhantomData });
+    });
+    let mut params = Vec::with_capacity(dims.channels);
+    for c in 0..dims.channels {
+        let mom = moments[c * g.chunks..(c + 1) * g.chunks].iter().fold(Moments::EMPTY, |a, &b| a.merge(b));
+        mean_out[c] = mom.mean;
+        var_out[c] = mom.m2 / mom.n;
+        params.push(Affine32::train(mom.mean, var_out[c], eps, gamma[c], beta[c]));
+    }
+    normalize_runs::<S, I, _>(isa, Split { x, y }, dims, &|c: usize| params[c]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training backward.
+
+/// The per-channel inputs of the training backward.
+#[derive(Clone, Copy)]
+struct BackwardStats<'a> {
+    mean: &'a [f64],
+    inv_std: &'a [f64],
+    gamma: &'a [f32],
+}
+
+/// Fused backward of the channels `channels`: both sums, then `dx` while the slab is hot.
+struct BackwardFused<'a, 'o, S> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    dx: &'a SharedMut<'o, f32>,
+    dims: Canonical,
+    channels: Range<usize>,
+    stats: BackwardStats<'a>,
+    sum_dy: &'a mut [f64],
+    sum_dy_xhat: &'a mut [f64],
+    stream: bool,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for BackwardFused<'_, '_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let g = Geometry::new(specialize::<S>(self.dims));
+        let inner = g.dims.inner;
+        let n = g.dims.per_channel() as f64;
+        let first = self.channels.start;
+        let zero = DxCoefficients { m: 0.0, k1: 0.0, k2: 0.0, k3: 0.0 };
+        let mut coefficients = [zero; MAX_GROUP];
+        for group in channel_groups(&g, self.channels.clone()) {
+            for (j, c) in group.clone().enumerate() {
+                let (mean, inv_std) = (self.stats.mean[c], self.stats.inv_std[c]);
+                let m = mean as f32;
+                let (mut sdy, mut sxm) = (0.0, 0.0);
+                for k in 0..g.chunks {
+                    let (a, b) = chunk_backward_sums(isa, &g, self.x, self.dy, c, k, m);
+                    sdy += a;
+                    sxm += b;
+                }
+                let sdxh = sum_dy_xhat(mean, m, inv_std, sdy, sxm);
+                self.sum_dy[c - first] = sdy;
+                self.sum_dy_xhat[c - first] = sdxh;
+                coefficients[j] = DxCoefficients::train(mean, inv_std, self.stats.gamma[c], n, sdy, sdxh);
+            }
+            for (j, c) in group.enumerate() {
+                let q = coefficients[j];
+                let (m, k1, k2, k3) = (isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3));
+                for o in 0..g.dims.outer {
+                    let r = g.run_start(o, c)..g.run_start(o, c) + inner;
+                    // SAFETY: run `(o, c)` belongs to channel `c`, which only this task
+                    // processes; runs of distinct `(o, c)` are disjoint, and this one is released
+                    // before the next is taken.
+                    let dx = unsafe { self.dx.slice(r.start, inner) };
+                    let (x, dy) = (&self.x[r.clone()], &self.dy[r]);
+                    map2(isa, x, dy, dx, self.stream, #[inline(always)] |_, x, g| dx_train(isa, x, g, m, k1, k2, k3));
+                }
+            }
+        }
+        if self.stream {
+            isa.fence();
+        }
+    }
+}
+
+/// Backward sums of the chunks `first..` (flat index `q = c * chunks + k`).
+struct ChunkBackwardSums<'a, S> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    dims: Canonical,
+    mean: &'a [f64],
+    first: usize,
+    out: &'a mut [(f64, f64)],
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for ChunkBackwardSums<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let g = Geometry::new(specialize::<S>(self.dims));
+        for (j, out) in self.out.iter_mut().enumerate() {
+            let q = self.first + j;
+            let c = q / g.chunks;
+            *out = chunk_backward_sums(isa, &g, self.x, self.dy, c, q % g.chunks, self.mean[c] as f32);
+        }
+    }
+}
+
+/// Training backward of the planes family.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let g = Geometry::new(dims);
+    let parallel = use_pool(3 * dims.len());
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let stats = BackwardStats { mean, inv_std, gamma };
+    let stream = streaming(dims.len(), dims.inner);
+    if 2 * g.slab_bytes() <= FUSE_BYTES && dims.channels >= 2 * threads {
+        let tasks = task_count(parallel, dims.len(), 2 * CHUNK_ELEMS).min(dims.channels);
+        let dxs = SharedMut::new(dx);
+        let (sdy, sdxh) = (SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
+        for_each_task(parallel, tasks, |k| {
+            let channels = part(dims.channels, tasks, k);
+            let len = channels.len();
+            // SAFETY: the channel ranges of distinct tasks are disjoint.
+            let (sum_dy, sum_dy_xhat) = unsafe { (sdy.slice(channels.start, len), sdxh.slice(channels.start, len)) };
+            isa.vectorize(BackwardFused::<S> {
+                x,
+                dy,
+                dx: &dxs,
+                dims,
+                channels,
+                stats,
+                sum_dy,
+                sum_dy_xhat,
+                stream,
+                _spec: PhantomData,
+            });
+        });
+        return;
+    }
+    let total = dims.channels * g.chunks;
+    let mut sums = vec![(0.0, 0.0); total];
+    let tasks = task_count(parallel, dims.len(), CHUNK_ELEMS).min(total);
+    let shared = SharedMut::new(&mut sums);
+    for_each_task(parallel, tasks, |k| {
+        let r = part(total, tasks, k);
+        // SAFETY: the ranges of distinct tasks are disjoint.
+        let out = unsafe { shared.slice(r.start, r.len()) };
+        isa.vectorize(ChunkBackwardSums::<S> { x, dy, dims, mean, first: r.start, out, _spec: PhantomData });
+    });
+    let n = dims.per_channel() as f64;
+    let mut coefficients = Vec::with_capacity(dims.channels);
+    for c in 0..dims.channels {
+        let (mut sdy, mut sxm) = (0.0, 0.0);
+        for &(a, b) in &sums[c * g.chunks..(c + 1) * g.chunks] {
+            sdy += a;
+            sxm += b;
+        }
+        let sdxh = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
+        sum_dy_out[c] = sdy;
+        sum_dy_xhat_out[c] = sdxh;
+        coefficients.push(DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sdy, sdxh));
+    }
+    let runs = dims.outer * dims.channels;
+    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let runs_per_task = runs.div_ceil(tasks).max(1);
+    let chunk = runs_per_task * dims.inner;
+    let stream = streaming(dims.len(), dims.inner);
+    let work = |k: usize, x: &[f32], dy: &[f32], dx: &mut [f32]| {
+        let first_run = k * runs_per_task;
+        let coefficients = &coefficients;
+        isa.vectorize(DxRuns::<S> { x, dy, dx, first_run, dims, coefficients, stream, _spec: PhantomData });
+    };
+    for_each_chunk3(parallel, x, dy, dx, chunk, work);
+}
+
+/// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of three slices.
+pub(crate) fn for_each_chunk3(
+    parallel: bool,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    chunk: usize,
+    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if parallel {
+        let it = dx.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).zip(dy.par_chunks(chunk));
+        it.enumerate().for_each(|(k, ((dx, x), dy))| f(k, x, dy, dx));
+    } else {
+        let it = dx.chunks_mut(chunk).zip(x.chunks(chunk)).zip(dy.chunks(chunk));
+        it.enumerate().for_each(|(k, ((dx, x), dy))| f(k, x, dy, dx));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward with frozen statistics: one pass.
+
+/// Sums and `dx = k_c * dy` of the chunks `first..` (flat index `q = c * chunks + k`).
+struct BackwardEvalChunks<'a, 'o, S> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    dx: &'a SharedMut<'o, f32>,
+    dims: Canonical,
+    mean: &'a [f32],
+    scale: &'a [f32],
+    first: usize,
+    out: &'a mut [(f64, f64)],
+    stream: bool,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let g = Geometry::new(specialize::<S>(self.dims));
+        for (j, out) in self.out.iter_mut().enumerate() {
+            let q = self.first + j;
+            let (c, k) = (q / g.chunks, q % g.chunks);
+            let (m, scale) = (isa.splat(self.mean[c]), isa.splat(self.scale[c]));
+            let (mut sum_dy, mut sum_xm) = (0.0, 0.0);
+            for b in g.chunk(k) {
+                let blk = g.block(b);
+                let (mut sdy, mut sxm) = ([isa.zero(); 4], [isa.zero(); 4]);
+                for o in blk.o0..blk.o1 {
+                    let s = g.run_start(o, c);
+                    let r = s + blk.i0..s + blk.i1;
+                    let (x, dy) = (&self.x[r.clone()], &self.dy[r.clone()]);
+                    accumulate_backward(isa, x, dy, m, &mut sdy, &mut sxm, g.stride());
+                    // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only
+                    // this task processes; pieces of distinct chunks are disjoint.
+                    let dx = unsafe { self.dx.slice(r.start, r.len()) };
+                    map2(isa, x, dy, dx, self.stream, #[inline(always)] |_, _, g| isa.mul(g, scale));
+                }
+                sum_dy += reduce32(isa, sdy);
+                sum_xm += reduce32(isa, sxm);
+            }
+            *out = (sum_dy, sum_xm);
+        }
+        if self.stream {
+            isa.fence();
+        }
+    }
+}
+
+/// Backward with frozen statistics of the planes family. `scale[c] = f32(gamma * inv_std)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_eval<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f32],
+    inv_std: &[f32],
+    scale: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let g = Geometry::new(dims);
+    let parallel = use_pool(3 * dims.len());
+    let total = dims.channels * g.chunks;
+    let mut stack = [(0.0, 0.0); STACK_SUMS];
+    let mut scratch = Vec::new();
+    let sums: &mut [(f64, f64)] = if total <= STACK_SUMS {
+        &mut stack[..total]
+    } else {
+        scratch.resize(total, (0.0, 0.0));
+        &mut scratch
+    };
+    let tasks = task_count(parallel, dims.len(), CHUNK_ELEMS).min(total);
+    let stream = streaming(dims.len(), g.piece);
+    let (shared, dxs) = (SharedMut::new(&mut *sums), SharedMut::new(dx));
+    for_each_task(parallel, tasks, |k| {
+        let r = part(total, tasks, k);
+        // SAFETY: the ranges of distinct tasks are disjoint.
+        let out = unsafe { shared.slice(r.start, r.len()) };
+        let dx = &dxs;
+        let first = r.start;
+        isa.vectorize(BackwardEvalChunks::<S> { x, dy, dx, dims, mean, scale, first, out, stream, _spec: PhantomData });
+    });
+    for c in 0..dims.channels {
+        let (mut sdy, mut sxm) = (0.0, 0.0);
+        for &(a, b) in &sums[c * g.chunks..(c + 1) * g.chunks] {
+            sdy += a;
+            sxm += b;
+        }
+        sum_dy_out[c] = sdy;
+        sum_dy_xhat_out[c] = sxm * inv_std[c] as f64;
+    }
+}
+
+/// Channels whose backward sums live on the stack (no allocation for small layers).
+const STACK_SUMS: usize = 256;

@@ -1,0 +1,798 @@
+//! The rows family (`inner == 1`): `outer` contiguous rows of all `C` channels. Parameters are
+//! per lane, loaded from arrays indexed by column.
+//!
+//! A small or odd `C` is widened to a *virtual row* of `W = lcm(C, 16)` values (at most
+//! [`MAX_PERIOD`]): `W / C` real rows side by side, so that a row is whole vectors and `C = 1`
+//! or `C = 7` run at full vector width; parameters repeat with period `C` along it. The values
+//! after the last whole virtual row (fewer than `W`) are the *tail*.
+//!
+//! Statistics (training forward and backward): the virtual rows are cut into blocks of
+//! `block_rows` rows and tiles of at most [`TILE_COLS`] columns (a tile is at most
+//! [`TILE_ELEMS`] values, so it stays in cache between its two passes); consecutive blocks form
+//! chunks, all fixed by the shape. A task computes one chunk of one column tile: per block the
+//! column means, then the deviations from them, merged into the chunk's moments (Chan). The
+//! chunks are then merged in order, the virtual columns folded into channels, and the tail
+//! added. A second, streaming pass applies the per-column transform.
+
+use core::marker::PhantomData;
+use core::ops::Range;
+
+use super::isa::{load_at, map, map2, Io, Isa, Kernel, Pos};
+use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut};
+use super::planes::{affine, dx_train, for_each_chunk3};
+use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
+use crate::spec::{specialize, Spec};
+use crate::Canonical;
+
+/// Most values in a virtual row built from a small or odd `C`.
+pub(crate) const MAX_PERIOD: usize = 1024;
+/// Most columns per tile.
+const TILE_COLS: usize = 1024;
+/// Values per tile (32 KiB): the tile is re-read from L1 by its second pass.
+const TILE_ELEMS: usize = 1 << 13;
+/// Most rows per block (bounds the `f32` accumulation).
+const MAX_BLOCK_ROWS: usize = 256;
+/// Least values per chunk.
+const CHUNK_ELEMS: usize = 1 << 16;
+/// Most chunks (bounds the scratch: `2 * MAX_CHUNKS * W` values).
+const MAX_CHUNKS: usize = 64;
+/// Least values per task of an elementwise pass.
+const MAP_TASK_ELEMS: usize = 1 << 15;
+
+const fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The virtual row width for `c` channels: `c` when it is a multiple of 16 or when
+/// `lcm(c, 16)` exceeds [`MAX_PERIOD`], else `lcm(c, 16)`.
+#[inline(always)]
+pub(crate) const fn virtual_width(c: usize) -> usize {
+    if c % 16 == 0 {
+        return c;
+    }
+    let l = c / gcd(c, 16) * 16;
+    if l <= MAX_PERIOD {
+        l
+    } else {
+        c
+    }
+}
+
+/// How the tensor is cut into virtual rows, tiles, blocks and chunks; a function of the shape.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    c: usize,
+    w: usize,
+    len: usize,
+    /// Whole virtual rows.
+    vrows: usize,
+    tile: usize,
+    tiles: usize,
+    block_rows: usize,
+    chunk_rows: usize,
+    chunks: usize,
+}
+
+impl Geometry {
+    #[inline(always)]
+    fn new(dims: Canonical) -> Geometry {
+        let c = dims.channels;
+        let w = virtual_width(c);
+        let len = dims.len();
+        let vrows = len / w;
+        let tile = w.min(TILE_COLS);
+        let tiles = w.div_ceil(tile);
+        let block_rows = (TILE_ELEMS / tile).clamp(4, MAX_BLOCK_ROWS);
+        let blocks = vrows.div_ceil(block_rows);
+        let chunk_blocks = (CHUNK_ELEMS / (block_rows * w)).max(blocks.div_ceil(MAX_CHUNKS)).max(1);
+        let chunks = blocks.div_ceil(chunk_blocks);
+        Geometry { c, w, len, vrows, tile, tiles, block_rows, chunk_rows: chunk_blocks * block_rows, chunks }
+    }
+
+    #[inline(always)]
+    fn chunk(&self, p: usize) -> Range<usize> {
+        p * self.chunk_rows..((p + 1) * self.chunk_rows).min(self.vrows)
+    }
+
+    #[inline(always)]
+    fn cols(&self, t: usize) -> Range<usize> {
+        t * self.tile..((t + 1) * self.tile).min(self.w)
+    }
+
+    #[inline(always)]
+    fn tail_start(&self) -> usize {
+        self.vrows * self.w
+    }
+}
+
+/// Per-column accumulators of one tile (padded to whole vectors).
+struct TileBuf {
+    a: [f32; TILE_COLS],
+    b: [f32; TILE_COLS],
+    m: [f32; TILE_COLS],
+}
+
+impl TileBuf {
+    #[inline(always)]
+    fn new() -> TileBuf {
+        TileBuf { a: [0.0; TILE_COLS], b: [0.0; TILE_COLS], m: [0.0; TILE_COLS] }
+    }
+}
+
+/// Visits the vectors of rows `rows` (width `w`), columns `cols`, of `K` tensors: four rows at a
+/// time (`quad`, to shorten the accumulators' dependency chains) then one (`single`). Lanes past
+/// the last column load as zero.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn vertical<I: Isa, T, const K: usize>(
+    isa: I,
+    tensors: [&[f32]; K],
+    w: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    state: &mut T,
+    mut quad: impl FnMut(&mut T, Pos, [[I::V; 4]; K]),
+    mut single: impl FnMut(&mut T, Pos, [I::V; K]),
+) {
+    let nc = cols.len();
+    let full = nc - nc % I::LANES;
+    let empty: &[f32] = &[];
+    let mut r = rows.start;
+    while r + 4 <= rows.end {
+        let mut s = [[empty; 4]; K];
+        for t in 0..K {
+            for k in 0..4 {
+                let start = (r + k) * w + cols.start;
+                s[t][k] = &tensors[t][start..start + nc];
+            }
+        }
+        let mut i = 0;
+        while i < full {
+            let mut v = [[isa.zero(); 4]; K];
+            for t in 0..K {
+                for k in 0..4 {
+                    v[t][k] = isa.load(&s[t][k][i..]);
+                }
+            }
+            quad(state, Pos { i, n: I::LANES }, v);
+            i += I::LANES;
+        }
+        if full < nc {
+            let mut v = [[isa.zero(); 4]; K];
+            for t in 0..K {
+                for k in 0..4 {
+                    v[t][k] = isa.load_tail(&s[t][k][full..]);
+                }
+            }
+            quad(state, Pos { i: full, n: nc - full }, v);
+        }
+        r += 4;
+    }
+    while r < rows.end {
+        let mut s = [empty; K];
+        for t in 0..K {
+            let start = r * w + cols.start;
+            s[t] = &tensors[t][start..start + nc];
+        }
+        let mut i = 0;
+        while i < full {
+            let mut v = [isa.zero(); K];
+            for t in 0..K {
+                v[t] = isa.load(&s[t][i..]);
+            }
+            single(state, Pos { i, n: I::LANES }, v);
+            i += I::LANES;
+        }
+        if full < nc {
+            let mut v = [isa.zero(); K];
+            for t in 0..K {
+                v[t] = isa.load_tail(&s[t][full..]);
+            }
+            single(state, Pos { i: full, n: nc - full }, v);
+        }
+        r += 1;
+    }
+}
+
+/// `buf[pos] += v` on a padded per-column buffer.
+#[inline(always)]
+fn bump<I: Isa>(isa: I, buf: &mut [f32; TILE_COLS], pos: Pos, v: I::V) {
+    let a = isa.load(&buf[pos.i..]);
+    isa.store(&mut buf[pos.i..], isa.add(a, v));
+}
+
+/// The sum of four vectors, pairwise.
+#[inline(always)]
+fn sum4<I: Isa>(isa: I, v: [I::V; 4]) -> I::V {
+    isa.add(isa.add(v[0], v[1]), isa.add(v[2], v[3]))
+}
+
+/// Two-pass moments of one block × tile, merged into the chunk's moments of those columns
+/// (`n_before` values each so far).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_moments<I: Isa>(
+    isa: I,
+    x: &[f32],
+    w: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    buf: &mut TileBuf,
+    n_before: f64,
+    mean: &mut [f64],
+    m2: &mut [f64],
+) {
+    let nc = cols.len();
+    let nr = rows.len();
+    let inv = isa.splat((1.0 / nr as f64) as f32);
+    buf.a.fill(0.0);
+    buf.b.fill(0.0);
+    // Pass 1: column means (scaled as they are summed, so no overflow).
+    vertical(
+        isa,
+        [x],
+        w,
+        rows.clone(),
+        cols.clone(),
+        &mut buf.a,
+        #[inline(always)] |a, pos, [v]| bump(isa, a, pos, isa.mul(sum4(isa, v), inv)),
+        #[inline(always)] |a, pos, [v]| bump(isa, a, pos, isa.mul(v, inv)),
+    );
+    buf.m = buf.a;
+    buf.a.fill(0.0);
+    // Pass 2: deviations from them, from cache.
+    let m = &buf.m;
+    vertical(
+        isa,
+        [x],
+        w,
+        rows,
+        cols,
+        &mut (&mut buf.a, &mut buf.b),
+        #[inline(always)] |(ds, qs), pos, [v]| {
+            let mv = isa.load(&m[pos.i..]);
+            let mut d = v;
+            for d in &mut d {
+                *d = isa.zero_from(isa.sub(*d, mv), pos.n);
+            }
+            bump(isa, ds, pos, sum4(isa, d));
+            let q = isa.mul_add(d[0], d[0], isa.mul_add(d[1], d[1], isa.mul_add(d[2], d[2], isa.mul(d[3], d[3]))));
+            bump(isa, qs, pos, q);
+        },
+        #[inline(always)] |(ds, qs), pos, [v]| {
+            let d = isa.zero_from(isa.sub(v, isa.load(&m[pos.i..])), pos.n);
+            bump(isa, ds, pos, d);
+            bump(isa, qs, pos, isa.mul(d, d));
+        },
+    );
+    // Chan's merge of this block into the chunk so far, column by column; the ratios are the
+    // same for every column (no division in the loop). With `n_before == 0` it copies.
+    let n = nr as f64;
+    let inv = 1.0 / n;
+    let total = n_before + n;
+    let (ratio, factor) = (n / total, n_before * n / total);
+    for j in 0..nc {
+        let ds = buf.a[j] as f64;
+        let mean_b = buf.m[j] as f64 + ds * inv;
+        let q = buf.b[j] as f64 - ds * ds * inv;
+        let m2_b = if q < 0.0 { 0.0 } else { q };
+        let delta = mean_b - mean[j];
+        mean[j] += delta * ratio;
+        m2[j] += m2_b + delta * delta * factor;
+    }
+}
+
+/// Moments of chunk `p`, column tile `t` (flat task index `q = p * tiles + t`).
+struct ChunkMoments<'a, 's, S> {
+    x: &'a [f32],
+    dims: Canonical,
+    tasks: Range<usize>,
+    mean: &'a SharedMut<'s, f64>,
+    m2: &'a SharedMut<'s, f64>,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for ChunkMoments<'_, '_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let g = Geometry::new(specialize::<S>(self.dims));
+        let mut buf = TileBuf::new();
+        for q in self.tasks.clone() {
+            let (p, t) = (q / g.tiles, q % g.tiles);
+            let (rows, cols) = (g.chunk(p), g.cols(t));
+            // SAFETY: task `(p, t)` owns the moments of chunk `p`, columns `cols`; distinct
+            // tasks own disjoint ranges, and `q` is processed by this kernel only.
+            let (mean, m2) =
+                unsafe { (self.mean.slice(p * g.w + cols.start, cols.len()), self.m2.slice(p * g.w + cols.start, cols.len())) };
+            let mut r = rows.start;
+            while r < rows.end {
+                let block = r..(r + g.block_rows).min(rows.end);
+                tile_moments(isa, self.x, g.w, block.clone(), cols.clone(), &mut buf, (r - rows.start) as f64, mean, m2);
+                r = block.end;
+            }
+        }
+    }
+}
+
+/// Runs `per_task(tasks)` over `0..total` cut into `tasks` ranges, in parallel when `parallel`.
+fn run_tasks(parallel: bool, total: usize, work: usize, per_task: impl Fn(Range<usize>) + Sync + Send) {
+    let tasks = task_count(parallel, work, CHUNK_ELEMS).min(total).max(1);
+    for_each_task(parallel, tasks, |k| per_task(super::parallel::part(total, tasks, k)));
+}
+
+/// Per-channel moments of the rows family into `mean_out` and `var_out` (biased).
+fn statistics<S: Spec, I: Isa>(isa: I, x: &[f32], dims: Canonical, parallel: bool, mean_out: &mut [f64], var_out: &mut [f64]) {
+    let g = Geometry::new(dims);
+    let mut partial = vec![0.0; 2 * g.chunks * g.w];
+    let (pmean, pm2) = partial.split_at_mut(g.chunks * g.w);
+    {
+        let (mean, m2) = (SharedMut::new(&mut *pmean), SharedMut::new(&mut *pm2));
+        run_tasks(parallel, g.chunks * g.tiles, dims.len(), |tasks| {
+            let (mean, m2) = (&mean, &m2);
+            isa.vectorize(ChunkMoments::<S> { x, dims, tasks, mean, m2, _spec: PhantomData });
+        });
+    }
+    // Merge the chunks into chunk 0 (in order), fold the virtual columns into channels (in
+    // order), add the tail, one value at a time.
+    let (mean, m2) = (&mut pmean[..], &mut pm2[..]);
+    let mut n = if g.chunks > 0 { g.chunk(0).len() as f64 } else { 0.0 };
+    for p in 1..g.chunks {
+        let nb = g.chunk(p).len() as f64;
+        merge_columns(mean, m2, n, nb, p * g.w, g.w);
+        n += nb;
+    }
+    if g.chunks > 0 {
+        for k in 1..g.w / g.c {
+            merge_columns(mean, m2, k as f64 * n, n, k * g.c, g.c);
+        }
+    }
+    let n_columns = n * (g.w / g.c) as f64;
+    for c in 0..g.c {
+        let mut mom = if g.chunks > 0 { Moments { n: n_columns, mean: mean[c], m2: m2[c] } } else { Moments::EMPTY };
+        for i in (g.tail_start() + c..g.len).step_by(g.c) {
+            mom = mom.merge(Moments { n: 1.0, mean: x[i] as f64, m2: 0.0 });
+        }
+        mean_out[c] = mom.mean;
+        var_out[c] = mom.m2 / mom.n;
+    }
+}
+
+/// Chan's merge of the moments at `from..from + len` (each of `nb` values) into those at
+/// `0..len` (each of `na` values), column by column.
+#[inline(always)]
+fn merge_columns(mean: &mut [f64], m2: &mut [f64], na: f64, nb: f64, from: usize, len: usize) {
+    let (mean, mean_b) = mean.split_at_mut(from);
+    let (m2, m2_b) = m2.split_at_mut(from);
+    merge_into(&mut mean[..len], &mut m2[..len], na, &mean_b[..len], &m2_b[..len], nb);
+}
+
+/// Chan's merge of moments of `nb` values each (`mean_b`, `m2_b`) into moments of `na` values
+/// each (`mean`, `m2`), column by column: the one merge of the rows family.
+#[inline(always)]
+fn merge_into(mean: &mut [f64], m2: &mut [f64], na: f64, mean_b: &[f64], m2_b: &[f64], nb: f64) {
+    let total = na + nb;
+    let (ratio, factor) = (nb / total, na * nb / total);
+    let len = mean.len();
+    assert!(m2.len() == len && mean_b.len() == len && m2_b.len() == len);
+    for j in 0..len {
+        let delta = mean_b[j] - mean[j];
+        mean[j] += delta * ratio;
+        m2[j] += m2_b[j] + delta * delta * factor;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise passes.
+
+/// Column `j` of a vector at `pos` in flat mode (parameters repeated twice, so that a vector
+/// that wraps around the end of a row reads them contiguously); advances `col` past it.
+#[inline(always)]
+fn next_col(col: &mut usize, w: usize, pos: Pos) -> Pos {
+    let p = Pos { i: *col, n: pos.n };
+    *col += pos.n;
+    if *col >= w {
+        *col -= w;
+    }
+    p
+}
+
+/// `y = (x - m_j) * s_j + t_j` over the whole virtual rows `io` covers (and the tail).
+///
+/// Row by row, or, in *flat* mode (streaming stores, parameters of length `2 W`), as one
+/// contiguous stream whose only partial vectors are its first and last: a row is then not a
+/// whole number of aligned vectors.
+struct NormalizeRows<'a, S, T> {
+    io: T,
+    dims: Canonical,
+    params: [&'a [f32]; 3],
+    flat: bool,
+    stream: bool,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec, T: Io> Kernel for NormalizeRows<'_, S, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(mut self, isa: I) {
+        let w = virtual_width(specialize::<S>(self.dims).channels);
+        let [m, s, t] = self.params;
+        if self.flat {
+            let mut col = 0;
+            map(isa, &mut self.io, true, #[inline(always)] |pos, v| {
+                let p = next_col(&mut col, w, pos);
+                affine(isa, v, load_at(isa, m, p), load_at(isa, s, p), load_at(isa, t, p))
+            });
+        } else {
+            let len = self.io.len();
+            let mut start = 0;
+            while start < len {
+                let end = (start + w).min(len);
+                let mut row = self.io.part(start, end);
+                map(isa, &mut row, self.stream, #[inline(always)] |p, v| {
+                    affine(isa, v, load_at(isa, m, p), load_at(isa, s, p), load_at(isa, t, p))
+                });
+                start = end;
+            }
+        }
+        if self.stream {
+            isa.fence();
+        }
+    }
+}
+
+/// The streaming normalize with per-virtual-column parameters (each of length `W`).
+fn normalize_rows<S: Spec, I: Isa, T: Io>(isa: I, io: T, dims: Canonical, params: [&[f32]; 3]) {
+    let w = virtual_width(dims.channels);
+    let parallel = use_pool(2 * dims.len());
+    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
+    let stream = T::STREAM && streaming(dims.len(), w.max(rows_per_task * w));
+    let mut doubled = [[0.0f32; 2 * MAX_PERIOD]; 3];
+    let flat = stream && w <= MAX_PERIOD;
+    let params = if flat {
+        for (d, p) in doubled.iter_mut().zip(params) {
+            d[..w].copy_from_slice(&p[..w]);
+            d[w..2 * w].copy_from_slice(&p[..w]);
+        }
+        [&doubled[0][..2 * w], &doubled[1][..2 * w], &doubled[2][..2 * w]]
+    } else {
+        params
+    };
+    io.for_each_chunk(parallel, rows_per_task * w, |_, io| {
+        isa.vectorize(NormalizeRows::<S, T> { io, dims, params, flat, stream, _spec: PhantomData });
+    });
+}
+
+/// Repeats `f(c)` for the `W` virtual columns into `out` (`out.len() >= W`).
+#[inline]
+fn pattern(w: usize, c: usize, out: &mut [f32], f: impl Fn(usize) -> f32) {
+    for period in out[..w].chunks_mut(c) {
+        for (j, o) in period.iter_mut().enumerate() {
+            *o = f(j);
+        }
+    }
+}
+
+/// Inference: `y = (x - mean) * scale + shift` per channel, one pass, no allocation.
+pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
+    isa: I,
+    io: T,
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let (c, w) = (dims.channels, virtual_width(dims.channels));
+    if w == c {
+        return normalize_rows::<S, I, T>(isa, io, dims, [mean, scale, shift]);
+    }
+    let mut p = [[0.0f32; MAX_PERIOD]; 3];
+    pattern(w, c, &mut p[0], |c| mean[c]);
+    pattern(w, c, &mut p[1], |c| scale[c]);
+    pattern(w, c, &mut p[2], |c| shift[c]);
+    normalize_rows::<S, I, T>(isa, io, dims, [&p[0], &p[1], &p[2]]);
+}
+
+/// Training forward of the rows family.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_train<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    y: &mut [f32],
+    dims: Canonical,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let parallel = use_pool(2 * dims.len());
+    statistics::<S, I>(isa, x, dims, parallel, mean_out, var_out);
+    let (c, w) = (dims.channels, virtual_width(dims.channels));
+    let params: Vec<Affine32> =
+        (0..c).map(|c| Affine32::train(mean_out[c], var_out[c], eps, gamma[c], beta[c])).collect();
+    let mut p = vec![0.0f32; 3 * w];
+    let (m, rest) = p.split_at_mut(w);
+    let (s, t) = rest.split_at_mut(w);
+    pattern(w, c, m, |c| params[c].m);
+    pattern(w, c, s, |c| params[c].s);
+    pattern(w, c, t, |c| params[c].t);
+    normalize_rows::<S, I, _>(isa, super::isa::Split { x, y }, dims, [m, s, t]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+/// `(sum(dy), sum(dy * (x - m_j)))` of one block × tile, added (in `f64`) to the chunk's sums.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_backward_sums<I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    w: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    m: &[f32],
+    buf: &mut TileBuf,
+    sum_dy: &mut [f64],
+    sum_xm: &mut [f64],
+) {
+    buf.a.fill(0.0);
+    buf.b.fill(0.0);
+    let m = &m[cols.clone()];
+    vertical(
+        isa,
+        [x, dy],
+        w,
+        rows,
+        cols.clone(),
+        &mut (&mut buf.a, &mut buf.b),
+        #[inline(always)] |(sdy, sxm), pos, [x, g]| {
+            let mv = load_at(isa, m, pos);
+            bump(isa, sdy, pos, sum4(isa, g));
+            let mut acc = isa.mul(g[3], isa.sub(x[3], mv));
+            for k in [2, 1, 0] {
+                acc = isa.mul_add(g[k], isa.sub(x[k], mv), acc);
+            }
+            bump(isa, sxm, pos, acc);
+        },
+        #[inline(always)] |(sdy, sxm), pos, [x, g]| {
+            bump(isa, sdy, pos, g);
+            bump(isa, sxm, pos, isa.mul(g, isa.sub(x, load_at(isa, m, pos))));
+        },
+    );
+    for j in 0..cols.len() {
+        sum_dy[j] += buf.a[j] as f64;
+        sum_xm[j] += buf.b[j] as f64;
+    }
+}
+
+/// Backward sums of chunk `p`, column tile `t` (flat task index `q = p * tiles + t`); with
+/// `dx_scale`, also `dx = dy * dx_scale_j` (the frozen-statistics backward, one pass).
+struct ChunkBackward<'a, 's, S> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    dims: Canonical,
+    m: &'a [f32],
+    tasks: Range<usize>,
+    sum_dy: &'a SharedMut<'s, f64>,
+    sum_xm: &'a SharedMut<'s, f64>,
+    dx: Option<(&'a SharedMut<'s, f32>, &'a [f32])>,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for ChunkBackward<'_, '_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let g = Geometry::new(specialize::<S>(self.dims));
+        let mut buf = TileBuf::new();
+        for q in self.tasks.clone() {
+            let (p, t) = (q / g.tiles, q % g.tiles);
+            let (rows, cols) = (g.chunk(p), g.cols(t));
+            let at = p * g.w + cols.start;
+            // SAFETY: task `(p, t)` owns the sums of chunk `p`, columns `cols`; distinct tasks
+            // own disjoint ranges, and `q` is processed by this kernel only.
+            let (sum_dy, sum_xm) = unsafe { (self.sum_dy.slice(at, cols.len()), self.sum_xm.slice(at, cols.len())) };
+            let mut r = rows.start;
+            while r < rows.end {
+                let block = r..(r + g.block_rows).min(rows.end);
+                tile_backward_sums(isa, self.x, self.dy, g.w, block.clone(), cols.clone(), self.m, &mut buf, sum_dy, sum_xm);
+                if let Some((dx, scale)) = self.dx {
+                    let scale = &scale[cols.clone()];
+                    for row in block.clone() {
+                        let span = row * g.w + cols.start..row * g.w + cols.end;
+                        // SAFETY: row `row`, columns `cols` lie in chunk `p`, tile `t`, which
+                        // only this task writes; the slice is released at the end of the loop.
+                        let dx = unsafe { dx.slice(span.start, span.len()) };
+                        map2(isa, &self.x[span.clone()], &self.dy[span], dx, false, #[inline(always)] |pos, _, g| {
+                            isa.mul(g, load_at(isa, scale, pos))
+                        });
+                    }
+                }
+                r = block.end;
+            }
+        }
+    }
+}
+
+/// Per-channel `(sum(dy), sum(dy * (x - m_c)))` of the rows family (`m` repeats per virtual
+/// column), with `dx = dy * scale` written on the way when `dx` is given.
+#[allow(clippy::too_many_arguments)]
+fn backward_sums<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dims: Canonical,
+    parallel: bool,
+    m: &[f32],
+    dx: Option<(&mut [f32], &[f32])>,
+    sums: &mut [(f64, f64)],
+) {
+    let g = Geometry::new(dims);
+    let mut partial = vec![0.0; 2 * g.chunks * g.w];
+    let (psdy, psxm) = partial.split_at_mut(g.chunks * g.w);
+    let mut dx_tail = None;
+    {
+        let (sdy, sxm) = (SharedMut::new(&mut *psdy), SharedMut::new(&mut *psxm));
+        let dx = dx.map(|(dx, scale)| {
+            let (body, tail) = dx.split_at_mut(g.tail_start());
+            dx_tail = Some((tail, scale));
+            (SharedMut::new(body), scale)
+        });
+        let dx = dx.as_ref().map(|(d, s)| (d, *s));
+        run_tasks(parallel, g.chunks * g.tiles, dims.len(), |tasks| {
+            let (sum_dy, sum_xm) = (&sdy, &sxm);
+            isa.vectorize(ChunkBackward::<S> { x, dy, dims, m, tasks, sum_dy, sum_xm, dx, _spec: PhantomData });
+        });
+    }
+    let tail = g.tail_start();
+    if let Some((dx, scale)) = dx_tail {
+        for (j, d) in dx.iter_mut().enumerate() {
+            *d = dy[tail + j] * scale[j];
+        }
+    }
+    for (c, sum) in sums.iter_mut().enumerate() {
+        let (mut sdy, mut sxm) = (0.0, 0.0);
+        for v in (c..g.w).step_by(g.c) {
+            for p in 0..g.chunks {
+                sdy += psdy[p * g.w + v];
+                sxm += psxm[p * g.w + v];
+            }
+        }
+        for i in (tail + c..g.len).step_by(g.c) {
+            sdy += dy[i] as f64;
+            sxm += dy[i] as f64 * (x[i] - m[c]) as f64;
+        }
+        *sum = (sdy, sxm);
+    }
+}
+
+/// `dx` of the training backward over whole virtual rows (and the tail); rows or flat as
+/// [`NormalizeRows`] (coefficients of length `2 W`).
+struct DxRows<'a, S> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    dx: &'a mut [f32],
+    dims: Canonical,
+    coefficients: [&'a [f32]; 4],
+    flat: bool,
+    stream: bool,
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for DxRows<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let w = virtual_width(specialize::<S>(self.dims).channels);
+        let [m, k1, k2, k3] = self.coefficients;
+        #[inline(always)]
+        fn dx<I: Isa>(isa: I, c: [&[f32]; 4], p: Pos, x: I::V, g: I::V) -> I::V {
+            let (m, k1) = (load_at(isa, c[0], p), load_at(isa, c[1], p));
+            let (k2, k3) = (load_at(isa, c[2], p), load_at(isa, c[3], p));
+            dx_train(isa, x, g, m, k1, k2, k3)
+        }
+        let c = [m, k1, k2, k3];
+        if self.flat {
+            let mut col = 0;
+            map2(isa, self.x, self.dy, self.dx, true, #[inline(always)] |pos, x, g| {
+                dx(isa, c, next_col(&mut col, w, pos), x, g)
+            });
+        } else {
+            let len = self.dx.len();
+            let mut start = 0;
+            while start < len {
+                let span = start..(start + w).min(len);
+                let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+                map2(isa, x, dy, &mut self.dx[span.clone()], self.stream, #[inline(always)] |p, x, g| {
+                    dx(isa, c, p, x, g)
+                });
+                start = span.end;
+            }
+        }
+        if self.stream {
+            isa.fence();
+        }
+    }
+}
+
+/// Training backward of the rows family.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let (c, w) = (dims.channels, virtual_width(dims.channels));
+    let parallel = use_pool(3 * dims.len());
+    let mut p = vec![0.0f32; 8 * w];
+    pattern(w, c, &mut p, |c| mean[c] as f32);
+    let mut sums = vec![(0.0, 0.0); c];
+    backward_sums::<S, I>(isa, x, dy, dims, parallel, &p[..w], None, &mut sums);
+    let n = dims.per_channel() as f64;
+    let mut coefficients = Vec::with_capacity(c);
+    for (c, &(sdy, sxm)) in sums.iter().enumerate() {
+        let sdxh = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
+        sum_dy_out[c] = sdy;
+        sum_dy_xhat_out[c] = sdxh;
+        coefficients.push(DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sdy, sdxh));
+    }
+    // Each coefficient repeated over two virtual rows (for flat mode).
+    let (m, rest) = p.split_at_mut(2 * w);
+    let (k1, rest) = rest.split_at_mut(2 * w);
+    let (k2, k3) = rest.split_at_mut(2 * w);
+    pattern(2 * w, c, m, |c| coefficients[c].m);
+    pattern(2 * w, c, k1, |c| coefficients[c].k1);
+    pattern(2 * w, c, k2, |c| coefficients[c].k2);
+    pattern(2 * w, c, k3, |c| coefficients[c].k3);
+    let coefficients = [&*m, &*k1, &*k2, &*k3];
+    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
+    let stream = streaming(dims.len(), w.max(rows_per_task * w));
+    let flat = stream;
+    for_each_chunk3(parallel, x, dy, dx, rows_per_task * w, |_, x, dy, dx| {
+        isa.vectorize(DxRows::<S> { x, dy, dx, dims, coefficients, flat, stream, _spec: PhantomData });
+    });
+}
+
+/// Backward with frozen statistics of the rows family, one pass. `scale[c] = f32(gamma * inv_std)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_eval<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f32],
+    inv_std: &[f32],
+    scale: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let (c, w) = (dims.channels, virtual_width(dims.channels));
+    let parallel = use_pool(3 * dims.len());
+    let mut p = vec![0.0f32; 2 * w];
+    let (m, k) = p.split_at_mut(w);
+    pattern(w, c, m, |c| mean[c]);
+    pattern(w, c, k, |c| scale[c]);
+    let mut sums = vec![(0.0, 0.0); c];
+    backward_sums::<S, I>(isa, x, dy, dims, parallel, m, Some((dx, k)), &mut sums);
+    for (c, &(sdy, sxm)) in sums.iter().enumerate() {
+        sum_dy_out[c] = sdy;
+        sum_dy_xhat_out[c] = sxm * inv_std[c] as f64;
+    }
+}

@@ -1,0 +1,126 @@
+//! The `f64` side of the kernels: moments of blocks and their merge, and the per-channel
+//! coefficients the vector loops apply.
+//!
+//! Statistics are computed two-pass over cache-resident blocks (a block's mean, then the sums of
+//! the deviations from it) and blocks are combined with Chan's parallel-variance merge, always in
+//! an order fixed by the shape alone, never by the thread count. No raw sum of squares appears
+//! anywhere, so `|mean| >> std` loses nothing.
+
+/// Count, mean and sum of squared deviations of a set of values (Chan et al.).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Moments {
+    pub n: f64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl Moments {
+    /// No values.
+    pub const EMPTY: Moments = Moments { n: 0.0, mean: 0.0, m2: 0.0 };
+
+    /// The moments of `n` values (`inv_n = 1 / n`) from the sums of their deviations from `shift`:
+    /// `ds = sum(x - shift)` and `qs = sum((x - shift)^2)`. The correction `ds^2 / n` removes
+    /// the error of a shift that is not exactly the mean (the corrected two-pass algorithm).
+    #[inline(always)]
+    pub fn from_deviations(n: f64, inv_n: f64, shift: f32, ds: f64, qs: f64) -> Moments {
+        let mean_ds = ds * inv_n;
+        let m2 = qs - ds * mean_ds;
+        // `m2 < 0` is rounding; NaN stays NaN so that a non-finite input is reported.
+        Moments { n, mean: shift as f64 + mean_ds, m2: if m2 < 0.0 { 0.0 } else { m2 } }
+    }
+
+    /// Chan's merge of two disjoint sets. Merging into [`Moments::EMPTY`] returns `other`
+    /// exactly, so folding from `EMPTY` starts with the first block's own values.
+    #[inline(always)]
+    pub fn merge(self, other: Moments) -> Moments {
+        if self.n == 0.0 {
+            return other;
+        }
+        if other.n == 0.0 {
+            return self;
+        }
+        let n = self.n + other.n;
+        let delta = other.mean - self.mean;
+        Moments {
+            n,
+            mean: self.mean + delta * (other.n / n),
+            m2: self.m2 + other.m2 + delta * delta * (self.n * other.n / n),
+        }
+    }
+}
+
+/// The `f32` transform `y = (x - m) * s + t` equal (to rounding) to
+/// `gamma * (x - mean) / sqrt(var + eps) + beta`: `m` is the mean rounded to `f32` (so `x - m`
+/// is exact or nearly) and `t` absorbs the rounding `m - mean`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Affine32 {
+    pub m: f32,
+    pub s: f32,
+    pub t: f32,
+}
+
+impl Affine32 {
+    /// The training forward's transform of one channel.
+    #[inline(always)]
+    pub fn train(mean: f64, var: f64, eps: f64, gamma: f32, beta: f32) -> Affine32 {
+        let inv_std = 1.0 / (var + eps).sqrt();
+        let m = mean as f32;
+        let k = gamma as f64 * inv_std;
+        Affine32 { m, s: k as f32, t: (beta as f64 + (m as f64 - mean) * k) as f32 }
+    }
+}
+
+/// [`Affine32::train`] of up to `L` channels at once, as arrays (so that the square roots and
+/// divisions of a group of channels are vector instructions): lane `j` is bit-identical to
+/// `Affine32::train(mean[j], var[j], eps, gamma[j], beta[j])`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AffineGroup<const L: usize> {
+    pub m: [f32; L],
+    pub s: [f32; L],
+    pub t: [f32; L],
+}
+
+impl<const L: usize> AffineGroup<L> {
+    #[inline(always)]
+    pub fn train(mean: &[f64; L], var: &[f64; L], eps: f64, gamma: &[f32; L], beta: &[f32; L]) -> Self {
+        let mut out = AffineGroup { m: [0.0; L], s: [0.0; L], t: [0.0; L] };
+        for j in 0..L {
+            let inv_std = 1.0 / (var[j] + eps).sqrt();
+            let m = mean[j] as f32;
+            let k = gamma[j] as f64 * inv_std;
+            out.m[j] = m;
+            out.s[j] = k as f32;
+            out.t[j] = (beta[j] as f64 + (m as f64 - mean[j]) * k) as f32;
+        }
+        out
+    }
+}
+
+/// The training backward's `dx = k1 * dy + k2 * (x - m) + k3` for one channel, equal (to
+/// rounding) to `gamma * inv_std * (dy - sum_dy / n - xhat * sum_dy_xhat / n)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct DxCoefficients {
+    pub m: f32,
+    pub k1: f32,
+    pub k2: f32,
+    pub k3: f32,
+}
+
+/// Finishes the backward reductions of one channel. `sum_dy` and `sum_dy_xm = sum(dy * (x - m))`
+/// were accumulated with the shift `m = f32(mean)`; returns `sum(dy * xhat)`, exact in the shift.
+#[inline(always)]
+pub(crate) fn sum_dy_xhat(mean: f64, m: f32, inv_std: f64, sum_dy: f64, sum_dy_xm: f64) -> f64 {
+    inv_std * (sum_dy_xm + (m as f64 - mean) * sum_dy)
+}
+
+impl DxCoefficients {
+    /// The coefficients from the channel's statistics and finished sums.
+    #[inline(always)]
+    pub fn train(mean: f64, inv_std: f64, gamma: f32, n: f64, sum_dy: f64, sum_dy_xhat: f64) -> Self {
+        let m = mean as f32;
+        let k1 = gamma as f64 * inv_std;
+        let k2 = -k1 * inv_std * sum_dy_xhat / n;
+        let k3 = -k1 * sum_dy / n + k2 * (m as f64 - mean);
+        DxCoefficients { m, k1: k1 as f32, k2: k2 as f32, k3: k3 as f32 }
+    }
+}

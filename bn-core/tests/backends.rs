@@ -1,0 +1,434 @@
+//! Every fast backend against the `f64` reference kernels, on shapes that exercise every tail
+//! of both families; accuracy when `|mean| >> std`; bit-identical results across thread counts;
+//! `normalize_inplace` bit-identical to `normalize`.
+//!
+//! Backends this machine lacks are skipped with a printed line.
+
+use bn_core::kernels::{self, reference, Backend};
+use bn_core::spec::{Dynamic, Spec};
+use bn_core::Canonical;
+
+/// A small deterministic generator (xorshift64*), uniform in `[lo, hi)` or normal.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    fn normal(&mut self) -> f64 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u1.ln()).sqrt() * (2.0 * core::f64::consts::PI * u2).cos()
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// The fast backends of this machine; prints a line for each one it lacks.
+fn fast_backends() -> Vec<Backend> {
+    for b in [Backend::Avx2, Backend::Avx512] {
+        if !b.is_available() {
+            println!("skipping backend {b}: not supported by this CPU");
+        }
+    }
+    Backend::available().into_iter().filter(|&b| b != Backend::Scalar).collect()
+}
+
+/// Extents that exercise every tail: 1, below/at/above one and two vectors, odd, and large.
+const EXTENTS: [usize; 10] = [1, 2, 7, 8, 15, 16, 17, 49, 70, 3136];
+
+/// Shapes: rows (`inner == 1`) for every `C`, planes for every `inner` with several `C`, and a
+/// few with many rows or runs (several blocks, chunks and a partial virtual row).
+fn shapes() -> Vec<Canonical> {
+    let mut out = Vec::new();
+    for &c in &EXTENTS {
+        for &inner in &EXTENTS {
+            for outer in 1..=3 {
+                let dims = Canonical { outer, channels: c, inner };
+                let small_c = matches!(c, 1 | 2 | 7 | 17 | 70);
+                let keep = dims.len() <= 40_000 && (inner == 1 || small_c || matches!(inner, 2 | 7 | 17));
+                if keep {
+                    out.push(dims);
+                }
+            }
+        }
+    }
+    for (outer, channels, inner) in [(1000, 7, 1), (333, 3, 1), (70, 70, 1), (9, 1000, 1), (65, 16, 1), (40, 3, 49)] {
+        out.push(Canonical { outer, channels, inner });
+    }
+    out
+}
+
+fn tolerance_check(what: &str, dims: Canonical, b: Backend, got: &[f64], want: &[f64], scale: &[f64], tol: f64) {
+    for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+        let err = (g - w).abs();
+        assert!(
+            err <= tol * s.max(1e-30) || err <= 1e-12,
+            "{b} {dims:?} {what}[{i}]: got {g}, want {w} (error {err:e}, scale {s:e})"
+        );
+    }
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&v| v as f64).collect()
+}
+
+/// The reference's per-channel statistics and normalized output for `x`.
+struct Expected {
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    y: Vec<f32>,
+}
+
+fn expected_train(x: &[f32], dims: Canonical, gamma: &[f32], beta: &[f32], eps: f64) -> Expected {
+    let c = dims.channels;
+    let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+    reference::batch_stats(x, dims, &mut mean, &mut var);
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let mut y = vec![0.0; x.len()];
+    reference::normalize(x, &mut y, dims, reference::Affine { mean: &mean, inv_std: &inv_std, gamma, beta });
+    Expected { mean, var, y }
+}
+
+#[test]
+fn backend_names_and_detection() {
+    for b in Backend::ALL {
+        assert_eq!(b.name().parse::<Backend>().unwrap(), b);
+        assert_eq!(b.to_string(), b.name());
+        assert_eq!(format!(" {} ", b.name().to_uppercase()).parse::<Backend>().unwrap(), b);
+    }
+    assert!("sse9".parse::<Backend>().is_err());
+    let available = Backend::available();
+    assert_eq!(available[0], Backend::Scalar);
+    assert!(available.contains(&Backend::Wide));
+    assert!(Backend::detect().is_available());
+    assert!(available.contains(&Backend::best()));
+    println!("available backends: {available:?}, detected: {}", Backend::detect());
+}
+
+#[test]
+fn forward_train_matches_reference() {
+    let backends = fast_backends();
+    let eps = 1e-5;
+    for (k, dims) in shapes().into_iter().enumerate() {
+        if dims.per_channel() < 2 {
+            continue;
+        }
+        let mut rng = Rng::new(k as u64 + 1);
+        let c = dims.channels;
+        let x = rng.vec(dims.len(), -3.0, 5.0);
+        let gamma = rng.vec(c, 0.5, 2.0);
+        let beta = rng.vec(c, -1.0, 1.0);
+        let want = expected_train(&x, dims, &gamma, &beta, eps);
+        let y_scale: Vec<f64> = want.y.iter().map(|&v| 1.0 + v.abs() as f64).collect();
+        for &b in &backends {
+            let (mut mean, mut var) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+            let mut y = vec![f32::NAN; dims.len()];
+            kernels::forward_train::<Dynamic>(b, &x, &mut y, dims, &gamma, &beta, eps, &mut mean, &mut var);
+            let std: Vec<f64> = want.var.iter().map(|v| v.sqrt() + 1e-3).collect();
+            tolerance_check("mean", dims, b, &mean, &want.mean, &std, 1e-5);
+            tolerance_check("var", dims, b, &var, &want.var, &want.var, 2e-5);
+            tolerance_check("y", dims, b, &to_f64(&y), &to_f64(&want.y), &y_scale, 2e-5);
+        }
+    }
+}
+
+#[test]
+fn normalize_matches_reference_and_inplace_is_bit_identical() {
+    let backends = fast_backends();
+    for (k, dims) in shapes().into_iter().enumerate() {
+        let mut rng = Rng::new(1000 + k as u64);
+        let c = dims.channels;
+        let x = rng.vec(dims.len(), -3.0, 5.0);
+        let mean = rng.vec(c, -1.0, 1.0);
+        let scale = rng.vec(c, 0.2, 3.0);
+        let shift = rng.vec(c, -1.0, 1.0);
+        let mut want = vec![0.0; dims.len()];
+        kernels::normalize::<Dynamic>(Backend::Scalar, &x, &mut want, dims, &mean, &scale, &shift);
+        // The scalar backend is the reference's formula with inv_std = scale and gamma = 1.
+        let inv_std = to_f64(&scale);
+        let ones = vec![1.0f32; c];
+        let affine = reference::Affine { mean: &mean, inv_std: &inv_std, gamma: &ones, beta: &shift };
+        let mut oracle = vec![0.0; dims.len()];
+        reference::normalize(&x, &mut oracle, dims, affine);
+        assert_eq!(want, oracle, "{dims:?}: scalar normalize is the reference");
+        let y_scale: Vec<f64> = want.iter().map(|&v| 1.0 + v.abs() as f64).collect();
+        for &b in Backend::available().iter() {
+            let mut y = vec![f32::NAN; dims.len()];
+            kernels::normalize::<Dynamic>(b, &x, &mut y, dims, &mean, &scale, &shift);
+            tolerance_check("y", dims, b, &to_f64(&y), &to_f64(&want), &y_scale, 1e-6);
+            let mut xy = x.clone();
+            kernels::normalize_inplace::<Dynamic>(b, &mut xy, dims, &mean, &scale, &shift);
+            assert_bits(&xy, &y, &format!("{b} {dims:?}: normalize_inplace vs normalize"));
+        }
+        let _ = &backends;
+    }
+}
+
+#[test]
+fn normalize_empty_is_a_no_op() {
+    for b in Backend::available() {
+        for dims in [Canonical { outer: 0, channels: 3, inner: 4 }, Canonical { outer: 0, channels: 5, inner: 1 }] {
+            let p = [1.0f32; 5];
+            kernels::normalize::<Dynamic>(b, &[], &mut [], dims, &p[..dims.channels], &p[..dims.channels], &p[..dims.channels]);
+            kernels::normalize_inplace::<Dynamic>(b, &mut [], dims, &p[..dims.channels], &p[..dims.channels], &p[..dims.channels]);
+        }
+    }
+}
+
+/// The training backward's reference: sums and dx.
+fn expected_backward(x: &[f32], dy: &[f32], dims: Canonical, mean: &[f64], inv_std: &[f64], gamma: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
+    let c = dims.channels;
+    let (mut sdy, mut sdxh) = (vec![0.0; c], vec![0.0; c]);
+    reference::backward_sums(x, dy, dims, mean, inv_std, &mut sdy, &mut sdxh);
+    let mut dx = vec![0.0; x.len()];
+    reference::backward_train_dx(x, dy, &mut dx, dims, mean, inv_std, gamma, &sdy, &sdxh);
+    (sdy, sdxh, dx)
+}
+
+/// Per-channel scale of a sum: the sum of absolute values of its terms.
+fn abs_sums(dims: Canonical, f: impl Fn(usize) -> f64) -> Vec<f64> {
+    let mut s = vec![0.0; dims.channels];
+    for i in 0..dims.len() {
+        s[(i / dims.inner) % dims.channels] += f(i).abs();
+    }
+    s
+}
+
+#[test]
+fn backward_matches_reference() {
+    let backends = fast_backends();
+    for (k, dims) in shapes().into_iter().enumerate() {
+        if dims.per_channel() < 2 {
+            continue;
+        }
+        let mut rng = Rng::new(2000 + k as u64);
+        let c = dims.channels;
+        let x = rng.vec(dims.len(), -3.0, 5.0);
+        let dy = rng.vec(dims.len(), -1.0, 1.0);
+        let gamma = rng.vec(c, 0.5, 2.0);
+        let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+        reference::batch_stats(&x, dims, &mut mean, &mut var);
+        let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        let (want_sdy, want_sdxh, want_dx) = expected_backward(&x, &dy, dims, &mean, &inv_std, &gamma);
+        let scale_dy = abs_sums(dims, |i| dy[i] as f64);
+        let scale_dxh = abs_sums(dims, |i| {
+            let c = (i / dims.inner) % dims.channels;
+            dy[i] as f64 * (x[i] as f64 - mean[c]) * inv_std[c]
+        });
+        // |dx| is bounded by gamma * inv_std * (|dy| + mean|dy| + |xhat| mean|dy xhat|).
+        let dx_scale: Vec<f64> = (0..dims.len())
+            .map(|i| {
+                let c = (i / dims.inner) % dims.channels;
+                let n = dims.per_channel() as f64;
+                let xhat = (x[i] as f64 - mean[c]) * inv_std[c];
+                gamma[c] as f64 * inv_std[c] * (1.0 + dy[i].abs() as f64 + (1.0 + xhat.abs()) * (scale_dy[c] + scale_dxh[c]) / n)
+            })
+            .collect();
+        for &b in &backends {
+            let (mut sdy, mut sdxh) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+            let mut dx = vec![f32::NAN; dims.len()];
+            kernels::backward::<Dynamic>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
+            tolerance_check("sum_dy", dims, b, &sdy, &want_sdy, &scale_dy, 1e-6);
+            tolerance_check("sum_dy_xhat", dims, b, &sdxh, &want_sdxh, &scale_dxh, 1e-6);
+            tolerance_check("dx", dims, b, &to_f64(&dx), &to_f64(&want_dx), &dx_scale, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn backward_eval_matches_reference() {
+    let backends = fast_backends();
+    for (k, dims) in shapes().into_iter().enumerate() {
+        let mut rng = Rng::new(3000 + k as u64);
+        let c = dims.channels;
+        let x = rng.vec(dims.len(), -3.0, 5.0);
+        let dy = rng.vec(dims.len(), -1.0, 1.0);
+        let gamma = rng.vec(c, 0.5, 2.0);
+        let mean = rng.vec(c, -1.0, 2.0);
+        let inv_std = rng.vec(c, 0.3, 2.0);
+        let inv64 = to_f64(&inv_std);
+        let (mut want_sdy, mut want_sdxh) = (vec![0.0; c], vec![0.0; c]);
+        reference::backward_sums(&x, &dy, dims, &mean, &inv64, &mut want_sdy, &mut want_sdxh);
+        let mut want_dx = vec![0.0; dims.len()];
+        reference::backward_eval_dx(&dy, &mut want_dx, dims, &inv64, &gamma);
+        let scale_dy = abs_sums(dims, |i| dy[i] as f64);
+        let scale_dxh = abs_sums(dims, |i| {
+            let c = (i / dims.inner) % dims.channels;
+            dy[i] as f64 * (x[i] as f64 - mean[c] as f64) * inv64[c]
+        });
+        let dx_scale: Vec<f64> = want_dx.iter().map(|&v| v.abs() as f64).collect();
+        for &b in &backends {
+            let (mut sdy, mut sdxh) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+            let mut dx = vec![f32::NAN; dims.len()];
+            kernels::backward_eval::<Dynamic>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
+            tolerance_check("sum_dy", dims, b, &sdy, &want_sdy, &scale_dy, 1e-6);
+            tolerance_check("sum_dy_xhat", dims, b, &sdxh, &want_sdxh, &scale_dxh, 1e-6);
+            tolerance_check("dx", dims, b, &to_f64(&dx), &to_f64(&want_dx), &dx_scale, 3e-7);
+        }
+    }
+}
+
+#[test]
+fn large_offset_stays_accurate() {
+    // x = 1000 + 0.5 N(0, 1): normalized outputs within 2e-3 of the f64 reference, variance
+    // within 1e-3 relative, on every backend and both families.
+    let shapes = [
+        Canonical { outer: 16, channels: 3, inner: 3136 },
+        Canonical { outer: 8, channels: 5, inner: 49 },
+        Canonical { outer: 20_000, channels: 7, inner: 1 },
+        Canonical { outer: 256, channels: 64, inner: 1 },
+    ];
+    for (k, dims) in shapes.into_iter().enumerate() {
+        let mut rng = Rng::new(4000 + k as u64);
+        let x: Vec<f32> = (0..dims.len()).map(|_| (1000.0 + 0.5 * rng.normal()) as f32).collect();
+        let c = dims.channels;
+        let (gamma, beta) = (vec![1.0f32; c], vec![0.0f32; c]);
+        let want = expected_train(&x, dims, &gamma, &beta, 1e-5);
+        for b in Backend::available() {
+            let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+            let mut y = vec![0.0; dims.len()];
+            kernels::forward_train::<Dynamic>(b, &x, &mut y, dims, &gamma, &beta, 1e-5, &mut mean, &mut var);
+            for ch in 0..c {
+                let rel = (var[ch] - want.var[ch]).abs() / want.var[ch];
+                assert!(rel <= 1e-3, "{b} {dims:?}: variance of channel {ch} off by {rel:e} relative");
+            }
+            let worst = y.iter().zip(&want.y).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 2e-3, "{b} {dims:?}: normalized output off by {worst}");
+        }
+    }
+}
+
+fn assert_bits(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+        panic!("{what}: differ at {i}: {} vs {}", a[i], b[i]);
+    }
+}
+
+fn assert_bits64(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len());
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+        panic!("{what}: differ at {i}: {} vs {}", a[i], b[i]);
+    }
+}
+
+/// Everything every entry point outputs for one input.
+#[derive(PartialEq)]
+struct Outputs {
+    f32s: Vec<Vec<f32>>,
+    f64s: Vec<Vec<f64>>,
+}
+
+fn run_all<S: Spec>(b: Backend, dims: Canonical, seed: u64) -> Outputs {
+    let mut rng = Rng::new(seed);
+    let c = dims.channels;
+    let x = rng.vec(dims.len(), 2.0, 6.0);
+    let dy = rng.vec(dims.len(), -1.0, 1.0);
+    let gamma = rng.vec(c, 0.5, 2.0);
+    let beta = rng.vec(c, -1.0, 1.0);
+    let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+    let mut y = vec![0.0; dims.len()];
+    kernels::forward_train::<S>(b, &x, &mut y, dims, &gamma, &beta, 1e-5, &mut mean, &mut var);
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+    let (mut sdy, mut sdxh) = (vec![0.0; c], vec![0.0; c]);
+    let mut dx = vec![0.0; dims.len()];
+    kernels::backward::<S>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
+    let (m32, s32): (Vec<f32>, Vec<f32>) = mean.iter().zip(&inv_std).map(|(&m, &s)| (m as f32, s as f32)).unzip();
+    let mut ye = vec![0.0; dims.len()];
+    kernels::normalize::<S>(b, &x, &mut ye, dims, &m32, &s32, &beta);
+    let mut xy = x.clone();
+    kernels::normalize_inplace::<S>(b, &mut xy, dims, &m32, &s32, &beta);
+    let (mut sdy2, mut sdxh2) = (vec![0.0; c], vec![0.0; c]);
+    let mut dx2 = vec![0.0; dims.len()];
+    kernels::backward_eval::<S>(b, &x, &dy, &mut dx2, dims, &m32, &s32, &gamma, &mut sdy2, &mut sdxh2);
+    Outputs { f32s: vec![y, dx, ye, xy, dx2], f64s: vec![mean, var, sdy, sdxh, sdy2, sdxh2] }
+}
+
+fn assert_same(a: &Outputs, b: &Outputs, what: &str) {
+    for (k, (u, v)) in a.f32s.iter().zip(&b.f32s).enumerate() {
+        assert_bits(u, v, &format!("{what}: f32 output {k}"));
+    }
+    for (k, (u, v)) in a.f64s.iter().zip(&b.f64s).enumerate() {
+        assert_bits64(u, v, &format!("{what}: f64 output {k}"));
+    }
+}
+
+#[test]
+fn bit_identical_across_thread_counts() {
+    // Large enough to run in parallel and to take the fused and the split schedules of planes,
+    // several row chunks, a virtual-row tail and a column tail.
+    let shapes = [
+        Canonical { outer: 8, channels: 24, inner: 784 },
+        Canonical { outer: 8, channels: 3, inner: 4096 },
+        Canonical { outer: 3, channels: 2, inner: 70_000 },
+        Canonical { outer: 4099, channels: 7, inner: 1 },
+        Canonical { outer: 200, channels: 700, inner: 1 },
+        Canonical { outer: 1500, channels: 64, inner: 1 },
+    ];
+    for b in Backend::available().into_iter().filter(|&b| b != Backend::Scalar) {
+        for (k, dims) in shapes.into_iter().enumerate() {
+            let mut first: Option<Outputs> = None;
+            for threads in [1, 2, 3, 4, 7] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let out = pool.install(|| run_all::<Dynamic>(b, dims, 5000 + k as u64));
+                match &first {
+                    None => first = Some(out),
+                    Some(f) => assert_same(f, &out, &format!("{b} {dims:?}: {threads} threads vs 1")),
+                }
+            }
+        }
+    }
+}
+
+/// A spec with compile-time extents, as a `#[batch_norm]` layer passes them.
+struct Nchw16x49;
+impl Spec for Nchw16x49 {
+    const CHANNELS: usize = 16;
+    const INNER: usize = 49;
+}
+struct Nc7;
+impl Spec for Nc7 {
+    const CHANNELS: usize = 7;
+    const INNER: usize = 1;
+}
+
+#[test]
+fn specialized_spec_gives_the_same_bits() {
+    for b in Backend::available() {
+        let dims = Canonical { outer: 3, channels: 16, inner: 49 };
+        assert_same(&run_all::<Dynamic>(b, dims, 7), &run_all::<Nchw16x49>(b, dims, 7), &format!("{b} {dims:?}"));
+        let dims = Canonical { outer: 37, channels: 7, inner: 1 };
+        assert_same(&run_all::<Dynamic>(b, dims, 8), &run_all::<Nc7>(b, dims, 8), &format!("{b} {dims:?}"));
+    }
+}
+
+#[test]
+fn non_finite_input_gives_non_finite_statistics() {
+    for b in Backend::available() {
+        for dims in [Canonical { outer: 4, channels: 3, inner: 20 }, Canonical { outer: 40, channels: 3, inner: 1 }] {
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut x = vec![1.0f32; dims.len()];
+                // A value of channel 1.
+                x[dims.inner * 1 + 3 % dims.inner] = bad;
+                let c = dims.channels;
+                let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+                let mut y = vec![0.0; dims.len()];
+                kernels::forward_train::<Dynamic>(b, &x, &mut y, dims, &[1.0; 3], &[0.0; 3], 1e-5, &mut mean, &mut var);
+                assert!(!(mean[1].is_finite() && var[1].is_finite()), "{b} {dims:?} {bad}: {} {}", mean[1], var[1]);
+                assert!(mean[0].is_finite() && var[0].is_finite() && mean[2].is_finite());
+            }
+        }
+    }
+}
