@@ -388,7 +388,12 @@ impl<E: Element> BatchNorm<E> {
         let dims = self.layout.canonical(shape)?;
         for &(buffer, got) in buffers {
             if got != dims.len() {
-                return Err(BnError::BufferLength { buffer, expected: dims.len(), got, shape: shape.to_vec() });
+                return Err(BnError::BufferLength {
+                    buffer,
+                    expected: dims.len(),
+                    got,
+                    shape: shape.to_vec(),
+                });
             }
         }
         Ok(dims)
@@ -432,7 +437,12 @@ impl<E: Element> BatchNorm<E> {
     }
 
     /// Batch statistics computed by the reference kernel and checked: `(mean, inv_std)`.
-    fn reference_statistics(&self, x: &[E], dims: Canonical, shape: &[usize]) -> Result<(Vec<f64>, Vec<f64>), BnError> {
+    fn reference_statistics(
+        &self,
+        x: &[E],
+        dims: Canonical,
+        shape: &[usize],
+    ) -> Result<(Vec<f64>, Vec<f64>), BnError> {
         Self::check_batch(dims, shape)?;
         let c = dims.channels;
         let (mut mean, mut var, mut inv_std) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
@@ -443,7 +453,12 @@ impl<E: Element> BatchNorm<E> {
 
     #[doc(hidden)]
     #[inline]
-    pub fn forward_train_spec<S: Spec>(&mut self, x: &[E], shape: &[usize], y: &mut [E]) -> Result<(), BnError> {
+    pub fn forward_train_spec<S: Spec>(
+        &mut self,
+        x: &[E],
+        shape: &[usize],
+        y: &mut [E],
+    ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("y", y.len())])?;
         Self::check_batch(dims, shape)?;
         let dims = specialize::<S>(dims);
@@ -456,14 +471,24 @@ impl<E: Element> BatchNorm<E> {
         );
         // f32 data: the fused kernel writes y along with the statistics (y is unspecified after
         // an Err). Other types: the reference statistics, checked, then the reference normalize.
-        let fused = match (
+        let mut fused = match (
             E::slice_as_f32(x),
             E::slice_as_f32_mut(y),
             E::Param::slice_as_f32(&self.gamma),
             E::Param::slice_as_f32(&self.beta),
         ) {
             (Some(x), Some(y), Some(gamma), Some(beta)) => {
-                kernels::forward_train::<S>(backend, x, y, dims, gamma, beta, eps, &mut scratch.mean, &mut scratch.var);
+                kernels::forward_train::<S>(
+                    backend,
+                    x,
+                    y,
+                    dims,
+                    gamma,
+                    beta,
+                    eps,
+                    &mut scratch.mean,
+                    &mut scratch.var,
+                );
                 true
             }
             _ => {
@@ -471,15 +496,28 @@ impl<E: Element> BatchNorm<E> {
                 false
             }
         };
-        let checked = self.check_statistics(dims, &scratch.mean, &scratch.var, &mut scratch.inv_std, track);
+        let mut checked =
+            self.check_statistics(dims, &scratch.mean, &scratch.var, &mut scratch.inv_std, track);
+        if checked.is_err() && fused {
+            // The fast kernels sum squared deviations in f32 within a block, which can overflow
+            // where the variance itself fits (|x - mean| above ~1e17): only the f64 reference's
+            // statistics decide that a batch is non-finite. (Its normalize then rewrites y.)
+            reference::batch_stats(x, dims, &mut scratch.mean, &mut scratch.var);
+            checked = self.check_statistics(dims, &scratch.mean, &scratch.var, &mut scratch.inv_std, track);
+            fused = false;
+        }
         if let Err(e) = checked {
             self.scratch = scratch;
             return Err(e);
         }
         // Validated: from here on nothing fails.
         if !fused {
-            let affine =
-                Affine { mean: &scratch.mean, inv_std: &scratch.inv_std, gamma: &self.gamma, beta: &self.beta };
+            let affine = Affine {
+                mean: &scratch.mean,
+                inv_std: &scratch.inv_std,
+                gamma: &self.gamma,
+                beta: &self.beta,
+            };
             reference::normalize(x, y, dims, affine);
         }
         if track {
@@ -517,7 +555,12 @@ impl<E: Element> BatchNorm<E> {
 
     /// The inference coefficients: the cached running ones, or (with `track_running_stats` off)
     /// the batch's, computed from `x` and checked.
-    fn eval_coefficients(&self, x: &[E], dims: Canonical, shape: &[usize]) -> Result<EvalCoefficients<'_, E::Param>, BnError> {
+    fn eval_coefficients(
+        &self,
+        x: &[E],
+        dims: Canonical,
+        shape: &[usize],
+    ) -> Result<EvalCoefficients<'_, E::Param>, BnError> {
         if self.config.get_track_running_stats() {
             return Ok(EvalCoefficients {
                 mean: Cow::Borrowed(&self.running_mean),
@@ -526,9 +569,14 @@ impl<E: Element> BatchNorm<E> {
             });
         }
         let (mean, inv_std) = self.reference_statistics(x, dims, shape)?;
-        let scale = self.gamma.iter().zip(&inv_std).map(|(g, s)| E::Param::from_f64(g.to_f64() * s)).collect();
+        let scale =
+            self.gamma.iter().zip(&inv_std).map(|(g, s)| E::Param::from_f64(g.to_f64() * s)).collect();
         let mean = mean.iter().map(|&m| E::Param::from_f64(m)).collect();
-        Ok(EvalCoefficients { mean: Cow::Owned(mean), inv_std: Cow::Owned(inv_std), scale: Cow::Owned(scale) })
+        Ok(EvalCoefficients {
+            mean: Cow::Owned(mean),
+            inv_std: Cow::Owned(inv_std),
+            scale: Cow::Owned(scale),
+        })
     }
 
     #[doc(hidden)]
@@ -593,7 +641,12 @@ impl<E: Element> BatchNorm<E> {
         sums: &mut Scratch,
     ) {
         let (sum_dy, sum_dy_xhat) = (&mut sums.mean, &mut sums.var);
-        match (E::slice_as_f32(x), E::slice_as_f32(dy), E::slice_as_f32_mut(dx), E::Param::slice_as_f32(gamma)) {
+        match (
+            E::slice_as_f32(x),
+            E::slice_as_f32(dy),
+            E::slice_as_f32_mut(dx),
+            E::Param::slice_as_f32(gamma),
+        ) {
             (Some(x), Some(dy), Some(dx), Some(gamma)) => kernels::backward::<S>(
                 self.backend(),
                 x,

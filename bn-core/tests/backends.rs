@@ -64,13 +64,23 @@ fn shapes() -> Vec<Canonical> {
             }
         }
     }
-    for (outer, channels, inner) in [(1000, 7, 1), (333, 3, 1), (70, 70, 1), (9, 1000, 1), (65, 16, 1), (40, 3, 49)] {
+    for (outer, channels, inner) in
+        [(1000, 7, 1), (333, 3, 1), (70, 70, 1), (9, 1000, 1), (65, 16, 1), (40, 3, 49)]
+    {
         out.push(Canonical { outer, channels, inner });
     }
     out
 }
 
-fn tolerance_check(what: &str, dims: Canonical, b: Backend, got: &[f64], want: &[f64], scale: &[f64], tol: f64) {
+fn tolerance_check(
+    what: &str,
+    dims: Canonical,
+    b: Backend,
+    got: &[f64],
+    want: &[f64],
+    scale: &[f64],
+    tol: f64,
+) {
     for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
         let err = (g - w).abs();
         assert!(
@@ -179,16 +189,40 @@ fn normalize_matches_reference_and_inplace_is_bit_identical() {
 #[test]
 fn normalize_empty_is_a_no_op() {
     for b in Backend::available() {
-        for dims in [Canonical { outer: 0, channels: 3, inner: 4 }, Canonical { outer: 0, channels: 5, inner: 1 }] {
+        for dims in
+            [Canonical { outer: 0, channels: 3, inner: 4 }, Canonical { outer: 0, channels: 5, inner: 1 }]
+        {
             let p = [1.0f32; 5];
-            kernels::normalize::<Dynamic>(b, &[], &mut [], dims, &p[..dims.channels], &p[..dims.channels], &p[..dims.channels]);
-            kernels::normalize_inplace::<Dynamic>(b, &mut [], dims, &p[..dims.channels], &p[..dims.channels], &p[..dims.channels]);
+            kernels::normalize::<Dynamic>(
+                b,
+                &[],
+                &mut [],
+                dims,
+                &p[..dims.channels],
+                &p[..dims.channels],
+                &p[..dims.channels],
+            );
+            kernels::normalize_inplace::<Dynamic>(
+                b,
+                &mut [],
+                dims,
+                &p[..dims.channels],
+                &p[..dims.channels],
+                &p[..dims.channels],
+            );
         }
     }
 }
 
 /// The training backward's reference: sums and dx.
-fn expected_backward(x: &[f32], dy: &[f32], dims: Canonical, mean: &[f64], inv_std: &[f64], gamma: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
+fn expected_backward(
+    x: &[f32],
+    dy: &[f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
     let c = dims.channels;
     let (mut sdy, mut sdxh) = (vec![0.0; c], vec![0.0; c]);
     reference::backward_sums(x, dy, dims, mean, inv_std, &mut sdy, &mut sdxh);
@@ -233,13 +267,17 @@ fn backward_matches_reference() {
                 let c = (i / dims.inner) % dims.channels;
                 let n = dims.per_channel() as f64;
                 let xhat = (x[i] as f64 - mean[c]) * inv_std[c];
-                gamma[c] as f64 * inv_std[c] * (1.0 + dy[i].abs() as f64 + (1.0 + xhat.abs()) * (scale_dy[c] + scale_dxh[c]) / n)
+                gamma[c] as f64
+                    * inv_std[c]
+                    * (1.0 + dy[i].abs() as f64 + (1.0 + xhat.abs()) * (scale_dy[c] + scale_dxh[c]) / n)
             })
             .collect();
         for &b in &backends {
             let (mut sdy, mut sdxh) = (vec![f64::NAN; c], vec![f64::NAN; c]);
             let mut dx = vec![f32::NAN; dims.len()];
-            kernels::backward::<Dynamic>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
+            kernels::backward::<Dynamic>(
+                b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh,
+            );
             tolerance_check("sum_dy", dims, b, &sdy, &want_sdy, &scale_dy, 1e-6);
             tolerance_check("sum_dy_xhat", dims, b, &sdxh, &want_sdxh, &scale_dxh, 1e-6);
             tolerance_check("dx", dims, b, &to_f64(&dx), &to_f64(&want_dx), &dx_scale, 1e-6);
@@ -272,7 +310,9 @@ fn backward_eval_matches_reference() {
         for &b in &backends {
             let (mut sdy, mut sdxh) = (vec![f64::NAN; c], vec![f64::NAN; c]);
             let mut dx = vec![f32::NAN; dims.len()];
-            kernels::backward_eval::<Dynamic>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
+            kernels::backward_eval::<Dynamic>(
+                b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh,
+            );
             tolerance_check("sum_dy", dims, b, &sdy, &want_sdy, &scale_dy, 1e-6);
             tolerance_check("sum_dy_xhat", dims, b, &sdxh, &want_sdxh, &scale_dxh, 1e-6);
             tolerance_check("dx", dims, b, &to_f64(&dx), &to_f64(&want_dx), &dx_scale, 3e-7);
@@ -300,8 +340,8 @@ fn large_offset_stays_accurate() {
             let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
             let mut y = vec![0.0; dims.len()];
             kernels::forward_train::<Dynamic>(b, &x, &mut y, dims, &gamma, &beta, 1e-5, &mut mean, &mut var);
-            for ch in 0..c {
-                let rel = (var[ch] - want.var[ch]).abs() / want.var[ch];
+            for (ch, (&v, &w)) in var.iter().zip(&want.var).enumerate() {
+                let rel = (v - w).abs() / w;
                 assert!(rel <= 1e-3, "{b} {dims:?}: variance of channel {ch} off by {rel:e} relative");
             }
             let worst = y.iter().zip(&want.y).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -332,6 +372,15 @@ struct Outputs {
 }
 
 fn run_all<S: Spec>(b: Backend, dims: Canonical, seed: u64) -> Outputs {
+    run_all_at::<S>(b, dims, seed, 0)
+}
+
+/// [`run_all`] with every output written `offset` values into its buffer (another alignment).
+fn run_all_at<S: Spec>(b: Backend, dims: Canonical, seed: u64, offset: usize) -> Outputs {
+    let n = dims.len();
+    let mut buffers = vec![vec![0.0f32; n + offset]; 4];
+    let [y, dx, ye, dx2] = &mut buffers[..] else { unreachable!() };
+    let (y, dx, ye, dx2) = (&mut y[offset..], &mut dx[offset..], &mut ye[offset..], &mut dx2[offset..]);
     let mut rng = Rng::new(seed);
     let c = dims.channels;
     let x = rng.vec(dims.len(), 2.0, 6.0);
@@ -339,21 +388,19 @@ fn run_all<S: Spec>(b: Backend, dims: Canonical, seed: u64) -> Outputs {
     let gamma = rng.vec(c, 0.5, 2.0);
     let beta = rng.vec(c, -1.0, 1.0);
     let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
-    let mut y = vec![0.0; dims.len()];
-    kernels::forward_train::<S>(b, &x, &mut y, dims, &gamma, &beta, 1e-5, &mut mean, &mut var);
+    kernels::forward_train::<S>(b, &x, y, dims, &gamma, &beta, 1e-5, &mut mean, &mut var);
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
     let (mut sdy, mut sdxh) = (vec![0.0; c], vec![0.0; c]);
-    let mut dx = vec![0.0; dims.len()];
-    kernels::backward::<S>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
-    let (m32, s32): (Vec<f32>, Vec<f32>) = mean.iter().zip(&inv_std).map(|(&m, &s)| (m as f32, s as f32)).unzip();
-    let mut ye = vec![0.0; dims.len()];
-    kernels::normalize::<S>(b, &x, &mut ye, dims, &m32, &s32, &beta);
+    kernels::backward::<S>(b, &x, &dy, dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
+    let (m32, s32): (Vec<f32>, Vec<f32>) =
+        mean.iter().zip(&inv_std).map(|(&m, &s)| (m as f32, s as f32)).unzip();
+    kernels::normalize::<S>(b, &x, ye, dims, &m32, &s32, &beta);
     let mut xy = x.clone();
     kernels::normalize_inplace::<S>(b, &mut xy, dims, &m32, &s32, &beta);
     let (mut sdy2, mut sdxh2) = (vec![0.0; c], vec![0.0; c]);
-    let mut dx2 = vec![0.0; dims.len()];
-    kernels::backward_eval::<S>(b, &x, &dy, &mut dx2, dims, &m32, &s32, &gamma, &mut sdy2, &mut sdxh2);
-    Outputs { f32s: vec![y, dx, ye, xy, dx2], f64s: vec![mean, var, sdy, sdxh, sdy2, sdxh2] }
+    kernels::backward_eval::<S>(b, &x, &dy, dx2, dims, &m32, &s32, &gamma, &mut sdy2, &mut sdxh2);
+    let f32s = vec![y.to_vec(), dx.to_vec(), ye.to_vec(), xy, dx2.to_vec()];
+    Outputs { f32s, f64s: vec![mean, var, sdy, sdxh, sdy2, sdxh2] }
 }
 
 fn assert_same(a: &Outputs, b: &Outputs, what: &str) {
@@ -372,8 +419,9 @@ fn bit_identical_across_thread_counts() {
     let shapes = [
         Canonical { outer: 8, channels: 24, inner: 784 },
         Canonical { outer: 8, channels: 3, inner: 4096 },
+        Canonical { outer: 16, channels: 12, inner: 512 },
         Canonical { outer: 3, channels: 2, inner: 70_000 },
-        Canonical { outer: 4099, channels: 7, inner: 1 },
+        Canonical { outer: 12_001, channels: 7, inner: 1 },
         Canonical { outer: 200, channels: 700, inner: 1 },
         Canonical { outer: 1500, channels: 64, inner: 1 },
     ];
@@ -408,25 +456,69 @@ impl Spec for Nc7 {
 fn specialized_spec_gives_the_same_bits() {
     for b in Backend::available() {
         let dims = Canonical { outer: 3, channels: 16, inner: 49 };
-        assert_same(&run_all::<Dynamic>(b, dims, 7), &run_all::<Nchw16x49>(b, dims, 7), &format!("{b} {dims:?}"));
+        assert_same(
+            &run_all::<Dynamic>(b, dims, 7),
+            &run_all::<Nchw16x49>(b, dims, 7),
+            &format!("{b} {dims:?}"),
+        );
         let dims = Canonical { outer: 37, channels: 7, inner: 1 };
         assert_same(&run_all::<Dynamic>(b, dims, 8), &run_all::<Nc7>(b, dims, 8), &format!("{b} {dims:?}"));
+    }
+}
+
+/// Every entry point with streaming stores forced on, into outputs at every alignment, gives the
+/// bits it gives with them off (only the kind of store differs).
+#[test]
+fn streaming_stores_give_the_same_bits() {
+    let shapes = [
+        Canonical { outer: 3, channels: 5, inner: 1000 },
+        Canonical { outer: 2, channels: 3, inner: 20_000 },
+        Canonical { outer: 700, channels: 48, inner: 1 },
+        Canonical { outer: 301, channels: 7, inner: 1 },
+        Canonical { outer: 20, channels: 1100, inner: 1 },
+    ];
+    for b in Backend::available().into_iter().filter(|&b| b != Backend::Scalar) {
+        for (k, dims) in shapes.into_iter().enumerate() {
+            let run = |stream: bool, offset: usize| {
+                kernels::__force_streaming(Some(stream));
+                let out = run_all_at::<Dynamic>(b, dims, 9000 + k as u64, offset);
+                kernels::__force_streaming(None);
+                out
+            };
+            let plain = run(false, 0);
+            for offset in [0, 1, 3, 7] {
+                assert_same(
+                    &plain,
+                    &run(true, offset),
+                    &format!("{b} {dims:?}: streaming, output offset {offset}"),
+                );
+            }
+        }
     }
 }
 
 #[test]
 fn non_finite_input_gives_non_finite_statistics() {
     for b in Backend::available() {
-        for dims in [Canonical { outer: 4, channels: 3, inner: 20 }, Canonical { outer: 40, channels: 3, inner: 1 }] {
+        for dims in
+            [Canonical { outer: 4, channels: 3, inner: 20 }, Canonical { outer: 40, channels: 3, inner: 1 }]
+        {
             for bad in [f32::NAN, f32::INFINITY] {
                 let mut x = vec![1.0f32; dims.len()];
-                // A value of channel 1.
-                x[dims.inner * 1 + 3 % dims.inner] = bad;
+                // A value of channel 1 (the first run of channel 1 starts at `inner`).
+                x[dims.inner + 3 % dims.inner] = bad;
                 let c = dims.channels;
                 let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
                 let mut y = vec![0.0; dims.len()];
-                kernels::forward_train::<Dynamic>(b, &x, &mut y, dims, &[1.0; 3], &[0.0; 3], 1e-5, &mut mean, &mut var);
-                assert!(!(mean[1].is_finite() && var[1].is_finite()), "{b} {dims:?} {bad}: {} {}", mean[1], var[1]);
+                kernels::forward_train::<Dynamic>(
+                    b, &x, &mut y, dims, &[1.0; 3], &[0.0; 3], 1e-5, &mut mean, &mut var,
+                );
+                assert!(
+                    !(mean[1].is_finite() && var[1].is_finite()),
+                    "{b} {dims:?} {bad}: {} {}",
+                    mean[1],
+                    var[1]
+                );
                 assert!(mean[0].is_finite() && var[0].is_finite() && mean[2].is_finite());
             }
         }

@@ -58,8 +58,17 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     fn store_tail(self, s: &mut [f32], v: Self::V);
     /// `v` with the lanes from `n` up set to zero.
     fn zero_from(self, v: Self::V, n: usize) -> Self::V;
-    /// The sum of the lanes, in `f32` (a tree of additions).
+    /// The sum of the lanes, in `f32`, by halving: lane `i` plus lane `i + LANES / 2`, and so
+    /// on down to one lane. The order is part of the contract: [`Isa::sums`] must match it.
     fn sum(self, v: Self::V) -> f32;
+    /// `out[j] = self.sum(v[j])` for every `j < v.len() <= LANES`, bit for bit; instruction
+    /// sets may compute them together (a transposing reduction).
+    #[inline(always)]
+    fn sums(self, v: &[Self::V], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o = self.sum(x);
+        }
+    }
     /// Stores `v` into the first `LANES` values of `s` with a non-temporal (streaming) store
     /// where the instruction set has one; `s` must start on a `4 * LANES`-byte boundary (checked).
     /// Call [`Isa::fence`] before other threads read what was streamed.
@@ -122,9 +131,25 @@ pub(crate) trait Io: Send + Sized {
         stream: bool,
         f: &mut impl FnMut(Pos, I::V) -> I::V,
     );
+    /// `out = f(p, in)` for the whole vectors of `0..full` (`full % LANES == 0`), `p` the vectors
+    /// of `params` at the same offsets (each holds at least `full` values): the bounds of every
+    /// slice are known to the loop, which then checks nothing.
+    fn map_full_params<I: Isa, const P: usize>(
+        &mut self,
+        isa: I,
+        full: usize,
+        params: [&[f32]; P],
+        f: &mut impl FnMut([I::V; P], I::V) -> I::V,
+    );
     /// `out = f(pos, in)` for the fewer than `LANES` values `start..end` (masked).
     #[inline(always)]
-    fn map_partial<I: Isa>(&mut self, isa: I, start: usize, end: usize, f: &mut impl FnMut(Pos, I::V) -> I::V) {
+    fn map_partial<I: Isa>(
+        &mut self,
+        isa: I,
+        start: usize,
+        end: usize,
+        f: &mut impl FnMut(Pos, I::V) -> I::V,
+    ) {
         let mut part = self.part(start, end);
         let v = f(Pos { i: start, n: end - start }, part.load_tail(isa));
         part.store_tail(isa, v);
@@ -205,6 +230,30 @@ impl<'a> Io for Split<'a> {
         }
     }
     #[inline(always)]
+    fn map_full_params<I: Isa, const P: usize>(
+        &mut self,
+        isa: I,
+        full: usize,
+        params: [&[f32]; P],
+        f: &mut impl FnMut([I::V; P], I::V) -> I::V,
+    ) {
+        let l = I::LANES;
+        let (x, y) = (&self.x[..full], &mut self.y[..full]);
+        let mut p: [&[f32]; P] = [&[]; P];
+        for k in 0..P {
+            p[k] = &params[k][..full];
+        }
+        let mut i = 0;
+        while i + l <= full {
+            let mut v = [isa.zero(); P];
+            for k in 0..P {
+                v[k] = isa.load(&p[k][i..i + l]);
+            }
+            isa.store(&mut y[i..i + l], f(v, isa.load(&x[i..i + l])));
+            i += l;
+        }
+    }
+    #[inline(always)]
     fn load_tail<I: Isa>(&self, isa: I) -> I::V {
         isa.load_tail(self.x)
     }
@@ -268,6 +317,31 @@ impl<'a> Io for InPlace<'a> {
         }
     }
     #[inline(always)]
+    fn map_full_params<I: Isa, const P: usize>(
+        &mut self,
+        isa: I,
+        full: usize,
+        params: [&[f32]; P],
+        f: &mut impl FnMut([I::V; P], I::V) -> I::V,
+    ) {
+        let l = I::LANES;
+        let xy = &mut self.0[..full];
+        let mut p: [&[f32]; P] = [&[]; P];
+        for k in 0..P {
+            p[k] = &params[k][..full];
+        }
+        let mut i = 0;
+        while i + l <= full {
+            let mut v = [isa.zero(); P];
+            for k in 0..P {
+                v[k] = isa.load(&p[k][i..i + l]);
+            }
+            let r = f(v, isa.load(&xy[i..i + l]));
+            isa.store(&mut xy[i..i + l], r);
+            i += l;
+        }
+    }
+    #[inline(always)]
     fn load_tail<I: Isa>(&self, isa: I) -> I::V {
         isa.load_tail(self.0)
     }
@@ -299,6 +373,28 @@ pub(crate) fn map<I: Isa, T: Io>(isa: I, io: &mut T, stream: bool, mut f: impl F
     io.map_full(isa, head, full, stream, &mut f);
     if full < n {
         io.map_partial(isa, full, n, &mut f);
+    }
+}
+
+/// `out = f(p, in)` over `io`, `p` the vectors of `params` at the same offsets (per-column
+/// parameters of a row: each holds at least `io.len()` values); masked tail. No streaming.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn map_params<I: Isa, T: Io, const P: usize>(
+    isa: I,
+    io: &mut T,
+    params: [&[f32]; P],
+    mut f: impl FnMut([I::V; P], I::V) -> I::V,
+) {
+    let n = io.len();
+    let full = n - n % I::LANES;
+    io.map_full_params(isa, full, params, &mut f);
+    if full < n {
+        let mut v = [isa.zero(); P];
+        for k in 0..P {
+            v[k] = isa.load_tail(&params[k][full..n]);
+        }
+        io.map_partial(isa, full, n, &mut |_, x| f(v, x));
     }
 }
 

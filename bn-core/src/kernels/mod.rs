@@ -110,6 +110,9 @@ pub fn forward_train<S: Spec>(
         var_out.fill(f64::NAN);
         return;
     }
+    if c == 0 {
+        return;
+    }
     match backend.usable() {
         Backend::Scalar => {
             reference::batch_stats(x, dims, mean_out, var_out);
@@ -119,8 +122,10 @@ pub fn forward_train<S: Spec>(
         }
         b => parallel::in_pool(2 * dims.len(), || {
             with_isa!(b, |isa| match dims.family() {
-                Family::Planes => planes::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
-                Family::Rows => rows::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
+                Family::Planes =>
+                    planes::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
+                Family::Rows =>
+                    rows::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
             })
         }),
     }
@@ -216,7 +221,7 @@ pub fn backward<S: Spec>(
     assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
     assert!(mean.len() == c && inv_std.len() == c && gamma.len() == c);
     assert!(sum_dy_out.len() == c && sum_dy_xhat_out.len() == c);
-    if dims.per_channel() == 0 {
+    if dims.is_empty() {
         sum_dy_out.fill(0.0);
         sum_dy_xhat_out.fill(0.0);
         return;
@@ -226,23 +231,36 @@ pub fn backward<S: Spec>(
             reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out);
             reference::backward_train_dx(x, dy, dx, dims, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
         }
-        b => parallel::in_pool(3 * dims.len(), || with_isa!(b, |isa| match dims.family() {
-            Family::Planes => planes::backward::<S, _>(
-                isa,
-                x,
-                dy,
-                dx,
-                dims,
-                mean,
-                inv_std,
-                gamma,
-                sum_dy_out,
-                sum_dy_xhat_out
-            ),
-            Family::Rows => {
-                rows::backward::<S, _>(isa, x, dy, dx, dims, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out)
-            }
-        })),
+        b => parallel::in_pool(3 * dims.len(), || {
+            with_isa!(b, |isa| match dims.family() {
+                Family::Planes => planes::backward::<S, _>(
+                    isa,
+                    x,
+                    dy,
+                    dx,
+                    dims,
+                    mean,
+                    inv_std,
+                    gamma,
+                    sum_dy_out,
+                    sum_dy_xhat_out
+                ),
+                Family::Rows => {
+                    rows::backward::<S, _>(
+                        isa,
+                        x,
+                        dy,
+                        dx,
+                        dims,
+                        mean,
+                        inv_std,
+                        gamma,
+                        sum_dy_out,
+                        sum_dy_xhat_out,
+                    )
+                }
+            })
+        }),
     }
 }
 

@@ -8,7 +8,11 @@
 //!   its slab is still in cache — when the slab fits [`FUSE_BYTES`] and there are channels enough
 //!   to share out; else *split* — statistics of fixed chunks of every channel in parallel, an
 //!   ordered merge, then a streaming normalize. Both compute the same chunks and merge them in
-//!   the same order, so they give the same bits;
+//!   the same order, so they give the same bits. Small channels go in groups (statistics of the
+//!   group, its transforms as vector arithmetic, then its normalize) so that their short
+//!   dependency chains overlap; a group of one-block channels shares one transposing horizontal
+//!   reduction ([`group_moments`]). The first pass over a run prefetches the channel's next run
+//!   (the hardware prefetchers do not follow the stride between runs);
 //! - backward: the same two schedules around the fused pair of reductions and the `dx` pass;
 //! - backward with frozen statistics: one pass (reductions and `dx = k * dy` together).
 
@@ -16,7 +20,7 @@ use core::marker::PhantomData;
 use core::ops::Range;
 
 use super::isa::{map, map2, Io, Isa, Kernel, Split};
-use super::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut};
+use super::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::stats::{sum_dy_xhat, Affine32, AffineGroup, DxCoefficients, Moments};
 use crate::spec::{specialize, Spec};
 use crate::Canonical;
@@ -30,8 +34,6 @@ const MAX_CHUNKS: usize = 64;
 /// Largest per-channel slab (bytes of every tensor the pass re-reads) the fused schedules keep
 /// in cache between the reductions and the elementwise pass: a good part of a 1 MiB L2.
 const FUSE_BYTES: usize = 1 << 20;
-/// Least values per task of an elementwise pass.
-const MAP_TASK_ELEMS: usize = 1 << 15;
 
 /// How every channel's values are cut into blocks and chunks; a function of the shape alone.
 #[derive(Debug, Clone, Copy)]
@@ -75,8 +77,7 @@ impl Geometry {
         } else {
             (inner.div_ceil(BLOCK_ELEMS), BLOCK_ELEMS, 1)
         };
-        let blocks =
-            if pieces == 1 { dims.outer.div_ceil(runs_per_block) } else { dims.outer * pieces };
+        let blocks = if pieces == 1 { dims.outer.div_ceil(runs_per_block) } else { dims.outer * pieces };
         let block_elems = runs_per_block * piece;
         let chunk_blocks = (CHUNK_ELEMS / block_elems).max(blocks.div_ceil(MAX_CHUNKS)).max(1);
         let chunks = blocks.div_ceil(chunk_blocks);
@@ -126,11 +127,11 @@ impl Geometry {
 }
 
 /// Most channels per group of the fused schedules.
-const MAX_GROUP: usize = 8;
+const MAX_GROUP: usize = 16;
 /// Bytes of one tensor's channels per group: small channels are processed a few at a time
 /// (statistics of all, then their normalize) so that their short dependency chains overlap,
 /// while the group stays in L1.
-const GROUP_BYTES: usize = 32 << 10;
+const GROUP_BYTES: usize = 64 << 10;
 
 /// `channels` cut into consecutive groups of [`GROUP_BYTES`] (at most [`MAX_GROUP`] channels).
 #[inline(always)]
@@ -143,7 +144,7 @@ fn channel_groups(g: &Geometry, channels: Range<usize>) -> impl Iterator<Item = 
 /// Sum of four accumulators in `f32` (for partial sums that each add at most a block).
 #[inline(always)]
 fn reduce32<I: Isa>(isa: I, a: [I::V; 4]) -> f64 {
-    isa.sum(isa.add(isa.add(a[0], a[1]), isa.add(a[2], a[3]))) as f64
+    isa.sum(combine(isa, a)) as f64
 }
 
 /// Calls `f(state, k, values)` for each full vector of `s` (four at a time, `k` = accumulator)
@@ -165,11 +166,13 @@ fn for_vectors<I: Isa, T>(
         f(state, 3, &s[i + 3 * l..i + 4 * l]);
         i += 4 * l;
     }
-    let mut k = 0;
-    while i + l <= n {
-        f(state, k, &s[i..i + l]);
-        i += l;
-        k += 1;
+    // At most three whole vectors remain: a constant-bound loop keeps `k` a constant after
+    // unrolling (so the accumulators stay in registers).
+    for k in 0..3 {
+        if i + l <= n {
+            f(state, k, &s[i..i + l]);
+            i += l;
+        }
     }
     if i < n {
         tail(state, &s[i..]);
@@ -183,11 +186,13 @@ fn accumulate_mean<I: Isa>(isa: I, x: &[f32], w: I::V, acc: &mut [I::V; 4], ahea
     for_vectors::<I, _>(
         x,
         acc,
-        #[inline(always)] |acc, k, v| {
+        #[inline(always)]
+        |acc, k, v| {
             isa.prefetch(v.as_ptr().wrapping_add(ahead));
             acc[k] = isa.mul_add(isa.load(v), w, acc[k])
         },
-        #[inline(always)] |acc, t| acc[3] = isa.mul_add(isa.load_tail(t), w, acc[3]),
+        #[inline(always)]
+        |acc, t| acc[3] = isa.mul_add(isa.load_tail(t), w, acc[3]),
     );
 }
 
@@ -197,12 +202,14 @@ fn accumulate_deviations<I: Isa>(isa: I, x: &[f32], m: I::V, ds: &mut [I::V; 4],
     for_vectors::<I, _>(
         x,
         &mut (ds, qs),
-        #[inline(always)] |(ds, qs), k, v| {
+        #[inline(always)]
+        |(ds, qs), k, v| {
             let d = isa.sub(isa.load(v), m);
             ds[k] = isa.add(ds[k], d);
             qs[k] = isa.mul_add(d, d, qs[k]);
         },
-        #[inline(always)] |(ds, qs), t| {
+        #[inline(always)]
+        |(ds, qs), t| {
             let d = isa.zero_from(isa.sub(isa.load_tail(t), m), t.len());
             ds[3] = isa.add(ds[3], d);
             qs[3] = isa.mul_add(d, d, qs[3]);
@@ -236,15 +243,15 @@ fn accumulate_backward<I: Isa>(
         }
         i += 4 * l;
     }
-    let mut k = 0;
-    while i + l <= n {
-        isa.prefetch(x.as_ptr().wrapping_add(i + ahead));
-        isa.prefetch(dy.as_ptr().wrapping_add(i + ahead));
-        let g = isa.load(&dy[i..i + l]);
-        sdy[k] = isa.add(sdy[k], g);
-        sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[i..i + l]), m), sxm[k]);
-        i += l;
-        k += 1;
+    for k in 0..3 {
+        if i + l <= n {
+            isa.prefetch(x.as_ptr().wrapping_add(i + ahead));
+            isa.prefetch(dy.as_ptr().wrapping_add(i + ahead));
+            let g = isa.load(&dy[i..i + l]);
+            sdy[k] = isa.add(sdy[k], g);
+            sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[i..i + l]), m), sxm[k]);
+            i += l;
+        }
     }
     if i < n {
         // Masked lanes of `dy` are zero, so their products vanish.
@@ -271,6 +278,68 @@ fn block_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, blk: Block) 
         accumulate_deviations(isa, g.piece_of(x, o, c, blk), mv, &mut ds, &mut qs);
     }
     Moments::from_deviations(n, inv_n, m, reduce32(isa, ds), reduce32(isa, qs))
+}
+
+/// [`block_moments`] of the channels `channels` (at most [`MAX_GROUP`]) whose values form one
+/// block each, computed together: the horizontal sums of all the channels are one transposing
+/// reduction ([`Isa::sums`]), so the short per-channel dependency chains overlap. The same bits
+/// as `block_moments` (and as [`chunk_moments`], one block being one chunk).
+#[inline(always)]
+fn group_moments<I: Isa>(
+    isa: I,
+    g: &Geometry,
+    x: &[f32],
+    channels: Range<usize>,
+    out: &mut [Moments; MAX_GROUP],
+) {
+    debug_assert!(g.blocks == 1 && channels.len() <= MAX_GROUP);
+    let blk = g.block(0);
+    let n = blk.len() as f64;
+    let inv_n = 1.0 / n;
+    let w = isa.splat(inv_n as f32);
+    let len = channels.len();
+    let mut vectors = [[isa.zero(); MAX_GROUP]; 2];
+    for (j, c) in channels.clone().enumerate() {
+        let mut acc = [isa.zero(); 4];
+        for o in blk.o0..blk.o1 {
+            accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut acc, g.stride());
+        }
+        vectors[0][j] = combine(isa, acc);
+    }
+    let mut shift = [0.0f32; MAX_GROUP];
+    sums_of(isa, &vectors[0][..len], &mut shift[..len]);
+    for (j, c) in channels.enumerate() {
+        let mv = isa.splat(shift[j]);
+        let (mut ds, mut qs) = ([isa.zero(); 4], [isa.zero(); 4]);
+        for o in blk.o0..blk.o1 {
+            accumulate_deviations(isa, g.piece_of(x, o, c, blk), mv, &mut ds, &mut qs);
+        }
+        vectors[0][j] = combine(isa, ds);
+        vectors[1][j] = combine(isa, qs);
+    }
+    let mut sums = [[0.0f32; MAX_GROUP]; 2];
+    sums_of(isa, &vectors[0][..len], &mut sums[0][..len]);
+    sums_of(isa, &vectors[1][..len], &mut sums[1][..len]);
+    for j in 0..len {
+        out[j] = Moments::from_deviations(n, inv_n, shift[j], sums[0][j] as f64, sums[1][j] as f64);
+    }
+}
+
+/// [`Isa::sums`] of up to [`MAX_GROUP`] vectors, `LANES` at a time.
+#[inline(always)]
+fn sums_of<I: Isa>(isa: I, v: &[I::V], out: &mut [f32]) {
+    let mut start = 0;
+    while start < v.len() {
+        let end = (start + I::LANES).min(v.len());
+        isa.sums(&v[start..end], &mut out[start..end]);
+        start = end;
+    }
+}
+
+/// The four accumulators added pairwise into one vector (the first step of [`reduce32`]).
+#[inline(always)]
+fn combine<I: Isa>(isa: I, a: [I::V; 4]) -> I::V {
+    isa.add(isa.add(a[0], a[1]), isa.add(a[2], a[3]))
 }
 
 /// Moments of chunk `k` of channel `c`: its blocks merged in order.
@@ -342,11 +411,19 @@ impl<S: Spec, T: Io, P: Fn(usize) -> Affine32> Kernel for NormalizeRuns<'_, S, T
     fn run<I: Isa>(mut self, isa: I) {
         let dims = specialize::<S>(self.dims);
         let runs = self.io.len() / dims.inner;
+        let mut c = self.first_run % dims.channels;
         for r in 0..runs {
-            let a = (self.params)((self.first_run + r) % dims.channels);
+            let a = (self.params)(c);
+            c = if c + 1 == dims.channels { 0 } else { c + 1 };
             let (m, s, t) = (isa.splat(a.m), isa.splat(a.s), isa.splat(a.t));
             let mut run = self.io.part(r * dims.inner, (r + 1) * dims.inner);
-            map(isa, &mut run, self.stream, #[inline(always)] |_, v| affine(isa, v, m, s, t));
+            map(
+                isa,
+                &mut run,
+                self.stream,
+                #[inline(always)]
+                |_, v| affine(isa, v, m, s, t),
+            );
         }
         if self.stream {
             isa.fence();
@@ -363,7 +440,7 @@ fn normalize_runs<S: Spec, I: Isa, T: Io>(
 ) {
     let parallel = use_pool(2 * dims.len());
     let runs = dims.outer * dims.channels;
-    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let runs_per_task = runs.div_ceil(tasks).max(1);
     let stream = streaming(dims.len(), dims.inner);
     io.for_each_chunk(parallel, runs_per_task * dims.inner, |k, io| {
@@ -404,14 +481,22 @@ impl<S: Spec> Kernel for DxRuns<'_, S> {
         let dims = specialize::<S>(self.dims);
         let inner = dims.inner;
         let runs = self.dx.len() / inner;
+        let mut c = self.first_run % dims.channels;
         for r in 0..runs {
-            let q = &self.coefficients[(self.first_run + r) % dims.channels];
+            let q = &self.coefficients[c];
+            c = if c + 1 == dims.channels { 0 } else { c + 1 };
             let (m, k1, k2, k3) = (isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3));
             let span = r * inner..(r + 1) * inner;
             let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
-            map2(isa, x, dy, &mut self.dx[span], self.stream, #[inline(always)] |_, x, g| {
-                dx_train(isa, x, g, m, k1, k2, k3)
-            });
+            map2(
+                isa,
+                x,
+                dy,
+                &mut self.dx[span],
+                self.stream,
+                #[inline(always)]
+                |_, x, g| dx_train(isa, x, g, m, k1, k2, k3),
+            );
         }
         if self.stream {
             isa.fence();
@@ -449,10 +534,16 @@ impl<S: Spec> Kernel for TrainFused<'_, '_, S> {
             // its transforms as vector arithmetic, then its normalize.
             let (mut mean, mut var) = ([0.0; MAX_GROUP], [1.0; MAX_GROUP]);
             let (mut gamma, mut beta) = ([0.0; MAX_GROUP], [0.0; MAX_GROUP]);
+            let mut moments = [Moments::EMPTY; MAX_GROUP];
+            if g.blocks == 1 {
+                group_moments(isa, &g, self.x, group.clone(), &mut moments);
+            }
             for (j, c) in group.clone().enumerate() {
-                let mut mom = Moments::EMPTY;
-                for k in 0..g.chunks {
-                    mom = mom.merge(chunk_moments(isa, &g, self.x, c, k));
+                let mut mom = moments[j];
+                if g.blocks > 1 {
+                    for k in 0..g.chunks {
+                        mom = mom.merge(chunk_moments(isa, &g, self.x, c, k));
+                    }
                 }
                 (mean[j], var[j]) = (mom.mean, mom.m2 / mom.n);
                 self.mean[c - first] = mean[j];
@@ -469,7 +560,13 @@ impl<S: Spec> Kernel for TrainFused<'_, '_, S> {
                     // before the next is taken.
                     let y = unsafe { self.y.slice(start, inner) };
                     let mut io = Split { x: &self.x[start..start + inner], y };
-                    map(isa, &mut io, self.stream, #[inline(always)] |_, v| affine(isa, v, m, s, t));
+                    map(
+                        isa,
+                        &mut io,
+                        self.stream,
+                        #[inline(always)]
+                        |_, v| affine(isa, v, m, s, t),
+                    );
                 }
             }
         }
@@ -518,7 +615,7 @@ pub(crate) fn forward_train<S: Spec, I: Isa>(
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let stream = streaming(dims.len(), dims.inner);
     if g.slab_bytes() <= FUSE_BYTES && dims.channels >= 2 * threads {
-        let tasks = task_count(parallel, dims.len(), 2 * CHUNK_ELEMS).min(dims.channels);
+        let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
         let (y, mean, var) = (SharedMut::new(y), SharedMut::new(mean_out), SharedMut::new(var_out));
         for_each_task(parallel, tasks, |k| {
             let channels = part(dims.channels, tasks, k);
@@ -545,7 +642,7 @@ pub(crate) fn forward_train<S: Spec, I: Isa>(
     // Split: chunk moments in parallel, an ordered merge, a streaming normalize.
     let total = dims.channels * g.chunks;
     let mut moments = vec![Moments::EMPTY; total];
-    let tasks = task_count(parallel, dims.len(), CHUNK_ELEMS).min(total);
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
     let shared = SharedMut::new(&mut moments);
     for_each_task(parallel, tasks, |k| {
         let r = part(total, tasks, k);
@@ -623,7 +720,15 @@ impl<S: Spec> Kernel for BackwardFused<'_, '_, S> {
                     // before the next is taken.
                     let dx = unsafe { self.dx.slice(r.start, inner) };
                     let (x, dy) = (&self.x[r.clone()], &self.dy[r]);
-                    map2(isa, x, dy, dx, self.stream, #[inline(always)] |_, x, g| dx_train(isa, x, g, m, k1, k2, k3));
+                    map2(
+                        isa,
+                        x,
+                        dy,
+                        dx,
+                        self.stream,
+                        #[inline(always)]
+                        |_, x, g| dx_train(isa, x, g, m, k1, k2, k3),
+                    );
                 }
             }
         }
@@ -677,14 +782,15 @@ pub(crate) fn backward<S: Spec, I: Isa>(
     let stats = BackwardStats { mean, inv_std, gamma };
     let stream = streaming(dims.len(), dims.inner);
     if 2 * g.slab_bytes() <= FUSE_BYTES && dims.channels >= 2 * threads {
-        let tasks = task_count(parallel, dims.len(), 2 * CHUNK_ELEMS).min(dims.channels);
+        let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
         let dxs = SharedMut::new(dx);
         let (sdy, sdxh) = (SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
         for_each_task(parallel, tasks, |k| {
             let channels = part(dims.channels, tasks, k);
             let len = channels.len();
             // SAFETY: the channel ranges of distinct tasks are disjoint.
-            let (sum_dy, sum_dy_xhat) = unsafe { (sdy.slice(channels.start, len), sdxh.slice(channels.start, len)) };
+            let (sum_dy, sum_dy_xhat) =
+                unsafe { (sdy.slice(channels.start, len), sdxh.slice(channels.start, len)) };
             isa.vectorize(BackwardFused::<S> {
                 x,
                 dy,
@@ -702,7 +808,7 @@ pub(crate) fn backward<S: Spec, I: Isa>(
     }
     let total = dims.channels * g.chunks;
     let mut sums = vec![(0.0, 0.0); total];
-    let tasks = task_count(parallel, dims.len(), CHUNK_ELEMS).min(total);
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
     let shared = SharedMut::new(&mut sums);
     for_each_task(parallel, tasks, |k| {
         let r = part(total, tasks, k);
@@ -724,7 +830,7 @@ pub(crate) fn backward<S: Spec, I: Isa>(
         coefficients.push(DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sdy, sdxh));
     }
     let runs = dims.outer * dims.channels;
-    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let runs_per_task = runs.div_ceil(tasks).max(1);
     let chunk = runs_per_task * dims.inner;
     let stream = streaming(dims.len(), dims.inner);
@@ -793,7 +899,15 @@ impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
                     // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only
                     // this task processes; pieces of distinct chunks are disjoint.
                     let dx = unsafe { self.dx.slice(r.start, r.len()) };
-                    map2(isa, x, dy, dx, self.stream, #[inline(always)] |_, _, g| isa.mul(g, scale));
+                    map2(
+                        isa,
+                        x,
+                        dy,
+                        dx,
+                        self.stream,
+                        #[inline(always)]
+                        |_, _, g| isa.mul(g, scale),
+                    );
                 }
                 sum_dy += reduce32(isa, sdy);
                 sum_xm += reduce32(isa, sxm);
@@ -831,7 +945,7 @@ pub(crate) fn backward_eval<S: Spec, I: Isa>(
         scratch.resize(total, (0.0, 0.0));
         &mut scratch
     };
-    let tasks = task_count(parallel, dims.len(), CHUNK_ELEMS).min(total);
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
     let stream = streaming(dims.len(), g.piece);
     let (shared, dxs) = (SharedMut::new(&mut *sums), SharedMut::new(dx));
     for_each_task(parallel, tasks, |k| {
@@ -840,7 +954,18 @@ pub(crate) fn backward_eval<S: Spec, I: Isa>(
         let out = unsafe { shared.slice(r.start, r.len()) };
         let dx = &dxs;
         let first = r.start;
-        isa.vectorize(BackwardEvalChunks::<S> { x, dy, dx, dims, mean, scale, first, out, stream, _spec: PhantomData });
+        isa.vectorize(BackwardEvalChunks::<S> {
+            x,
+            dy,
+            dx,
+            dims,
+            mean,
+            scale,
+            first,
+            out,
+            stream,
+            _spec: PhantomData,
+        });
     });
     for c in 0..dims.channels {
         let (mut sdy, mut sxm) = (0.0, 0.0);

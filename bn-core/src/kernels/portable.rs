@@ -50,14 +50,25 @@ impl Isa for Wide {
     }
     #[inline(always)]
     fn load_tail(self, s: &[f32]) -> f32x8 {
+        // Lane by lane, not `copy_from_slice`: a variable-length copy becomes a `memcpy` call.
+        assert!(s.len() <= 8);
         let mut a = [0.0f32; 8];
-        a[..s.len()].copy_from_slice(s);
+        for (i, v) in a.iter_mut().enumerate() {
+            if i < s.len() {
+                *v = s[i];
+            }
+        }
         f32x8::new(a)
     }
     #[inline(always)]
     fn store_tail(self, s: &mut [f32], v: f32x8) {
-        let n = s.len();
-        s.copy_from_slice(&v.as_array_ref()[..n]);
+        assert!(s.len() <= 8);
+        let a = v.to_array();
+        for (i, &v) in a.iter().enumerate() {
+            if i < s.len() {
+                s[i] = v;
+            }
+        }
     }
     #[inline(always)]
     fn zero_from(self, v: f32x8, n: usize) -> f32x8 {

@@ -10,15 +10,18 @@
 //! `block_rows` rows and tiles of at most [`TILE_COLS`] columns (a tile is at most
 //! [`TILE_ELEMS`] values, so it stays in cache between its two passes); consecutive blocks form
 //! chunks, all fixed by the shape. A task computes one chunk of one column tile: per block the
-//! column means, then the deviations from them, merged into the chunk's moments (Chan). The
-//! chunks are then merged in order, the virtual columns folded into channels, and the tail
-//! added. A second, streaming pass applies the per-column transform.
+//! column means, then the deviations from them (both with register accumulators,
+//! [`column_sums`]), merged into the chunk's moments (Chan). The chunks are then merged in
+//! order, the virtual columns folded into channels, and the tail added. A second, streaming
+//! pass applies the per-column transform (with non-temporal stores for large outputs). The
+//! backward works the same way: fused sums per tile, an ordered merge, the `dx` pass; with
+//! frozen statistics, `dx` is written by the first pass while the tile is in L1.
 
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{load_at, map, map2, Io, Isa, Kernel, Pos};
-use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut};
+use super::isa::{load_at, map, map2, map_params, Io, Isa, Kernel, Pos};
+use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::planes::{affine, dx_train, for_each_chunk3};
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use crate::spec::{specialize, Spec};
@@ -36,8 +39,6 @@ const MAX_BLOCK_ROWS: usize = 256;
 const CHUNK_ELEMS: usize = 1 << 16;
 /// Most chunks (bounds the scratch: `2 * MAX_CHUNKS * W` values).
 const MAX_CHUNKS: usize = 64;
-/// Least values per task of an elementwise pass.
-const MAP_TASK_ELEMS: usize = 1 << 15;
 
 const fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
@@ -51,7 +52,7 @@ const fn gcd(a: usize, b: usize) -> usize {
 /// `lcm(c, 16)` exceeds [`MAX_PERIOD`], else `lcm(c, 16)`.
 #[inline(always)]
 pub(crate) const fn virtual_width(c: usize) -> usize {
-    if c % 16 == 0 {
+    if c.is_multiple_of(16) {
         return c;
     }
     let l = c / gcd(c, 16) * 16;
@@ -123,92 +124,125 @@ impl TileBuf {
     }
 }
 
-/// Visits the vectors of rows `rows` (width `w`), columns `cols`, of `K` tensors: four rows at a
-/// time (`quad`, to shorten the accumulators' dependency chains) then one (`single`). Lanes past
-/// the last column load as zero.
+/// Column sums over the rows `rows` (width `w`) of the columns `cols` of `K` tensors: `term`
+/// maps one vector of each tensor (and the vector of `param`, a per-column parameter of the
+/// tile, at the same columns) to `A` contributions, and `emit` receives, for each vector of
+/// columns, the `A` sums over the rows (`param` may be empty: zeros). Accumulators stay in registers: `G` vectors of columns
+/// at a time (a row's `G` vectors are contiguous), each with `P` accumulators (rows `P q + k`)
+/// so that at least eight independent chains hide the latency of the additions; the phases are
+/// added pairwise at the end. Whole groups run a loop without per-vector checks; the last,
+/// partial group and the masked tail vector run a generic one. Lanes past the last column load
+/// as zero.
 #[inline(always)]
-#[allow(clippy::type_complexity)]
-fn vertical<I: Isa, T, const K: usize>(
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn column_sums<I: Isa, const K: usize, const A: usize, const G: usize, const P: usize>(
     isa: I,
     tensors: [&[f32]; K],
     w: usize,
     rows: Range<usize>,
     cols: Range<usize>,
-    state: &mut T,
-    mut quad: impl FnMut(&mut T, Pos, [[I::V; 4]; K]),
-    mut single: impl FnMut(&mut T, Pos, [I::V; K]),
+    param: &[f32],
+    mut term: impl FnMut(Pos, [I::V; K], I::V) -> [I::V; A],
+    mut emit: impl FnMut(Pos, [I::V; A]),
 ) {
+    let l = I::LANES;
     let nc = cols.len();
-    let full = nc - nc % I::LANES;
-    let empty: &[f32] = &[];
-    let mut r = rows.start;
-    while r + 4 <= rows.end {
-        let mut s = [[empty; 4]; K];
-        for t in 0..K {
-            for k in 0..4 {
-                let start = (r + k) * w + cols.start;
-                s[t][k] = &tensors[t][start..start + nc];
+    let vectors = nc.div_ceil(l);
+    let whole = nc / l;
+    let mut v0 = 0;
+    while v0 < vectors {
+        let group = (vectors - v0).min(G);
+        let fast = v0 + G <= whole;
+        let mut pv = [isa.zero(); G];
+        if !param.is_empty() {
+            for g in 0..group {
+                let i = (v0 + g) * l;
+                pv[g] = load_at(isa, param, Pos { i, n: (nc - i).min(l) });
             }
         }
-        let mut i = 0;
-        while i < full {
-            let mut v = [[isa.zero(); 4]; K];
-            for t in 0..K {
-                for k in 0..4 {
-                    v[t][k] = isa.load(&s[t][k][i..]);
+        let mut acc = [[[isa.zero(); A]; P]; G];
+        let mut r = rows.start;
+        while r < rows.end {
+            let phases = (rows.end - r).min(P);
+            for k in 0..P {
+                if k < phases {
+                    let start = (r + k) * w + cols.start + v0 * l;
+                    if fast {
+                        let mut s: [&[f32]; K] = [&[]; K];
+                        for t in 0..K {
+                            s[t] = &tensors[t][start..start + G * l];
+                        }
+                        for g in 0..G {
+                            let mut v = [isa.zero(); K];
+                            for t in 0..K {
+                                v[t] = isa.load(&s[t][g * l..(g + 1) * l]);
+                            }
+                            let c = term(Pos { i: (v0 + g) * l, n: l }, v, pv[g]);
+                            for a in 0..A {
+                                acc[g][k][a] = isa.add(acc[g][k][a], c[a]);
+                            }
+                        }
+                    } else {
+                        for g in 0..G {
+                            if g < group {
+                                let i = (v0 + g) * l;
+                                let pos = Pos { i, n: (nc - i).min(l) };
+                                let mut v = [isa.zero(); K];
+                                for t in 0..K {
+                                    let s = &tensors[t][start + g * l..start + g * l + pos.n];
+                                    v[t] = if pos.n == l { isa.load(s) } else { isa.load_tail(s) };
+                                }
+                                let c = term(pos, v, pv[g]);
+                                for a in 0..A {
+                                    acc[g][k][a] = isa.add(acc[g][k][a], c[a]);
+                                }
+                            }
+                        }
+                    }
                 }
             }
-            quad(state, Pos { i, n: I::LANES }, v);
-            i += I::LANES;
+            r += phases;
         }
-        if full < nc {
-            let mut v = [[isa.zero(); 4]; K];
-            for t in 0..K {
-                for k in 0..4 {
-                    v[t][k] = isa.load_tail(&s[t][k][full..]);
-                }
+        for g in 0..group {
+            let i = (v0 + g) * l;
+            let mut out = [isa.zero(); A];
+            for a in 0..A {
+                out[a] = match P {
+                    1 => acc[g][0][a],
+                    2 => isa.add(acc[g][0][a], acc[g][1][a]),
+                    _ => {
+                        let mut s = [isa.zero(); P];
+                        for k in 0..P {
+                            s[k] = acc[g][k][a];
+                        }
+                        let mut width = P;
+                        while width > 1 {
+                            width /= 2;
+                            for k in 0..width {
+                                s[k] = isa.add(s[k], s[k + width]);
+                            }
+                        }
+                        s[0]
+                    }
+                };
             }
-            quad(state, Pos { i: full, n: nc - full }, v);
+            emit(Pos { i, n: (nc - i).min(l) }, out);
         }
-        r += 4;
-    }
-    while r < rows.end {
-        let mut s = [empty; K];
-        for t in 0..K {
-            let start = r * w + cols.start;
-            s[t] = &tensors[t][start..start + nc];
-        }
-        let mut i = 0;
-        while i < full {
-            let mut v = [isa.zero(); K];
-            for t in 0..K {
-                v[t] = isa.load(&s[t][i..]);
-            }
-            single(state, Pos { i, n: I::LANES }, v);
-            i += I::LANES;
-        }
-        if full < nc {
-            let mut v = [isa.zero(); K];
-            for t in 0..K {
-                v[t] = isa.load_tail(&s[t][full..]);
-            }
-            single(state, Pos { i: full, n: nc - full }, v);
-        }
-        r += 1;
+        v0 += group;
     }
 }
 
-/// `buf[pos] += v` on a padded per-column buffer.
-#[inline(always)]
-fn bump<I: Isa>(isa: I, buf: &mut [f32; TILE_COLS], pos: Pos, v: I::V) {
-    let a = isa.load(&buf[pos.i..]);
-    isa.store(&mut buf[pos.i..], isa.add(a, v));
-}
-
-/// The sum of four vectors, pairwise.
-#[inline(always)]
-fn sum4<I: Isa>(isa: I, v: [I::V; 4]) -> I::V {
-    isa.add(isa.add(v[0], v[1]), isa.add(v[2], v[3]))
+/// [`column_sums`] with the register blocking suited to the tile: eight vectors of columns per
+/// row when the tile is that wide, else two with four row phases.
+macro_rules! column_sums {
+    ($isa:expr, $k:literal, $a:literal, $tensors:expr, $w:expr, $rows:expr, $cols:expr, $param:expr, $term:expr, $emit:expr) => {{
+        let (rows, cols) = ($rows, $cols);
+        if cols.len() >= 8 * I::LANES {
+            column_sums::<I, $k, $a, { 8 / $a }, 1>($isa, $tensors, $w, rows, cols, $param, $term, $emit)
+        } else {
+            column_sums::<I, $k, $a, 2, 4>($isa, $tensors, $w, rows, cols, $param, $term, $emit)
+        }
+    }};
 }
 
 /// Two-pass moments of one block × tile, merged into the chunk's moments of those columns
@@ -229,45 +263,43 @@ fn tile_moments<I: Isa>(
     let nc = cols.len();
     let nr = rows.len();
     let inv = isa.splat((1.0 / nr as f64) as f32);
-    buf.a.fill(0.0);
-    buf.b.fill(0.0);
     // Pass 1: column means (scaled as they are summed, so no overflow).
-    vertical(
+    let m = &mut buf.m;
+    column_sums!(
         isa,
+        1,
+        1,
         [x],
         w,
         rows.clone(),
         cols.clone(),
-        &mut buf.a,
-        #[inline(always)] |a, pos, [v]| bump(isa, a, pos, isa.mul(sum4(isa, v), inv)),
-        #[inline(always)] |a, pos, [v]| bump(isa, a, pos, isa.mul(v, inv)),
+        &[],
+        #[inline(always)]
+        |_, [v], _| [isa.mul(v, inv)],
+        #[inline(always)]
+        |pos, [s]| isa.store(&mut m[pos.i..], s)
     );
-    buf.m = buf.a;
-    buf.a.fill(0.0);
     // Pass 2: deviations from them, from cache.
-    let m = &buf.m;
-    vertical(
+    let (m, ds, qs) = (&buf.m[..nc], &mut buf.a, &mut buf.b);
+    column_sums!(
         isa,
+        1,
+        2,
         [x],
         w,
         rows,
         cols,
-        &mut (&mut buf.a, &mut buf.b),
-        #[inline(always)] |(ds, qs), pos, [v]| {
-            let mv = isa.load(&m[pos.i..]);
-            let mut d = v;
-            for d in &mut d {
-                *d = isa.zero_from(isa.sub(*d, mv), pos.n);
-            }
-            bump(isa, ds, pos, sum4(isa, d));
-            let q = isa.mul_add(d[0], d[0], isa.mul_add(d[1], d[1], isa.mul_add(d[2], d[2], isa.mul(d[3], d[3]))));
-            bump(isa, qs, pos, q);
+        m,
+        #[inline(always)]
+        |pos, [v], m| {
+            let d = isa.zero_from(isa.sub(v, m), pos.n);
+            [d, isa.mul(d, d)]
         },
-        #[inline(always)] |(ds, qs), pos, [v]| {
-            let d = isa.zero_from(isa.sub(v, isa.load(&m[pos.i..])), pos.n);
-            bump(isa, ds, pos, d);
-            bump(isa, qs, pos, isa.mul(d, d));
-        },
+        #[inline(always)]
+        |pos, [d, q]| {
+            isa.store(&mut ds[pos.i..], d);
+            isa.store(&mut qs[pos.i..], q);
+        }
     );
     // Chan's merge of this block into the chunk so far, column by column; the ratios are the
     // same for every column (no division in the loop). With `n_before == 0` it copies.
@@ -307,12 +339,26 @@ impl<S: Spec> Kernel for ChunkMoments<'_, '_, S> {
             let (rows, cols) = (g.chunk(p), g.cols(t));
             // SAFETY: task `(p, t)` owns the moments of chunk `p`, columns `cols`; distinct
             // tasks own disjoint ranges, and `q` is processed by this kernel only.
-            let (mean, m2) =
-                unsafe { (self.mean.slice(p * g.w + cols.start, cols.len()), self.m2.slice(p * g.w + cols.start, cols.len())) };
+            let (mean, m2) = unsafe {
+                (
+                    self.mean.slice(p * g.w + cols.start, cols.len()),
+                    self.m2.slice(p * g.w + cols.start, cols.len()),
+                )
+            };
             let mut r = rows.start;
             while r < rows.end {
                 let block = r..(r + g.block_rows).min(rows.end);
-                tile_moments(isa, self.x, g.w, block.clone(), cols.clone(), &mut buf, (r - rows.start) as f64, mean, m2);
+                tile_moments(
+                    isa,
+                    self.x,
+                    g.w,
+                    block.clone(),
+                    cols.clone(),
+                    &mut buf,
+                    (r - rows.start) as f64,
+                    mean,
+                    m2,
+                );
                 r = block.end;
             }
         }
@@ -321,12 +367,19 @@ impl<S: Spec> Kernel for ChunkMoments<'_, '_, S> {
 
 /// Runs `per_task(tasks)` over `0..total` cut into `tasks` ranges, in parallel when `parallel`.
 fn run_tasks(parallel: bool, total: usize, work: usize, per_task: impl Fn(Range<usize>) + Sync + Send) {
-    let tasks = task_count(parallel, work, CHUNK_ELEMS).min(total).max(1);
+    let tasks = task_count(parallel, work, TASK_ELEMS).min(total).max(1);
     for_each_task(parallel, tasks, |k| per_task(super::parallel::part(total, tasks, k)));
 }
 
 /// Per-channel moments of the rows family into `mean_out` and `var_out` (biased).
-fn statistics<S: Spec, I: Isa>(isa: I, x: &[f32], dims: Canonical, parallel: bool, mean_out: &mut [f64], var_out: &mut [f64]) {
+fn statistics<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dims: Canonical,
+    parallel: bool,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
     let g = Geometry::new(dims);
     let mut partial = vec![0.0; 2 * g.chunks * g.w];
     let (pmean, pm2) = partial.split_at_mut(g.chunks * g.w);
@@ -338,27 +391,48 @@ fn statistics<S: Spec, I: Isa>(isa: I, x: &[f32], dims: Canonical, parallel: boo
         });
     }
     // Merge the chunks into chunk 0 (in order), fold the virtual columns into channels (in
-    // order), add the tail, one value at a time.
-    let (mean, m2) = (&mut pmean[..], &mut pm2[..]);
-    let mut n = if g.chunks > 0 { g.chunk(0).len() as f64 } else { 0.0 };
-    for p in 1..g.chunks {
-        let nb = g.chunk(p).len() as f64;
-        merge_columns(mean, m2, n, nb, p * g.w, g.w);
-        n += nb;
-    }
-    if g.chunks > 0 {
-        for k in 1..g.w / g.c {
-            merge_columns(mean, m2, k as f64 * n, n, k * g.c, g.c);
-        }
-    }
-    let n_columns = n * (g.w / g.c) as f64;
-    for c in 0..g.c {
-        let mut mom = if g.chunks > 0 { Moments { n: n_columns, mean: mean[c], m2: m2[c] } } else { Moments::EMPTY };
-        for i in (g.tail_start() + c..g.len).step_by(g.c) {
-            mom = mom.merge(Moments { n: 1.0, mean: x[i] as f64, m2: 0.0 });
-        }
-        mean_out[c] = mom.mean;
-        var_out[c] = mom.m2 / mom.n;
+    // order), add the tail, one value at a time. Serial, compiled for the instruction set.
+    isa.vectorize(Serial(
+        #[inline(always)]
+        || {
+            let (mean, m2) = (&mut pmean[..], &mut pm2[..]);
+            let mut n = if g.chunks > 0 { g.chunk(0).len() as f64 } else { 0.0 };
+            for p in 1..g.chunks {
+                let nb = g.chunk(p).len() as f64;
+                merge_columns(mean, m2, n, nb, p * g.w, g.w);
+                n += nb;
+            }
+            if g.chunks > 0 {
+                for k in 1..g.w / g.c {
+                    merge_columns(mean, m2, k as f64 * n, n, k * g.c, g.c);
+                }
+            }
+            let n_columns = n * (g.w / g.c) as f64;
+            for c in 0..g.c {
+                let mut mom = if g.chunks > 0 {
+                    Moments { n: n_columns, mean: mean[c], m2: m2[c] }
+                } else {
+                    Moments::EMPTY
+                };
+                for i in (g.tail_start() + c..g.len).step_by(g.c) {
+                    mom = mom.merge(Moments { n: 1.0, mean: x[i] as f64, m2: 0.0 });
+                }
+                mean_out[c] = mom.mean;
+                var_out[c] = mom.m2 / mom.n;
+            }
+        },
+    ));
+}
+
+/// A serial piece of a kernel (a closure, `#[inline(always)]`), run inside the instruction
+/// set's `#[target_feature]` wrapper so that its loops are vectorized for it.
+struct Serial<F>(F);
+
+impl<F: FnOnce()> Kernel for Serial<F> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, _isa: I) {
+        (self.0)()
     }
 }
 
@@ -423,19 +497,39 @@ impl<S: Spec, T: Io> Kernel for NormalizeRows<'_, S, T> {
         let [m, s, t] = self.params;
         if self.flat {
             let mut col = 0;
-            map(isa, &mut self.io, true, #[inline(always)] |pos, v| {
-                let p = next_col(&mut col, w, pos);
-                affine(isa, v, load_at(isa, m, p), load_at(isa, s, p), load_at(isa, t, p))
-            });
+            map(
+                isa,
+                &mut self.io,
+                true,
+                #[inline(always)]
+                |pos, v| {
+                    let p = next_col(&mut col, w, pos);
+                    affine(isa, v, load_at(isa, m, p), load_at(isa, s, p), load_at(isa, t, p))
+                },
+            );
         } else {
             let len = self.io.len();
             let mut start = 0;
             while start < len {
                 let end = (start + w).min(len);
                 let mut row = self.io.part(start, end);
-                map(isa, &mut row, self.stream, #[inline(always)] |p, v| {
-                    affine(isa, v, load_at(isa, m, p), load_at(isa, s, p), load_at(isa, t, p))
-                });
+                if self.stream {
+                    map(
+                        isa,
+                        &mut row,
+                        true,
+                        #[inline(always)]
+                        |p, v| affine(isa, v, load_at(isa, m, p), load_at(isa, s, p), load_at(isa, t, p)),
+                    );
+                } else {
+                    map_params(
+                        isa,
+                        &mut row,
+                        [m, s, t],
+                        #[inline(always)]
+                        |[m, s, t], v| affine(isa, v, m, s, t),
+                    );
+                }
                 start = end;
             }
         }
@@ -449,7 +543,7 @@ impl<S: Spec, T: Io> Kernel for NormalizeRows<'_, S, T> {
 fn normalize_rows<S: Spec, I: Isa, T: Io>(isa: I, io: T, dims: Canonical, params: [&[f32]; 3]) {
     let w = virtual_width(dims.channels);
     let parallel = use_pool(2 * dims.len());
-    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
     let stream = T::STREAM && streaming(dims.len(), w.max(rows_per_task * w));
     let mut doubled = [[0.0f32; 2 * MAX_PERIOD]; 3];
@@ -514,14 +608,24 @@ pub(crate) fn forward_train<S: Spec, I: Isa>(
     let parallel = use_pool(2 * dims.len());
     statistics::<S, I>(isa, x, dims, parallel, mean_out, var_out);
     let (c, w) = (dims.channels, virtual_width(dims.channels));
-    let params: Vec<Affine32> =
-        (0..c).map(|c| Affine32::train(mean_out[c], var_out[c], eps, gamma[c], beta[c])).collect();
     let mut p = vec![0.0f32; 3 * w];
     let (m, rest) = p.split_at_mut(w);
     let (s, t) = rest.split_at_mut(w);
-    pattern(w, c, m, |c| params[c].m);
-    pattern(w, c, s, |c| params[c].s);
-    pattern(w, c, t, |c| params[c].t);
+    isa.vectorize(Serial(
+        #[inline(always)]
+        || {
+            for c in 0..c {
+                let a = Affine32::train(mean_out[c], var_out[c], eps, gamma[c], beta[c]);
+                (m[c], s[c], t[c]) = (a.m, a.s, a.t);
+            }
+            for p in [&mut *m, &mut *s, &mut *t] {
+                let (first, rest) = p.split_at_mut(c);
+                for period in rest.chunks_mut(c) {
+                    period.copy_from_slice(&first[..period.len()]);
+                }
+            }
+        },
+    ));
     normalize_rows::<S, I, _>(isa, super::isa::Split { x, y }, dims, [m, s, t]);
 }
 
@@ -543,29 +647,25 @@ fn tile_backward_sums<I: Isa>(
     sum_dy: &mut [f64],
     sum_xm: &mut [f64],
 ) {
-    buf.a.fill(0.0);
-    buf.b.fill(0.0);
     let m = &m[cols.clone()];
-    vertical(
+    let (sdy, sxm) = (&mut buf.a, &mut buf.b);
+    // Masked lanes of `dy` are zero, so their products vanish.
+    column_sums!(
         isa,
+        2,
+        2,
         [x, dy],
         w,
         rows,
         cols.clone(),
-        &mut (&mut buf.a, &mut buf.b),
-        #[inline(always)] |(sdy, sxm), pos, [x, g]| {
-            let mv = load_at(isa, m, pos);
-            bump(isa, sdy, pos, sum4(isa, g));
-            let mut acc = isa.mul(g[3], isa.sub(x[3], mv));
-            for k in [2, 1, 0] {
-                acc = isa.mul_add(g[k], isa.sub(x[k], mv), acc);
-            }
-            bump(isa, sxm, pos, acc);
-        },
-        #[inline(always)] |(sdy, sxm), pos, [x, g]| {
-            bump(isa, sdy, pos, g);
-            bump(isa, sxm, pos, isa.mul(g, isa.sub(x, load_at(isa, m, pos))));
-        },
+        m,
+        #[inline(always)]
+        |_, [x, g], m| [g, isa.mul(g, isa.sub(x, m))],
+        #[inline(always)]
+        |pos, [s, q]| {
+            isa.store(&mut sdy[pos.i..], s);
+            isa.store(&mut sxm[pos.i..], q);
+        }
     );
     for j in 0..cols.len() {
         sum_dy[j] += buf.a[j] as f64;
@@ -599,11 +699,23 @@ impl<S: Spec> Kernel for ChunkBackward<'_, '_, S> {
             let at = p * g.w + cols.start;
             // SAFETY: task `(p, t)` owns the sums of chunk `p`, columns `cols`; distinct tasks
             // own disjoint ranges, and `q` is processed by this kernel only.
-            let (sum_dy, sum_xm) = unsafe { (self.sum_dy.slice(at, cols.len()), self.sum_xm.slice(at, cols.len())) };
+            let (sum_dy, sum_xm) =
+                unsafe { (self.sum_dy.slice(at, cols.len()), self.sum_xm.slice(at, cols.len())) };
             let mut r = rows.start;
             while r < rows.end {
                 let block = r..(r + g.block_rows).min(rows.end);
-                tile_backward_sums(isa, self.x, self.dy, g.w, block.clone(), cols.clone(), self.m, &mut buf, sum_dy, sum_xm);
+                tile_backward_sums(
+                    isa,
+                    self.x,
+                    self.dy,
+                    g.w,
+                    block.clone(),
+                    cols.clone(),
+                    self.m,
+                    &mut buf,
+                    sum_dy,
+                    sum_xm,
+                );
                 if let Some((dx, scale)) = self.dx {
                     let scale = &scale[cols.clone()];
                     for row in block.clone() {
@@ -611,9 +723,15 @@ impl<S: Spec> Kernel for ChunkBackward<'_, '_, S> {
                         // SAFETY: row `row`, columns `cols` lie in chunk `p`, tile `t`, which
                         // only this task writes; the slice is released at the end of the loop.
                         let dx = unsafe { dx.slice(span.start, span.len()) };
-                        map2(isa, &self.x[span.clone()], &self.dy[span], dx, false, #[inline(always)] |pos, _, g| {
-                            isa.mul(g, load_at(isa, scale, pos))
-                        });
+                        map2(
+                            isa,
+                            &self.x[span.clone()],
+                            &self.dy[span],
+                            dx,
+                            false,
+                            #[inline(always)]
+                            |pos, _, g| isa.mul(g, load_at(isa, scale, pos)),
+                        );
                     }
                 }
                 r = block.end;
@@ -649,7 +767,17 @@ fn backward_sums<S: Spec, I: Isa>(
         let dx = dx.as_ref().map(|(d, s)| (d, *s));
         run_tasks(parallel, g.chunks * g.tiles, dims.len(), |tasks| {
             let (sum_dy, sum_xm) = (&sdy, &sxm);
-            isa.vectorize(ChunkBackward::<S> { x, dy, dims, m, tasks, sum_dy, sum_xm, dx, _spec: PhantomData });
+            isa.vectorize(ChunkBackward::<S> {
+                x,
+                dy,
+                dims,
+                m,
+                tasks,
+                sum_dy,
+                sum_xm,
+                dx,
+                _spec: PhantomData,
+            });
         });
     }
     let tail = g.tail_start();
@@ -658,20 +786,33 @@ fn backward_sums<S: Spec, I: Isa>(
             *d = dy[tail + j] * scale[j];
         }
     }
-    for (c, sum) in sums.iter_mut().enumerate() {
-        let (mut sdy, mut sxm) = (0.0, 0.0);
-        for v in (c..g.w).step_by(g.c) {
-            for p in 0..g.chunks {
-                sdy += psdy[p * g.w + v];
-                sxm += psxm[p * g.w + v];
+    // Chunks summed into chunk 0 column by column, in order; then the virtual columns of each
+    // channel, in order; then its tail values. Serial, compiled for the instruction set.
+    isa.vectorize(Serial(
+        #[inline(always)]
+        || {
+            for p in 1..g.chunks {
+                let (first, rest) = psdy.split_at_mut(p * g.w);
+                first[..g.w].iter_mut().zip(&rest[..g.w]).for_each(|(a, b)| *a += b);
+                let (first, rest) = psxm.split_at_mut(p * g.w);
+                first[..g.w].iter_mut().zip(&rest[..g.w]).for_each(|(a, b)| *a += b);
             }
-        }
-        for i in (tail + c..g.len).step_by(g.c) {
-            sdy += dy[i] as f64;
-            sxm += dy[i] as f64 * (x[i] - m[c]) as f64;
-        }
-        *sum = (sdy, sxm);
-    }
+            for (c, sum) in sums.iter_mut().enumerate() {
+                let (mut sdy, mut sxm) = (0.0, 0.0);
+                if g.chunks > 0 {
+                    for v in (c..g.w).step_by(g.c) {
+                        sdy += psdy[v];
+                        sxm += psxm[v];
+                    }
+                }
+                for i in (tail + c..g.len).step_by(g.c) {
+                    sdy += dy[i] as f64;
+                    sxm += dy[i] as f64 * (x[i] - m[c]) as f64;
+                }
+                *sum = (sdy, sxm);
+            }
+        },
+    ));
 }
 
 /// `dx` of the training backward over whole virtual rows (and the tail); rows or flat as
@@ -702,18 +843,30 @@ impl<S: Spec> Kernel for DxRows<'_, S> {
         let c = [m, k1, k2, k3];
         if self.flat {
             let mut col = 0;
-            map2(isa, self.x, self.dy, self.dx, true, #[inline(always)] |pos, x, g| {
-                dx(isa, c, next_col(&mut col, w, pos), x, g)
-            });
+            map2(
+                isa,
+                self.x,
+                self.dy,
+                self.dx,
+                true,
+                #[inline(always)]
+                |pos, x, g| dx(isa, c, next_col(&mut col, w, pos), x, g),
+            );
         } else {
             let len = self.dx.len();
             let mut start = 0;
             while start < len {
                 let span = start..(start + w).min(len);
                 let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
-                map2(isa, x, dy, &mut self.dx[span.clone()], self.stream, #[inline(always)] |p, x, g| {
-                    dx(isa, c, p, x, g)
-                });
+                map2(
+                    isa,
+                    x,
+                    dy,
+                    &mut self.dx[span.clone()],
+                    self.stream,
+                    #[inline(always)]
+                    |p, x, g| dx(isa, c, p, x, g),
+                );
                 start = span.end;
             }
         }
@@ -744,23 +897,30 @@ pub(crate) fn backward<S: Spec, I: Isa>(
     let mut sums = vec![(0.0, 0.0); c];
     backward_sums::<S, I>(isa, x, dy, dims, parallel, &p[..w], None, &mut sums);
     let n = dims.per_channel() as f64;
-    let mut coefficients = Vec::with_capacity(c);
-    for (c, &(sdy, sxm)) in sums.iter().enumerate() {
-        let sdxh = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
-        sum_dy_out[c] = sdy;
-        sum_dy_xhat_out[c] = sdxh;
-        coefficients.push(DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sdy, sdxh));
-    }
     // Each coefficient repeated over two virtual rows (for flat mode).
     let (m, rest) = p.split_at_mut(2 * w);
     let (k1, rest) = rest.split_at_mut(2 * w);
     let (k2, k3) = rest.split_at_mut(2 * w);
-    pattern(2 * w, c, m, |c| coefficients[c].m);
-    pattern(2 * w, c, k1, |c| coefficients[c].k1);
-    pattern(2 * w, c, k2, |c| coefficients[c].k2);
-    pattern(2 * w, c, k3, |c| coefficients[c].k3);
+    isa.vectorize(Serial(
+        #[inline(always)]
+        || {
+            for (c, &(sdy, sxm)) in sums.iter().enumerate() {
+                let sdxh = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
+                sum_dy_out[c] = sdy;
+                sum_dy_xhat_out[c] = sdxh;
+                let q = DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sdy, sdxh);
+                (m[c], k1[c], k2[c], k3[c]) = (q.m, q.k1, q.k2, q.k3);
+            }
+            for p in [&mut *m, &mut *k1, &mut *k2, &mut *k3] {
+                let (first, rest) = p.split_at_mut(c);
+                for period in rest.chunks_mut(c) {
+                    period.copy_from_slice(&first[..period.len()]);
+                }
+            }
+        },
+    ));
     let coefficients = [&*m, &*k1, &*k2, &*k3];
-    let tasks = task_count(parallel, dims.len(), MAP_TASK_ELEMS);
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
     let stream = streaming(dims.len(), w.max(rows_per_task * w));
     let flat = stream;

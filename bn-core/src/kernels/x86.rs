@@ -121,7 +121,7 @@ impl Isa for Avx2 {
     }
     #[inline(always)]
     fn stream(self, s: &mut [f32], v: __m256) {
-        assert!(s.len() >= 8 && s.as_ptr() as usize % 32 == 0);
+        assert!(s.len() >= 8 && (s.as_ptr() as usize).is_multiple_of(32));
         // SAFETY: the token proves AVX; `s` holds at least 8 values and is 32-byte aligned
         // (both checked).
         unsafe { _mm256_stream_ps(s.as_mut_ptr(), v) }
@@ -211,12 +211,52 @@ impl Isa for Avx512 {
     }
     #[inline(always)]
     fn sum(self, v: __m512) -> f32 {
-        // SAFETY: the token proves AVX-512F.
-        unsafe { _mm512_reduce_add_ps(v) }
+        // SAFETY: the token proves AVX-512F (and so AVX and SSE3).
+        unsafe {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let s8 = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+        }
+    }
+    #[inline(always)]
+    fn sums(self, v: &[__m512], out: &mut [f32]) {
+        let n = v.len();
+        assert!(n <= 16 && out.len() >= n);
+        let mut w = [self.zero(); 16];
+        w[..n].copy_from_slice(v);
+        // SAFETY: the token proves AVX-512F. The network pairs lanes exactly as `sum` does:
+        // (i, i + 8), then (i, i + 4), (i, i + 2), (i, i + 1), four vectors at a time.
+        let s = unsafe {
+            let mut p = [self.zero(); 8];
+            for k in 0..8 {
+                let (a, b) = (w[2 * k], w[2 * k + 1]);
+                p[k] = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+            }
+            let mut q = [self.zero(); 4];
+            for k in 0..4 {
+                let (a, b) = (p[2 * k], p[2 * k + 1]);
+                q[k] = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b));
+            }
+            let mut r = [self.zero(); 2];
+            for k in 0..2 {
+                let (a, b) = (q[2 * k], q[2 * k + 1]);
+                r[k] = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+            }
+            let s =
+                _mm512_add_ps(_mm512_shuffle_ps::<0x88>(r[0], r[1]), _mm512_shuffle_ps::<0xDD>(r[0], r[1]));
+            // Lane 4j + t holds the sum of vector 4t + j.
+            let index = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            _mm512_permutexvar_ps(index, s)
+        };
+        let mut all = [0.0f32; 16];
+        self.store(&mut all, s);
+        out[..n].copy_from_slice(&all[..n]);
     }
     #[inline(always)]
     fn stream(self, s: &mut [f32], v: __m512) {
-        assert!(s.len() >= 16 && s.as_ptr() as usize % 64 == 0);
+        assert!(s.len() >= 16 && (s.as_ptr() as usize).is_multiple_of(64));
         // SAFETY: the token proves AVX-512F; `s` holds at least 16 values and is 64-byte
         // aligned (both checked).
         unsafe { _mm512_stream_ps(s.as_mut_ptr(), v) }
@@ -225,5 +265,36 @@ impl Isa for Avx512 {
     fn fence(self) {
         // SAFETY: SSE is part of x86-64.
         unsafe { _mm_sfence() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sums` computes every lane's `sum` bit for bit (the two must share their order).
+    #[test]
+    fn transposed_sums_match_sum() {
+        let Some(isa) = Avx512::new() else {
+            println!("skipping: no AVX-512F");
+            return;
+        };
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 20) as f32 - 8.0
+        };
+        for n in 0..=16 {
+            let data: Vec<[f32; 16]> =
+                (0..n).map(|_| core::array::from_fn(|_| next() * 1e3 + next())).collect();
+            let v: Vec<__m512> = data.iter().map(|d| isa.load(d)).collect();
+            let mut out = [f32::NAN; 16];
+            isa.sums(&v, &mut out[..n]);
+            for j in 0..n {
+                assert_eq!(out[j].to_bits(), isa.sum(v[j]).to_bits(), "vector {j} of {n}");
+            }
+        }
     }
 }
