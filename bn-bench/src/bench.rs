@@ -276,7 +276,7 @@ impl Workload {
     }
 
     /// Runs the row: one untimed warm-up repetition of everything, then timed repetitions,
-    /// interleaved (in an order that rotates every round), until every implementation has its minimum repetitions and its budget.
+    /// interleaved (in an order shuffled every round), until every implementation has its minimum repetitions and its budget.
     /// The copy is reported as the faster (by median) of its serial and parallel variants.
     pub fn measure(&mut self, settings: &Settings) -> Result<Vec<Measurement>, BnError> {
         let jobs = self.jobs();
@@ -285,12 +285,18 @@ impl Workload {
         }
         let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); jobs.len()];
         let mut spent = vec![Duration::ZERO; jobs.len()];
-        // Round r starts with job r (mod the number of jobs): every implementation follows every
-        // other equally often, so what the previous call left in the caches favours none.
-        for round in 0.. {
+        // Every round runs the jobs in a new pseudo-random order, so each implementation follows
+        // each other about equally often and what the previous call left in the caches favours
+        // none. (Rotating one fixed cycle would not: every job would keep its predecessor.)
+        let mut order: Vec<usize> = (0..jobs.len()).collect();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        loop {
+            for i in (1..order.len()).rev() {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(i, ((state >> 33) % (i as u64 + 1)) as usize);
+            }
             let mut ran = false;
-            for step in 0..jobs.len() {
-                let j = (round + step) % jobs.len();
+            for &j in &order {
                 let job = jobs[j];
                 let min = if job == Job::Naive { settings.naive_min_reps } else { settings.min_reps };
                 let reps = samples[j].len();
