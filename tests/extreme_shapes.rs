@@ -75,8 +75,13 @@ fn check_runs(name: &str, features: &[usize], axes: &[usize], shape: &[usize], s
 
 #[test]
 fn extents_of_one_everywhere() {
-    for rank in 2..=8 {
+    // (Under Miri, which is slow, ranks 2 to 4 and only the ends and the middle.)
+    let ranks = if cfg!(miri) { 2..=4 } else { 2..=8 };
+    for rank in ranks {
         for first in 0..rank {
+            if cfg!(miri) && first != 0 && first != rank / 2 && first != rank - 1 {
+                continue;
+            }
             let axes: Vec<usize> = (0..rank).filter(|&a| a != first).collect();
             let shape = vec![1usize; rank];
             let what = format!("rank {rank}, feature axis {first}");
@@ -146,7 +151,7 @@ fn rank_8_and_beyond() {
     let shape = [2usize, 1, 3, 2, 1, 3, 2, 2];
     for first in 0..8 {
         for nf in 1..=3 {
-            if first + nf > 8 || nf == 8 {
+            if first + nf > 8 || (cfg!(miri) && (nf > 1 || first % 3 != 0)) {
                 continue;
             }
             let features: Vec<usize> = shape[first..first + nf].to_vec();
@@ -250,13 +255,14 @@ fn element_counts_at_the_overflow_limit() {
         assert_eq!(l.beta_grad(), &[0.0; 3]);
     }
 
-    // A wide layer: C = 65536, a batch count that overflows only with C.
-    let mut wide = BatchNorm::new(65536, [0]).unwrap();
+    // A wide layer: C = 65536 (4096 under Miri), a batch count that overflows only with C.
+    let c = if cfg!(miri) { 4096 } else { 65536 };
+    let mut wide = BatchNorm::new(c, [0]).unwrap();
     let before = full_state(&wide);
     let mut none: [f32; 0] = [];
-    let r = wide.forward_train(&[], &[max / 65536 + 1, 65536], &mut none);
+    let r = wide.forward_train(&[], &[max / c + 1, c], &mut none);
     assert!(matches!(r, Err(BnError::ShapeOverflow { .. })), "{r:?}");
-    let r = wide.forward_train(&[], &[max / 65536, 65536], &mut none);
+    let r = wide.forward_train(&[], &[max / c, c], &mut none);
     assert!(matches!(r, Err(BnError::BufferLength { .. })), "{r:?}");
     assert_eq!(full_state(&wide), before);
 }

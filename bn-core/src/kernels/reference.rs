@@ -41,6 +41,53 @@ pub fn batch_stats<E: Element>(x: &[E], dims: Canonical, mean: &mut [f64], var: 
             .sum::<f64>();
     });
     var.iter_mut().for_each(|v| *v /= n);
+    if mean.iter().chain(var.iter()).any(|s| !s.is_finite()) {
+        rescale_overflowed(x, dims, mean, var);
+    }
+}
+
+/// The channels of [`batch_stats`] whose sums overflowed although all their values are finite
+/// (`f64` data near the type's limit, e.g. a constant `1e308`): recomputed from the values
+/// divided by a power of two (exact), so that a statistic is non-finite only when it overflows
+/// itself. Channels with a NaN or an infinity keep their non-finite statistics. Only taken when
+/// a statistic is not finite; one pass per sum over the whole tensor.
+fn rescale_overflowed<E: Element>(x: &[E], dims: Canonical, mean: &mut [f64], var: &mut [f64]) {
+    let c = dims.channels;
+    let n = dims.per_channel() as f64;
+    // The largest magnitude of each channel; NaN once the channel has a non-finite value.
+    let mut scale = vec![0.0f64; c];
+    for_each_run(dims, |ch, start| {
+        for v in &x[start..start + dims.inner] {
+            let a = v.to_f64().abs();
+            scale[ch] = if a.is_finite() && scale[ch].is_finite() { scale[ch].max(a) } else { f64::NAN };
+        }
+    });
+    let mut redo = vec![false; c];
+    for ch in 0..c {
+        let exponent = f64::from_bits(scale[ch].to_bits() & (0x7FF << 52)); // a power of two <= max
+        redo[ch] = !(mean[ch].is_finite() && var[ch].is_finite()) && scale[ch].is_finite() && exponent > 0.0;
+        if redo[ch] {
+            (scale[ch], mean[ch], var[ch]) = (exponent, 0.0, 0.0);
+        }
+    }
+    for_each_run(dims, |ch, start| {
+        if redo[ch] {
+            mean[ch] += x[start..start + dims.inner].iter().map(|v| v.to_f64() / scale[ch]).sum::<f64>();
+        }
+    });
+    for_each_run(dims, |ch, start| {
+        if redo[ch] {
+            let m = mean[ch] / n;
+            var[ch] += x[start..start + dims.inner]
+                .iter()
+                .map(|v| (v.to_f64() / scale[ch] - m).powi(2))
+                .sum::<f64>();
+        }
+    });
+    for ch in (0..c).filter(|&ch| redo[ch]) {
+        mean[ch] = mean[ch] / n * scale[ch];
+        var[ch] = var[ch] / n * scale[ch] * scale[ch];
+    }
 }
 
 /// The per-channel transform `y = (x - mean) * inv_std * gamma + beta`.
