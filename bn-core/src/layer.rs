@@ -60,8 +60,9 @@ struct Saved<P> {
 }
 
 /// Per-channel working buffers, allocated once with the layer. Their contents are never part of
-/// the layer's observable state.
-#[derive(Clone)]
+/// the layer's observable state. Calls take them out (`mem::take`: empty vectors, no allocation)
+/// and put them back, so they can be borrowed next to the layer's other fields.
+#[derive(Clone, Default)]
 struct Scratch {
     mean: Vec<f64>,
     var: Vec<f64>,
@@ -465,10 +466,7 @@ impl<E: Element> BatchNorm<E> {
         let backend = self.backend();
         let eps = self.config.get_eps();
         let track = self.config.get_track_running_stats();
-        let mut scratch = core::mem::replace(
-            &mut self.scratch,
-            Scratch { mean: Vec::new(), var: Vec::new(), inv_std: Vec::new() },
-        );
+        let mut scratch = core::mem::take(&mut self.scratch);
         // f32 data: the fused kernel writes y along with the statistics (y is unspecified after
         // an Err). Other types: the reference statistics, checked, then the reference normalize.
         let mut fused = match (
@@ -684,10 +682,7 @@ impl<E: Element> BatchNorm<E> {
         }
         let dims = specialize::<S>(dims);
         // The sums reuse the scratch buffers (their contents are not state).
-        let mut scratch = core::mem::replace(
-            &mut self.scratch,
-            Scratch { mean: Vec::new(), var: Vec::new(), inv_std: Vec::new() },
-        );
+        let mut scratch = core::mem::take(&mut self.scratch);
         let saved = &self.saved;
         self.backward_with::<S>(x, dy, dx, dims, &saved.mean, &saved.inv_std, &saved.gamma, &mut scratch);
         self.store_grads(&scratch.mean, &scratch.var);
@@ -711,10 +706,7 @@ impl<E: Element> BatchNorm<E> {
             return Ok(());
         }
         let dims = specialize::<S>(dims);
-        let mut scratch = core::mem::replace(
-            &mut self.scratch,
-            Scratch { mean: Vec::new(), var: Vec::new(), inv_std: Vec::new() },
-        );
+        let mut scratch = core::mem::take(&mut self.scratch);
         let result = if self.config.get_track_running_stats() {
             let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
             let p32 = E::Param::slice_as_f32;
