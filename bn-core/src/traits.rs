@@ -35,6 +35,12 @@ pub trait BatchNormLayer {
     fn config(&self) -> &Config;
     /// The layer's layout: rank, feature axes and extents.
     fn layout(&self) -> &Layout;
+    /// The runtime-generic layer behind this one (the layer itself for [`BatchNorm`]): code that
+    /// extends every layer (synchronized statistics, fused epilogues) works on it.
+    fn as_batch_norm(&self) -> &BatchNorm<Self::Elem>;
+    /// The same, mutably. The layout of a layer never changes, so this cannot break a
+    /// `#[batch_norm]` layer's compile-time shape.
+    fn as_batch_norm_mut(&mut self) -> &mut BatchNorm<Self::Elem>;
     /// How many training batches have updated the running statistics (PyTorch's
     /// `num_batches_tracked`; see [`BatchNorm::num_batches_tracked`]).
     fn num_batches_tracked(&self) -> u64;
@@ -101,6 +107,12 @@ impl<E: Element> BatchNormLayer for BatchNorm<E> {
     }
     fn layout(&self) -> &Layout {
         BatchNorm::layout(self)
+    }
+    fn as_batch_norm(&self) -> &BatchNorm<E> {
+        self
+    }
+    fn as_batch_norm_mut(&mut self) -> &mut BatchNorm<E> {
+        self
     }
     fn num_batches_tracked(&self) -> u64 {
         BatchNorm::num_batches_tracked(self)

@@ -345,6 +345,12 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 pub fn as_batch_norm(&self) -> &#private::BatchNorm<#elem> {
                     &self.__bn
                 }
+
+                /// The runtime-generic layer this one wraps, mutably (its layout cannot change).
+                #[inline]
+                pub fn as_batch_norm_mut(&mut self) -> &mut #private::BatchNorm<#elem> {
+                    &mut self.__bn
+                }
             }
 
             #[automatically_derived]
@@ -390,6 +396,14 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 #[inline]
                 fn layout(&self) -> &#private::Layout {
                     #ident::layout(self)
+                }
+                #[inline]
+                fn as_batch_norm(&self) -> &#private::BatchNorm<#elem> {
+                    &self.__bn
+                }
+                #[inline]
+                fn as_batch_norm_mut(&mut self) -> &mut #private::BatchNorm<#elem> {
+                    &mut self.__bn
                 }
                 #[inline]
                 fn num_batches_tracked(&self) -> u64 {
