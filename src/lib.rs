@@ -98,7 +98,9 @@ pub use bn_macros::batch_norm;
 #[doc(hidden)]
 pub mod __private {
     pub use bn_core::spec::{Dynamic, Spec};
-    pub use bn_core::{BatchNorm, BatchNormLayer, BnError, Config, Element, Layout, Preset, RunningVar};
+    pub use bn_core::{
+        Activation, BatchNorm, BatchNormLayer, BnError, Config, Element, Layout, Preset, RunningVar,
+    };
 }
 
 /// The README's examples, compiled and run as doc tests.

@@ -12,6 +12,42 @@ pub enum RunningVar {
     Unbiased,
 }
 
+/// The activation fused into a layer's forward passes (and differentiated by its backward).
+///
+/// With [`Activation::Relu`], `forward_train` and `forward_eval` write `relu(bn(x))` in the same
+/// pass, and `backward` / `backward_eval` take the gradient of that output: they pass `dy`
+/// where the forward's pre-activation was positive. The mask is not stored: it is recomputed
+/// from `x` and the statistics of that forward, with the forward's own arithmetic, so it is
+/// exactly `y > 0`. `relu(v)` is `0` for `v < 0` and `v` otherwise: NaN passes through, as
+/// in PyTorch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Activation {
+    /// No activation: the layer's output is the normalized value.
+    #[default]
+    Identity,
+    /// `max(0, y)`, fused.
+    Relu,
+}
+
+impl Activation {
+    /// The name used by the attribute's `activation` key (`"none"`, `"relu"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Activation::Identity => "none",
+            Activation::Relu => "relu",
+        }
+    }
+
+    /// Parses a name as written in the attribute (`"none"`, `"identity"` or `"relu"`).
+    pub fn from_name(name: &str) -> Option<Activation> {
+        match name {
+            "none" | "identity" => Some(Activation::Identity),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+}
+
 /// Named sets of defaults matching a reference implementation.
 ///
 /// | preset | momentum | eps | running_var | matches |
@@ -79,6 +115,7 @@ pub struct Config {
     center: bool,
     scale: bool,
     track_running_stats: bool,
+    activation: Activation,
 }
 
 impl Default for Config {
@@ -108,6 +145,7 @@ impl Config {
             center: true,
             scale: true,
             track_running_stats: true,
+            activation: Activation::Identity,
         }
     }
 
@@ -170,6 +208,28 @@ impl Config {
     pub const fn track_running_stats(mut self, track: bool) -> Config {
         self.track_running_stats = track;
         self
+    }
+
+    /// Fuses an activation into the forward passes (see [`Activation`]).
+    ///
+    /// ```
+    /// use bn_core::{Activation, BatchNorm, Config};
+    ///
+    /// let mut bn = BatchNorm::with_config(1, [0], Config::new().activation(Activation::Relu))?;
+    /// let mut y = [0.0f32; 4];
+    /// bn.forward_train(&[1.0, 2.0, 3.0, 4.0], &[4, 1], &mut y)?;
+    /// assert_eq!(&y[..2], &[0.0, 0.0]);
+    /// assert!(y[2] > 0.0 && y[3] > y[2]);
+    /// # Ok::<(), bn_core::BnError>(())
+    /// ```
+    pub const fn activation(mut self, activation: Activation) -> Config {
+        self.activation = activation;
+        self
+    }
+
+    /// The fused activation.
+    pub const fn get_activation(&self) -> Activation {
+        self.activation
     }
 
     /// The epsilon added to the variance.

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use crate::kernels::reference::{self, Affine};
 use crate::kernels::{self, Backend};
 use crate::spec::{specialize, Dynamic, Spec};
-use crate::{BnError, Canonical, Config, Element, Layout, Param, RunningVar};
+use crate::{Activation, BnError, Canonical, Config, Element, Layout, Param, RunningVar};
 
 /// Feature extents given at run time: one extent (`64`) or several adjacent ones (`[55, 55]`).
 ///
@@ -57,6 +57,52 @@ struct Saved<P> {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
     gamma: Vec<P>,
+    /// Beta and how `y` was computed: what a fused ReLU's backward needs to recompute the
+    /// forward's pre-activation bit for bit.
+    beta: Vec<P>,
+    backend: Backend,
+    reference_y: bool,
+}
+
+/// What follows the normalization in one call: the layer's activation or the residual form.
+#[derive(Clone, Copy)]
+enum Tail<'r, E> {
+    Plain,
+    Relu,
+    AddRelu(&'r [E]),
+}
+
+impl<'r, E: Element> Tail<'r, E> {
+    fn residual(self) -> Option<&'r [E]> {
+        match self {
+            Tail::AddRelu(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The fast kernels' epilogue (`None` when the residual is not `f32`).
+    fn epilogue(self) -> Option<kernels::Epilogue<'r>> {
+        match self {
+            Tail::Plain => Some(kernels::Epilogue::None),
+            Tail::Relu => Some(kernels::Epilogue::Relu),
+            Tail::AddRelu(r) => E::slice_as_f32(r).map(kernels::Epilogue::AddRelu),
+        }
+    }
+
+    /// Applies the tail to `y` after an unfused normalize, in the element type: `relu(y)` or
+    /// `relu(round(y + r))`, as the fast kernels' epilogue computes it.
+    fn apply(self, y: &mut [E]) {
+        let relu = |v: f64| if v < 0.0 { 0.0 } else { v };
+        match self {
+            Tail::Plain => {}
+            Tail::Relu => y.iter_mut().for_each(|v| *v = E::from_f64(relu(v.to_f64()))),
+            Tail::AddRelu(r) => {
+                for (v, r) in y.iter_mut().zip(r) {
+                    *v = E::from_f64(relu(E::from_f64(v.to_f64() + r.to_f64()).to_f64()));
+                }
+            }
+        }
+    }
 }
 
 /// Per-channel working buffers, allocated once with the layer. Their contents are never part of
@@ -67,6 +113,8 @@ struct Scratch {
     mean: Vec<f64>,
     var: Vec<f64>,
     inv_std: Vec<f64>,
+    /// `3 C` `f32` coefficients (a fused ReLU's backward), allocated on first use.
+    coefficients: Vec<f32>,
 }
 
 /// A batch-normalization layer whose features, axes and options are given at run time.
@@ -115,6 +163,9 @@ pub struct BatchNorm<E: Element = f32> {
     num_batches_tracked: u64,
     saved: Saved<E::Param>,
     scratch: Scratch,
+    /// The masked gradient of a fused ReLU's backward: grows to the largest batch seen, then is
+    /// reused (not state).
+    grad: Vec<E>,
 }
 
 impl<E: Element> fmt::Debug for BatchNorm<E> {
@@ -195,8 +246,17 @@ impl<E: Element> BatchNorm<E> {
                 mean: vec![0.0; c],
                 inv_std: vec![0.0; c],
                 gamma: p(E::Param::ONE),
+                beta: p(E::Param::ZERO),
+                backend: Backend::Scalar,
+                reference_y: true,
             },
-            scratch: Scratch { mean: vec![0.0; c], var: vec![0.0; c], inv_std: vec![0.0; c] },
+            scratch: Scratch {
+                mean: vec![0.0; c],
+                var: vec![0.0; c],
+                inv_std: vec![0.0; c],
+                coefficients: Vec::new(),
+            },
+            grad: Vec::new(),
         };
         bn.refresh_eval();
         Ok(bn)
@@ -305,6 +365,84 @@ impl<E: Element> BatchNorm<E> {
     /// `dx = dy * gamma / sqrt(running_var + eps)`, `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`.
     pub fn backward_eval(&mut self, x: &[E], dy: &[E], shape: &[usize], dx: &mut [E]) -> Result<(), BnError> {
         self.backward_eval_spec::<Dynamic>(x, dy, shape, dx)
+    }
+
+    /// Training forward of a ResNet block's tail, fused: `y = relu(bn(x) + residual)` in one
+    /// pass (it reads `x` and `residual`, writes `y`). Statistics, running statistics and the
+    /// saved state are those of [`forward_train`](Self::forward_train) of `x`; the layer's own
+    /// [`activation`](Config::activation) is not applied (this form has its ReLU after the add).
+    /// Differentiate it with [`backward_add_relu`](Self::backward_add_relu).
+    ///
+    /// ```
+    /// use bn_core::BatchNorm;
+    ///
+    /// let mut bn = BatchNorm::new(1, [0])?;
+    /// let (x, residual) = ([1.0f32, 2.0, 3.0, 4.0], [0.5f32, 0.5, -5.0, 0.0]);
+    /// let mut y = [0.0f32; 4];
+    /// bn.forward_train_add_relu(&x, &residual, &[4, 1], &mut y)?;
+    /// assert_eq!(y[0], 0.0); // bn(1) = -1.34..., + 0.5 < 0
+    /// assert_eq!(y[2], 0.0); // bn(3) = 0.44..., - 5 < 0
+    /// assert!((y[3] - 1.3416).abs() < 1e-3);
+    ///
+    /// let dy = [1.0f32; 4];
+    /// let (mut dx, mut dresidual) = ([0.0f32; 4], [0.0f32; 4]);
+    /// bn.backward_add_relu(&x, &residual, &dy, &[4, 1], &mut dx, &mut dresidual)?;
+    /// assert_eq!(dresidual, [0.0, 1.0, 0.0, 1.0]); // dy where the output is positive
+    /// # Ok::<(), bn_core::BnError>(())
+    /// ```
+    pub fn forward_train_add_relu(
+        &mut self,
+        x: &[E],
+        residual: &[E],
+        shape: &[usize],
+        y: &mut [E],
+    ) -> Result<(), BnError> {
+        self.forward_train_add_relu_spec::<Dynamic>(x, residual, shape, y)
+    }
+
+    /// Inference forward of a ResNet block's tail, fused: `y = relu(bn(x) + residual)`, one pass.
+    /// The layer's own activation is not applied.
+    pub fn forward_eval_add_relu(
+        &self,
+        x: &[E],
+        residual: &[E],
+        shape: &[usize],
+        y: &mut [E],
+    ) -> Result<(), BnError> {
+        self.forward_eval_add_relu_spec::<Dynamic>(x, residual, shape, y)
+    }
+
+    /// Backward of [`forward_train_add_relu`](Self::forward_train_add_relu): writes
+    /// `dresidual = dy * (y > 0)` (the gradient of the residual) and `dx`, the normalization's
+    /// backward of `dresidual`; overwrites `gamma_grad()` / `beta_grad()`.
+    ///
+    /// The mask is recomputed from `x`, `residual` and the statistics of the last training
+    /// forward with that forward's arithmetic, so it is exactly its `y > 0` (no mask is stored).
+    /// `residual` must be the one given to the forward.
+    pub fn backward_add_relu(
+        &mut self,
+        x: &[E],
+        residual: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        dresidual: &mut [E],
+    ) -> Result<(), BnError> {
+        self.backward_add_relu_spec::<Dynamic>(x, residual, dy, shape, dx, dresidual)
+    }
+
+    /// Backward of [`forward_eval_add_relu`](Self::forward_eval_add_relu) (frozen statistics):
+    /// `dresidual = dy * (y > 0)`, then [`backward_eval`](Self::backward_eval) of `dresidual`.
+    pub fn backward_eval_add_relu(
+        &mut self,
+        x: &[E],
+        residual: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        dresidual: &mut [E],
+    ) -> Result<(), BnError> {
+        self.backward_eval_add_relu_spec::<Dynamic>(x, residual, dy, shape, dx, dresidual)
     }
 
     /// Sets gamma and beta. Rejects wrong lengths, non-finite values, and values other than the
@@ -452,6 +590,22 @@ impl<E: Element> BatchNorm<E> {
         Ok((mean, inv_std))
     }
 
+    /// The tail the layer's configured activation asks for.
+    fn activation_tail<'r>(&self) -> Tail<'r, E> {
+        match self.config.get_activation() {
+            Activation::Identity => Tail::Plain,
+            Activation::Relu => Tail::Relu,
+        }
+    }
+
+    /// Validates the residual's length against `shape` (the other buffers are checked first).
+    fn check_residual(&self, shape: &[usize], tail: Tail<'_, E>) -> Result<(), BnError> {
+        match tail.residual() {
+            Some(r) => self.check(shape, &[("residual", r.len())]).map(drop),
+            None => Ok(()),
+        }
+    }
+
     #[doc(hidden)]
     #[inline]
     pub fn forward_train_spec<S: Spec>(
@@ -460,7 +614,30 @@ impl<E: Element> BatchNorm<E> {
         shape: &[usize],
         y: &mut [E],
     ) -> Result<(), BnError> {
+        self.forward_train_tail::<S>(x, shape, y, self.activation_tail())
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    pub fn forward_train_add_relu_spec<S: Spec>(
+        &mut self,
+        x: &[E],
+        residual: &[E],
+        shape: &[usize],
+        y: &mut [E],
+    ) -> Result<(), BnError> {
+        self.forward_train_tail::<S>(x, shape, y, Tail::AddRelu(residual))
+    }
+
+    fn forward_train_tail<S: Spec>(
+        &mut self,
+        x: &[E],
+        shape: &[usize],
+        y: &mut [E],
+        tail: Tail<'_, E>,
+    ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("y", y.len())])?;
+        self.check_residual(shape, tail)?;
         Self::check_batch(dims, shape)?;
         let dims = specialize::<S>(dims);
         let backend = self.backend();
@@ -474,12 +651,14 @@ impl<E: Element> BatchNorm<E> {
             E::slice_as_f32_mut(y),
             E::Param::slice_as_f32(&self.gamma),
             E::Param::slice_as_f32(&self.beta),
+            tail.epilogue(),
         ) {
-            (Some(x), Some(y), Some(gamma), Some(beta)) => {
-                kernels::forward_train::<S>(
+            (Some(x), Some(y), Some(gamma), Some(beta), Some(epilogue)) => {
+                kernels::forward_train_fused::<S>(
                     backend,
                     x,
                     y,
+                    epilogue,
                     dims,
                     gamma,
                     beta,
@@ -517,6 +696,7 @@ impl<E: Element> BatchNorm<E> {
                 beta: &self.beta,
             };
             reference::normalize(x, y, dims, affine);
+            tail.apply(y);
         }
         if track {
             // Batch k (counting from 1) has weight 1/k in a cumulative average.
@@ -544,6 +724,9 @@ impl<E: Element> BatchNorm<E> {
         core::mem::swap(&mut self.saved.mean, &mut scratch.mean);
         core::mem::swap(&mut self.saved.inv_std, &mut scratch.inv_std);
         self.saved.gamma.copy_from_slice(&self.gamma);
+        self.saved.beta.copy_from_slice(&self.beta);
+        self.saved.backend = backend;
+        self.saved.reference_y = !fused || backend == Backend::Scalar;
         self.saved.shape.clear();
         self.saved.shape.extend_from_slice(shape);
         self.saved.valid = true;
@@ -580,20 +763,129 @@ impl<E: Element> BatchNorm<E> {
     #[doc(hidden)]
     #[inline]
     pub fn forward_eval_spec<S: Spec>(&self, x: &[E], shape: &[usize], y: &mut [E]) -> Result<(), BnError> {
+        self.forward_eval_tail::<S>(x, shape, y, self.activation_tail())
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    pub fn forward_eval_add_relu_spec<S: Spec>(
+        &self,
+        x: &[E],
+        residual: &[E],
+        shape: &[usize],
+        y: &mut [E],
+    ) -> Result<(), BnError> {
+        self.forward_eval_tail::<S>(x, shape, y, Tail::AddRelu(residual))
+    }
+
+    fn forward_eval_tail<S: Spec>(
+        &self,
+        x: &[E],
+        shape: &[usize],
+        y: &mut [E],
+        tail: Tail<'_, E>,
+    ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("y", y.len())])?;
+        self.check_residual(shape, tail)?;
         if dims.is_empty() {
             return Ok(());
         }
         let dims = specialize::<S>(dims);
         let k = self.eval_coefficients(x, dims, shape)?;
         let p32 = E::Param::slice_as_f32;
-        match (E::slice_as_f32(x), E::slice_as_f32_mut(y), p32(&k.mean), p32(&k.scale), p32(&self.beta)) {
-            (Some(x), Some(y), Some(mean), Some(scale), Some(shift)) => {
-                kernels::normalize::<S>(self.backend(), x, y, dims, mean, scale, shift)
+        match (
+            E::slice_as_f32(x),
+            E::slice_as_f32_mut(y),
+            p32(&k.mean),
+            p32(&k.scale),
+            p32(&self.beta),
+            tail.epilogue(),
+        ) {
+            (Some(x), Some(y), Some(mean), Some(scale), Some(shift), Some(epilogue)) => {
+                kernels::normalize_fused::<S>(self.backend(), x, y, epilogue, dims, mean, scale, shift)
             }
-            _ => reference::normalize(x, y, dims, k.affine(&self.gamma, &self.beta)),
+            _ => {
+                reference::normalize(x, y, dims, k.affine(&self.gamma, &self.beta));
+                tail.apply(y);
+            }
         }
         Ok(())
+    }
+
+    /// `out = dy` where the pre-activation of [`forward_eval_tail`] with `tail` is positive,
+    /// else 0, recomputed with the same arithmetic.
+    #[allow(clippy::too_many_arguments)]
+    fn eval_mask<S: Spec>(
+        &self,
+        x: &[E],
+        dy: &[E],
+        out: &mut [E],
+        dims: Canonical,
+        k: &EvalCoefficients<'_, E::Param>,
+        tail: Tail<'_, E>,
+    ) {
+        let p32 = E::Param::slice_as_f32;
+        let residual = tail.residual();
+        match (
+            E::slice_as_f32(x),
+            E::slice_as_f32(dy),
+            E::slice_as_f32_mut(out),
+            p32(&k.mean),
+            p32(&k.scale),
+            p32(&self.beta),
+            as_f32_option::<E>(residual),
+        ) {
+            (Some(x), Some(dy), Some(out), Some(mean), Some(scale), Some(shift), Some(r)) => {
+                kernels::relu_grad::<S>(self.backend(), x, dy, r, out, dims, mean, scale, shift)
+            }
+            _ => reference::relu_grad(x, dy, residual, out, dims, k.affine(&self.gamma, &self.beta)),
+        }
+    }
+
+    /// `out = dy` where the pre-activation of the last training forward (with the residual of
+    /// `tail`) was positive, else 0, recomputed with that forward's arithmetic.
+    fn train_mask<S: Spec>(
+        &self,
+        x: &[E],
+        dy: &[E],
+        out: &mut [E],
+        dims: Canonical,
+        tail: Tail<'_, E>,
+        coefficients: &mut Vec<f32>,
+    ) {
+        let saved = &self.saved;
+        let p32 = E::Param::slice_as_f32;
+        let residual = tail.residual();
+        match (
+            saved.reference_y,
+            E::slice_as_f32(x),
+            E::slice_as_f32(dy),
+            E::slice_as_f32_mut(out),
+            p32(&saved.gamma),
+            p32(&saved.beta),
+            as_f32_option::<E>(residual),
+        ) {
+            (false, Some(x), Some(dy), Some(out), Some(gamma), Some(beta), Some(r)) => {
+                let c = dims.channels;
+                coefficients.resize(3 * c, 0.0);
+                let (m, rest) = coefficients.split_at_mut(c);
+                let (s, t) = rest.split_at_mut(c);
+                for j in 0..c {
+                    (m[j], s[j], t[j]) =
+                        kernels::train_coefficients(saved.mean[j], saved.inv_std[j], gamma[j], beta[j]);
+                }
+                kernels::relu_grad::<S>(saved.backend, x, dy, r, out, dims, m, s, t)
+            }
+            _ => {
+                let affine = Affine {
+                    mean: &saved.mean,
+                    inv_std: &saved.inv_std,
+                    gamma: &saved.gamma,
+                    beta: &saved.beta,
+                };
+                reference::relu_grad(x, dy, residual, out, dims, affine)
+            }
+        }
     }
 
     #[doc(hidden)]
@@ -606,11 +898,15 @@ impl<E: Element> BatchNorm<E> {
         let dims = specialize::<S>(dims);
         let k = self.eval_coefficients(xy, dims, shape)?;
         let p32 = E::Param::slice_as_f32;
-        match (E::slice_as_f32_mut(xy), p32(&k.mean), p32(&k.scale), p32(&self.beta)) {
-            (Some(xy), Some(mean), Some(scale), Some(shift)) => {
-                kernels::normalize_inplace::<S>(self.backend(), xy, dims, mean, scale, shift)
+        let tail = self.activation_tail();
+        match (E::slice_as_f32_mut(xy), p32(&k.mean), p32(&k.scale), p32(&self.beta), tail.epilogue()) {
+            (Some(xy), Some(mean), Some(scale), Some(shift), Some(epilogue)) => {
+                kernels::normalize_inplace_fused::<S>(self.backend(), xy, epilogue, dims, mean, scale, shift)
             }
-            _ => reference::normalize_inplace(xy, dims, k.affine(&self.gamma, &self.beta)),
+            _ => {
+                reference::normalize_inplace(xy, dims, k.affine(&self.gamma, &self.beta));
+                tail.apply(xy);
+            }
         }
         Ok(())
     }
@@ -673,7 +969,50 @@ impl<E: Element> BatchNorm<E> {
         shape: &[usize],
         dx: &mut [E],
     ) -> Result<(), BnError> {
+        self.backward_tail::<S>(x, dy, shape, dx, self.activation_tail(), None)
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_add_relu_spec<S: Spec>(
+        &mut self,
+        x: &[E],
+        residual: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        dresidual: &mut [E],
+    ) -> Result<(), BnError> {
+        self.backward_tail::<S>(x, dy, shape, dx, Tail::AddRelu(residual), Some(dresidual))
+    }
+
+    /// The masked-gradient buffer: `dresidual` when given, else the layer's reusable buffer
+    /// (taken out of the layer; give it back with `self.grad = ..` when done).
+    fn mask_buffer<'b>(grad: &'b mut Vec<E>, dresidual: Option<&'b mut [E]>, n: usize) -> &'b mut [E] {
+        match dresidual {
+            Some(d) => d,
+            None => {
+                grad.resize(n, E::default());
+                &mut grad[..n]
+            }
+        }
+    }
+
+    fn backward_tail<S: Spec>(
+        &mut self,
+        x: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        tail: Tail<'_, E>,
+        dresidual: Option<&mut [E]>,
+    ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())])?;
+        self.check_residual(shape, tail)?;
+        if let Some(d) = &dresidual {
+            self.check(shape, &[("dresidual", d.len())])?;
+        }
         if !self.saved.valid {
             return Err(BnError::NoForward);
         }
@@ -683,10 +1022,19 @@ impl<E: Element> BatchNorm<E> {
         let dims = specialize::<S>(dims);
         // The sums reuse the scratch buffers (their contents are not state).
         let mut scratch = core::mem::take(&mut self.scratch);
+        let mut grad = core::mem::take(&mut self.grad);
+        let dy = if let Tail::Plain = tail {
+            dy
+        } else {
+            let masked = Self::mask_buffer(&mut grad, dresidual, dims.len());
+            self.train_mask::<S>(x, dy, masked, dims, tail, &mut scratch.coefficients);
+            &*masked
+        };
         let saved = &self.saved;
         self.backward_with::<S>(x, dy, dx, dims, &saved.mean, &saved.inv_std, &saved.gamma, &mut scratch);
         self.store_grads(&scratch.mean, &scratch.var);
         self.scratch = scratch;
+        self.grad = grad;
         Ok(())
     }
 
@@ -699,13 +1047,69 @@ impl<E: Element> BatchNorm<E> {
         shape: &[usize],
         dx: &mut [E],
     ) -> Result<(), BnError> {
+        self.backward_eval_tail::<S>(x, dy, shape, dx, self.activation_tail(), None)
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_eval_add_relu_spec<S: Spec>(
+        &mut self,
+        x: &[E],
+        residual: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        dresidual: &mut [E],
+    ) -> Result<(), BnError> {
+        self.backward_eval_tail::<S>(x, dy, shape, dx, Tail::AddRelu(residual), Some(dresidual))
+    }
+
+    fn backward_eval_tail<S: Spec>(
+        &mut self,
+        x: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        tail: Tail<'_, E>,
+        dresidual: Option<&mut [E]>,
+    ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())])?;
+        self.check_residual(shape, tail)?;
+        if let Some(d) = &dresidual {
+            self.check(shape, &[("dresidual", d.len())])?;
+        }
         if dims.is_empty() {
             self.gamma_grad.fill(E::Param::ZERO);
             self.beta_grad.fill(E::Param::ZERO);
             return Ok(());
         }
         let dims = specialize::<S>(dims);
+        let mut grad = core::mem::take(&mut self.grad);
+        let result = match tail {
+            Tail::Plain => self.backward_eval_plain::<S>(x, dy, shape, dx, dims),
+            _ => match self.eval_coefficients(x, dims, shape) {
+                Ok(k) => {
+                    let masked = Self::mask_buffer(&mut grad, dresidual, dims.len());
+                    self.eval_mask::<S>(x, dy, masked, dims, &k, tail);
+                    drop(k);
+                    self.backward_eval_plain::<S>(x, masked, shape, dx, dims)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        self.grad = grad;
+        result
+    }
+
+    fn backward_eval_plain<S: Spec>(
+        &mut self,
+        x: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        dims: Canonical,
+    ) -> Result<(), BnError> {
         let mut scratch = core::mem::take(&mut self.scratch);
         let result = if self.config.get_track_running_stats() {
             let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
@@ -765,6 +1169,14 @@ impl<P: Param> EvalCoefficients<'_, P> {
     /// The reference kernel's view of them.
     fn affine<'b>(&'b self, gamma: &'b [P], beta: &'b [P]) -> Affine<'b, P, P> {
         Affine { mean: &self.mean, inv_std: &self.inv_std, gamma, beta }
+    }
+}
+
+/// The `f32` view of an optional slice: `Some(None)` without one, `None` when `E` is not `f32`.
+fn as_f32_option<E: Element>(values: Option<&[E]>) -> Option<Option<&[f32]>> {
+    match values {
+        None => Some(None),
+        Some(v) => E::slice_as_f32(v).map(Some),
     }
 }
 

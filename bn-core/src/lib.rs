@@ -22,7 +22,7 @@ mod array;
 
 #[cfg(feature = "ndarray")]
 pub use array::BatchNormArrayExt;
-pub use config::{Config, Preset, RunningVar};
+pub use config::{Activation, Config, Preset, RunningVar};
 pub use element::{Element, Param};
 pub use error::BnError;
 pub use kernels::Backend;

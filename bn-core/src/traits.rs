@@ -74,6 +74,54 @@ pub trait BatchNormLayer {
         shape: &[usize],
         dx: &mut [Self::Elem],
     ) -> Result<(), BnError>;
+    /// Training forward of a ResNet block's tail, `y = relu(bn(x) + residual)`, fused (see
+    /// [`BatchNorm::forward_train_add_relu`]).
+    fn forward_train_add_relu(
+        &mut self,
+        x: &[Self::Elem],
+        residual: &[Self::Elem],
+        shape: &[usize],
+        y: &mut [Self::Elem],
+    ) -> Result<(), BnError> {
+        self.as_batch_norm_mut().forward_train_add_relu(x, residual, shape, y)
+    }
+    /// Inference forward of a ResNet block's tail, fused (see
+    /// [`BatchNorm::forward_eval_add_relu`]).
+    fn forward_eval_add_relu(
+        &self,
+        x: &[Self::Elem],
+        residual: &[Self::Elem],
+        shape: &[usize],
+        y: &mut [Self::Elem],
+    ) -> Result<(), BnError> {
+        self.as_batch_norm().forward_eval_add_relu(x, residual, shape, y)
+    }
+    /// Backward of [`forward_train_add_relu`](Self::forward_train_add_relu) (see
+    /// [`BatchNorm::backward_add_relu`]).
+    fn backward_add_relu(
+        &mut self,
+        x: &[Self::Elem],
+        residual: &[Self::Elem],
+        dy: &[Self::Elem],
+        shape: &[usize],
+        dx: &mut [Self::Elem],
+        dresidual: &mut [Self::Elem],
+    ) -> Result<(), BnError> {
+        self.as_batch_norm_mut().backward_add_relu(x, residual, dy, shape, dx, dresidual)
+    }
+    /// Backward of [`forward_eval_add_relu`](Self::forward_eval_add_relu) (see
+    /// [`BatchNorm::backward_eval_add_relu`]).
+    fn backward_eval_add_relu(
+        &mut self,
+        x: &[Self::Elem],
+        residual: &[Self::Elem],
+        dy: &[Self::Elem],
+        shape: &[usize],
+        dx: &mut [Self::Elem],
+        dresidual: &mut [Self::Elem],
+    ) -> Result<(), BnError> {
+        self.as_batch_norm_mut().backward_eval_add_relu(x, residual, dy, shape, dx, dresidual)
+    }
     /// The scale parameter.
     fn gamma(&self) -> &[Self::Param];
     /// The shift parameter.

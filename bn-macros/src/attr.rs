@@ -30,6 +30,7 @@ pub(crate) enum Key {
     Center,
     Scale,
     TrackRunningStats,
+    Activation,
     Crate,
 }
 
@@ -55,6 +56,7 @@ impl Key {
             "track_running_stats",
             "`track_running_stats = true` or `track_running_stats = false`",
         ),
+        (Key::Activation, "activation", "`activation = \"relu\"` or `activation = \"none\"`"),
         (Key::Crate, "crate", "`crate = \"::batchnorm\"`"),
     ];
 
@@ -138,6 +140,26 @@ impl RunningVar {
     }
 }
 
+/// The `activation` key's values (mirrors `bn_core::Activation`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Activation {
+    Identity,
+    Relu,
+}
+
+impl Activation {
+    const ALL: &'static [(Activation, &'static str)] =
+        &[(Activation::Relu, "relu"), (Activation::Identity, "none"), (Activation::Identity, "identity")];
+
+    /// The variant's name in `bn_core::Activation`.
+    pub(crate) fn variant(self) -> &'static str {
+        match self {
+            Activation::Identity => "Identity",
+            Activation::Relu => "Relu",
+        }
+    }
+}
+
 /// The arguments of `#[batch_norm(...)]`. A field is `None` when the key is absent or its value
 /// could not be read (that error is already reported); [`Attr::given`] tells the two apart.
 #[derive(Default)]
@@ -152,6 +174,7 @@ pub(crate) struct Attr {
     pub center: Option<Spanned<bool>>,
     pub scale: Option<Spanned<bool>>,
     pub track_running_stats: Option<Spanned<bool>>,
+    pub activation: Option<Spanned<Activation>>,
     pub krate: Option<Spanned<Path>>,
     /// The keys given, each with its position among the entries (errors are sorted by it) and
     /// its whole `key = value` tokens.
@@ -221,6 +244,7 @@ impl Attr {
             Key::Center => self.center = boolean(cx, key, value),
             Key::Scale => self.scale = boolean(cx, key, value),
             Key::TrackRunningStats => self.track_running_stats = boolean(cx, key, value),
+            Key::Activation => self.activation = choice(cx, key, value, Activation::ALL),
             Key::Crate => self.krate = crate_path(cx, key, value),
         }
     }

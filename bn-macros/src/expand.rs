@@ -97,6 +97,10 @@ impl Statics {
             let variant = syn::Ident::new(running_var.value.variant(), Span::call_site());
             config.extend(quote!(.running_var(#private::RunningVar::#variant)));
         }
+        if let Some(activation) = &attr.activation {
+            let variant = syn::Ident::new(activation.value.variant(), Span::call_site());
+            config.extend(quote!(.activation(#private::Activation::#variant)));
+        }
         for (setter, value) in [
             ("center", &attr.center),
             ("scale", &attr.scale),
@@ -254,6 +258,79 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 #[inline]
                 pub fn backward_eval(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
                     self.__bn.backward_eval_spec::<__Spec>(x, dy, shape, dx)
+                }
+
+                /// Training forward of a ResNet block's tail, fused:
+                /// `y = relu(bn(x) + residual)` in one pass (the layer's own activation is not
+                /// applied). See `BatchNorm::forward_train_add_relu`.
+                ///
+                /// # Errors
+                ///
+                /// As [`forward_train`](Self::forward_train), and a wrong residual length.
+                #[inline]
+                pub fn forward_train_add_relu(
+                    &mut self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    shape: &[usize],
+                    y: &mut [#elem],
+                ) -> #result {
+                    self.__bn.forward_train_add_relu_spec::<__Spec>(x, residual, shape, y)
+                }
+
+                /// Inference forward of a ResNet block's tail, fused:
+                /// `y = relu(bn(x) + residual)`, one pass.
+                ///
+                /// # Errors
+                ///
+                /// As [`forward_eval`](Self::forward_eval), and a wrong residual length.
+                #[inline]
+                pub fn forward_eval_add_relu(
+                    &self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    shape: &[usize],
+                    y: &mut [#elem],
+                ) -> #result {
+                    self.__bn.forward_eval_add_relu_spec::<__Spec>(x, residual, shape, y)
+                }
+
+                /// Backward of [`forward_train_add_relu`](Self::forward_train_add_relu): writes
+                /// `dresidual = dy * (y > 0)` and `dx`; overwrites the parameter gradients.
+                ///
+                /// # Errors
+                ///
+                /// As [`backward`](Self::backward), and wrong residual lengths.
+                #[inline]
+                pub fn backward_add_relu(
+                    &mut self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    dy: &[#elem],
+                    shape: &[usize],
+                    dx: &mut [#elem],
+                    dresidual: &mut [#elem],
+                ) -> #result {
+                    self.__bn.backward_add_relu_spec::<__Spec>(x, residual, dy, shape, dx, dresidual)
+                }
+
+                /// Backward of [`forward_eval_add_relu`](Self::forward_eval_add_relu) (frozen
+                /// statistics): writes `dresidual = dy * (y > 0)` and `dx`.
+                ///
+                /// # Errors
+                ///
+                /// As [`backward_eval`](Self::backward_eval), and wrong residual lengths.
+                #[inline]
+                pub fn backward_eval_add_relu(
+                    &mut self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    dy: &[#elem],
+                    shape: &[usize],
+                    dx: &mut [#elem],
+                    dresidual: &mut [#elem],
+                ) -> #result {
+                    self.__bn.backward_eval_add_relu_spec::<__Spec>(x, residual, dy, shape, dx, dresidual)
                 }
 
                 /// The scale parameter, one value per feature.
@@ -432,6 +509,50 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 #[inline]
                 fn backward_eval(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
                     #ident::backward_eval(self, x, dy, shape, dx)
+                }
+                #[inline]
+                fn forward_train_add_relu(
+                    &mut self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    shape: &[usize],
+                    y: &mut [#elem],
+                ) -> #result {
+                    #ident::forward_train_add_relu(self, x, residual, shape, y)
+                }
+                #[inline]
+                fn forward_eval_add_relu(
+                    &self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    shape: &[usize],
+                    y: &mut [#elem],
+                ) -> #result {
+                    #ident::forward_eval_add_relu(self, x, residual, shape, y)
+                }
+                #[inline]
+                fn backward_add_relu(
+                    &mut self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    dy: &[#elem],
+                    shape: &[usize],
+                    dx: &mut [#elem],
+                    dresidual: &mut [#elem],
+                ) -> #result {
+                    #ident::backward_add_relu(self, x, residual, dy, shape, dx, dresidual)
+                }
+                #[inline]
+                fn backward_eval_add_relu(
+                    &mut self,
+                    x: &[#elem],
+                    residual: &[#elem],
+                    dy: &[#elem],
+                    shape: &[usize],
+                    dx: &mut [#elem],
+                    dresidual: &mut [#elem],
+                ) -> #result {
+                    #ident::backward_eval_add_relu(self, x, residual, dy, shape, dx, dresidual)
                 }
                 #[inline]
                 fn gamma(&self) -> &[#param] {

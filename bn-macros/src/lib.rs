@@ -50,6 +50,7 @@ use proc_macro::TokenStream;
 /// | `center` | `false`: beta fixed at 0 | `true` |
 /// | `scale` | `false`: gamma fixed at 1 | `true` |
 /// | `track_running_stats` | `false`: inference uses batch statistics too | `true` |
+/// | `activation` | `"relu"`: `relu(bn(x))` fused into the forward passes, and its gradient into the backward ones; `"none"` | `"none"` |
 /// | `crate` | the path of the `batchnorm` crate, for a renamed dependency: `crate = "bn"` | `"::batchnorm"` |
 ///
 /// Explicit keys override the preset: `preset = "keras", eps = 0.01` has Keras's momentum 0.99
@@ -66,7 +67,9 @@ use proc_macro::TokenStream;
 /// - `new()`, `forward_train`, `forward_eval`, `forward_eval_inplace`, `backward`,
 ///   `backward_eval`, `gamma`, `beta`, `running_mean`, `running_var`, `gamma_grad`, `beta_grad`,
 ///   `update_params`, `set_running_stats`, `num_batches_tracked`, `set_num_batches_tracked`,
-///   `config`, `layout` and `as_batch_norm`
+///   `forward_train_add_relu`, `forward_eval_add_relu`, `backward_add_relu`,
+///   `backward_eval_add_relu` (a ResNet block's `relu(bn(x) + residual)`, fused),
+///   `config`, `layout`, `as_batch_norm` and `as_batch_norm_mut`
 ///   (the runtime-generic `BatchNorm` it wraps), all `pub`;
 /// - impls of `Default`, `Clone`, `Debug` (a `#[derive]` of one of these on the struct is
 ///   skipped, not doubled) and `BatchNormLayer`.

@@ -47,6 +47,11 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused where the instruction set has FMA.
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// ReLU, lane by lane: `0` where `v < 0`, else `v` (NaN and `-0.0` pass through, as
+    /// [`relu`] and x86's `max(0, v)`).
+    fn relu(self, v: Self::V) -> Self::V;
+    /// `g` where `v > 0`, else `0`, lane by lane (NaN in `v` gives `0`): the ReLU's gradient mask.
+    fn pass_positive(self, v: Self::V, g: Self::V) -> Self::V;
 
     /// The first `LANES` values of `s` (panics if `s` is shorter).
     fn load(self, s: &[f32]) -> Self::V;
@@ -84,6 +89,26 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     #[inline(always)]
     fn prefetch(self, p: *const f32) {
         prefetch(p)
+    }
+}
+
+/// The scalar ReLU every instruction set matches bit for bit: `0` where `v < 0`, else `v`.
+#[inline(always)]
+pub(crate) fn relu(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// The scalar [`Isa::pass_positive`]: `g` where `v > 0`, else `0`.
+#[inline(always)]
+pub(crate) fn pass_positive(v: f32, g: f32) -> f32 {
+    if v > 0.0 {
+        g
+    } else {
+        0.0
     }
 }
 
@@ -162,19 +187,110 @@ pub(crate) trait Io: Send + Sized {
     fn misalignment<I: Isa>(&self) -> usize;
 }
 
-/// Separate input and output slices of the same length.
-pub(crate) struct Split<'a> {
-    pub x: &'a [f32],
-    pub y: &'a mut [f32],
+/// What happens to a computed output vector before it is stored: nothing ([`Identity`]), a
+/// ReLU with an optional residual added first ([`Act`]), or the ReLU's gradient mask applied
+/// to `dy` ([`MaskGrad`]). Holds slices aligned with the output; `part` cuts them as the
+/// output is cut, so that position `pos` of a segment is position `pos` of its slices.
+pub(crate) trait Epilogue: Copy + Send + Sync {
+    /// The vector to store for the computed `v` at `pos` of the current segment.
+    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V;
+    /// The same for one value at index `i`.
+    fn apply1(self, i: usize, v: f32) -> f32;
+    /// The epilogue of the values `start..end`.
+    fn part(self, start: usize, end: usize) -> Self;
 }
 
-/// One slice read and overwritten.
-pub(crate) struct InPlace<'a>(pub &'a mut [f32]);
+/// Stores the computed values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity;
 
-impl<'a> Io for Split<'a> {
+impl Epilogue for Identity {
+    #[inline(always)]
+    fn apply<I: Isa>(self, _isa: I, _pos: Pos, v: I::V) -> I::V {
+        v
+    }
+    #[inline(always)]
+    fn apply1(self, _i: usize, v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    fn part(self, _start: usize, _end: usize) -> Self {
+        self
+    }
+}
+
+/// `relu(v + residual)` (`relu(v)` without a residual).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Act<'a> {
+    pub residual: Option<&'a [f32]>,
+}
+
+impl Epilogue for Act<'_> {
+    #[inline(always)]
+    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V {
+        match self.residual {
+            Some(r) => isa.relu(isa.add(v, load_at(isa, r, pos))),
+            None => isa.relu(v),
+        }
+    }
+    #[inline(always)]
+    fn apply1(self, i: usize, v: f32) -> f32 {
+        match self.residual {
+            Some(r) => relu(v + r[i]),
+            None => relu(v),
+        }
+    }
+    #[inline(always)]
+    fn part(self, start: usize, end: usize) -> Self {
+        Act { residual: self.residual.map(|r| &r[start..end]) }
+    }
+}
+
+/// `dy` where `v (+ residual) > 0`, else 0: with `v` the forward's pre-activation (recomputed
+/// by the same arithmetic), the gradient that reaches the normalization.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MaskGrad<'a> {
+    pub dy: &'a [f32],
+    pub residual: Option<&'a [f32]>,
+}
+
+impl Epilogue for MaskGrad<'_> {
+    #[inline(always)]
+    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V {
+        let v = match self.residual {
+            Some(r) => isa.add(v, load_at(isa, r, pos)),
+            None => v,
+        };
+        isa.pass_positive(v, load_at(isa, self.dy, pos))
+    }
+    #[inline(always)]
+    fn apply1(self, i: usize, v: f32) -> f32 {
+        let v = match self.residual {
+            Some(r) => v + r[i],
+            None => v,
+        };
+        pass_positive(v, self.dy[i])
+    }
+    #[inline(always)]
+    fn part(self, start: usize, end: usize) -> Self {
+        MaskGrad { dy: &self.dy[start..end], residual: self.residual.map(|r| &r[start..end]) }
+    }
+}
+
+/// Separate input and output slices of the same length, and the output's epilogue.
+pub(crate) struct Split<'a, A = Identity> {
+    pub x: &'a [f32],
+    pub y: &'a mut [f32],
+    pub act: A,
+}
+
+/// One slice read and overwritten, and the output's epilogue.
+pub(crate) struct InPlace<'a, A = Identity>(pub &'a mut [f32], pub A);
+
+impl<'a, A: Epilogue> Io for Split<'a, A> {
     const STREAM: bool = true;
     type Part<'b>
-        = Split<'b>
+        = Split<'b, A>
     where
         Self: 'b;
     #[inline(always)]
@@ -187,20 +303,25 @@ impl<'a> Io for Split<'a> {
     }
     #[inline(always)]
     fn set(&mut self, i: usize, v: f32) {
-        self.y[i] = v;
+        self.y[i] = self.act.apply1(i, v);
     }
     #[inline(always)]
-    fn part(&mut self, start: usize, end: usize) -> Split<'_> {
-        Split { x: &self.x[start..end], y: &mut self.y[start..end] }
+    fn part(&mut self, start: usize, end: usize) -> Split<'_, A> {
+        Split { x: &self.x[start..end], y: &mut self.y[start..end], act: self.act.part(start, end) }
     }
     fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
         assert_eq!(self.x.len(), self.y.len());
+        let act = self.act;
+        let cut = move |k: usize, x: &'a [f32], y: &'a mut [f32]| {
+            let act = act.part(k * chunk, k * chunk + x.len());
+            Split { x, y, act }
+        };
         if parallel {
             let chunks = self.y.par_chunks_mut(chunk).zip(self.x.par_chunks(chunk));
-            chunks.enumerate().for_each(|(k, (y, x))| f(k, Split { x, y }));
+            chunks.enumerate().for_each(|(k, (y, x))| f(k, cut(k, x, y)));
         } else {
             let chunks = self.y.chunks_mut(chunk).zip(self.x.chunks(chunk));
-            chunks.enumerate().for_each(|(k, (y, x))| f(k, Split { x, y }));
+            chunks.enumerate().for_each(|(k, (y, x))| f(k, cut(k, x, y)));
         }
     }
     #[inline(always)]
@@ -217,14 +338,17 @@ impl<'a> Io for Split<'a> {
         let n = x.len();
         assert_eq!(y.len(), n);
         let mut i = 0;
+        let act = self.act;
         if stream {
             while i + l <= n {
-                isa.stream(&mut y[i..i + l], f(Pos { i: start + i, n: l }, isa.load(&x[i..i + l])));
+                let pos = Pos { i: start + i, n: l };
+                isa.stream(&mut y[i..i + l], act.apply(isa, pos, f(pos, isa.load(&x[i..i + l]))));
                 i += l;
             }
         } else {
             while i + l <= n {
-                isa.store(&mut y[i..i + l], f(Pos { i: start + i, n: l }, isa.load(&x[i..i + l])));
+                let pos = Pos { i: start + i, n: l };
+                isa.store(&mut y[i..i + l], act.apply(isa, pos, f(pos, isa.load(&x[i..i + l]))));
                 i += l;
             }
         }
@@ -243,13 +367,14 @@ impl<'a> Io for Split<'a> {
         for k in 0..P {
             p[k] = &params[k][..full];
         }
+        let act = self.act;
         let mut i = 0;
         while i + l <= full {
             let mut v = [isa.zero(); P];
             for k in 0..P {
                 v[k] = isa.load(&p[k][i..i + l]);
             }
-            isa.store(&mut y[i..i + l], f(v, isa.load(&x[i..i + l])));
+            isa.store(&mut y[i..i + l], act.apply(isa, Pos { i, n: l }, f(v, isa.load(&x[i..i + l]))));
             i += l;
         }
     }
@@ -260,7 +385,7 @@ impl<'a> Io for Split<'a> {
     #[inline(always)]
     fn store_tail<I: Isa>(&mut self, isa: I, v: I::V) {
         let n = self.x.len();
-        isa.store_tail(&mut self.y[..n], v)
+        isa.store_tail(&mut self.y[..n], self.act.apply(isa, Pos { i: 0, n }, v))
     }
     #[inline(always)]
     fn misalignment<I: Isa>(&self) -> usize {
@@ -268,10 +393,10 @@ impl<'a> Io for Split<'a> {
     }
 }
 
-impl<'a> Io for InPlace<'a> {
+impl<'a, A: Epilogue> Io for InPlace<'a, A> {
     const STREAM: bool = false;
     type Part<'b>
-        = InPlace<'b>
+        = InPlace<'b, A>
     where
         Self: 'b;
     #[inline(always)]
@@ -284,17 +409,22 @@ impl<'a> Io for InPlace<'a> {
     }
     #[inline(always)]
     fn set(&mut self, i: usize, v: f32) {
-        self.0[i] = v;
+        self.0[i] = self.1.apply1(i, v);
     }
     #[inline(always)]
-    fn part(&mut self, start: usize, end: usize) -> InPlace<'_> {
-        InPlace(&mut self.0[start..end])
+    fn part(&mut self, start: usize, end: usize) -> InPlace<'_, A> {
+        InPlace(&mut self.0[start..end], self.1.part(start, end))
     }
     fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
+        let act = self.1;
+        let cut = move |k: usize, xy: &'a mut [f32]| {
+            let act = act.part(k * chunk, k * chunk + xy.len());
+            InPlace(xy, act)
+        };
         if parallel {
-            self.0.par_chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, InPlace(xy)));
+            self.0.par_chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, cut(k, xy)));
         } else {
-            self.0.chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, InPlace(xy)));
+            self.0.chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, cut(k, xy)));
         }
     }
     #[inline(always)]
@@ -307,11 +437,13 @@ impl<'a> Io for InPlace<'a> {
         f: &mut impl FnMut(Pos, I::V) -> I::V,
     ) {
         let l = I::LANES;
+        let act = self.1;
         let xy = &mut self.0[start..end];
         let n = xy.len();
         let mut i = 0;
         while i + l <= n {
-            let v = f(Pos { i: start + i, n: l }, isa.load(&xy[i..i + l]));
+            let pos = Pos { i: start + i, n: l };
+            let v = act.apply(isa, pos, f(pos, isa.load(&xy[i..i + l])));
             isa.store(&mut xy[i..i + l], v);
             i += l;
         }
@@ -325,6 +457,7 @@ impl<'a> Io for InPlace<'a> {
         f: &mut impl FnMut([I::V; P], I::V) -> I::V,
     ) {
         let l = I::LANES;
+        let act = self.1;
         let xy = &mut self.0[..full];
         let mut p: [&[f32]; P] = [&[]; P];
         for k in 0..P {
@@ -336,7 +469,7 @@ impl<'a> Io for InPlace<'a> {
             for k in 0..P {
                 v[k] = isa.load(&p[k][i..i + l]);
             }
-            let r = f(v, isa.load(&xy[i..i + l]));
+            let r = act.apply(isa, Pos { i, n: l }, f(v, isa.load(&xy[i..i + l])));
             isa.store(&mut xy[i..i + l], r);
             i += l;
         }
@@ -347,7 +480,8 @@ impl<'a> Io for InPlace<'a> {
     }
     #[inline(always)]
     fn store_tail<I: Isa>(&mut self, isa: I, v: I::V) {
-        isa.store_tail(self.0, v)
+        let n = self.0.len();
+        isa.store_tail(self.0, self.1.apply(isa, Pos { i: 0, n }, v))
     }
     #[inline(always)]
     fn misalignment<I: Isa>(&self) -> usize {

@@ -41,7 +41,7 @@ pub use backend::{Backend, ParseBackendError, BACKEND_ENV};
 
 use crate::spec::{specialize, Spec};
 use crate::{Canonical, Family};
-use isa::{InPlace, Io, Split};
+use isa::{Act, Epilogue as _, Identity, InPlace, Io, MaskGrad, Split};
 use portable::Wide;
 
 /// Runs `$body` with `$isa` bound to the token of `$backend` (which must not be `Scalar`).
@@ -66,6 +66,56 @@ macro_rules! with_isa {
             },
             _ => {
                 let $isa = Wide;
+                $body
+            }
+        }
+    };
+}
+
+/// What the forward kernels do to each output value before storing it: fused into the same
+/// pass, so an activation costs no extra traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Epilogue<'a> {
+    /// Store the normalized value.
+    #[default]
+    None,
+    /// `relu(y)`: `0` where `y < 0`, else `y` (NaN passes through, as in PyTorch).
+    Relu,
+    /// `relu(y + residual[i])` (a ResNet block's tail); the slice holds one value per element.
+    AddRelu(&'a [f32]),
+}
+
+impl Epilogue<'_> {
+    /// The residual slice, if any.
+    fn residual(&self) -> Option<&[f32]> {
+        match *self {
+            Epilogue::AddRelu(r) => Some(r),
+            _ => None,
+        }
+    }
+    /// Applies the epilogue to `y` in place (after an unfused normalize).
+    fn apply_to(&self, y: &mut [f32]) {
+        if *self == Epilogue::None {
+            return;
+        }
+        let act = Act { residual: self.residual() };
+        for (i, v) in y.iter_mut().enumerate() {
+            *v = act.apply1(i, *v);
+        }
+    }
+}
+
+/// Runs `$body` with `$act` bound to the internal epilogue of `$epilogue` (a type per kind, so
+/// the plain path stays free of branches).
+macro_rules! with_act {
+    ($epilogue:expr, |$act:ident| $body:expr) => {
+        match $epilogue {
+            Epilogue::None => {
+                let $act = Identity;
+                $body
+            }
+            e => {
+                let $act = Act { residual: e.residual() };
                 $body
             }
         }
@@ -101,9 +151,43 @@ pub fn forward_train<S: Spec>(
     mean_out: &mut [f64],
     var_out: &mut [f64],
 ) {
+    forward_train_fused::<S>(backend, x, y, Epilogue::None, dims, gamma, beta, eps, mean_out, var_out)
+}
+
+/// [`forward_train`] with an [`Epilogue`] fused into its stores: `y = relu(bn(x))` or
+/// `y = relu(bn(x) + residual)`. The statistics are those of `x` alone.
+///
+/// ```
+/// use bn_core::kernels::{self, Backend, Epilogue};
+/// use bn_core::{spec::Dynamic, Canonical};
+///
+/// let dims = Canonical { outer: 4, channels: 1, inner: 1 };
+/// let (x, mut y) = ([1.0, 2.0, 3.0, 4.0], [0.0; 4]);
+/// let (mut mean, mut var) = ([0.0], [0.0]);
+/// let epilogue = Epilogue::AddRelu(&[0.0, 0.0, 0.0, -10.0]);
+/// kernels::forward_train_fused::<Dynamic>(Backend::detect(), &x, &mut y, epilogue, dims, &[1.0], &[0.0], 0.0, &mut mean, &mut var);
+/// assert_eq!(&y[..2], &[0.0, 0.0]); // below the mean: negative before the ReLU
+/// assert!(y[2] > 0.0 && y[3] == 0.0);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train_fused<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    y: &mut [f32],
+    epilogue: Epilogue<'_>,
+    dims: Canonical,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
     let dims = specialize::<S>(dims);
     let c = dims.channels;
     assert!(x.len() == dims.len() && y.len() == dims.len(), "x and y must hold dims.len() values");
+    if let Some(r) = epilogue.residual() {
+        assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
+    }
     assert!(gamma.len() == c && beta.len() == c && mean_out.len() == c && var_out.len() == c);
     if dims.per_channel() == 0 {
         mean_out.fill(f64::NAN);
@@ -119,14 +203,16 @@ pub fn forward_train<S: Spec>(
             let inv_std: Vec<f64> = var_out.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
             let affine = reference::Affine { mean: &*mean_out, inv_std: &inv_std, gamma, beta };
             reference::normalize(x, y, dims, affine);
+            epilogue.apply_to(y);
         }
         b => parallel::in_pool(2 * dims.len(), || {
-            with_isa!(b, |isa| match dims.family() {
-                Family::Planes =>
-                    planes::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
+            with_isa!(b, |isa| with_act!(epilogue, |act| match dims.family() {
+                Family::Planes => planes::forward_train::<S, _, _>(
+                    isa, x, y, act, dims, gamma, beta, eps, mean_out, var_out
+                ),
                 Family::Rows =>
-                    rows::forward_train::<S, _>(isa, x, y, dims, gamma, beta, eps, mean_out, var_out),
-            })
+                    rows::forward_train::<S, _, _>(isa, x, y, act, dims, gamma, beta, eps, mean_out, var_out),
+            }))
         }),
     }
 }
@@ -145,8 +231,27 @@ pub fn normalize<S: Spec>(
     scale: &[f32],
     shift: &[f32],
 ) {
+    normalize_fused::<S>(backend, x, y, Epilogue::None, dims, mean, scale, shift)
+}
+
+/// [`normalize`] with an [`Epilogue`] fused into its stores (one pass; with a residual it reads
+/// `x` and the residual and writes `y`).
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_fused<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    y: &mut [f32],
+    epilogue: Epilogue<'_>,
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
     assert!(x.len() == dims.len() && y.len() == dims.len(), "x and y must hold dims.len() values");
-    normalize_io::<S, _>(backend, Split { x, y }, dims, mean, scale, shift);
+    if let Some(r) = epilogue.residual() {
+        assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
+    }
+    with_act!(epilogue, |act| normalize_io::<S, _>(backend, Split { x, y, act }, dims, mean, scale, shift))
 }
 
 /// [`normalize`] in place: bit-identical to it (the same loop body runs both).
@@ -158,8 +263,60 @@ pub fn normalize_inplace<S: Spec>(
     scale: &[f32],
     shift: &[f32],
 ) {
+    normalize_inplace_fused::<S>(backend, xy, Epilogue::None, dims, mean, scale, shift)
+}
+
+/// [`normalize_inplace`] with an [`Epilogue`]: bit-identical to [`normalize_fused`].
+pub fn normalize_inplace_fused<S: Spec>(
+    backend: Backend,
+    xy: &mut [f32],
+    epilogue: Epilogue<'_>,
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
     assert!(xy.len() == dims.len(), "xy must hold dims.len() values");
-    normalize_io::<S, _>(backend, InPlace(xy), dims, mean, scale, shift);
+    if let Some(r) = epilogue.residual() {
+        assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
+    }
+    with_act!(epilogue, |act| normalize_io::<S, _>(backend, InPlace(xy, act), dims, mean, scale, shift))
+}
+
+/// The gradient a fused ReLU passes back: `out = dy` where the forward's pre-activation
+/// `(x - mean) * scale + shift (+ residual)` is positive, else `0`.
+///
+/// The pre-activation is recomputed from `x` by the same arithmetic as [`normalize_fused`] (and,
+/// for a training forward, [`forward_train_fused`] on the same backend with the coefficients
+/// [`train_coefficients`] gives), so the mask is exactly the forward's `y > 0`. With a
+/// residual, `out` is also the gradient of the residual. One pass, no allocation.
+#[allow(clippy::too_many_arguments)]
+pub fn relu_grad<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    dy: &[f32],
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let n = dims.len();
+    assert!(x.len() == n && dy.len() == n && out.len() == n, "x, dy and out must hold dims.len() values");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), n, "the residual must hold dims.len() values");
+    }
+    let act = MaskGrad { dy, residual };
+    normalize_io::<S, _>(backend, Split { x, y: out, act }, dims, mean, scale, shift)
+}
+
+/// The `f32` coefficients `(mean, scale, shift)` of channel `c`'s transform in a training
+/// forward of the fast kernels, from the batch mean and `inv_std = 1 / sqrt(var + eps)`:
+/// passing them to [`relu_grad`] recomputes exactly the values that forward normalized.
+pub fn train_coefficients(mean: f64, inv_std: f64, gamma: f32, beta: f32) -> (f32, f32, f32) {
+    let a = stats::Affine32::train_from_inv_std(mean, inv_std, gamma, beta);
+    (a.m, a.s, a.t)
 }
 
 fn normalize_io<S: Spec, T: Io>(

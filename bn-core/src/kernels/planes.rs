@@ -19,7 +19,7 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{map, map2, Io, Isa, Kernel, Split};
+use super::isa::{map, map2, Epilogue, Io, Isa, Kernel, Split};
 use super::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::stats::{sum_dy_xhat, Affine32, AffineGroup, DxCoefficients, Moments};
 use crate::spec::{specialize, Spec};
@@ -508,8 +508,9 @@ impl<S: Spec> Kernel for DxRuns<'_, S> {
 // Training forward.
 
 /// Fused training of the channels `channels`: statistics, then normalize while the slab is hot.
-struct TrainFused<'a, 'y, S> {
+struct TrainFused<'a, 'y, S, A> {
     x: &'a [f32],
+    act: A,
     y: &'a SharedMut<'y, f32>,
     dims: Canonical,
     channels: Range<usize>,
@@ -522,7 +523,7 @@ struct TrainFused<'a, 'y, S> {
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec> Kernel for TrainFused<'_, '_, S> {
+impl<S: Spec, A: Epilogue> Kernel for TrainFused<'_, '_, S, A> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
@@ -559,7 +560,8 @@ impl<S: Spec> Kernel for TrainFused<'_, '_, S> {
                     // processes; runs of distinct `(o, c)` are disjoint, and this one is released
                     // before the next is taken.
                     let y = unsafe { self.y.slice(start, inner) };
-                    let mut io = Split { x: &self.x[start..start + inner], y };
+                    let act = self.act.part(start, start + inner);
+                    let mut io = Split { x: &self.x[start..start + inner], y, act };
                     map(
                         isa,
                         &mut io,
@@ -599,10 +601,11 @@ impl<S: Spec> Kernel for ChunkMoments<'_, S> {
 
 /// Training forward of the planes family.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_train<S: Spec, I: Isa>(
+pub(crate) fn forward_train<S: Spec, I: Isa, A: Epilogue>(
     isa: I,
     x: &[f32],
     y: &mut [f32],
+    act: A,
     dims: Canonical,
     gamma: &[f32],
     beta: &[f32],
@@ -623,8 +626,9 @@ pub(crate) fn forward_train<S: Spec, I: Isa>(
             // SAFETY: the channel ranges of distinct tasks are disjoint.
             let (mean, var) = unsafe { (mean.slice(channels.start, len), var.slice(channels.start, len)) };
             let (x, y) = (x, &y);
-            isa.vectorize(TrainFused::<S> {
+            isa.vectorize(TrainFused::<S, A> {
                 x,
+                act,
                 y,
                 dims,
                 channels,
@@ -657,7 +661,7 @@ pub(crate) fn forward_train<S: Spec, I: Isa>(
         var_out[c] = mom.m2 / mom.n;
         params.push(Affine32::train(mom.mean, var_out[c], eps, gamma[c], beta[c]));
     }
-    normalize_runs::<S, I, _>(isa, Split { x, y }, dims, &|c: usize| params[c]);
+    normalize_runs::<S, I, _>(isa, Split { x, y, act }, dims, &|c: usize| params[c]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 //! compiled (SSE2 on a default x86-64 build, NEON on aarch64, AVX2 or AVX-512 under
 //! `-C target-cpu=native`). No run-time detection: it runs everywhere.
 
-use wide::f32x8;
+use wide::{f32x8, CmpGt, CmpLt};
 
 use super::isa::{Isa, Kernel};
 
@@ -38,6 +38,14 @@ impl Isa for Wide {
     #[inline(always)]
     fn mul_add(self, a: f32x8, b: f32x8, c: f32x8) -> f32x8 {
         a.mul_add(b, c)
+    }
+    #[inline(always)]
+    fn relu(self, v: f32x8) -> f32x8 {
+        v.cmp_lt(f32x8::ZERO).blend(f32x8::ZERO, v)
+    }
+    #[inline(always)]
+    fn pass_positive(self, v: f32x8, g: f32x8) -> f32x8 {
+        v.cmp_gt(f32x8::ZERO) & g
     }
     #[inline(always)]
     fn load(self, s: &[f32]) -> f32x8 {

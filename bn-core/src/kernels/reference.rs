@@ -141,6 +141,32 @@ pub fn normalize_inplace<E: Element, M: Param, P: Param>(
     });
 }
 
+/// The gradient a fused ReLU passes back, recomputing the forward's pre-activation with
+/// [`normalize`]'s arithmetic: `out = dy` where `round(affine(x)) (+ residual, rounded)` is
+/// positive, else 0.
+pub fn relu_grad<E: Element, M: Param, P: Param>(
+    x: &[E],
+    dy: &[E],
+    residual: Option<&[E]>,
+    out: &mut [E],
+    dims: Canonical,
+    affine: Affine<'_, M, P>,
+) {
+    assert!(x.len() == dims.len() && dy.len() == dims.len() && out.len() == dims.len());
+    if let Some(r) = residual {
+        assert_eq!(r.len(), dims.len());
+    }
+    for_each_run(dims, |c, start| {
+        for i in start..start + dims.inner {
+            let mut v = affine.apply(c, x[i]);
+            if let Some(r) = residual {
+                v = E::from_f64(v.to_f64() + r[i].to_f64());
+            }
+            out[i] = if v.to_f64() > 0.0 { dy[i] } else { E::from_f64(0.0) };
+        }
+    });
+}
+
 /// The two reductions of the backward pass, per channel, in f64:
 /// `sum_dy = sum(dy)` and `sum_dy_xhat = sum(dy * xhat)` with `xhat = (x - mean) * inv_std`.
 pub fn backward_sums<E: Element, M: Param>(

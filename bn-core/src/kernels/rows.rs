@@ -594,10 +594,11 @@ pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
 
 /// Training forward of the rows family.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_train<S: Spec, I: Isa>(
+pub(crate) fn forward_train<S: Spec, I: Isa, A: super::isa::Epilogue>(
     isa: I,
     x: &[f32],
     y: &mut [f32],
+    act: A,
     dims: Canonical,
     gamma: &[f32],
     beta: &[f32],
@@ -626,7 +627,7 @@ pub(crate) fn forward_train<S: Spec, I: Isa>(
             }
         },
     ));
-    normalize_rows::<S, I, _>(isa, super::isa::Split { x, y }, dims, [m, s, t]);
+    normalize_rows::<S, I, _>(isa, super::isa::Split { x, y, act }, dims, [m, s, t]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -63,7 +63,12 @@ impl Affine32 {
     /// The training forward's transform of one channel.
     #[inline(always)]
     pub fn train(mean: f64, var: f64, eps: f64, gamma: f32, beta: f32) -> Affine32 {
-        let inv_std = 1.0 / (var + eps).sqrt();
+        Self::train_from_inv_std(mean, 1.0 / (var + eps).sqrt(), gamma, beta)
+    }
+
+    /// [`Affine32::train`] from `inv_std = 1 / sqrt(var + eps)`.
+    #[inline(always)]
+    pub fn train_from_inv_std(mean: f64, inv_std: f64, gamma: f32, beta: f32) -> Affine32 {
         let m = mean as f32;
         let k = gamma as f64 * inv_std;
         Affine32 { m, s: k as f32, t: (beta as f64 + (m as f64 - mean) * k) as f32 }

@@ -81,6 +81,17 @@ impl Isa for Avx2 {
         unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
+    fn relu(self, v: __m256) -> __m256 {
+        // SAFETY: the token proves AVX. `max(0, v)` returns its second operand `v` when `v` is
+        // NaN or equal to 0 (so -0.0 stays), and 0 when `v < 0`: the scalar `relu`.
+        unsafe { _mm256_max_ps(_mm256_setzero_ps(), v) }
+    }
+    #[inline(always)]
+    fn pass_positive(self, v: __m256, g: __m256) -> __m256 {
+        // SAFETY: the token proves AVX. The ordered compare is false for NaN.
+        unsafe { _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_setzero_ps()), g) }
+    }
+    #[inline(always)]
     fn load(self, s: &[f32]) -> __m256 {
         assert!(s.len() >= 8);
         // SAFETY: the token proves AVX; `s` holds at least 8 values (checked); unaligned load.
@@ -178,6 +189,17 @@ impl Isa for Avx512 {
     fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
         // SAFETY: the token proves AVX-512F.
         unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn relu(self, v: __m512) -> __m512 {
+        // SAFETY: the token proves AVX-512F. As the AVX2 `relu`: `max(0, v)` returns `v` for NaN
+        // and -0.0, 0 for `v < 0`.
+        unsafe { _mm512_max_ps(_mm512_setzero_ps(), v) }
+    }
+    #[inline(always)]
+    fn pass_positive(self, v: __m512, g: __m512) -> __m512 {
+        // SAFETY: the token proves AVX-512F. The ordered compare is false for NaN.
+        unsafe { _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_setzero_ps()), g) }
     }
     #[inline(always)]
     fn load(self, s: &[f32]) -> __m512 {
