@@ -132,6 +132,9 @@ pub struct Workload {
     mode: Mode,
     x: Vec<f32>,
     dy: Vec<f32>,
+    /// The residual of [`Implementation::AddRelu`] and its gradient (empty without it).
+    residual: Vec<f32>,
+    dresidual: Vec<f32>,
     /// The layers and their output buffers.
     layers: Vec<(Implementation, DynLayer, Vec<f32>)>,
     naive: Option<NaiveBatchNorm>,
@@ -148,6 +151,17 @@ impl Workload {
     /// `with_naive` adds the naive baseline; the macro layer is added when the case is a
     /// standard shape.
     pub fn new(case: &Case, mode: Mode, with_naive: bool) -> Result<Workload, BnError> {
+        Self::with_epilogues(case, mode, with_naive, false)
+    }
+
+    /// [`Workload::new`], with the fused epilogues ([`Implementation::Relu`] and
+    /// [`Implementation::AddRelu`]) too when `epilogues`.
+    pub fn with_epilogues(
+        case: &Case,
+        mode: Mode,
+        with_naive: bool,
+        epilogues: bool,
+    ) -> Result<Workload, BnError> {
         let len = case.len();
         let features: usize = case.features().iter().product();
         let x = fill(len, 1, 0.5);
@@ -159,9 +173,22 @@ impl Workload {
             layers.push((Implementation::Macro, layer, vec![0.0; len]));
         }
         layers.push((Implementation::Runtime, runtime_layer(case)?, vec![0.0; len]));
-        for (_, layer, out) in &mut layers {
+        let (mut residual, mut dresidual) = (Vec::new(), Vec::new());
+        if epilogues {
+            let relu = batchnorm::Config::new().activation(batchnorm::Activation::Relu);
+            let relu_layer = batchnorm::BatchNorm::with_config(case.features(), &case.axes, relu)?;
+            layers.push((Implementation::Relu, Box::new(relu_layer), vec![0.0; len]));
+            layers.push((Implementation::AddRelu, runtime_layer(case)?, vec![0.0; len]));
+            residual = fill(len, 4, 0.0);
+            dresidual = vec![0.0; len];
+        }
+        for (imp, layer, out) in &mut layers {
             layer.update_params(&gamma, &beta)?;
-            layer.forward_train(&x, &case.shape, out)?;
+            if *imp == Implementation::AddRelu {
+                layer.forward_train_add_relu(&x, &residual, &case.shape, out)?;
+            } else {
+                layer.forward_train(&x, &case.shape, out)?;
+            }
         }
         let naive = if with_naive {
             let config = batchnorm::Config::new();
@@ -185,6 +212,8 @@ impl Workload {
             mode,
             x,
             dy,
+            residual,
+            dresidual,
             layers,
             naive,
             copy_src: fill(copy_len, 3, 0.0),
@@ -250,11 +279,18 @@ impl Workload {
         let shape = &self.case.shape;
         match job {
             Job::Layer(i) => {
-                let (_, layer, out) = &mut self.layers[i];
-                match self.mode {
-                    Mode::Train => layer.forward_train(&self.x, shape, out)?,
-                    Mode::Eval => layer.forward_eval(&self.x, shape, out)?,
-                    Mode::Backward => layer.backward(&self.x, &self.dy, shape, out)?,
+                let (imp, layer, out) = &mut self.layers[i];
+                let (x, dy, r) = (&self.x, &self.dy, &self.residual);
+                match (self.mode, *imp == Implementation::AddRelu) {
+                    (Mode::Train, false) => layer.forward_train(x, shape, out)?,
+                    (Mode::Eval, false) => layer.forward_eval(x, shape, out)?,
+                    (Mode::Backward, false) => layer.backward(x, dy, shape, out)?,
+                    (Mode::Train, true) => layer.forward_train_add_relu(x, r, shape, out)?,
+                    (Mode::Eval, true) => layer.forward_eval_add_relu(x, r, shape, out)?,
+                    (Mode::Backward, true) => {
+                        layer.backward_add_relu(x, r, dy, shape, out, &mut self.dresidual)?;
+                        black_box(&mut self.dresidual);
+                    }
                 }
                 black_box(out);
             }

@@ -155,6 +155,11 @@ pub enum Implementation {
     Macro,
     /// The runtime-generic `batchnorm::BatchNorm`.
     Runtime,
+    /// The runtime-generic layer with `activation = relu`: `relu(bn(x))`, fused
+    /// (`--epilogues`).
+    Relu,
+    /// The runtime-generic layer's residual form `relu(bn(x) + residual)`, fused (`--epilogues`).
+    AddRelu,
     /// The naive ndarray baseline ([`crate::naive`]).
     Naive,
     /// A copy of the same number of bytes: the memory-bandwidth reference.
@@ -163,14 +168,22 @@ pub enum Implementation {
 
 impl Implementation {
     /// All implementations, in table order.
-    pub const ALL: [Implementation; 4] =
-        [Implementation::Macro, Implementation::Runtime, Implementation::Naive, Implementation::Copy];
+    pub const ALL: [Implementation; 6] = [
+        Implementation::Macro,
+        Implementation::Runtime,
+        Implementation::Relu,
+        Implementation::AddRelu,
+        Implementation::Naive,
+        Implementation::Copy,
+    ];
 
     /// The name used in the table and the JSON.
     pub fn name(self) -> &'static str {
         match self {
             Implementation::Macro => "macro",
             Implementation::Runtime => "runtime",
+            Implementation::Relu => "relu",
+            Implementation::AddRelu => "add-relu",
             Implementation::Naive => "naive",
             Implementation::Copy => "copy",
         }

@@ -15,7 +15,7 @@ use crate::report::{self, Row};
 pub const USAGE: &str = "\
 usage: bn-bench [--case S1,..] [--shape AxBx.. [--axes I,J,.. | --layout nchw|nhwc|nc|ncl]]
                 [--mode train,eval,backward] [--threads N] [--backend scalar|wide|avx2|avx512]
-                [--quick] [--json PATH] [--plot PATH.svg] [--help]";
+                [--quick] [--epilogues] [--json PATH] [--plot PATH.svg] [--help]";
 
 /// The text of `--help`.
 pub const HELP: &str = "\
@@ -43,6 +43,9 @@ Options:
   --threads N           run on a Rayon pool of N threads (default: Rayon's, one per core)
   --backend NAME        force a SIMD backend (sets BN_BACKEND): scalar, wide, avx2, avx512
   --quick               fewer repetitions (50 ms per implementation and row instead of 400 ms)
+  --epilogues           also the fused epilogues on the runtime-generic layer: relu (activation =
+                        relu) and add-relu (relu(bn(x) + residual)), with x plain = their median /
+                        the plain runtime layer's
   --json PATH           write one JSON record per row: case, shape, axes, mode, implementation,
                         threads, backend, median_ns, min_ns, max_ns, gbps, copy_ratio, naive_speedup
   --plot PATH.svg       draw GB/s per case and mode, one bar per implementation, copy as ceiling
@@ -93,6 +96,8 @@ pub struct Options {
     pub backend: Option<String>,
     /// Fewer repetitions.
     pub quick: bool,
+    /// Also measure the fused epilogues.
+    pub epilogues: bool,
     /// Where to write the JSON records.
     pub json: Option<PathBuf>,
     /// Where to write the SVG plot.
@@ -107,6 +112,7 @@ impl Default for Options {
             threads: None,
             backend: None,
             quick: false,
+            epilogues: false,
             json: None,
             plot: None,
         }
@@ -194,7 +200,7 @@ where
         if !name.starts_with('-') {
             return err(format!("unexpected argument `{arg}` (options start with --)"));
         }
-        const FLAGS: [&str; 1] = ["--quick"];
+        const FLAGS: [&str; 2] = ["--quick", "--epilogues"];
         const VALUED: [&str; 10] = [
             "--case",
             "--shape",
@@ -210,7 +216,7 @@ where
         if !FLAGS.contains(&name.as_str()) && !VALUED.contains(&name.as_str()) {
             return err(format!(
                 "unknown option `{name}`; the options are --case, --shape, --axes, --layout, --mode, \
-                 --threads, --backend, --quick, --json, --plot, --help"
+                 --threads, --backend, --quick, --epilogues, --json, --plot, --help"
             ));
         }
         let canonical = if name == "--cases" { "--case".to_string() } else { name.clone() };
@@ -222,7 +228,11 @@ where
             if inline.is_some() {
                 return err(format!("{name} takes no value"));
             }
-            options.quick = true;
+            if name == "--epilogues" {
+                options.epilogues = true;
+            } else {
+                options.quick = true;
+            }
             continue;
         }
         let value = match inline.or_else(|| args.next()) {
@@ -416,7 +426,7 @@ pub fn run(options: &Options, progress: bool) -> Result<RunOutput, RunError> {
         for case in &options.cases {
             for &mode in &options.modes {
                 bar.set_message(format!("{} {mode}", case.name));
-                let row = Workload::new(case, mode, true)
+                let row = Workload::with_epilogues(case, mode, true, options.epilogues)
                     .and_then(|mut w| w.measure(&settings))
                     .map_err(|e| RunError::Layer(format!("{} {mode}: {e}", case.name)))?;
                 measurements.extend(row);

@@ -42,6 +42,10 @@ pub struct Row {
     /// Speedup of the macro layer over the runtime-generic one (macro rows only; not in JSON).
     #[serde(skip)]
     pub macro_speedup: Option<f64>,
+    /// A fused epilogue's cost: its median / the plain runtime layer's (relu and add-relu rows
+    /// only; not in JSON).
+    #[serde(skip)]
+    pub plain_ratio: Option<f64>,
 }
 
 /// Bytes a mode moves at least on a case.
@@ -65,6 +69,9 @@ pub fn rows(measurements: &[Measurement], threads: usize, backend: &str) -> Vec<
             let macro_speedup = (m.implementation == Implementation::Macro)
                 .then(|| ratio(Implementation::Runtime))
                 .filter(|r| r.is_finite());
+            let plain_ratio = matches!(m.implementation, Implementation::Relu | Implementation::AddRelu)
+                .then(|| median(m, Implementation::Runtime).map_or(f64::NAN, |rt| t / rt))
+                .filter(|r| r.is_finite());
             Row {
                 case: m.case.name.clone(),
                 shape: m.case.shape.clone(),
@@ -81,6 +88,7 @@ pub fn rows(measurements: &[Measurement], threads: usize, backend: &str) -> Vec<
                 copy_ratio: median(m, Implementation::Copy).map_or(f64::NAN, |copy| t / copy),
                 naive_speedup: ratio(Implementation::Naive),
                 macro_speedup,
+                plain_ratio,
             }
         })
         .collect()
@@ -121,11 +129,16 @@ pub fn table(rows: &[Row], cases: &[Case], threads: usize, backend: &str) -> Str
         let _ = writeln!(s, "  {}", case.describe());
     }
     let _ = writeln!(s);
-    let header = ["case", "mode", "impl", "median", "min .. max", "GB/s", "x copy", "vs naive", "macro/rt"];
-    let cells: Vec<[String; 9]> = rows
+    let epilogues = rows.iter().any(|r| r.plain_ratio.is_some());
+    let mut header =
+        vec!["case", "mode", "impl", "median", "min .. max", "GB/s", "x copy", "vs naive", "macro/rt"];
+    if epilogues {
+        header.push("x plain");
+    }
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            let mut cells = vec![
                 r.case.clone(),
                 r.mode.clone(),
                 r.implementation.clone(),
@@ -135,7 +148,11 @@ pub fn table(rows: &[Row], cases: &[Case], threads: usize, backend: &str) -> Str
                 format_ratio(r.copy_ratio),
                 format_ratio(r.naive_speedup),
                 r.macro_speedup.map_or_else(String::new, format_ratio),
-            ]
+            ];
+            if epilogues {
+                cells.push(r.plain_ratio.map_or_else(String::new, format_ratio));
+            }
+            cells
         })
         .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -179,6 +196,13 @@ pub fn table(rows: &[Row], cases: &[Case], threads: usize, backend: &str) -> Str
          x copy: median / copy median (1.00x = at the memory-bandwidth limit).\nvs naive: naive median / median. \
          macro/rt: runtime-generic median / macro median."
     );
+    if epilogues {
+        let _ = writeln!(
+            s,
+            "x plain: a fused epilogue's median / the plain runtime layer's (relu = activation relu, \
+             add-relu = relu(bn(x) + residual))."
+        );
+    }
     s
 }
 
