@@ -302,3 +302,15 @@ fn an_overflowing_fold_is_an_error() {
     bn.set_running_stats(&[0.0, 0.0], &[0.0, 1.0]).unwrap();
     fails("f32 overflow", "overflows", |w| fold::fold_into_preceding(&bn, w, &[2, 3], None), 6);
 }
+
+#[test]
+fn a_fused_relu_folds_into_the_preceding_layer_but_not_the_following_one() {
+    use batchnorm::{Activation, BatchNorm, BnError, Config};
+    let bn = BatchNorm::with_config(2, [0], Config::new().activation(Activation::Relu)).unwrap();
+    let mut weight = vec![1.0f32; 6];
+    let before = weight.clone();
+    let err = batchnorm::fold::fold_into_following(&bn, &mut weight, &[3, 2], None).unwrap_err();
+    assert!(matches!(&err, BnError::Fold(m) if m.contains("relu")), "{err}");
+    assert_eq!(weight, before);
+    assert!(batchnorm::fold::fold_into_preceding(&bn, &mut weight, &[2, 3], None).is_ok());
+}

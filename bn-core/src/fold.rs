@@ -90,7 +90,8 @@ pub fn scale_shift<L: BatchNormLayer + ?Sized>(layer: &L) -> Result<ScaleShift, 
 /// and the new bias returned (`bias * s + t`, or `t` when `bias` is `None`).
 ///
 /// For a layer with several feature axes, `out` is their flattened count
-/// ([`features()`](BatchNormLayer::features)).
+/// ([`features()`](BatchNormLayer::features)). A fused activation is not folded: with
+/// `activation = "relu"`, apply the ReLU to the folded layer's output.
 ///
 /// # Errors
 ///
@@ -150,13 +151,21 @@ pub fn fold_into_preceding<L: BatchNormLayer + ?Sized, W: Param>(
 /// [`BnError::Fold`] when `weight_shape` is not `(out, in)` with `in` a positive multiple of the
 /// layer's feature count, it does not describe `weight.len()` values, `bias` is not one value per
 /// output, a folded value overflows the weights' type, or the layer has no running statistics
-/// ([`scale_shift`]). The weights are unchanged after an error.
+/// ([`scale_shift`]), or the layer fuses an activation (`relu(bn(x))` is not affine). The weights
+/// are unchanged after an error.
 pub fn fold_into_following<L: BatchNormLayer + ?Sized, W: Param>(
     layer: &L,
     weight: &mut [W],
     weight_shape: &[usize],
     bias: Option<&[W]>,
 ) -> Result<Vec<W>, BnError> {
+    if layer.config().get_activation() != crate::Activation::Identity {
+        return Err(BnError::Fold(format!(
+            "the layer applies `activation = \"{}\"` after the normalization: the linear layer after it \
+             sees relu(bn(x)), which is not affine, so the batch norm cannot be folded into it",
+            layer.config().get_activation().name()
+        )));
+    }
     let st = scale_shift(layer)?;
     let c = st.scale.len();
     let &[out, input] = weight_shape else {
