@@ -21,6 +21,23 @@ pub enum BnError {
         shape: Vec<usize>,
     },
 
+    /// A reduced axis's extent in `shape` is not the one the layer was compiled for (the
+    /// attribute's `spatial` key).
+    #[error(
+        "spatial extent mismatch: axis {axis} of shape {shape:?} has extent {got}, but the layer was \
+         compiled for {expected} (its `spatial` key)"
+    )]
+    SpatialMismatch {
+        /// The axis.
+        axis: usize,
+        /// The extent the layer was compiled for.
+        expected: usize,
+        /// The given extent.
+        got: usize,
+        /// The given shape.
+        shape: Vec<usize>,
+    },
+
     /// The extents of the feature axes in `shape` are not the layer's.
     #[error(
         "feature extent mismatch: the layer expects extents {expected:?} at axes {first_axis}..{end_axis}, \

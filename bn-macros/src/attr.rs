@@ -31,6 +31,7 @@ pub(crate) enum Key {
     Scale,
     TrackRunningStats,
     Activation,
+    Spatial,
     Crate,
 }
 
@@ -57,6 +58,11 @@ impl Key {
             "`track_running_stats = true` or `track_running_stats = false`",
         ),
         (Key::Activation, "activation", "`activation = \"relu\"` or `activation = \"none\"`"),
+        (
+            Key::Spatial,
+            "spatial",
+            "`spatial = [56, 56]` (the extents of the reduced axes after the first, in axis order)",
+        ),
         (Key::Crate, "crate", "`crate = \"::batchnorm\"`"),
     ];
 
@@ -175,6 +181,7 @@ pub(crate) struct Attr {
     pub scale: Option<Spanned<bool>>,
     pub track_running_stats: Option<Spanned<bool>>,
     pub activation: Option<Spanned<Activation>>,
+    pub spatial: Option<Integers>,
     pub krate: Option<Spanned<Path>>,
     /// The keys given, each with its position among the entries (errors are sorted by it) and
     /// its whole `key = value` tokens.
@@ -245,6 +252,7 @@ impl Attr {
             Key::Scale => self.scale = boolean(cx, key, value),
             Key::TrackRunningStats => self.track_running_stats = boolean(cx, key, value),
             Key::Activation => self.activation = choice(cx, key, value, Activation::ALL),
+            Key::Spatial => self.spatial = integers(cx, key, value, true, "positive integers"),
             Key::Crate => self.krate = crate_path(cx, key, value),
         }
     }

@@ -63,8 +63,11 @@ impl Dtype {
 pub(crate) struct Statics {
     features: Literal,
     rank: Literal,
-    /// `Spec::INNER`: 1 when the feature axes are the last ones, else 0 (not known statically).
+    /// `Spec::INNER`: the product of the extents after the feature axes when they are static (1
+    /// when the feature axes are the last ones; `spatial` gives the others), else 0.
     inner: Literal,
+    /// The checks of the `spatial` extents (empty without the key).
+    spatial_check: TokenStream,
     /// The body of `new()`.
     construct: TokenStream,
     doc_features: String,
@@ -120,10 +123,30 @@ impl Statics {
             Self { __bn: #private::BatchNorm::__from_static(#rank, #first, &[#(#extents),*], CONFIG) }
         };
         let feature_axes = layout.feature_axes();
+        let inner = layout.static_inner().and_then(|i| usize::try_from(i).ok()).unwrap_or(0);
+        let spatial_check = layout.spatial.iter().map(|&(axis, extent)| {
+            let (axis, extent) = (Literal::usize_unsuffixed(axis), Literal::u64_unsuffixed(extent));
+            quote! {
+                if shape[#axis] != #extent {
+                    return ::core::result::Result::Err(#private::BnError::SpatialMismatch {
+                        axis: #axis,
+                        expected: #extent,
+                        got: shape[#axis],
+                        shape: shape.to_vec(),
+                    });
+                }
+            }
+        });
+        let spatial_check = quote! {
+            if shape.len() == #rank {
+                #(#spatial_check)*
+            }
+        };
         Statics {
             features: Literal::u64_unsuffixed(layout.channels),
             rank,
-            inner: Literal::usize_unsuffixed(usize::from(layout.features_last())),
+            inner: Literal::usize_unsuffixed(inner),
+            spatial_check,
             construct,
             doc_features: format!(
                 "The number of features, {}: the product of the feature extents {:?} (the length of \
@@ -159,6 +182,7 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
         Some(s) => (&s.features, &s.rank, &s.inner),
         None => (&zero, &zero, &zero),
     };
+    let spatial_check = statics.map(|s| s.spatial_check.clone()).unwrap_or_default();
     let construct = match statics {
         Some(s) => s.construct.clone(),
         None => quote!(::core::unreachable!("the #[batch_norm] attribute of this layer has errors")),
@@ -183,6 +207,14 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
             }
 
             impl #ident {
+                /// The shape checks the attribute's `spatial` key adds (none without it).
+                #[inline(always)]
+                #[allow(unused_variables)]
+                fn __check_spatial(shape: &[usize]) -> #result {
+                    #spatial_check
+                    ::core::result::Result::Ok(())
+                }
+
                 #[doc = #doc_features]
                 pub const FEATURES: usize = #features;
 
@@ -209,6 +241,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 /// unchanged.
                 #[inline]
                 pub fn forward_train(&mut self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.forward_train_spec::<__Spec>(x, shape, y)
                 }
 
@@ -222,6 +256,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 /// [`forward_train`](Self::forward_train) rejects).
                 #[inline]
                 pub fn forward_eval(&self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.forward_eval_spec::<__Spec>(x, shape, y)
                 }
 
@@ -232,6 +268,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 /// As [`forward_eval`](Self::forward_eval).
                 #[inline]
                 pub fn forward_eval_inplace(&self, xy: &mut [#elem], shape: &[usize]) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.forward_eval_inplace_spec::<__Spec>(xy, shape)
                 }
 
@@ -245,6 +283,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 /// buffer length.
                 #[inline]
                 pub fn backward(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.backward_spec::<__Spec>(x, dy, shape, dx)
                 }
 
@@ -257,6 +297,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 /// A wrong shape or buffer length.
                 #[inline]
                 pub fn backward_eval(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.backward_eval_spec::<__Spec>(x, dy, shape, dx)
                 }
 
@@ -275,6 +317,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                     shape: &[usize],
                     y: &mut [#elem],
                 ) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.forward_train_add_relu_spec::<__Spec>(x, residual, shape, y)
                 }
 
@@ -292,6 +336,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                     shape: &[usize],
                     y: &mut [#elem],
                 ) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.forward_eval_add_relu_spec::<__Spec>(x, residual, shape, y)
                 }
 
@@ -311,6 +357,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                     dx: &mut [#elem],
                     dresidual: &mut [#elem],
                 ) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.backward_add_relu_spec::<__Spec>(x, residual, dy, shape, dx, dresidual)
                 }
 
@@ -330,6 +378,8 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                     dx: &mut [#elem],
                     dresidual: &mut [#elem],
                 ) -> #result {
+                    Self::__check_spatial(shape)?;
+
                     self.__bn.backward_eval_add_relu_spec::<__Spec>(x, residual, dy, shape, dx, dresidual)
                 }
 

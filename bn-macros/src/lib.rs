@@ -50,6 +50,7 @@ use proc_macro::TokenStream;
 /// | `center` | `false`: beta fixed at 0 | `true` |
 /// | `scale` | `false`: gamma fixed at 1 | `true` |
 /// | `track_running_stats` | `false`: inference uses batch statistics too | `true` |
+/// | `spatial` | the extents of the reduced axes after the first, in axis order (`[56, 56]` for NCHW's H and W): compile-time constants for the kernels, and other extents are `BnError::SpatialMismatch` | |
 /// | `activation` | `"relu"`: `relu(bn(x))` fused into the forward passes, and its gradient into the backward ones; `"none"` | `"none"` |
 /// | `crate` | the path of the `batchnorm` crate, for a renamed dependency: `crate = "bn"` | `"::batchnorm"` |
 ///

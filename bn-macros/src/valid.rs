@@ -76,12 +76,19 @@ pub(crate) struct Layout {
     pub first_feature_axis: usize,
     /// The number of features: the product of the extents (fits in 64 bits).
     pub channels: u64,
+    /// The static extents of `spatial`: (axis, extent) for every reduced axis after the first.
+    pub spatial: Vec<(usize, u64)>,
 }
 
 impl Layout {
-    /// Whether the feature axes are the last ones (the rows family: `inner == 1`).
-    pub(crate) fn features_last(&self) -> bool {
-        self.first_feature_axis + self.features.len() == self.rank
+    /// The product of the extents after the feature axes when every one is static (1 when the
+    /// feature axes are last), else `None`.
+    pub(crate) fn static_inner(&self) -> Option<u64> {
+        let after = self.first_feature_axis + self.features.len();
+        (after..self.rank).try_fold(1u64, |acc, axis| {
+            let extent = self.spatial.iter().find(|&&(a, _)| a == axis)?.1;
+            acc.checked_mul(extent)
+        })
     }
 
     /// The feature axes, as `[first, last]` or `[first]`, for docs.
@@ -171,7 +178,54 @@ fn check_layout(cx: &Ctxt, attr: &Attr) -> Option<Layout> {
     let axes: Vec<u64> = attr.axes.as_ref()?.value.iter().map(|a| a.value).collect();
     let rank = axes.len() + features.len();
     let first_feature_axis = (0..rank).find(|&a| !axes.contains(&(a as u64)))?;
-    Some(Layout { features, axes, rank, first_feature_axis, channels })
+    let spatial = match &attr.spatial {
+        Some(spatial) => {
+            cx.set_position(attr.position(Key::Spatial));
+            check_spatial(cx, spatial, &axes)?
+        }
+        None => Vec::new(),
+    };
+    Some(Layout { features, axes, rank, first_feature_axis, channels, spatial })
+}
+
+/// Checks `spatial` against the reduced axes: one positive extent per reduced axis after the
+/// first. Returns the (axis, extent) pairs.
+fn check_spatial(cx: &Ctxt, spatial: &Spanned<Vec<Spanned<u64>>>, axes: &[u64]) -> Option<Vec<(usize, u64)>> {
+    let later: Vec<u64> = axes[1..].to_vec();
+    if later.is_empty() {
+        cx.error_spanned_by(
+            &spatial.tokens,
+            format!(
+                "`spatial` gives the extents of the reduced axes after the first, and `axes = {axes:?}` has \
+                 none: remove `spatial`"
+            ),
+        );
+        return None;
+    }
+    if spatial.value.len() != later.len() {
+        cx.error_spanned_by(
+            &spatial.tokens,
+            format!(
+                "`spatial` gives the extents of the reduced axes after the first (axes {later:?} for \
+                 `axes = {axes:?}`, in that order): expected {} {}, got {}",
+                later.len(),
+                plural(later.len(), "extent", "extents"),
+                spatial.value.len()
+            ),
+        );
+        return None;
+    }
+    let mut ok = true;
+    for extent in &spatial.value {
+        if extent.value == 0 || usize::try_from(extent.value).is_err() {
+            cx.error_spanned_by(
+                &extent.tokens,
+                format!("spatial extents must be positive, got {}", extent.value),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| later.iter().zip(&spatial.value).map(|(&a, e)| (a as usize, e.value)).collect())
 }
 
 /// The extents and their product when they are valid.
