@@ -51,22 +51,25 @@ impl From<&Vec<usize>> for Features {
 
 /// The statistics of the last successful `forward_train`, kept for `backward`.
 #[derive(Clone)]
-struct Saved<P> {
-    valid: bool,
-    shape: Vec<usize>,
-    mean: Vec<f64>,
-    inv_std: Vec<f64>,
-    gamma: Vec<P>,
+pub(crate) struct Saved<P> {
+    pub(crate) valid: bool,
+    pub(crate) shape: Vec<usize>,
+    /// Values per feature the statistics were computed from (the whole group's when
+    /// synchronized, [`crate::sync`]).
+    pub(crate) count: f64,
+    pub(crate) mean: Vec<f64>,
+    pub(crate) inv_std: Vec<f64>,
+    pub(crate) gamma: Vec<P>,
 }
 
 /// Per-channel working buffers, allocated once with the layer. Their contents are never part of
 /// the layer's observable state. Calls take them out (`mem::take`: empty vectors, no allocation)
 /// and put them back, so they can be borrowed next to the layer's other fields.
 #[derive(Clone, Default)]
-struct Scratch {
-    mean: Vec<f64>,
-    var: Vec<f64>,
-    inv_std: Vec<f64>,
+pub(crate) struct Scratch {
+    pub(crate) mean: Vec<f64>,
+    pub(crate) var: Vec<f64>,
+    pub(crate) inv_std: Vec<f64>,
 }
 
 /// A batch-normalization layer whose features, axes and options are given at run time.
@@ -97,9 +100,9 @@ struct Scratch {
 #[derive(Clone)]
 pub struct BatchNorm<E: Element = f32> {
     layout: Layout,
-    config: Config,
-    gamma: Vec<E::Param>,
-    beta: Vec<E::Param>,
+    pub(crate) config: Config,
+    pub(crate) gamma: Vec<E::Param>,
+    pub(crate) beta: Vec<E::Param>,
     running_mean: Vec<E::Param>,
     running_var: Vec<E::Param>,
     /// `1 / sqrt(running_var + eps)`, kept in step with `running_var` (the reference's).
@@ -113,8 +116,8 @@ pub struct BatchNorm<E: Element = f32> {
     gamma_grad: Vec<E::Param>,
     beta_grad: Vec<E::Param>,
     num_batches_tracked: u64,
-    saved: Saved<E::Param>,
-    scratch: Scratch,
+    pub(crate) saved: Saved<E::Param>,
+    pub(crate) scratch: Scratch,
 }
 
 impl<E: Element> fmt::Debug for BatchNorm<E> {
@@ -192,6 +195,7 @@ impl<E: Element> BatchNorm<E> {
             saved: Saved {
                 valid: false,
                 shape: Vec::new(),
+                count: 0.0,
                 mean: vec![0.0; c],
                 inv_std: vec![0.0; c],
                 gamma: p(E::Param::ONE),
@@ -385,7 +389,11 @@ impl<E: Element> BatchNorm<E> {
     }
 
     /// Validates `shape` and the lengths of the data buffers; returns the canonical view.
-    fn check(&self, shape: &[usize], buffers: &[(&'static str, usize)]) -> Result<Canonical, BnError> {
+    pub(crate) fn check(
+        &self,
+        shape: &[usize],
+        buffers: &[(&'static str, usize)],
+    ) -> Result<Canonical, BnError> {
         let dims = self.layout.canonical(shape)?;
         for &(buffer, got) in buffers {
             if got != dims.len() {
@@ -421,10 +429,30 @@ impl<E: Element> BatchNorm<E> {
         inv_std: &mut [f64],
         updates_running: bool,
     ) -> Result<(), BnError> {
-        let n = dims.per_channel() as f64;
+        self.check_statistics_of(
+            dims.channels,
+            dims.per_channel() as f64,
+            mean,
+            var,
+            inv_std,
+            updates_running,
+        )
+    }
+
+    /// [`check_statistics`](Self::check_statistics) of `channels` features whose statistics
+    /// were computed from `n` values each (a whole group's when synchronized).
+    pub(crate) fn check_statistics_of(
+        &self,
+        channels: usize,
+        n: f64,
+        mean: &[f64],
+        var: &[f64],
+        inv_std: &mut [f64],
+        updates_running: bool,
+    ) -> Result<(), BnError> {
         let unbiased = updates_running && self.config.get_running_var() == RunningVar::Unbiased;
         let eps = self.config.get_eps();
-        for c in 0..dims.channels {
+        for c in 0..channels {
             if !E::Param::from_f64(mean[c]).is_finite() {
                 return Err(BnError::NonFinite { what: "batch mean", index: c, value: mean[c] });
             }
@@ -518,7 +546,17 @@ impl<E: Element> BatchNorm<E> {
             };
             reference::normalize(x, y, dims, affine);
         }
-        if track {
+        self.commit_train(&mut scratch, dims.per_channel() as f64, shape);
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    /// The end of a validated training step whose batch mean and biased variance (of `n` values
+    /// per feature) and `inv_std` are in `scratch`: updates the running statistics (when
+    /// tracked) and `num_batches_tracked`, and saves the statistics for backward (swapped out of
+    /// `scratch`, whose contents are then unspecified).
+    pub(crate) fn commit_train(&mut self, scratch: &mut Scratch, n: f64, shape: &[usize]) {
+        if self.config.get_track_running_stats() {
             // Batch k (counting from 1) has weight 1/k in a cumulative average.
             let batches = self.num_batches_tracked.saturating_add(1);
             let m = if self.config.get_cumulative_momentum() {
@@ -526,12 +564,11 @@ impl<E: Element> BatchNorm<E> {
             } else {
                 self.config.get_momentum()
             };
-            let n = dims.per_channel() as f64;
             let correction = match self.config.get_running_var() {
                 RunningVar::Biased => 1.0,
                 RunningVar::Unbiased => n / (n - 1.0),
             };
-            for c in 0..dims.channels {
+            for c in 0..self.running_mean.len() {
                 let rm = &mut self.running_mean[c];
                 *rm = E::Param::from_f64(m * rm.to_f64() + (1.0 - m) * scratch.mean[c]);
                 let rv = &mut self.running_var[c];
@@ -546,9 +583,8 @@ impl<E: Element> BatchNorm<E> {
         self.saved.gamma.copy_from_slice(&self.gamma);
         self.saved.shape.clear();
         self.saved.shape.extend_from_slice(shape);
+        self.saved.count = n;
         self.saved.valid = true;
-        self.scratch = scratch;
-        Ok(())
     }
 
     /// The inference coefficients: the cached running ones, or (with `track_running_stats` off)
@@ -617,7 +653,7 @@ impl<E: Element> BatchNorm<E> {
 
     /// Stores the reductions of a backward pass as the parameter gradients (zeros for a
     /// parameter the configuration fixes).
-    fn store_grads(&mut self, sum_dy: &[f64], sum_dy_xhat: &[f64]) {
+    pub(crate) fn store_grads(&mut self, sum_dy: &[f64], sum_dy_xhat: &[f64]) {
         let (scale, center) = (self.config.get_scale(), self.config.get_center());
         for c in 0..self.gamma_grad.len() {
             self.gamma_grad[c] = if scale { E::Param::from_f64(sum_dy_xhat[c]) } else { E::Param::ZERO };
