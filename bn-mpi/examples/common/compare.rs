@@ -38,7 +38,9 @@ fn close(what: &str, got: &[f64], want: &[f64]) -> Result<(), String> {
         return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
     }
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        if !((g - w).abs() <= 1e-5 + 1e-4 * w.abs()) {
+        // NaN fails too.
+        let within = (g - w).abs() <= 1e-5 + 1e-4 * w.abs();
+        if !within {
             return Err(format!("{what}[{i}]: got {g:e}, expected {w:e}"));
         }
     }
