@@ -8,7 +8,7 @@
 //! rank gets bit-identical running statistics and gradients. The algorithm lives in
 //! [`bn_core::sync`]; this crate adds the transport:
 //!
-//! - with the cargo feature `mpi`: [`MpiGroup`], a [`StatsGroup`] on an MPI communicator. It
+//! - with the cargo feature `mpi`: `MpiGroup`, a [`StatsGroup`] on an MPI communicator. It
 //!   needs an MPI library and libclang when it is built (Debian: `apt-get install openmpi-bin
 //!   libopenmpi-dev libclang-dev`);
 //! - always: the re-exported in-process [`ThreadGroup`] (threads standing in for ranks) and
