@@ -177,4 +177,22 @@ pub enum BnError {
     /// weight or bias shapes, or a layer without running statistics.
     #[error("cannot fold: {0}")]
     Fold(String),
+
+    /// A synchronized call ([`crate::sync`]) whose ranks disagree: a rank that failed its own
+    /// checks, or that passes another number of features, a shape that differs in more than the
+    /// batch axis, another configuration, or that calls another operation. Every rank of the
+    /// group gets this error (the rank at fault gets its own, more specific one), and every
+    /// layer is unchanged.
+    #[error("synchronized batch norm: rank {rank} {message}")]
+    SyncMismatch {
+        /// The first rank (in rank order) that disagrees with rank 0 or failed.
+        rank: usize,
+        /// What it does differently.
+        message: String,
+    },
+
+    /// The group of a synchronized call failed to communicate (a rank left the group, a
+    /// malformed message, a buffer too large for the transport).
+    #[error("synchronized batch norm: group failure: {0}")]
+    SyncGroup(String),
 }

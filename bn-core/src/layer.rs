@@ -51,29 +51,32 @@ impl From<&Vec<usize>> for Features {
 
 /// The statistics of the last successful `forward_train`, kept for `backward`.
 #[derive(Clone)]
-struct Saved<P> {
-    valid: bool,
-    shape: Vec<usize>,
-    mean: Vec<f64>,
-    inv_std: Vec<f64>,
-    gamma: Vec<P>,
+pub(crate) struct Saved<P> {
+    pub(crate) valid: bool,
+    pub(crate) shape: Vec<usize>,
+    /// Values per feature the statistics were computed from (the whole group's when
+    /// synchronized, [`crate::sync`]).
+    pub(crate) count: f64,
+    pub(crate) mean: Vec<f64>,
+    pub(crate) inv_std: Vec<f64>,
+    pub(crate) gamma: Vec<P>,
     /// Beta and how `y` was computed: what a fused ReLU's backward needs to recompute the
     /// forward's pre-activation bit for bit.
-    beta: Vec<P>,
-    backend: Backend,
-    reference_y: bool,
+    pub(crate) beta: Vec<P>,
+    pub(crate) backend: Backend,
+    pub(crate) reference_y: bool,
 }
 
 /// What follows the normalization in one call: the layer's activation or the residual form.
 #[derive(Clone, Copy)]
-enum Tail<'r, E> {
+pub(crate) enum Tail<'r, E> {
     Plain,
     Relu,
     AddRelu(&'r [E]),
 }
 
 impl<'r, E: Element> Tail<'r, E> {
-    fn residual(self) -> Option<&'r [E]> {
+    pub(crate) fn residual(self) -> Option<&'r [E]> {
         match self {
             Tail::AddRelu(r) => Some(r),
             _ => None,
@@ -81,7 +84,7 @@ impl<'r, E: Element> Tail<'r, E> {
     }
 
     /// The fast kernels' epilogue (`None` when the residual is not `f32`).
-    fn epilogue(self) -> Option<kernels::Epilogue<'r>> {
+    pub(crate) fn epilogue(self) -> Option<kernels::Epilogue<'r>> {
         match self {
             Tail::Plain => Some(kernels::Epilogue::None),
             Tail::Relu => Some(kernels::Epilogue::Relu),
@@ -91,7 +94,7 @@ impl<'r, E: Element> Tail<'r, E> {
 
     /// Applies the tail to `y` after an unfused normalize, in the element type: `relu(y)` or
     /// `relu(round(y + r))`, as the fast kernels' epilogue computes it.
-    fn apply(self, y: &mut [E]) {
+    pub(crate) fn apply(self, y: &mut [E]) {
         let relu = |v: f64| if v < 0.0 { 0.0 } else { v };
         match self {
             Tail::Plain => {}
@@ -109,12 +112,12 @@ impl<'r, E: Element> Tail<'r, E> {
 /// the layer's observable state. Calls take them out (`mem::take`: empty vectors, no allocation)
 /// and put them back, so they can be borrowed next to the layer's other fields.
 #[derive(Clone, Default)]
-struct Scratch {
-    mean: Vec<f64>,
-    var: Vec<f64>,
-    inv_std: Vec<f64>,
+pub(crate) struct Scratch {
+    pub(crate) mean: Vec<f64>,
+    pub(crate) var: Vec<f64>,
+    pub(crate) inv_std: Vec<f64>,
     /// `3 C` `f32` coefficients (a fused ReLU's backward), allocated on first use.
-    coefficients: Vec<f32>,
+    pub(crate) coefficients: Vec<f32>,
 }
 
 /// A batch-normalization layer whose features, axes and options are given at run time.
@@ -145,9 +148,9 @@ struct Scratch {
 #[derive(Clone)]
 pub struct BatchNorm<E: Element = f32> {
     layout: Layout,
-    config: Config,
-    gamma: Vec<E::Param>,
-    beta: Vec<E::Param>,
+    pub(crate) config: Config,
+    pub(crate) gamma: Vec<E::Param>,
+    pub(crate) beta: Vec<E::Param>,
     running_mean: Vec<E::Param>,
     running_var: Vec<E::Param>,
     /// `1 / sqrt(running_var + eps)`, kept in step with `running_var` (the reference's).
@@ -161,11 +164,11 @@ pub struct BatchNorm<E: Element = f32> {
     gamma_grad: Vec<E::Param>,
     beta_grad: Vec<E::Param>,
     num_batches_tracked: u64,
-    saved: Saved<E::Param>,
-    scratch: Scratch,
+    pub(crate) saved: Saved<E::Param>,
+    pub(crate) scratch: Scratch,
     /// The masked gradient of a fused ReLU's backward: grows to the largest batch seen, then is
     /// reused (not state).
-    grad: Vec<E>,
+    pub(crate) grad: Vec<E>,
 }
 
 impl<E: Element> fmt::Debug for BatchNorm<E> {
@@ -243,6 +246,7 @@ impl<E: Element> BatchNorm<E> {
             saved: Saved {
                 valid: false,
                 shape: Vec::new(),
+                count: 0.0,
                 mean: vec![0.0; c],
                 inv_std: vec![0.0; c],
                 gamma: p(E::Param::ONE),
@@ -523,7 +527,11 @@ impl<E: Element> BatchNorm<E> {
     }
 
     /// Validates `shape` and the lengths of the data buffers; returns the canonical view.
-    fn check(&self, shape: &[usize], buffers: &[(&'static str, usize)]) -> Result<Canonical, BnError> {
+    pub(crate) fn check(
+        &self,
+        shape: &[usize],
+        buffers: &[(&'static str, usize)],
+    ) -> Result<Canonical, BnError> {
         let dims = self.layout.canonical(shape)?;
         for &(buffer, got) in buffers {
             if got != dims.len() {
@@ -559,10 +567,30 @@ impl<E: Element> BatchNorm<E> {
         inv_std: &mut [f64],
         updates_running: bool,
     ) -> Result<(), BnError> {
-        let n = dims.per_channel() as f64;
+        self.check_statistics_of(
+            dims.channels,
+            dims.per_channel() as f64,
+            mean,
+            var,
+            inv_std,
+            updates_running,
+        )
+    }
+
+    /// [`check_statistics`](Self::check_statistics) of `channels` features whose statistics
+    /// were computed from `n` values each (a whole group's when synchronized).
+    pub(crate) fn check_statistics_of(
+        &self,
+        channels: usize,
+        n: f64,
+        mean: &[f64],
+        var: &[f64],
+        inv_std: &mut [f64],
+        updates_running: bool,
+    ) -> Result<(), BnError> {
         let unbiased = updates_running && self.config.get_running_var() == RunningVar::Unbiased;
         let eps = self.config.get_eps();
-        for c in 0..dims.channels {
+        for c in 0..channels {
             if !E::Param::from_f64(mean[c]).is_finite() {
                 return Err(BnError::NonFinite { what: "batch mean", index: c, value: mean[c] });
             }
@@ -591,7 +619,7 @@ impl<E: Element> BatchNorm<E> {
     }
 
     /// The tail the layer's configured activation asks for.
-    fn activation_tail<'r>(&self) -> Tail<'r, E> {
+    pub(crate) fn activation_tail<'r>(&self) -> Tail<'r, E> {
         match self.config.get_activation() {
             Activation::Identity => Tail::Plain,
             Activation::Relu => Tail::Relu,
@@ -698,7 +726,26 @@ impl<E: Element> BatchNorm<E> {
             reference::normalize(x, y, dims, affine);
             tail.apply(y);
         }
-        if track {
+        let reference_y = !fused || backend == Backend::Scalar;
+        self.commit_train(&mut scratch, dims.per_channel() as f64, shape, backend, reference_y);
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    /// The end of a validated training step whose batch mean and biased variance (of `n` values
+    /// per feature) and `inv_std` are in `scratch`: updates the running statistics (when
+    /// tracked) and `num_batches_tracked`, and saves the statistics for backward (swapped out of
+    /// `scratch`, whose contents are then unspecified). `y` was computed on `backend`, by the
+    /// reference kernels' formula when `reference_y` (what a fused ReLU's backward recomputes).
+    pub(crate) fn commit_train(
+        &mut self,
+        scratch: &mut Scratch,
+        n: f64,
+        shape: &[usize],
+        backend: Backend,
+        reference_y: bool,
+    ) {
+        if self.config.get_track_running_stats() {
             // Batch k (counting from 1) has weight 1/k in a cumulative average.
             let batches = self.num_batches_tracked.saturating_add(1);
             let m = if self.config.get_cumulative_momentum() {
@@ -706,12 +753,11 @@ impl<E: Element> BatchNorm<E> {
             } else {
                 self.config.get_momentum()
             };
-            let n = dims.per_channel() as f64;
             let correction = match self.config.get_running_var() {
                 RunningVar::Biased => 1.0,
                 RunningVar::Unbiased => n / (n - 1.0),
             };
-            for c in 0..dims.channels {
+            for c in 0..self.running_mean.len() {
                 let rm = &mut self.running_mean[c];
                 *rm = E::Param::from_f64(m * rm.to_f64() + (1.0 - m) * scratch.mean[c]);
                 let rv = &mut self.running_var[c];
@@ -726,12 +772,11 @@ impl<E: Element> BatchNorm<E> {
         self.saved.gamma.copy_from_slice(&self.gamma);
         self.saved.beta.copy_from_slice(&self.beta);
         self.saved.backend = backend;
-        self.saved.reference_y = !fused || backend == Backend::Scalar;
+        self.saved.reference_y = reference_y;
         self.saved.shape.clear();
         self.saved.shape.extend_from_slice(shape);
+        self.saved.count = n;
         self.saved.valid = true;
-        self.scratch = scratch;
-        Ok(())
     }
 
     /// The inference coefficients: the cached running ones, or (with `track_running_stats` off)
@@ -844,7 +889,7 @@ impl<E: Element> BatchNorm<E> {
 
     /// `out = dy` where the pre-activation of the last training forward (with the residual of
     /// `tail`) was positive, else 0, recomputed with that forward's arithmetic.
-    fn train_mask<S: Spec>(
+    pub(crate) fn train_mask<S: Spec>(
         &self,
         x: &[E],
         dy: &[E],
@@ -913,7 +958,7 @@ impl<E: Element> BatchNorm<E> {
 
     /// Stores the reductions of a backward pass as the parameter gradients (zeros for a
     /// parameter the configuration fixes).
-    fn store_grads(&mut self, sum_dy: &[f64], sum_dy_xhat: &[f64]) {
+    pub(crate) fn store_grads(&mut self, sum_dy: &[f64], sum_dy_xhat: &[f64]) {
         let (scale, center) = (self.config.get_scale(), self.config.get_center());
         for c in 0..self.gamma_grad.len() {
             self.gamma_grad[c] = if scale { E::Param::from_f64(sum_dy_xhat[c]) } else { E::Param::ZERO };
@@ -989,7 +1034,11 @@ impl<E: Element> BatchNorm<E> {
 
     /// The masked-gradient buffer: `dresidual` when given, else the layer's reusable buffer
     /// (taken out of the layer; give it back with `self.grad = ..` when done).
-    fn mask_buffer<'b>(grad: &'b mut Vec<E>, dresidual: Option<&'b mut [E]>, n: usize) -> &'b mut [E] {
+    pub(crate) fn mask_buffer<'b>(
+        grad: &'b mut Vec<E>,
+        dresidual: Option<&'b mut [E]>,
+        n: usize,
+    ) -> &'b mut [E] {
         match dresidual {
             Some(d) => d,
             None => {

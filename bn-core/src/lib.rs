@@ -15,6 +15,7 @@ mod layer;
 mod layout;
 #[doc(hidden)]
 pub mod spec;
+pub mod sync;
 mod traits;
 
 #[cfg(feature = "ndarray")]
@@ -28,4 +29,5 @@ pub use error::BnError;
 pub use kernels::Backend;
 pub use layer::{BatchNorm, Features};
 pub use layout::{Canonical, Family, Layout};
+pub use sync::{StatsGroup, SyncBatchNormExt};
 pub use traits::BatchNormLayer;

@@ -495,6 +495,206 @@ pub fn backward_eval<S: Spec>(
     }
 }
 
+/// Per-channel batch mean and biased variance of `x`, without the normalize: the statistics half
+/// of [`forward_train`] (the same blocks, chunks and merge order as its split schedule), for
+/// statistics combined across processes ([`crate::sync`]).
+///
+/// `x` holds `dims.len()` values; `mean_out` and `var_out` hold `dims.channels`. A tensor with
+/// no values per channel gives NaN. `Backend::Scalar` runs [`reference::batch_stats`].
+///
+/// ```
+/// use bn_core::kernels::{self, Backend};
+/// use bn_core::{spec::Dynamic, Canonical};
+///
+/// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
+/// let (mut mean, mut var) = ([0.0], [0.0]);
+/// kernels::batch_stats::<Dynamic>(Backend::detect(), &[1.0, 2.0, 3.0, 4.0], dims, &mut mean, &mut var);
+/// assert_eq!((mean[0], var[0]), (2.5, 1.25));
+/// ```
+pub fn batch_stats<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    dims: Canonical,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let dims = specialize::<S>(dims);
+    let c = dims.channels;
+    assert!(x.len() == dims.len(), "x must hold dims.len() values");
+    assert!(mean_out.len() == c && var_out.len() == c);
+    if dims.per_channel() == 0 {
+        mean_out.fill(f64::NAN);
+        var_out.fill(f64::NAN);
+        return;
+    }
+    if c == 0 {
+        return;
+    }
+    match backend.usable() {
+        Backend::Scalar => reference::batch_stats(x, dims, mean_out, var_out),
+        b => parallel::in_pool(dims.len(), || {
+            with_isa!(b, |isa| match dims.family() {
+                Family::Planes => planes::statistics::<S, _>(isa, x, dims, mean_out, var_out),
+                Family::Rows => rows::batch_stats::<S, _>(isa, x, dims, mean_out, var_out),
+            })
+        }),
+    }
+}
+
+/// The two reductions of the training backward, without `dx`: per-channel `sum_dy = sum(dy)` and
+/// `sum_dy_xhat = sum(dy * xhat)` with `xhat = (x - mean) * inv_std` (the same blocks and order
+/// as [`backward`]'s split schedule), for sums combined across processes ([`crate::sync`]).
+///
+/// `x` and `dy` hold `dims.len()` values (an empty tensor gives zeros); the per-channel slices
+/// hold `dims.channels`. `Backend::Scalar` runs [`reference::backward_sums`].
+///
+/// ```
+/// use bn_core::kernels::{self, Backend};
+/// use bn_core::{spec::Dynamic, Canonical};
+///
+/// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
+/// let (x, dy) = ([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, -1.0]);
+/// let (mut sum_dy, mut sum_dy_xhat) = ([0.0], [0.0]);
+/// kernels::backward_sums::<Dynamic>(Backend::detect(), &x, &dy, dims, &[2.5], &[1.0], &mut sum_dy, &mut sum_dy_xhat);
+/// assert_eq!((sum_dy[0], sum_dy_xhat[0]), (2.0, -3.0));
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward_sums<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    dy: &[f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let dims = specialize::<S>(dims);
+    let c = dims.channels;
+    assert!(x.len() == dims.len() && dy.len() == dims.len(), "x and dy must hold dims.len() values");
+    assert!(mean.len() == c && inv_std.len() == c);
+    assert!(sum_dy_out.len() == c && sum_dy_xhat_out.len() == c);
+    if dims.is_empty() {
+        sum_dy_out.fill(0.0);
+        sum_dy_xhat_out.fill(0.0);
+        return;
+    }
+    match backend.usable() {
+        Backend::Scalar => reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out),
+        b => parallel::in_pool(2 * dims.len(), || {
+            with_isa!(b, |isa| match dims.family() {
+                Family::Planes => planes::train_backward_sums::<S, _>(
+                    isa,
+                    x,
+                    dy,
+                    dims,
+                    mean,
+                    inv_std,
+                    sum_dy_out,
+                    sum_dy_xhat_out
+                ),
+                Family::Rows => rows::train_backward_sums::<S, _>(
+                    isa,
+                    x,
+                    dy,
+                    dims,
+                    mean,
+                    inv_std,
+                    sum_dy_out,
+                    sum_dy_xhat_out
+                ),
+            })
+        }),
+    }
+}
+
+/// The `dx` pass of the training backward, from sums over `n` values per channel that the caller
+/// supplies (a shard's gradient with the sums of the whole batch, [`crate::sync`]):
+/// `dx = gamma * inv_std * (dy - sum_dy / n - xhat * sum_dy_xhat / n)`.
+///
+/// With `n = dims.per_channel()` and the sums of [`backward_sums`] it is [`backward`]'s `dx`.
+/// `x`, `dy` and `dx` hold `dims.len()` values (an empty tensor is a no-op); the per-channel
+/// slices hold `dims.channels`. `Backend::Scalar` computes in `f64`.
+///
+/// ```
+/// use bn_core::kernels::{self, Backend};
+/// use bn_core::{spec::Dynamic, Canonical};
+///
+/// let dims = Canonical { outer: 1, channels: 1, inner: 2 };
+/// let mut dx = [0.0; 2];
+/// // A shard of two values of a batch of four whose sums are 4 and 0: dx = dy - 1.
+/// kernels::backward_dx::<Dynamic>(Backend::detect(), &[1.0, 2.0], &[3.0, 1.0], &mut dx, dims, 4.0,
+///     &[1.5], &[1.0], &[1.0], &[4.0], &[0.0]);
+/// assert_eq!(dx, [2.0, 0.0]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward_dx<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    n: f64,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy: &[f64],
+    sum_dy_xhat: &[f64],
+) {
+    let dims = specialize::<S>(dims);
+    let c = dims.channels;
+    assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
+    assert!(mean.len() == c && inv_std.len() == c && gamma.len() == c);
+    assert!(sum_dy.len() == c && sum_dy_xhat.len() == c);
+    if dims.is_empty() {
+        return;
+    }
+    match backend.usable() {
+        Backend::Scalar => reference::backward_train_dx_with_count(
+            x,
+            dy,
+            dx,
+            dims,
+            n,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy,
+            sum_dy_xhat,
+        ),
+        b => parallel::in_pool(3 * dims.len(), || {
+            with_isa!(b, |isa| match dims.family() {
+                Family::Planes => planes::train_backward_dx::<S, _>(
+                    isa,
+                    x,
+                    dy,
+                    dx,
+                    dims,
+                    n,
+                    mean,
+                    inv_std,
+                    gamma,
+                    sum_dy,
+                    sum_dy_xhat
+                ),
+                Family::Rows => rows::train_backward_dx::<S, _>(
+                    isa,
+                    x,
+                    dy,
+                    dx,
+                    dims,
+                    n,
+                    mean,
+                    inv_std,
+                    gamma,
+                    sum_dy,
+                    sum_dy_xhat
+                ),
+            })
+        }),
+    }
+}
+
 /// Forces non-temporal (streaming) stores for every out-of-place output on (`Some(true)`) or off
 /// (`Some(false)`), or restores the size rule (`None`: outputs of 16 MiB and more, in runs of
 /// at least 256 values). Results are the same bits either way; for tests and measurements.

@@ -984,3 +984,101 @@ pub(crate) fn backward_eval<S: Spec, I: Isa>(
 
 /// Channels whose backward sums live on the stack (no allocation for small layers).
 const STACK_SUMS: usize = 256;
+
+// ---------------------------------------------------------------------------------------------
+// The pieces of the split schedules on their own, for statistics combined across processes
+// (`crate::sync`): the same chunks, merged in the same order, as the split `forward_train` and
+// `backward` (so the same bits as they give for the statistics and sums of a whole batch).
+
+/// Per-channel batch mean and biased variance only: chunk moments in parallel, an ordered merge.
+pub(crate) fn statistics<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dims: Canonical,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let g = Geometry::new(dims);
+    let parallel = use_pool(dims.len());
+    let total = dims.channels * g.chunks;
+    let mut moments = vec![Moments::EMPTY; total];
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
+    let shared = SharedMut::new(&mut moments);
+    for_each_task(parallel, tasks, |k| {
+        let r = part(total, tasks, k);
+        // SAFETY: the ranges of distinct tasks are disjoint.
+        let out = unsafe { shared.slice(r.start, r.len()) };
+        isa.vectorize(ChunkMoments::<S> { x, dims, first: r.start, out, _spec: PhantomData });
+    });
+    for c in 0..dims.channels {
+        let mom = moments[c * g.chunks..(c + 1) * g.chunks].iter().fold(Moments::EMPTY, |a, &b| a.merge(b));
+        mean_out[c] = mom.mean;
+        var_out[c] = mom.m2 / mom.n;
+    }
+}
+
+/// The two reductions of the training backward only: `sum(dy)` and `sum(dy * xhat)` per channel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_backward_sums<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let g = Geometry::new(dims);
+    let parallel = use_pool(2 * dims.len());
+    let total = dims.channels * g.chunks;
+    let mut sums = vec![(0.0, 0.0); total];
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
+    let shared = SharedMut::new(&mut sums);
+    for_each_task(parallel, tasks, |k| {
+        let r = part(total, tasks, k);
+        // SAFETY: the ranges of distinct tasks are disjoint.
+        let out = unsafe { shared.slice(r.start, r.len()) };
+        isa.vectorize(ChunkBackwardSums::<S> { x, dy, dims, mean, first: r.start, out, _spec: PhantomData });
+    });
+    for c in 0..dims.channels {
+        let (mut sdy, mut sxm) = (0.0, 0.0);
+        for &(a, b) in &sums[c * g.chunks..(c + 1) * g.chunks] {
+            sdy += a;
+            sxm += b;
+        }
+        sum_dy_out[c] = sdy;
+        sum_dy_xhat_out[c] = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
+    }
+}
+
+/// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_backward_dx<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    n: f64,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy: &[f64],
+    sum_dy_xhat: &[f64],
+) {
+    let parallel = use_pool(3 * dims.len());
+    let coefficients: Vec<DxCoefficients> = (0..dims.channels)
+        .map(|c| DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sum_dy[c], sum_dy_xhat[c]))
+        .collect();
+    let runs = dims.outer * dims.channels;
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
+    let runs_per_task = runs.div_ceil(tasks).max(1);
+    let stream = streaming(dims.len(), dims.inner);
+    let work = |k: usize, x: &[f32], dy: &[f32], dx: &mut [f32]| {
+        let first_run = k * runs_per_task;
+        let coefficients = &coefficients;
+        isa.vectorize(DxRuns::<S> { x, dy, dx, first_run, dims, coefficients, stream, _spec: PhantomData });
+    };
+    for_each_chunk3(parallel, x, dy, dx, runs_per_task * dims.inner, work);
+}

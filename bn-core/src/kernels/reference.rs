@@ -237,3 +237,32 @@ pub fn backward_eval_dx<E: Element, P: Param>(
         }
     });
 }
+
+/// [`backward_train_dx`] with the number of reduced values `n` given rather than taken from
+/// `dims`: the input gradient of a shard when the statistics and sums are those of a larger
+/// batch (synchronized statistics, [`crate::sync`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_train_dx_with_count<E: Element, M: Param, P: Param>(
+    x: &[E],
+    dy: &[E],
+    dx: &mut [E],
+    dims: Canonical,
+    n: f64,
+    mean: &[M],
+    inv_std: &[f64],
+    gamma: &[P],
+    sum_dy: &[f64],
+    sum_dy_xhat: &[f64],
+) {
+    assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
+    for_each_run(dims, |c, start| {
+        let (m, s) = (mean[c].to_f64(), inv_std[c]);
+        let k = gamma[c].to_f64() * s;
+        let (mean_dy, mean_dy_xhat) = (sum_dy[c] / n, sum_dy_xhat[c] / n);
+        let run = start..start + dims.inner;
+        for ((d, &xv), &g) in dx[run.clone()].iter_mut().zip(&x[run.clone()]).zip(&dy[run]) {
+            let xhat = (xv.to_f64() - m) * s;
+            *d = E::from_f64(k * (g.to_f64() - mean_dy - xhat * mean_dy_xhat));
+        }
+    });
+}

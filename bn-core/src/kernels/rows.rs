@@ -957,3 +957,83 @@ pub(crate) fn backward_eval<S: Spec, I: Isa>(
         sum_dy_xhat_out[c] = sxm * inv_std[c] as f64;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The pieces of the schedules on their own, for statistics combined across processes
+// (`crate::sync`): the same tiles, chunks and merge order as `forward_train` and `backward`.
+
+/// Per-channel batch mean and biased variance only.
+pub(crate) fn batch_stats<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dims: Canonical,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    statistics::<S, I>(isa, x, dims, use_pool(dims.len()), mean_out, var_out);
+}
+
+/// The two reductions of the training backward only: `sum(dy)` and `sum(dy * xhat)` per channel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_backward_sums<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let (c, w) = (dims.channels, virtual_width(dims.channels));
+    let mut m = vec![0.0f32; w];
+    pattern(w, c, &mut m, |c| mean[c] as f32);
+    let mut sums = vec![(0.0, 0.0); c];
+    backward_sums::<S, I>(isa, x, dy, dims, use_pool(2 * dims.len()), &m, None, &mut sums);
+    for (c, &(sdy, sxm)) in sums.iter().enumerate() {
+        sum_dy_out[c] = sdy;
+        sum_dy_xhat_out[c] = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
+    }
+}
+
+/// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_backward_dx<S: Spec, I: Isa>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dims: Canonical,
+    n: f64,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy: &[f64],
+    sum_dy_xhat: &[f64],
+) {
+    let (c, w) = (dims.channels, virtual_width(dims.channels));
+    let parallel = use_pool(3 * dims.len());
+    // Each coefficient repeated over two virtual rows (for flat mode), as `backward` does.
+    let mut p = vec![0.0f32; 8 * w];
+    let (m, rest) = p.split_at_mut(2 * w);
+    let (k1, rest) = rest.split_at_mut(2 * w);
+    let (k2, k3) = rest.split_at_mut(2 * w);
+    for c in 0..c {
+        let q = DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sum_dy[c], sum_dy_xhat[c]);
+        (m[c], k1[c], k2[c], k3[c]) = (q.m, q.k1, q.k2, q.k3);
+    }
+    for p in [&mut *m, &mut *k1, &mut *k2, &mut *k3] {
+        let (first, rest) = p.split_at_mut(c);
+        for period in rest.chunks_mut(c) {
+            period.copy_from_slice(&first[..period.len()]);
+        }
+    }
+    let coefficients = [&*m, &*k1, &*k2, &*k3];
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
+    let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
+    let stream = streaming(dims.len(), w.max(rows_per_task * w));
+    let flat = stream;
+    for_each_chunk3(parallel, x, dy, dx, rows_per_task * w, |_, x, dy, dx| {
+        isa.vectorize(DxRows::<S> { x, dy, dx, dims, coefficients, flat, stream, _spec: PhantomData });
+    });
+}

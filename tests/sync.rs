@@ -1,0 +1,428 @@
+//! Synchronized batch statistics (`batchnorm::sync`) on the in-process group of threads: a
+//! group of 2, 3 and 4 ranks with uneven and empty shards gives the outputs, running statistics
+//! and gradients of one process on the concatenated batch, bit-identical state on every rank,
+//! and an error on every rank (never a hang) when ranks disagree or one of them fails.
+
+mod common;
+
+use batchnorm::sync::{LocalGroup, StatsGroup, SyncBatchNormExt, ThreadGroup, ThreadRank};
+use batchnorm::{batch_norm, Activation, BatchNorm, BnError, Config, Element, Layout, Param, Preset};
+use common::{assert_close, full_state, Rng, State, FWD};
+
+/// Runs `f(rank)` on one thread per rank of a new group of `size`; results in rank order.
+fn on_ranks<T: Send>(size: usize, f: impl Fn(ThreadRank) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> =
+            ThreadGroup::new(size).into_iter().map(|rank| s.spawn(move || f(rank))).collect();
+        handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
+    })
+}
+
+/// The shard of rank `r` (batch extents `sizes`) of a tensor whose batch axis is axis 0.
+fn shard<E: Copy>(full: &[E], sizes: &[usize], r: usize, row: usize) -> Vec<E> {
+    let start: usize = sizes[..r].iter().sum();
+    full[start * row..(start + sizes[r]) * row].to_vec()
+}
+
+/// What one rank ends with after `steps` synchronized training steps.
+struct RankResult<E: Element> {
+    y: Vec<E>,
+    dx: Vec<E>,
+    state: (State, u64),
+}
+
+/// Trains one layer per rank on shards of `x` (rows of `shape[1..]`) and one layer on the whole
+/// batch, for `steps` steps (forward + backward, with a parameter update between steps), and
+/// compares: outputs and input gradients per shard, running statistics and parameter gradients.
+fn check_against_full<E: Element>(
+    make: &(dyn Fn() -> BatchNorm<E> + Sync),
+    shape: &[usize],
+    sizes: &[usize],
+    seed: u64,
+) {
+    let total: usize = sizes.iter().sum();
+    assert_eq!(total, shape[0]);
+    let row: usize = shape[1..].iter().product();
+    let mut rng = Rng::new(seed);
+    let steps = 3;
+    let xs: Vec<Vec<E>> = (0..steps).map(|_| rng.vec(total * row, -2.0, 5.0)).collect();
+    let dys: Vec<Vec<E>> = (0..steps).map(|_| rng.vec(total * row, -1.0, 1.0)).collect();
+    let c = make().features();
+    type Params<P> = Vec<(Vec<P>, Vec<P>)>;
+    let params: Params<E::Param> =
+        (0..steps).map(|_| (rng.params(c, 0.5, 1.5), rng.params(c, -0.5, 0.5))).collect();
+    let config = *make().config();
+    let set = |bn: &mut BatchNorm<E>, step: usize| {
+        let (g, b) = &params[step];
+        let one = vec![E::Param::from_f64(1.0); c];
+        let zero = vec![E::Param::from_f64(0.0); c];
+        let g = if config.get_scale() { g } else { &one };
+        let b = if config.get_center() { b } else { &zero };
+        bn.update_params(g, b).unwrap();
+    };
+
+    // One process on the whole batch.
+    let mut full = make();
+    let (mut y_full, mut dx_full) = (Vec::new(), Vec::new());
+    for step in 0..steps {
+        set(&mut full, step);
+        let mut y = vec![E::from_f64(0.0); xs[step].len()];
+        full.forward_train(&xs[step], shape, &mut y).unwrap();
+        let mut dx = vec![E::from_f64(0.0); xs[step].len()];
+        full.backward(&xs[step], &dys[step], shape, &mut dx).unwrap();
+        (y_full, dx_full) = (y, dx);
+    }
+
+    let results = on_ranks(sizes.len(), |rank| {
+        let r = rank.rank();
+        let mut local_shape = shape.to_vec();
+        local_shape[0] = sizes[r];
+        let mut bn = make();
+        let mut out = None;
+        for step in 0..steps {
+            set(&mut bn, step);
+            let x = shard(&xs[step], sizes, r, row);
+            let dy = shard(&dys[step], sizes, r, row);
+            let mut y = vec![E::from_f64(f64::NAN); x.len()];
+            bn.forward_train_sync(&x, &local_shape, &mut y, &rank).unwrap();
+            let mut dx = vec![E::from_f64(f64::NAN); x.len()];
+            bn.backward_sync(&x, &dy, &local_shape, &mut dx, &rank).unwrap();
+            out = Some((y, dx));
+        }
+        let (y, dx) = out.unwrap();
+        RankResult { y, dx, state: full_state(&bn) }
+    });
+
+    let what = |s: &str| format!("{} {shape:?} {sizes:?} {config:?}: {s}", E::NAME);
+    for (r, res) in results.iter().enumerate() {
+        assert_eq!(
+            res.state,
+            results[0].state,
+            "{}",
+            what(&format!("rank {r}'s state differs from rank 0's"))
+        );
+        let e64 = |v: &[E]| v.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+        let (y, dx) = (shard(&y_full, sizes, r, row), shard(&dx_full, sizes, r, row));
+        assert_close(&what(&format!("y of rank {r}")), &e64(&res.y), &e64(&y), FWD);
+        assert_close(&what(&format!("dx of rank {r}")), &e64(&res.dx), &e64(&dx), FWD);
+    }
+    let bn0 = &results[0].state;
+    assert_eq!(bn0.1, full.num_batches_tracked(), "{}", what("num_batches_tracked"));
+    let f64s = |bits: &[u64]| bits.iter().map(|&b| f64::from_bits(b)).collect::<Vec<f64>>();
+    let p64 = |p: &[E::Param]| p.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+    assert_close(&what("running_mean"), &f64s(&bn0.0.running_mean), &p64(full.running_mean()), FWD);
+    assert_close(&what("running_var"), &f64s(&bn0.0.running_var), &p64(full.running_var()), FWD);
+    assert_close(&what("gamma_grad"), &f64s(&bn0.0.gamma_grad), &p64(full.gamma_grad()), FWD);
+    assert_close(&what("beta_grad"), &f64s(&bn0.0.beta_grad), &p64(full.beta_grad()), FWD);
+}
+
+/// Uneven shards with an empty one, for 2, 3 and 4 ranks.
+const SPLITS: [&[usize]; 5] = [&[3, 1], &[0, 4], &[2, 0, 5], &[1, 4, 0, 2], &[1, 1, 1, 1]];
+
+#[test]
+fn planes_match_one_process_on_the_whole_batch() {
+    for (k, sizes) in SPLITS.iter().enumerate() {
+        let n: usize = sizes.iter().sum();
+        let make = || BatchNorm::with_config(5, [0, 2, 3], Config::preset(Preset::Pytorch)).unwrap();
+        check_against_full::<f32>(&make, &[n, 5, 3, 4], sizes, k as u64);
+    }
+}
+
+#[test]
+fn rows_match_one_process_on_the_whole_batch() {
+    for (k, sizes) in SPLITS.iter().enumerate() {
+        let n: usize = sizes.iter().sum();
+        // Rows of 7 channels (virtual rows of 112), and NHWC (N, H, W, C).
+        let make = || BatchNorm::with_config(7, [0], Config::preset(Preset::Keras)).unwrap();
+        check_against_full::<f32>(&make, &[n, 7], sizes, 10 + k as u64);
+        let make = || BatchNorm::with_config(16, [0, 1, 2], Config::preset(Preset::Pytorch)).unwrap();
+        check_against_full::<f32>(&make, &[n, 3, 2, 16], sizes, 20 + k as u64);
+    }
+}
+
+#[test]
+fn larger_batches_use_the_parallel_kernels() {
+    // Enough values for the pool, several chunks per channel, on uneven shards.
+    let make = || BatchNorm::with_config(8, [0, 2, 3], Config::preset(Preset::Pytorch)).unwrap();
+    check_against_full::<f32>(&make, &[24, 8, 32, 32], &[10, 0, 14], 40);
+    let make = || BatchNorm::with_config(96, [0], Config::preset(Preset::Pytorch)).unwrap();
+    check_against_full::<f32>(&make, &[3000, 96], &[1000, 1999, 1], 41);
+}
+
+#[test]
+fn every_configuration_is_respected() {
+    let configs = [
+        Config::new(),
+        Config::preset(Preset::Pytorch).cumulative_momentum(),
+        Config::preset(Preset::Keras).center(false),
+        Config::preset(Preset::Pytorch).scale(false),
+        Config::preset(Preset::Pytorch).track_running_stats(false),
+        Config::new().momentum(0.0).eps(1e-3),
+        Config::preset(Preset::Pytorch).activation(Activation::Relu),
+    ];
+    for (k, config) in configs.into_iter().enumerate() {
+        let make = || BatchNorm::with_config(3, [0, 2], config).unwrap();
+        check_against_full::<f32>(&make, &[6, 3, 5], &[2, 0, 4], 50 + k as u64);
+    }
+}
+
+#[test]
+fn f64_layers_use_the_reference_kernels() {
+    for (k, sizes) in SPLITS.iter().enumerate() {
+        let n: usize = sizes.iter().sum();
+        let make = || {
+            BatchNorm::<f64>::with_layout(
+                Layout::from_axes(&[4], &[0, 2]).unwrap(),
+                Config::preset(Preset::Pytorch),
+            )
+            .unwrap()
+        };
+        check_against_full::<f64>(&make, &[n, 4, 6], sizes, 60 + k as u64);
+        let make = || {
+            let config = Config::preset(Preset::Pytorch).activation(Activation::Relu);
+            BatchNorm::<f64>::with_layout(Layout::from_axes(&[4], &[0, 2]).unwrap(), config).unwrap()
+        };
+        check_against_full::<f64>(&make, &[n, 4, 6], sizes, 70 + k as u64);
+    }
+}
+
+#[test]
+fn several_feature_axes() {
+    // The seed's layout: (N, 5, 3) normalized over axis 0 with 5 x 3 features.
+    let make = || BatchNorm::with_config([5, 3], [0], Config::preset(Preset::Pytorch)).unwrap();
+    check_against_full::<f32>(&make, &[7, 5, 3], &[3, 4], 70);
+}
+
+#[test]
+fn one_rank_matches_the_unsynchronized_layer() {
+    let mut rng = Rng::new(80);
+    let shape = [6, 4, 9];
+    let x: Vec<f32> = rng.vec(6 * 4 * 9, -1.0, 3.0);
+    let dy: Vec<f32> = rng.vec(x.len(), -1.0, 1.0);
+    let mut a = BatchNorm::with_config(4, [0, 2], Config::preset(Preset::Pytorch)).unwrap();
+    let mut b = a.clone();
+    let (mut ya, mut yb, mut dxa, mut dxb) =
+        (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+    a.forward_train(&x, &shape, &mut ya).unwrap();
+    a.backward(&x, &dy, &shape, &mut dxa).unwrap();
+    b.forward_train_sync(&x, &shape, &mut yb, &LocalGroup).unwrap();
+    b.backward_sync(&x, &dy, &shape, &mut dxb, &LocalGroup).unwrap();
+    assert_close("y", &yb, &ya, FWD);
+    assert_close("dx", &dxb, &dxa, FWD);
+    assert_close("running_var", b.running_var(), a.running_var(), FWD);
+    assert_close("gamma_grad", b.gamma_grad(), a.gamma_grad(), FWD);
+    assert_eq!(b.num_batches_tracked(), 1);
+}
+
+#[batch_norm(features = 6, axes = [0, 2, 3], preset = "pytorch")]
+struct StemBn;
+
+#[test]
+fn macro_layers_synchronize_through_the_extension_trait() {
+    let sizes = [2usize, 0, 3];
+    let row = 6 * 2 * 2;
+    let mut rng = Rng::new(90);
+    let x: Vec<f32> = rng.vec(5 * row, -1.0, 4.0);
+    let dy: Vec<f32> = rng.vec(5 * row, -1.0, 1.0);
+    let mut full = StemBn::new();
+    let (mut y_full, mut dx_full) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    full.forward_train(&x, &[5, 6, 2, 2], &mut y_full).unwrap();
+    full.backward(&x, &dy, &[5, 6, 2, 2], &mut dx_full).unwrap();
+    let results = on_ranks(3, |rank| {
+        let r = rank.rank();
+        let shape = [sizes[r], 6, 2, 2];
+        let (x, dy) = (shard(&x, &sizes, r, row), shard(&dy, &sizes, r, row));
+        let mut bn = StemBn::new();
+        let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        SyncBatchNormExt::forward_train_sync(&mut bn, &x, &shape, &mut y, &rank).unwrap();
+        bn.backward_sync(&x, &dy, &shape, &mut dx, &rank).unwrap();
+        (y, dx, common::state(&bn))
+    });
+    for (r, (y, dx, state)) in results.iter().enumerate() {
+        assert_eq!(state, &results[0].2, "rank {r}");
+        assert_close("y", y, &shard(&y_full, &sizes, r, row), FWD);
+        assert_close("dx", dx, &shard(&dx_full, &sizes, r, row), FWD);
+    }
+    let f32s = |bits: &[u64]| bits.iter().map(|&b| f64::from_bits(b) as f32).collect::<Vec<f32>>();
+    assert_close("running_mean", &f32s(&results[0].2.running_mean), full.running_mean(), FWD);
+    assert_close("running_var", &f32s(&results[0].2.running_var), full.running_var(), FWD);
+    assert_close("gamma_grad", &f32s(&results[0].2.gamma_grad), full.gamma_grad(), FWD);
+    assert_close("beta_grad", &f32s(&results[0].2.beta_grad), full.beta_grad(), FWD);
+}
+
+/// Every rank's result of a forward where `layer(r)`, `shape(r)` and `x(r)` are rank `r`'s, with
+/// each rank's state before and after.
+fn forward_all(
+    size: usize,
+    layer: impl Fn(usize) -> BatchNorm + Sync,
+    shape: impl Fn(usize) -> Vec<usize> + Sync,
+    x: impl Fn(usize) -> Vec<f32> + Sync,
+) -> Vec<(Result<(), BnError>, bool)> {
+    on_ranks(size, |rank| {
+        let r = rank.rank();
+        let mut bn = layer(r);
+        let before = full_state(&bn);
+        let x = x(r);
+        let mut y = vec![0.0; x.len()];
+        let result = bn.forward_train_sync(&x, &shape(r), &mut y, &rank);
+        (result, full_state(&bn) == before)
+    })
+}
+
+#[test]
+fn mismatched_feature_counts_are_an_error_on_every_rank() {
+    let results = forward_all(
+        3,
+        |r| BatchNorm::new(if r == 1 { 4 } else { 3 }, [0]).unwrap(),
+        |r| vec![2, if r == 1 { 4 } else { 3 }],
+        |r| vec![1.0; if r == 1 { 8 } else { 6 }],
+    );
+    for (r, (result, unchanged)) in results.iter().enumerate() {
+        match result {
+            Err(BnError::SyncMismatch { rank: 1, message }) => {
+                assert!(message.contains("4 features"), "{message}")
+            }
+            other => panic!("rank {r}: {other:?}"),
+        }
+        assert!(unchanged, "rank {r} changed");
+    }
+}
+
+#[test]
+fn shapes_that_differ_beyond_the_batch_axis_are_an_error_on_every_rank() {
+    let results = forward_all(
+        2,
+        |_| BatchNorm::new(3, [0, 2]).unwrap(),
+        |r| vec![2, 3, 4 + r],
+        |r| vec![1.0; 2 * 3 * (4 + r)],
+    );
+    for (r, (result, unchanged)) in results.iter().enumerate() {
+        let e = result.clone().unwrap_err();
+        assert!(matches!(e, BnError::SyncMismatch { rank: 1, .. }), "rank {r}: {e}");
+        assert!(e.to_string().contains("batch axis"), "{e}");
+        assert!(unchanged);
+    }
+    // Another configuration is reported too.
+    let results = forward_all(
+        2,
+        |r| BatchNorm::with_config(3, [0], Config::new().eps(if r == 0 { 1e-5 } else { 1e-3 })).unwrap(),
+        |_| vec![2, 3],
+        |_| vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    );
+    for (result, unchanged) in &results {
+        assert!(matches!(result, Err(BnError::SyncMismatch { rank: 1, .. })), "{result:?}");
+        assert!(unchanged);
+    }
+}
+
+#[test]
+fn a_rank_that_fails_its_checks_fails_every_rank() {
+    // Rank 2 passes a y of the wrong length: it gets its own error, the others name it.
+    let results = on_ranks(3, |rank| {
+        let r = rank.rank();
+        let mut bn = BatchNorm::new(2, [0]).unwrap();
+        let before = full_state(&bn);
+        let x = vec![r as f32; 4];
+        let mut y = vec![0.0; if r == 2 { 3 } else { 4 }];
+        let result = bn.forward_train_sync(&x, &[2, 2], &mut y, &rank);
+        (result, full_state(&bn) == before)
+    });
+    assert!(matches!(results[2].0, Err(BnError::BufferLength { buffer: "y", .. })), "{:?}", results[2].0);
+    for (result, unchanged) in &results[..2] {
+        let e = result.clone().unwrap_err();
+        assert!(matches!(e, BnError::SyncMismatch { rank: 2, .. }), "{e}");
+        assert!(e.to_string().contains("buffer length mismatch"), "{e}");
+        assert!(unchanged);
+    }
+    // backward_sync without a forward on one rank.
+    let results = on_ranks(2, |rank| {
+        let r = rank.rank();
+        let mut bn = BatchNorm::new(1, [0]).unwrap();
+        let x = [1.0f32, 2.0];
+        let mut y = [0.0; 2];
+        if r == 0 {
+            bn.forward_train(&x, &[2, 1], &mut y).unwrap();
+        }
+        let mut dx = [0.0; 2];
+        bn.backward_sync(&x, &[1.0, 1.0], &[2, 1], &mut dx, &rank)
+    });
+    assert!(matches!(results[0], Err(BnError::SyncMismatch { rank: 1, .. })), "{:?}", results[0]);
+    assert_eq!(results[1], Err(BnError::NoForward));
+}
+
+#[test]
+fn the_global_batch_needs_two_values_per_feature() {
+    // One value on rank 0, none on rank 1: too few globally, on every rank.
+    let results =
+        forward_all(2, |_| BatchNorm::new(2, [0]).unwrap(), |r| vec![1 - r, 2], |r| vec![1.0; 2 * (1 - r)]);
+    for (result, unchanged) in &results {
+        assert_eq!(result, &Err(BnError::TooFewValues { shape: vec![1, 2] }));
+        assert!(unchanged);
+    }
+    // No values anywhere.
+    let results = forward_all(2, |_| BatchNorm::new(2, [0]).unwrap(), |_| vec![0, 2], |_| Vec::new());
+    for (result, _) in &results {
+        assert_eq!(result, &Err(BnError::EmptyBatch { shape: vec![0, 2] }));
+    }
+    // One value on each of two ranks is enough.
+    let results = forward_all(2, |_| BatchNorm::new(2, [0]).unwrap(), |_| vec![1, 2], |r| vec![r as f32; 2]);
+    for (result, unchanged) in &results {
+        assert_eq!(result, &Ok(()));
+        assert!(!unchanged);
+    }
+}
+
+#[test]
+fn non_finite_global_statistics_are_an_error_on_every_rank() {
+    let results = forward_all(
+        3,
+        |_| BatchNorm::new(2, [0]).unwrap(),
+        |_| vec![2, 2],
+        |r| if r == 1 { vec![1.0, f32::NAN, 2.0, 3.0] } else { vec![1.0, 2.0, 3.0, 4.0] },
+    );
+    for (result, unchanged) in &results {
+        assert!(matches!(result, Err(BnError::NonFinite { index: 1, .. })), "{result:?}");
+        assert!(unchanged);
+    }
+}
+
+#[test]
+fn a_rank_that_leaves_does_not_hang_the_others() {
+    let mut ranks = ThreadGroup::new(2);
+    let rank0 = ranks.remove(0);
+    drop(ranks); // rank 1 leaves
+    let mut bn = BatchNorm::new(1, [0]).unwrap();
+    let mut y = [0.0; 2];
+    let result = bn.forward_train_sync(&[1.0, 2.0], &[2, 1], &mut y, &rank0);
+    assert!(matches!(result, Err(BnError::SyncGroup(_))), "{result:?}");
+    assert_eq!(bn.num_batches_tracked(), 0);
+    // A rank that leaves while another waits releases it.
+    let results = on_ranks(2, |rank| {
+        if rank.rank() == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(rank);
+            return Ok(Vec::new());
+        }
+        rank.all_gather(&[1.0])
+    });
+    assert!(matches!(results[0], Err(BnError::SyncGroup(_))), "{:?}", results[0]);
+}
+
+#[test]
+fn backward_sync_must_follow_a_synchronized_forward() {
+    // Unsynchronized forwards saved statistics of 2 values per feature; the group's batch has 4.
+    let results = on_ranks(2, |rank| {
+        let mut bn = BatchNorm::new(1, [0]).unwrap();
+        let x = [1.0f32, 2.0 + rank.rank() as f32];
+        let mut y = [0.0; 2];
+        bn.forward_train(&x, &[2, 1], &mut y).unwrap();
+        let mut dx = [0.0; 2];
+        (bn.backward_sync(&x, &[1.0, -1.0], &[2, 1], &mut dx, &rank), bn.gamma_grad() == [0.0])
+    });
+    for (result, unchanged) in &results {
+        let e = result.clone().unwrap_err();
+        assert!(e.to_string().contains("must follow forward_train_sync"), "{e}");
+        assert!(unchanged);
+    }
+}
