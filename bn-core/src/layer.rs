@@ -9,6 +9,7 @@ use std::borrow::Cow;
 
 use crate::kernels::reference::{self, Affine};
 use crate::kernels::{self, Backend};
+use crate::mixed;
 use crate::spec::{specialize, Dynamic, Spec};
 use crate::{BnError, Canonical, Config, Element, Layout, Param, RunningVar};
 
@@ -469,12 +470,16 @@ impl<E: Element> BatchNorm<E> {
         let mut scratch = core::mem::take(&mut self.scratch);
         // f32 data: the fused kernel writes y along with the statistics (y is unspecified after
         // an Err). Other types: the reference statistics, checked, then the reference normalize.
+        // bf16 / f16 data: the same kernels on blocks widened to f32.
+        let (mean_out, var_out) = (&mut scratch.mean, &mut scratch.var);
+        let half = mixed::forward_train(backend, x, y, dims, &self.gamma, &self.beta, eps, mean_out, var_out);
         let mut fused = match (
             E::slice_as_f32(x),
             E::slice_as_f32_mut(y),
             E::Param::slice_as_f32(&self.gamma),
             E::Param::slice_as_f32(&self.beta),
         ) {
+            _ if half => true,
             (Some(x), Some(y), Some(gamma), Some(beta)) => {
                 kernels::forward_train::<S>(
                     backend,
@@ -587,7 +592,9 @@ impl<E: Element> BatchNorm<E> {
         let dims = specialize::<S>(dims);
         let k = self.eval_coefficients(x, dims, shape)?;
         let p32 = E::Param::slice_as_f32;
+        let half = mixed::normalize(self.backend(), x, y, dims, &k.mean, &k.scale, &self.beta);
         match (E::slice_as_f32(x), E::slice_as_f32_mut(y), p32(&k.mean), p32(&k.scale), p32(&self.beta)) {
+            _ if half => {}
             (Some(x), Some(y), Some(mean), Some(scale), Some(shift)) => {
                 kernels::normalize::<S>(self.backend(), x, y, dims, mean, scale, shift)
             }
@@ -606,7 +613,9 @@ impl<E: Element> BatchNorm<E> {
         let dims = specialize::<S>(dims);
         let k = self.eval_coefficients(xy, dims, shape)?;
         let p32 = E::Param::slice_as_f32;
+        let half = mixed::normalize_inplace(self.backend(), xy, dims, &k.mean, &k.scale, &self.beta);
         match (E::slice_as_f32_mut(xy), p32(&k.mean), p32(&k.scale), p32(&self.beta)) {
+            _ if half => {}
             (Some(xy), Some(mean), Some(scale), Some(shift)) => {
                 kernels::normalize_inplace::<S>(self.backend(), xy, dims, mean, scale, shift)
             }
@@ -639,12 +648,15 @@ impl<E: Element> BatchNorm<E> {
         sums: &mut Scratch,
     ) {
         let (sum_dy, sum_dy_xhat) = (&mut sums.mean, &mut sums.var);
+        let half =
+            mixed::backward(self.backend(), x, dy, dx, dims, mean, inv_std, gamma, sum_dy, sum_dy_xhat);
         match (
             E::slice_as_f32(x),
             E::slice_as_f32(dy),
             E::slice_as_f32_mut(dx),
             E::Param::slice_as_f32(gamma),
         ) {
+            _ if half => {}
             (Some(x), Some(dy), Some(dx), Some(gamma)) => kernels::backward::<S>(
                 self.backend(),
                 x,
@@ -710,6 +722,19 @@ impl<E: Element> BatchNorm<E> {
         let result = if self.config.get_track_running_stats() {
             let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
             let p32 = E::Param::slice_as_f32;
+            let (mean, inv_std) = (&self.running_mean, &self.eval_inv_std_p);
+            let half = mixed::backward_eval(
+                self.backend(),
+                x,
+                dy,
+                dx,
+                dims,
+                mean,
+                inv_std,
+                &self.gamma,
+                sum_dy,
+                sum_dy_xhat,
+            );
             match (
                 E::slice_as_f32(x),
                 E::slice_as_f32(dy),
@@ -718,6 +743,7 @@ impl<E: Element> BatchNorm<E> {
                 p32(&self.eval_inv_std_p),
                 p32(&self.gamma),
             ) {
+                _ if half => {}
                 (Some(x), Some(dy), Some(dx), Some(mean), Some(inv_std), Some(gamma)) => {
                     kernels::backward_eval::<S>(
                         self.backend(),
