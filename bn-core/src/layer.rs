@@ -73,7 +73,8 @@ struct Scratch {
 /// A batch-normalization layer whose features, axes and options are given at run time.
 ///
 /// `BatchNorm` with no type argument is the `f32` layer; `BatchNorm<f64>` keeps its parameters
-/// and statistics in `f64`. It runs the same kernels as the layers `#[batch_norm]` generates and
+/// and statistics in `f64`; `BatchNorm<half::bf16>` and `BatchNorm<half::f16>` store the data in
+/// 16 bits with `f32` parameters and statistics. It runs the same kernels as the layers `#[batch_norm]` generates and
 /// has the same methods (also through the trait [`BatchNormLayer`](crate::BatchNormLayer)).
 ///
 /// ```

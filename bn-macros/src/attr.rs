@@ -30,6 +30,7 @@ pub(crate) enum Key {
     Center,
     Scale,
     TrackRunningStats,
+    Dtype,
     Crate,
 }
 
@@ -55,6 +56,7 @@ impl Key {
             "track_running_stats",
             "`track_running_stats = true` or `track_running_stats = false`",
         ),
+        (Key::Dtype, "dtype", "`dtype = \"f32\"`, `dtype = \"f64\"`, `dtype = \"bf16\"` or `dtype = \"f16\"`"),
         (Key::Crate, "crate", "`crate = \"::batchnorm\"`"),
     ];
 
@@ -138,6 +140,21 @@ impl RunningVar {
     }
 }
 
+/// The `dtype` key's values: the element type of the data (`f32` by default). `bf16` and `f16`
+/// layers keep `f32` parameters and statistics; `f64` layers keep `f64` ones.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Dtype {
+    F32,
+    F64,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    const ALL: &'static [(Dtype, &'static str)] =
+        &[(Dtype::F32, "f32"), (Dtype::F64, "f64"), (Dtype::Bf16, "bf16"), (Dtype::F16, "f16")];
+}
+
 /// The arguments of `#[batch_norm(...)]`. A field is `None` when the key is absent or its value
 /// could not be read (that error is already reported); [`Attr::given`] tells the two apart.
 #[derive(Default)]
@@ -152,6 +169,7 @@ pub(crate) struct Attr {
     pub center: Option<Spanned<bool>>,
     pub scale: Option<Spanned<bool>>,
     pub track_running_stats: Option<Spanned<bool>>,
+    pub dtype: Option<Spanned<Dtype>>,
     pub krate: Option<Spanned<Path>>,
     /// The keys given, each with its position among the entries (errors are sorted by it) and
     /// its whole `key = value` tokens.
@@ -221,6 +239,7 @@ impl Attr {
             Key::Center => self.center = boolean(cx, key, value),
             Key::Scale => self.scale = boolean(cx, key, value),
             Key::TrackRunningStats => self.track_running_stats = boolean(cx, key, value),
+            Key::Dtype => self.dtype = choice(cx, key, value, Dtype::ALL),
             Key::Crate => self.krate = crate_path(cx, key, value),
         }
     }

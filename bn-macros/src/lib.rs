@@ -50,6 +50,7 @@ use proc_macro::TokenStream;
 /// | `center` | `false`: beta fixed at 0 | `true` |
 /// | `scale` | `false`: gamma fixed at 1 | `true` |
 /// | `track_running_stats` | `false`: inference uses batch statistics too | `true` |
+/// | `dtype` | the element type of the data: `"f32"`, `"f64"` (parameters and statistics in `f64` too), `"bf16"` or `"f16"` (`batchnorm::half::bf16` / `f16` data, `f32` parameters and statistics, computed in `f32`) | `"f32"` |
 /// | `crate` | the path of the `batchnorm` crate, for a renamed dependency: `crate = "bn"` | `"::batchnorm"` |
 ///
 /// Explicit keys override the preset: `preset = "keras", eps = 0.01` has Keras's momentum 0.99
