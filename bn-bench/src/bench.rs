@@ -9,8 +9,9 @@ use batchnorm::BnError;
 use ndarray::{ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
+use crate::case::Dtype;
 use crate::case::{Case, Implementation, Mode};
-use crate::layers::{macro_layer, runtime_layer, DynLayer};
+use crate::layers::{macro_runner, runtime_runner, Runner};
 use crate::naive::NaiveBatchNorm;
 
 /// How long each implementation of a row is repeated.
@@ -132,8 +133,8 @@ pub struct Workload {
     mode: Mode,
     x: Vec<f32>,
     dy: Vec<f32>,
-    /// The layers and their output buffers.
-    layers: Vec<(Implementation, DynLayer, Vec<f32>)>,
+    /// The layers, each with its inputs and output in the case's dtype.
+    layers: Vec<(Implementation, Box<dyn Runner>)>,
     naive: Option<NaiveBatchNorm>,
     copy_src: Vec<f32>,
     copy_dst: Vec<f32>,
@@ -145,8 +146,9 @@ impl Workload {
     /// Builds the inputs and the layers of a row, and brings every layer into the state the mode
     /// needs (a training forward before inference and backward, non-trivial parameters).
     ///
-    /// `with_naive` adds the naive baseline; the macro layer is added when the case is a
-    /// standard shape.
+    /// `with_naive` adds the naive baseline (`f32` cases only: it is an `f32` program); the macro
+    /// layer is added when the case is a standard shape of a dtype that has one (`f32`, `bf16`).
+    /// The copy moves as many bytes as the mode must move in the case's dtype.
     pub fn new(case: &Case, mode: Mode, with_naive: bool) -> Result<Workload, BnError> {
         let len = case.len();
         let features: usize = case.features().iter().product();
@@ -155,15 +157,14 @@ impl Workload {
         let gamma: Vec<f32> = (0..features).map(|c| 1.0 + 0.25 * ((c % 7) as f32 / 7.0)).collect();
         let beta: Vec<f32> = (0..features).map(|c| 0.1 * ((c % 5) as f32 - 2.0)).collect();
         let mut layers = Vec::new();
-        if let Some(layer) = macro_layer(case) {
-            layers.push((Implementation::Macro, layer, vec![0.0; len]));
+        if let Some(layer) = macro_runner(case, &x, &dy) {
+            layers.push((Implementation::Macro, layer));
         }
-        layers.push((Implementation::Runtime, runtime_layer(case)?, vec![0.0; len]));
-        for (_, layer, out) in &mut layers {
-            layer.update_params(&gamma, &beta)?;
-            layer.forward_train(&x, &case.shape, out)?;
+        layers.push((Implementation::Runtime, runtime_runner(case, &x, &dy)?));
+        for (_, layer) in &mut layers {
+            layer.prepare(&gamma, &beta, &case.shape)?;
         }
-        let naive = if with_naive {
+        let naive = if with_naive && case.dtype == Dtype::F32 {
             let config = batchnorm::Config::new();
             let mut naive = NaiveBatchNorm::new(
                 &case.shape,
@@ -179,7 +180,8 @@ impl Workload {
         } else {
             None
         };
-        let copy_len = len * mode.traffic_factor() / 2;
+        // The copy reads and writes `copy_len` f32s: the bytes the mode moves in the case's dtype.
+        let copy_len = (len * case.dtype.bytes() * mode.traffic_factor()).div_ceil(8);
         Ok(Workload {
             case: case.clone(),
             mode,
@@ -249,15 +251,7 @@ impl Workload {
     fn run(&mut self, job: Job) -> Result<(), BnError> {
         let shape = &self.case.shape;
         match job {
-            Job::Layer(i) => {
-                let (_, layer, out) = &mut self.layers[i];
-                match self.mode {
-                    Mode::Train => layer.forward_train(&self.x, shape, out)?,
-                    Mode::Eval => layer.forward_eval(&self.x, shape, out)?,
-                    Mode::Backward => layer.backward(&self.x, &self.dy, shape, out)?,
-                }
-                black_box(out);
-            }
+            Job::Layer(i) => self.layers[i].1.run(self.mode, shape)?,
             Job::Naive => {
                 let naive = self.naive.as_mut().expect("the naive job exists only with a naive layer");
                 // The result is allocated and dropped on every call, as in NumPy.

@@ -49,6 +49,79 @@ pub(crate) fn narrow(backend: Backend, format: HalfFormat, src: &[f32], dst: &mu
     narrow_portable(format, src, dst);
 }
 
+/// The parameters of a fused affine pass: one `(m, s, t)` for the whole run (a run of one
+/// channel), or one per value (a row of channels).
+#[derive(Clone, Copy)]
+pub(crate) enum Params<'a> {
+    /// `y = (x - m) * s + t` for every value.
+    Run(f32, f32, f32),
+    /// `y[i] = (x[i] - m[i]) * s[i] + t[i]`; each slice holds the run's length.
+    Lanes(&'a [f32], &'a [f32], &'a [f32]),
+}
+
+/// Whether [`affine`] has a fused kernel for `backend` and `format` (else the caller widens into
+/// a buffer and runs the `f32` kernel).
+#[inline]
+pub(crate) fn has_affine(backend: Backend, format: HalfFormat) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match (backend.usable(), format) {
+            (Backend::Avx512, _) | (Backend::Avx2, HalfFormat::Bf16) => true,
+            (Backend::Avx2, HalfFormat::F16) => x86::has_f16c(),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (backend, format);
+        false
+    }
+}
+
+/// `y = round((widen(x) - m) * s + t)` in one pass (fused multiply-add). Only where
+/// [`has_affine`] (checked: panics otherwise).
+#[inline]
+pub(crate) fn affine(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
+    assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
+    // SAFETY: two distinct slices of the same length.
+    unsafe { affine_raw(backend, format, x.as_ptr(), y.as_mut_ptr(), x.len(), p) }
+}
+
+/// [`affine`] in place: the same bits.
+#[inline]
+pub(crate) fn affine_inplace(backend: Backend, format: HalfFormat, xy: &mut [u16], p: Params<'_>) {
+    let ptr = xy.as_mut_ptr();
+    // SAFETY: one slice read and written at the same positions (each vector is loaded before it
+    // is stored).
+    unsafe { affine_raw(backend, format, ptr, ptr, xy.len(), p) }
+}
+
+/// # Safety
+///
+/// `src` and `dst` hold `n` values; they are equal or do not overlap.
+#[inline]
+unsafe fn affine_raw(
+    backend: Backend,
+    format: HalfFormat,
+    src: *const u16,
+    dst: *mut u16,
+    n: usize,
+    p: Params<'_>,
+) {
+    if let Params::Lanes(m, s, t) = p {
+        assert!(m.len() >= n && s.len() >= n && t.len() >= n, "affine parameters shorter than the run");
+    }
+    assert!(has_affine(backend, format), "no fused affine kernel for {backend} {format:?}");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract for the data, the parameters hold `n` (checked), and
+    // `has_affine` detected the kernel's features.
+    unsafe {
+        x86::affine(backend.usable(), format, src, dst, n, p)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, dst, n);
+}
+
 /// The portable widening: a shift for `bf16` (which the compiler vectorizes), `half`'s slice
 /// conversion for `f16`.
 #[inline]
@@ -119,8 +192,9 @@ mod x86 {
 
     use core::arch::x86_64::*;
 
-    use super::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
+    use super::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, Params};
     use crate::kernels::backend::{has_avx2, has_avx512};
+    use crate::kernels::{Backend, HalfFormat};
 
     /// Whether the CPU has F16C (cached by `std`).
     #[inline]
@@ -303,6 +377,184 @@ mod x86 {
         }
         for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
             *d = f32_to_f16_bits(s);
+        }
+    }
+
+    /// The fused affine pass of [`super::affine`].
+    ///
+    /// # Safety
+    ///
+    /// `src` and `dst` hold `n` values (they may be equal, not otherwise overlapping), the
+    /// `Lanes` parameters at least `n`, and the CPU has the backend's features (and F16C for
+    /// `f16` on AVX2).
+    pub(super) unsafe fn affine(
+        backend: Backend,
+        format: HalfFormat,
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        p: Params<'_>,
+    ) {
+        let run: [f32; 3] = match p {
+            Params::Run(m, s, t) => [m, s, t],
+            Params::Lanes(..) => [0.0; 3],
+        };
+        let (lanes, m, s, t) = match p {
+            Params::Run(..) => (false, &run[0] as *const f32, &run[1] as *const f32, &run[2] as *const f32),
+            Params::Lanes(m, s, t) => (true, m.as_ptr(), s.as_ptr(), t.as_ptr()),
+        };
+        // SAFETY: forwarded from the caller; the match picks a kernel whose features it detected.
+        unsafe {
+            match (backend, format, lanes) {
+                (Backend::Avx512, HalfFormat::Bf16, false) => {
+                    affine_avx512::<true, false>(src, dst, n, m, s, t)
+                }
+                (Backend::Avx512, HalfFormat::Bf16, true) => {
+                    affine_avx512::<true, true>(src, dst, n, m, s, t)
+                }
+                (Backend::Avx512, HalfFormat::F16, false) => {
+                    affine_avx512::<false, false>(src, dst, n, m, s, t)
+                }
+                (Backend::Avx512, HalfFormat::F16, true) => {
+                    affine_avx512::<false, true>(src, dst, n, m, s, t)
+                }
+                (_, HalfFormat::Bf16, false) => affine_avx2::<true, false>(src, dst, n, m, s, t),
+                (_, HalfFormat::Bf16, true) => affine_avx2::<true, true>(src, dst, n, m, s, t),
+                (_, HalfFormat::F16, false) => affine_avx2_f16c::<false>(src, dst, n, m, s, t),
+                (_, HalfFormat::F16, true) => affine_avx2_f16c::<true>(src, dst, n, m, s, t),
+            }
+        }
+    }
+
+    /// The scalar tail of the fused kernels: the same arithmetic (a fused multiply-add).
+    ///
+    /// # Safety
+    ///
+    /// As [`affine`], for the values `i..n`.
+    #[inline(always)]
+    unsafe fn affine_tail<const BF16: bool, const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        i: usize,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        for j in i..n {
+            let k = if LANES { j } else { 0 };
+            // SAFETY: `j < n` and `k < n` (or 0) are in bounds per the caller's contract.
+            unsafe {
+                let x = *src.add(j);
+                let v = if BF16 { bf16_bits_to_f32(x) } else { f16_bits_to_f32(x) };
+                let r = (v - *m.add(k)).mul_add(*s.add(k), *t.add(k));
+                *dst.add(j) = if BF16 { f32_to_bf16_bits(r) } else { f32_to_f16_bits(r) };
+            }
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`affine`], with AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn affine_avx512<const BF16: bool, const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
+        unsafe {
+            let (bm, bs, bt) = (_mm512_set1_ps(*m), _mm512_set1_ps(*s), _mm512_set1_ps(*t));
+            let mut i = 0;
+            while i + 16 <= n {
+                let h = _mm256_loadu_si256(src.add(i) as *const __m256i);
+                let x = if BF16 { bf16x16_to_f32(h) } else { _mm512_cvtph_ps(h) };
+                let (mv, sv, tv) = if LANES {
+                    (_mm512_loadu_ps(m.add(i)), _mm512_loadu_ps(s.add(i)), _mm512_loadu_ps(t.add(i)))
+                } else {
+                    (bm, bs, bt)
+                };
+                let y = _mm512_fmadd_ps(_mm512_sub_ps(x, mv), sv, tv);
+                let h = if BF16 {
+                    _mm512_cvtepi32_epi16(f32x16_to_bf16_u32(y))
+                } else {
+                    _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y)
+                };
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
+                i += 16;
+            }
+            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t);
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`affine`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn affine_avx2<const BF16: bool, const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
+        unsafe {
+            let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
+            let mut i = 0;
+            while i + 16 <= n {
+                let mut out = [_mm256_setzero_si256(); 2];
+                for (k, o) in out.iter_mut().enumerate() {
+                    let j = i + 8 * k;
+                    let h = _mm_loadu_si128(src.add(j) as *const __m128i);
+                    let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                    let (mv, sv, tv) = if LANES {
+                        (_mm256_loadu_ps(m.add(j)), _mm256_loadu_ps(s.add(j)), _mm256_loadu_ps(t.add(j)))
+                    } else {
+                        (bm, bs, bt)
+                    };
+                    *o = f32x8_to_bf16_u32(_mm256_fmadd_ps(_mm256_sub_ps(x, mv), sv, tv));
+                }
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(out[0], out[1]));
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, packed);
+                i += 16;
+            }
+            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t);
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`affine`], with AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn affine_avx2_f16c<const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
+        unsafe {
+            let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
+            let mut i = 0;
+            while i + 8 <= n {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(src.add(i) as *const __m128i));
+                let (mv, sv, tv) = if LANES {
+                    (_mm256_loadu_ps(m.add(i)), _mm256_loadu_ps(s.add(i)), _mm256_loadu_ps(t.add(i)))
+                } else {
+                    (bm, bs, bt)
+                };
+                let y = _mm256_fmadd_ps(_mm256_sub_ps(x, mv), sv, tv);
+                _mm_storeu_si128(dst.add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+                i += 8;
+            }
+            affine_tail::<false, LANES>(src, dst, i, n, m, s, t);
         }
     }
 

@@ -25,7 +25,7 @@
 
 use core::cell::RefCell;
 
-use super::convert::{narrow, widen};
+use super::convert::{affine, affine_inplace, has_affine, narrow, widen, Params};
 use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use super::Backend;
@@ -279,21 +279,53 @@ pub fn normalize(
     let g = Blocks::new(dims, BLOCK);
     let y = SharedMut::new(y);
     for_blocks(&g, 2, |blk| {
+        // SAFETY: blocks are disjoint and each is written by one task.
+        let out = unsafe { y.slice(blk.start, blk.len()) };
+        normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift);
+    });
+}
+
+/// One block of inference: `out = normalize(x)`, or in place when `x` is `None` (the same
+/// arithmetic either way). Runs of one channel of at least 16 values, and rows of at least 16
+/// channels, take the fused one-pass kernel where the backend has one; other blocks are widened
+/// into a buffer and run by the `f32` kernel.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn normalize_block(
+    backend: Backend,
+    format: HalfFormat,
+    x: Option<&[u16]>,
+    out: &mut [u16],
+    blk: Block,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let Canonical { channels: bc, inner, .. } = blk.dims;
+    let ch = blk.channels();
+    let run = |x: Option<&[u16]>, out: &mut [u16], p: Params<'_>| match x {
+        Some(x) => affine(backend, format, x, out, p),
+        None => affine_inplace(backend, format, out, p),
+    };
+    if inner >= 16 && has_affine(backend, format) {
+        for (r, start) in (0..out.len()).step_by(inner).enumerate() {
+            let c = blk.c0 + r % bc;
+            let p = Params::Run(mean[c], scale[c], shift[c]);
+            run(x.map(|x| &x[start..start + inner]), &mut out[start..start + inner], p);
+        }
+    } else if inner == 1 && bc >= 16 && has_affine(backend, format) {
+        let p = Params::Lanes(&mean[ch.clone()], &scale[ch.clone()], &shift[ch]);
+        for start in (0..out.len()).step_by(bc) {
+            run(x.map(|x| &x[start..start + bc]), &mut out[start..start + bc], p);
+        }
+    } else {
         let mut buf = [0.0f32; BLOCK];
         let buf = &mut buf[..blk.len()];
-        widen(backend, format, &x[blk.range()], buf);
-        let ch = blk.channels();
-        super::normalize_inplace::<Dynamic>(
-            backend,
-            buf,
-            blk.dims,
-            &mean[ch.clone()],
-            &scale[ch.clone()],
-            &shift[ch],
-        );
-        // SAFETY: blocks are disjoint and each is written by one task.
-        narrow(backend, format, buf, unsafe { y.slice(blk.start, blk.len()) });
-    });
+        widen(backend, format, x.unwrap_or(out), buf);
+        let (m, s, t) = (&mean[ch.clone()], &scale[ch.clone()], &shift[ch]);
+        super::normalize_inplace::<Dynamic>(backend, buf, blk.dims, m, s, t);
+        narrow(backend, format, buf, out);
+    }
 }
 
 /// [`normalize`] in place: bit-identical to it.
@@ -326,21 +358,9 @@ pub fn normalize_inplace(
     let g = Blocks::new(dims, BLOCK);
     let xy = SharedMut::new(xy);
     for_blocks(&g, 2, |blk| {
-        let mut buf = [0.0f32; BLOCK];
-        let buf = &mut buf[..blk.len()];
         // SAFETY: blocks are disjoint and each is read and written by one task.
         let io = unsafe { xy.slice(blk.start, blk.len()) };
-        widen(backend, format, io, buf);
-        let ch = blk.channels();
-        super::normalize_inplace::<Dynamic>(
-            backend,
-            buf,
-            blk.dims,
-            &mean[ch.clone()],
-            &scale[ch.clone()],
-            &shift[ch],
-        );
-        narrow(backend, format, buf, io);
+        normalize_block(backend, format, None, io, blk, mean, scale, shift);
     });
 }
 
