@@ -300,3 +300,37 @@ fn a_wrong_residual_is_an_error_that_changes_nothing() {
     assert!(matches!(err, BnError::BufferLength { buffer: "dresidual", expected: 6, got: 4, .. }), "{err}");
     assert_eq!(grads, format!("{:?}", (bn.gamma_grad(), bn.beta_grad())));
 }
+
+#[test]
+fn sixteen_bit_layers_apply_and_differentiate_the_activation() {
+    use batchnorm::half::bf16;
+    let shape = [4usize, 8, 33];
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::new(77);
+    let x: Vec<bf16> = (0..n).map(|_| bf16::from_f64(rng.normal() * 2.0 + 1.0)).collect();
+    let dy: Vec<bf16> = (0..n).map(|_| bf16::from_f64(rng.normal())).collect();
+    let layout = || batchnorm::Layout::from_axes(&[8], &[0, 2]).unwrap();
+    for backend in Backend::available() {
+        let relu_config = Config::new().activation(Activation::Relu);
+        let mut fused = BatchNorm::<bf16>::with_layout(layout(), relu_config).unwrap();
+        let mut plain = BatchNorm::<bf16>::with_layout(layout(), Config::new()).unwrap();
+        fused.set_backend(Some(backend)).unwrap();
+        plain.set_backend(Some(backend)).unwrap();
+        let zero = bf16::from_f32(0.0);
+        let (mut y, mut y_plain) = (vec![zero; n], vec![zero; n]);
+        fused.forward_train(&x, &shape, &mut y).unwrap();
+        plain.forward_train(&x, &shape, &mut y_plain).unwrap();
+        let expected: Vec<bf16> = y_plain.iter().map(|v| if v.to_f32() < 0.0 { zero } else { *v }).collect();
+        assert_eq!(y, expected, "{backend}: bf16 forward_train with relu");
+        let masked: Vec<bf16> =
+            dy.iter().zip(&y).map(|(g, v)| if v.to_f32() > 0.0 { *g } else { zero }).collect();
+        let (mut dx, mut dx_plain) = (vec![zero; n], vec![zero; n]);
+        fused.backward(&x, &dy, &shape, &mut dx).unwrap();
+        plain.backward(&x, &masked, &shape, &mut dx_plain).unwrap();
+        assert_eq!(dx, dx_plain, "{backend}: bf16 backward with relu");
+        fused.forward_eval(&x, &shape, &mut y).unwrap();
+        plain.forward_eval(&x, &shape, &mut y_plain).unwrap();
+        let expected: Vec<bf16> = y_plain.iter().map(|v| if v.to_f32() < 0.0 { zero } else { *v }).collect();
+        assert_eq!(y, expected, "{backend}: bf16 forward_eval with relu");
+    }
+}

@@ -9,8 +9,9 @@ use batchnorm::BnError;
 use ndarray::{ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
+use crate::case::Dtype;
 use crate::case::{Case, Implementation, Mode};
-use crate::layers::{macro_layer, runtime_layer, DynLayer};
+use crate::layers::{macro_runner, runtime_runner, runtime_runner_with, Runner};
 use crate::naive::NaiveBatchNorm;
 
 /// How long each implementation of a row is repeated.
@@ -132,11 +133,8 @@ pub struct Workload {
     mode: Mode,
     x: Vec<f32>,
     dy: Vec<f32>,
-    /// The residual of [`Implementation::AddRelu`] and its gradient (empty without it).
-    residual: Vec<f32>,
-    dresidual: Vec<f32>,
-    /// The layers and their output buffers.
-    layers: Vec<(Implementation, DynLayer, Vec<f32>)>,
+    /// The layers, each with its inputs and output in the case's dtype.
+    layers: Vec<(Implementation, Box<dyn Runner>)>,
     naive: Option<NaiveBatchNorm>,
     copy_src: Vec<f32>,
     copy_dst: Vec<f32>,
@@ -148,8 +146,9 @@ impl Workload {
     /// Builds the inputs and the layers of a row, and brings every layer into the state the mode
     /// needs (a training forward before inference and backward, non-trivial parameters).
     ///
-    /// `with_naive` adds the naive baseline; the macro layer is added when the case is a
-    /// standard shape.
+    /// `with_naive` adds the naive baseline (`f32` cases only: it is an `f32` program); the macro
+    /// layer is added when the case is a standard shape of a dtype that has one (`f32`, `bf16`).
+    /// The copy moves as many bytes as the mode must move in the case's dtype.
     pub fn new(case: &Case, mode: Mode, with_naive: bool) -> Result<Workload, BnError> {
         Self::with_epilogues(case, mode, with_naive, false)
     }
@@ -169,28 +168,24 @@ impl Workload {
         let gamma: Vec<f32> = (0..features).map(|c| 1.0 + 0.25 * ((c % 7) as f32 / 7.0)).collect();
         let beta: Vec<f32> = (0..features).map(|c| 0.1 * ((c % 5) as f32 - 2.0)).collect();
         let mut layers = Vec::new();
-        if let Some(layer) = macro_layer(case) {
-            layers.push((Implementation::Macro, layer, vec![0.0; len]));
+        if let Some(layer) = macro_runner(case, &x, &dy) {
+            layers.push((Implementation::Macro, layer));
         }
-        layers.push((Implementation::Runtime, runtime_layer(case)?, vec![0.0; len]));
-        let (mut residual, mut dresidual) = (Vec::new(), Vec::new());
+        layers.push((Implementation::Runtime, runtime_runner(case, &x, &dy)?));
         if epilogues {
             let relu = batchnorm::Config::new().activation(batchnorm::Activation::Relu);
-            let relu_layer = batchnorm::BatchNorm::with_config(case.features(), &case.axes, relu)?;
-            layers.push((Implementation::Relu, Box::new(relu_layer), vec![0.0; len]));
-            layers.push((Implementation::AddRelu, runtime_layer(case)?, vec![0.0; len]));
-            residual = fill(len, 4, 0.0);
-            dresidual = vec![0.0; len];
+            layers.push((Implementation::Relu, runtime_runner_with(case, relu, &x, &dy, None)?));
+            let residual = fill(len, 4, 0.0);
+            let config = batchnorm::Config::new();
+            layers.push((
+                Implementation::AddRelu,
+                runtime_runner_with(case, config, &x, &dy, Some(&residual))?,
+            ));
         }
-        for (imp, layer, out) in &mut layers {
-            layer.update_params(&gamma, &beta)?;
-            if *imp == Implementation::AddRelu {
-                layer.forward_train_add_relu(&x, &residual, &case.shape, out)?;
-            } else {
-                layer.forward_train(&x, &case.shape, out)?;
-            }
+        for (_, layer) in &mut layers {
+            layer.prepare(&gamma, &beta, &case.shape)?;
         }
-        let naive = if with_naive {
+        let naive = if with_naive && case.dtype == Dtype::F32 {
             let config = batchnorm::Config::new();
             let mut naive = NaiveBatchNorm::new(
                 &case.shape,
@@ -206,14 +201,13 @@ impl Workload {
         } else {
             None
         };
-        let copy_len = len * mode.traffic_factor() / 2;
+        // The copy reads and writes `copy_len` f32s: the bytes the mode moves in the case's dtype.
+        let copy_len = (len * case.dtype.bytes() * mode.traffic_factor()).div_ceil(8);
         Ok(Workload {
             case: case.clone(),
             mode,
             x,
             dy,
-            residual,
-            dresidual,
             layers,
             naive,
             copy_src: fill(copy_len, 3, 0.0),
@@ -278,22 +272,7 @@ impl Workload {
     fn run(&mut self, job: Job) -> Result<(), BnError> {
         let shape = &self.case.shape;
         match job {
-            Job::Layer(i) => {
-                let (imp, layer, out) = &mut self.layers[i];
-                let (x, dy, r) = (&self.x, &self.dy, &self.residual);
-                match (self.mode, *imp == Implementation::AddRelu) {
-                    (Mode::Train, false) => layer.forward_train(x, shape, out)?,
-                    (Mode::Eval, false) => layer.forward_eval(x, shape, out)?,
-                    (Mode::Backward, false) => layer.backward(x, dy, shape, out)?,
-                    (Mode::Train, true) => layer.forward_train_add_relu(x, r, shape, out)?,
-                    (Mode::Eval, true) => layer.forward_eval_add_relu(x, r, shape, out)?,
-                    (Mode::Backward, true) => {
-                        layer.backward_add_relu(x, r, dy, shape, out, &mut self.dresidual)?;
-                        black_box(&mut self.dresidual);
-                    }
-                }
-                black_box(out);
-            }
+            Job::Layer(i) => self.layers[i].1.run(self.mode, shape)?,
             Job::Naive => {
                 let naive = self.naive.as_mut().expect("the naive job exists only with a naive layer");
                 // The result is allocated and dropped on every call, as in NumPy.

@@ -29,6 +29,55 @@ pub const STANDARD_SHAPES: [StandardShape; 6] = [
 pub const NAMED_LAYOUTS: [(&str, usize, &[usize]); 4] =
     [("nc", 2, &[0]), ("ncl", 3, &[0, 2]), ("nchw", 4, &[0, 2, 3]), ("nhwc", 4, &[0, 1, 2])];
 
+/// The element type of the data (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    /// `f32` (the default).
+    #[default]
+    F32,
+    /// `bf16` data, `f32` parameters.
+    Bf16,
+    /// `f16` data, `f32` parameters.
+    F16,
+    /// `f64` data and parameters.
+    F64,
+}
+
+impl Dtype {
+    /// Every dtype, in the order `--help` lists them.
+    pub const ALL: [Dtype; 4] = [Dtype::F32, Dtype::Bf16, Dtype::F16, Dtype::F64];
+
+    /// `f32`, `bf16`, `f16` or `f64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::F64 => "f64",
+        }
+    }
+
+    /// The dtype of a name (case-insensitive).
+    pub fn from_name(name: &str) -> Option<Dtype> {
+        Dtype::ALL.into_iter().find(|d| d.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::F64 => 8,
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A tensor shape and the axes its statistics are taken over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Case {
@@ -38,6 +87,8 @@ pub struct Case {
     pub shape: Vec<usize>,
     /// The reduced axes, ascending.
     pub axes: Vec<usize>,
+    /// The element type of the data.
+    pub dtype: Dtype,
 }
 
 impl Case {
@@ -47,12 +98,18 @@ impl Case {
             .iter()
             .find(|s| s.shape == shape.as_slice() && s.axes == axes.as_slice())
             .map_or_else(|| "custom".to_string(), |s| s.name.to_string());
-        Case { name, shape, axes }
+        Case { name, shape, axes, dtype: Dtype::F32 }
     }
 
     /// The case of a standard shape.
     pub fn standard(s: &StandardShape) -> Case {
-        Case { name: s.name.to_string(), shape: s.shape.to_vec(), axes: s.axes.to_vec() }
+        Case { name: s.name.to_string(), shape: s.shape.to_vec(), axes: s.axes.to_vec(), dtype: Dtype::F32 }
+    }
+
+    /// The same case with data of `dtype`.
+    pub fn with_dtype(mut self, dtype: Dtype) -> Case {
+        self.dtype = dtype;
+        self
     }
 
     /// All standard cases, S1..S6.
@@ -96,7 +153,7 @@ impl Case {
             Some(s) => format!(" ({})", s.layout),
             None => String::new(),
         };
-        let bytes = (self.len() * 4) as f64;
+        let bytes = (self.len() * self.dtype.bytes()) as f64;
         let size =
             if bytes >= 1e6 { format!("{:.1} MB", bytes / 1e6) } else { format!("{:.1} kB", bytes / 1e3) };
         format!("{}: {}{layout}, axes {:?}, {size}", self.name, self.shape_string(), self.axes)

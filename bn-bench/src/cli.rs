@@ -8,14 +8,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::{backend_name, backend_note, request_backend, BACKEND_NAMES};
 use crate::bench::{Measurement, Settings, Workload};
-use crate::case::{Case, Mode, NAMED_LAYOUTS, STANDARD_SHAPES};
+use crate::case::{Case, Dtype, Mode, NAMED_LAYOUTS, STANDARD_SHAPES};
 use crate::report::{self, Row};
 
 /// The short usage printed after an argument error.
 pub const USAGE: &str = "\
 usage: bn-bench [--case S1,..] [--shape AxBx.. [--axes I,J,.. | --layout nchw|nhwc|nc|ncl]]
                 [--mode train,eval,backward] [--threads N] [--backend scalar|wide|avx2|avx512]
-                [--quick] [--epilogues] [--json PATH] [--plot PATH.svg] [--help]";
+                [--dtype f32|bf16|f16|f64] [--quick] [--epilogues] [--json PATH] [--plot PATH.svg]
+                [--help]";
 
 /// The text of `--help`.
 pub const HELP: &str = "\
@@ -42,6 +43,10 @@ Options:
   --mode LIST           train, eval, backward (comma-separated; default all)
   --threads N           run on a Rayon pool of N threads (default: Rayon's, one per core)
   --backend NAME        force a SIMD backend (sets BN_BACKEND): scalar, wide, avx2, avx512
+  --dtype NAME          the element type of the data: f32 (default), bf16, f16 (16-bit data,
+                        f32 parameters), f64. The copy moves the bytes of that dtype (half of
+                        f32's for bf16 and f16); the naive baseline is f32 only and is left out
+                        of other dtypes; the macro layer runs for f32 and bf16
   --quick               fewer repetitions (50 ms per implementation and row instead of 400 ms)
   --epilogues           also the fused epilogues on the runtime-generic layer: relu (activation =
                         relu) and add-relu (relu(bn(x) + residual)), with x plain = their median /
@@ -60,6 +65,7 @@ Examples:
   cargo run --release -p bn-bench
   cargo run --release -p bn-bench -- --quick --json bench.json --plot bench.svg
   cargo run --release -p bn-bench -- --case S2,S3 --mode eval --threads 1
+  cargo run --release -p bn-bench -- --case S2,S3,S5 --dtype bf16
   cargo run --release -p bn-bench -- --shape 8x256x28x28 --layout nchw --backend avx2
   cargo run --release -p bn-bench -- --shape 96x55x55 --axes 0
 
@@ -94,6 +100,8 @@ pub struct Options {
     pub threads: Option<usize>,
     /// The backend to request through `BN_BACKEND`.
     pub backend: Option<String>,
+    /// The element type of the data.
+    pub dtype: Dtype,
     /// Fewer repetitions.
     pub quick: bool,
     /// Also measure the fused epilogues.
@@ -111,6 +119,7 @@ impl Default for Options {
             modes: Mode::ALL.to_vec(),
             threads: None,
             backend: None,
+            dtype: Dtype::F32,
             quick: false,
             epilogues: false,
             json: None,
@@ -201,7 +210,7 @@ where
             return err(format!("unexpected argument `{arg}` (options start with --)"));
         }
         const FLAGS: [&str; 2] = ["--quick", "--epilogues"];
-        const VALUED: [&str; 10] = [
+        const VALUED: [&str; 11] = [
             "--case",
             "--shape",
             "--axes",
@@ -209,6 +218,7 @@ where
             "--mode",
             "--threads",
             "--backend",
+            "--dtype",
             "--json",
             "--plot",
             "--cases",
@@ -216,7 +226,7 @@ where
         if !FLAGS.contains(&name.as_str()) && !VALUED.contains(&name.as_str()) {
             return err(format!(
                 "unknown option `{name}`; the options are --case, --shape, --axes, --layout, --mode, \
-                 --threads, --backend, --quick, --epilogues, --json, --plot, --help"
+                 --threads, --backend, --dtype, --quick, --epilogues, --json, --plot, --help"
             ));
         }
         let canonical = if name == "--cases" { "--case".to_string() } else { name.clone() };
@@ -290,6 +300,10 @@ where
                 Err(_) => {
                     return err(format!("--backend: `{value}` is not one of {}", BACKEND_NAMES.join(", ")))
                 }
+            },
+            "--dtype" => match Dtype::from_name(&value) {
+                Some(dtype) => options.dtype = dtype,
+                None => return err(format!("--dtype: `{value}` is not one of f32, bf16, f16, f64")),
             },
             "--json" => {
                 if value.is_empty() {
@@ -370,6 +384,8 @@ where
             options.cases = vec![case];
         }
     }
+    let dtype = options.dtype;
+    options.cases = options.cases.into_iter().map(|c| c.with_dtype(dtype)).collect();
     Ok(Command::Run(options))
 }
 
@@ -462,7 +478,8 @@ pub fn write_outputs(options: &Options, out: &RunOutput) -> Result<(), RunError>
     }
     if let Some(path) = &options.plot {
         let (threads, backend) = out.rows.first().map_or((0, ""), |r| (r.threads, r.backend.as_str()));
-        let title = format!("bn-bench, f32, {threads} thread(s), backend {backend}");
+        let dtype = options.dtype;
+        let title = format!("bn-bench, {dtype}, {threads} thread(s), backend {backend}");
         crate::plot::write_svg(path, &out.rows, &title)
             .map_err(|e| RunError::Output(format!("cannot write {}: {e}", path.display())))?;
         eprintln!("wrote plot: {}", path.display());

@@ -2,9 +2,12 @@
 //! runtime-generic `batchnorm::BatchNorm` (any shape), behind one trait object so the runner
 //! treats them alike.
 
-use batchnorm::{batch_norm, BatchNorm, BatchNormLayer, BnError, Config};
+use std::hint::black_box;
 
-use crate::case::Case;
+use batchnorm::half::{bf16, f16};
+use batchnorm::{batch_norm, BatchNorm, BatchNormLayer, BnError, Config, Element, Layout, Param};
+
+use crate::case::{Case, Dtype, Mode};
 
 /// A layer of either kind, as the runner holds it.
 pub type DynLayer = Box<dyn BatchNormLayer<Elem = f32, Param = f32> + Send>;
@@ -51,4 +54,144 @@ pub fn macro_layer(case: &Case) -> Option<DynLayer> {
 /// macro layers).
 pub fn runtime_layer(case: &Case) -> Result<DynLayer, BnError> {
     Ok(Box::new(BatchNorm::with_config(case.features(), &case.axes, Config::new())?))
+}
+
+/// S1..S6 again with `dtype = "bf16"`: the macro path of `--dtype bf16`.
+pub mod bf16_layers {
+    use batchnorm::batch_norm;
+
+    /// S1 in bf16.
+    #[batch_norm(features = 1024, axes = [0], dtype = "bf16")]
+    pub struct S1Bf16;
+    /// S2 in bf16.
+    #[batch_norm(features = 64, axes = [0, 2, 3], dtype = "bf16")]
+    pub struct S2Bf16;
+    /// S3 in bf16.
+    #[batch_norm(features = 64, axes = [0, 1, 2], dtype = "bf16")]
+    pub struct S3Bf16;
+    /// S4 in bf16.
+    #[batch_norm(features = 2048, axes = [0, 2, 3], dtype = "bf16")]
+    pub struct S4Bf16;
+    /// S5 in bf16.
+    #[batch_norm(features = 128, axes = [0, 2], dtype = "bf16")]
+    pub struct S5Bf16;
+    /// S6 in bf16.
+    #[batch_norm(features = 64, axes = [0, 2, 3], dtype = "bf16")]
+    pub struct S6Bf16;
+}
+
+/// A layer of any dtype with its own inputs and output, as the runner times it: the element type
+/// is erased so that one workload holds the layers of its case's dtype.
+pub trait Runner: Send {
+    /// Brings the layer into the state every mode needs: the parameters, then one training
+    /// forward (so inference has running statistics and backward a forward to differentiate).
+    fn prepare(&mut self, gamma: &[f32], beta: &[f32], shape: &[usize]) -> Result<(), BnError>;
+    /// One call of `mode`.
+    fn run(&mut self, mode: Mode, shape: &[usize]) -> Result<(), BnError>;
+}
+
+/// A layer of element `E` with `x`, `dy` and the output converted from the workload's `f32` data;
+/// with a residual (and its gradient's buffer), it runs the residual form
+/// `relu(bn(x) + residual)` (`forward_*_add_relu`, `backward_add_relu`).
+struct Typed<E: Element> {
+    layer: Box<dyn BatchNormLayer<Elem = E, Param = E::Param> + Send>,
+    x: Vec<E>,
+    dy: Vec<E>,
+    out: Vec<E>,
+    residual: Option<(Vec<E>, Vec<E>)>,
+}
+
+impl<E: Element> Runner for Typed<E> {
+    fn prepare(&mut self, gamma: &[f32], beta: &[f32], shape: &[usize]) -> Result<(), BnError> {
+        let p = |v: &[f32]| v.iter().map(|&g| Param::from_f64(g as f64)).collect::<Vec<E::Param>>();
+        self.layer.update_params(&p(gamma), &p(beta))?;
+        match &self.residual {
+            Some((r, _)) => self.layer.forward_train_add_relu(&self.x, r, shape, &mut self.out),
+            None => self.layer.forward_train(&self.x, shape, &mut self.out),
+        }
+    }
+
+    fn run(&mut self, mode: Mode, shape: &[usize]) -> Result<(), BnError> {
+        let (x, dy, out) = (&self.x, &self.dy, &mut self.out);
+        match (mode, &mut self.residual) {
+            (Mode::Train, None) => self.layer.forward_train(x, shape, out)?,
+            (Mode::Eval, None) => self.layer.forward_eval(x, shape, out)?,
+            (Mode::Backward, None) => self.layer.backward(x, dy, shape, out)?,
+            (Mode::Train, Some((r, _))) => self.layer.forward_train_add_relu(x, r, shape, out)?,
+            (Mode::Eval, Some((r, _))) => self.layer.forward_eval_add_relu(x, r, shape, out)?,
+            (Mode::Backward, Some((r, dr))) => {
+                self.layer.backward_add_relu(x, r, dy, shape, out, dr)?;
+                black_box(dr);
+            }
+        }
+        black_box(&mut self.out);
+        Ok(())
+    }
+}
+
+fn typed<E: Element>(
+    layer: Box<dyn BatchNormLayer<Elem = E, Param = E::Param> + Send>,
+    x: &[f32],
+    dy: &[f32],
+) -> Box<dyn Runner> {
+    typed_with(layer, x, dy, None)
+}
+
+fn typed_with<E: Element>(
+    layer: Box<dyn BatchNormLayer<Elem = E, Param = E::Param> + Send>,
+    x: &[f32],
+    dy: &[f32],
+    residual: Option<&[f32]>,
+) -> Box<dyn Runner> {
+    let convert = |v: &[f32]| v.iter().map(|&v| E::from_f64(v as f64)).collect::<Vec<E>>();
+    let residual = residual.map(|r| (convert(r), vec![E::default(); r.len()]));
+    Box::new(Typed { layer, x: convert(x), dy: convert(dy), out: vec![E::default(); x.len()], residual })
+}
+
+/// The `#[batch_norm]` layer of the case's standard shape and dtype (`f32` and `bf16` have one),
+/// on the data `x` and `dy` converted to its dtype; `None` otherwise.
+pub fn macro_runner(case: &Case, x: &[f32], dy: &[f32]) -> Option<Box<dyn Runner>> {
+    use bf16_layers::*;
+    let name = case.standard_shape()?.name;
+    match case.dtype {
+        Dtype::F32 => Some(typed(macro_layer(case)?, x, dy)),
+        Dtype::Bf16 => {
+            type L = Box<dyn BatchNormLayer<Elem = bf16, Param = f32> + Send>;
+            let layer: L = match name {
+                "S1" => Box::new(S1Bf16::new()),
+                "S2" => Box::new(S2Bf16::new()),
+                "S3" => Box::new(S3Bf16::new()),
+                "S4" => Box::new(S4Bf16::new()),
+                "S5" => Box::new(S5Bf16::new()),
+                "S6" => Box::new(S6Bf16::new()),
+                _ => return None,
+            };
+            Some(typed(layer, x, dy))
+        }
+        Dtype::F16 | Dtype::F64 => None,
+    }
+}
+
+/// The runtime-generic layer of the case's dtype (default configuration), on `x` and `dy`
+/// converted to its dtype.
+pub fn runtime_runner(case: &Case, x: &[f32], dy: &[f32]) -> Result<Box<dyn Runner>, BnError> {
+    runtime_runner_with(case, Config::new(), x, dy, None)
+}
+
+/// The runtime-generic layer of the case's dtype with `config`, on `x` and `dy` (and, when
+/// given, `residual`: the layer then runs the residual form) converted to its dtype.
+pub fn runtime_runner_with(
+    case: &Case,
+    config: Config,
+    x: &[f32],
+    dy: &[f32],
+    residual: Option<&[f32]>,
+) -> Result<Box<dyn Runner>, BnError> {
+    let layout = Layout::from_axes(&case.features(), &case.axes)?;
+    Ok(match case.dtype {
+        Dtype::F32 => typed_with(Box::new(BatchNorm::<f32>::with_layout(layout, config)?), x, dy, residual),
+        Dtype::Bf16 => typed_with(Box::new(BatchNorm::<bf16>::with_layout(layout, config)?), x, dy, residual),
+        Dtype::F16 => typed_with(Box::new(BatchNorm::<f16>::with_layout(layout, config)?), x, dy, residual),
+        Dtype::F64 => typed_with(Box::new(BatchNorm::<f64>::with_layout(layout, config)?), x, dy, residual),
+    })
 }

@@ -17,6 +17,8 @@ pub struct Row {
     pub shape: Vec<usize>,
     /// The reduced axes.
     pub axes: Vec<usize>,
+    /// The element type of the data: `f32`, `bf16`, `f16` or `f64`.
+    pub dtype: String,
     /// `train`, `eval` or `backward`.
     pub mode: String,
     /// `macro`, `runtime`, `naive` or `copy`.
@@ -50,7 +52,7 @@ pub struct Row {
 
 /// Bytes a mode moves at least on a case.
 pub fn traffic_bytes(case: &Case, mode: Mode) -> u64 {
-    (case.len() * 4 * mode.traffic_factor()) as u64
+    (case.len() * case.dtype.bytes() * mode.traffic_factor()) as u64
 }
 
 /// Derives the rows of the report from the measurements.
@@ -76,6 +78,7 @@ pub fn rows(measurements: &[Measurement], threads: usize, backend: &str) -> Vec<
                 case: m.case.name.clone(),
                 shape: m.case.shape.clone(),
                 axes: m.case.axes.clone(),
+                dtype: m.case.dtype.name().to_string(),
                 mode: m.mode.name().to_string(),
                 implementation: m.implementation.name().to_string(),
                 threads,
@@ -124,7 +127,8 @@ fn format_ratio(r: f64) -> String {
 /// a blank line between (case, mode) groups.
 pub fn table(rows: &[Row], cases: &[Case], threads: usize, backend: &str) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "bn-bench: f32, {threads} thread(s), backend {backend}");
+    let dtype = cases.first().map_or("f32", |c| c.dtype.name());
+    let _ = writeln!(s, "bn-bench: {dtype}, {threads} thread(s), backend {backend}");
     for case in cases {
         let _ = writeln!(s, "  {}", case.describe());
     }

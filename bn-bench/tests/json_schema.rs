@@ -30,6 +30,7 @@ fn quick_run_writes_json_records_and_a_plot() {
     assert_eq!(rows.len(), 9);
     let fields = [
         "case",
+        "dtype",
         "shape",
         "axes",
         "mode",

@@ -2,10 +2,17 @@
 
 use core::fmt::Debug;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+use crate::kernels::HalfFormat;
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for f64 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
 /// A floating-point type holding a layer's parameters and statistics (`f32` or `f64`).
@@ -27,7 +34,20 @@ pub trait Param:
     fn slice_as_f32(values: &[Self]) -> Option<&[f32]>;
 }
 
-/// The element type of the data tensors (`x`, `y`, `dy`, `dx`).
+/// The element type of the data tensors (`x`, `y`, `dy`, `dx`): `f32`, `f64`, or the 16-bit
+/// formats [`half::bf16`] and [`half::f16`].
+///
+/// `f32` and `f64` layers keep their parameters and statistics in their own type. The 16-bit
+/// formats store only the data in 16 bits; their parameters and statistics are `f32` and the
+/// kernels compute in `f32` (PyTorch's mixed precision).
+///
+/// ```
+/// use bn_core::Element;
+/// assert_eq!(<half::bf16 as Element>::NAME, "bf16");
+/// let param: <half::f16 as Element>::Param = 1.5f32;
+/// assert_eq!(half::f16::from_f64(0.1).to_f64(), 0.0999755859375);
+/// # let _ = param;
+/// ```
 pub trait Element: sealed::Sealed + Copy + Default + Debug + PartialEq + Send + Sync + 'static {
     /// The type of the layer's parameters and statistics for this element type.
     type Param: Param;
@@ -43,6 +63,21 @@ pub trait Element: sealed::Sealed + Copy + Default + Debug + PartialEq + Send + 
     /// The slice as `f32` when this type is `f32`.
     #[doc(hidden)]
     fn slice_as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
+    /// The 16-bit storage format, for `bf16` and `f16` (their kernels widen to `f32`).
+    #[doc(hidden)]
+    const HALF: Option<HalfFormat> = None;
+    /// The slice's bits when this type is a 16-bit format ([`Element::HALF`]).
+    #[doc(hidden)]
+    #[inline(always)]
+    fn slice_as_bits(_values: &[Self]) -> Option<&[u16]> {
+        None
+    }
+    /// The slice's bits when this type is a 16-bit format ([`Element::HALF`]).
+    #[doc(hidden)]
+    #[inline(always)]
+    fn slice_as_bits_mut(_values: &mut [Self]) -> Option<&mut [u16]> {
+        None
+    }
 }
 
 macro_rules! impl_float {
@@ -93,3 +128,40 @@ macro_rules! impl_float {
 
 impl_float!(f32, "f32", |v| Some(v), |v| Some(v));
 impl_float!(f64, "f64", |_v| None, |_v| None);
+
+macro_rules! impl_half {
+    ($t:ty, $name:literal, $format:expr) => {
+        impl Element for $t {
+            type Param = f32;
+            const NAME: &'static str = $name;
+            const HALF: Option<HalfFormat> = Some($format);
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                <$t>::to_f64(self)
+            }
+            #[inline(always)]
+            fn from_f64(value: f64) -> Self {
+                <$t>::from_f64(value)
+            }
+            #[inline(always)]
+            fn slice_as_f32(_values: &[Self]) -> Option<&[f32]> {
+                None
+            }
+            #[inline(always)]
+            fn slice_as_f32_mut(_values: &mut [Self]) -> Option<&mut [f32]> {
+                None
+            }
+            #[inline(always)]
+            fn slice_as_bits(values: &[Self]) -> Option<&[u16]> {
+                Some(values.reinterpret_cast())
+            }
+            #[inline(always)]
+            fn slice_as_bits_mut(values: &mut [Self]) -> Option<&mut [u16]> {
+                Some(values.reinterpret_cast_mut())
+            }
+        }
+    };
+}
+
+impl_half!(bf16, "bf16", HalfFormat::Bf16);
+impl_half!(f16, "f16", HalfFormat::F16);

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 
 use crate::kernels::reference::{self, Affine};
 use crate::kernels::{self, Backend};
+use crate::mixed;
 use crate::spec::{specialize, Dynamic, Spec};
 use crate::{Activation, BnError, Canonical, Config, Element, Layout, Param, RunningVar};
 
@@ -123,7 +124,8 @@ pub(crate) struct Scratch {
 /// A batch-normalization layer whose features, axes and options are given at run time.
 ///
 /// `BatchNorm` with no type argument is the `f32` layer; `BatchNorm<f64>` keeps its parameters
-/// and statistics in `f64`. It runs the same kernels as the layers `#[batch_norm]` generates and
+/// and statistics in `f64`; `BatchNorm<half::bf16>` and `BatchNorm<half::f16>` store the data in
+/// 16 bits with `f32` parameters and statistics. It runs the same kernels as the layers `#[batch_norm]` generates and
 /// has the same methods (also through the trait [`BatchNormLayer`](crate::BatchNormLayer)).
 ///
 /// ```
@@ -674,6 +676,9 @@ impl<E: Element> BatchNorm<E> {
         let mut scratch = core::mem::take(&mut self.scratch);
         // f32 data: the fused kernel writes y along with the statistics (y is unspecified after
         // an Err). Other types: the reference statistics, checked, then the reference normalize.
+        // bf16 / f16 data: the same kernels on blocks widened to f32.
+        let (mean_out, var_out) = (&mut scratch.mean, &mut scratch.var);
+        let half = mixed::forward_train(backend, x, y, dims, &self.gamma, &self.beta, eps, mean_out, var_out);
         let mut fused = match (
             E::slice_as_f32(x),
             E::slice_as_f32_mut(y),
@@ -681,6 +686,7 @@ impl<E: Element> BatchNorm<E> {
             E::Param::slice_as_f32(&self.beta),
             tail.epilogue(),
         ) {
+            _ if half => true,
             (Some(x), Some(y), Some(gamma), Some(beta), Some(epilogue)) => {
                 kernels::forward_train_fused::<S>(
                     backend,
@@ -725,8 +731,14 @@ impl<E: Element> BatchNorm<E> {
             };
             reference::normalize(x, y, dims, affine);
             tail.apply(y);
+        } else if half {
+            // The 16-bit kernels have no epilogue: the activation is a second pass (in the
+            // format: the ReLU commutes with its rounding; the residual form rounds the sum).
+            tail.apply(y);
         }
-        let reference_y = !fused || backend == Backend::Scalar;
+        // A fused ReLU's backward recomputes the pre-activation: with the fast kernels' exact
+        // arithmetic when they computed y in f32, else with the reference formula.
+        let reference_y = !fused || half || backend == Backend::Scalar;
         self.commit_train(&mut scratch, dims.per_channel() as f64, shape, backend, reference_y);
         self.scratch = scratch;
         Ok(())
@@ -838,6 +850,7 @@ impl<E: Element> BatchNorm<E> {
         let dims = specialize::<S>(dims);
         let k = self.eval_coefficients(x, dims, shape)?;
         let p32 = E::Param::slice_as_f32;
+        let half = mixed::normalize(self.backend(), x, y, dims, &k.mean, &k.scale, &self.beta);
         match (
             E::slice_as_f32(x),
             E::slice_as_f32_mut(y),
@@ -846,6 +859,7 @@ impl<E: Element> BatchNorm<E> {
             p32(&self.beta),
             tail.epilogue(),
         ) {
+            _ if half => tail.apply(y),
             (Some(x), Some(y), Some(mean), Some(scale), Some(shift), Some(epilogue)) => {
                 kernels::normalize_fused::<S>(self.backend(), x, y, epilogue, dims, mean, scale, shift)
             }
@@ -944,7 +958,9 @@ impl<E: Element> BatchNorm<E> {
         let k = self.eval_coefficients(xy, dims, shape)?;
         let p32 = E::Param::slice_as_f32;
         let tail = self.activation_tail();
+        let half = mixed::normalize_inplace(self.backend(), xy, dims, &k.mean, &k.scale, &self.beta);
         match (E::slice_as_f32_mut(xy), p32(&k.mean), p32(&k.scale), p32(&self.beta), tail.epilogue()) {
+            _ if half => tail.apply(xy),
             (Some(xy), Some(mean), Some(scale), Some(shift), Some(epilogue)) => {
                 kernels::normalize_inplace_fused::<S>(self.backend(), xy, epilogue, dims, mean, scale, shift)
             }
@@ -980,12 +996,15 @@ impl<E: Element> BatchNorm<E> {
         sums: &mut Scratch,
     ) {
         let (sum_dy, sum_dy_xhat) = (&mut sums.mean, &mut sums.var);
+        let half =
+            mixed::backward(self.backend(), x, dy, dx, dims, mean, inv_std, gamma, sum_dy, sum_dy_xhat);
         match (
             E::slice_as_f32(x),
             E::slice_as_f32(dy),
             E::slice_as_f32_mut(dx),
             E::Param::slice_as_f32(gamma),
         ) {
+            _ if half => {}
             (Some(x), Some(dy), Some(dx), Some(gamma)) => kernels::backward::<S>(
                 self.backend(),
                 x,
@@ -1163,6 +1182,19 @@ impl<E: Element> BatchNorm<E> {
         let result = if self.config.get_track_running_stats() {
             let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
             let p32 = E::Param::slice_as_f32;
+            let (mean, inv_std) = (&self.running_mean, &self.eval_inv_std_p);
+            let half = mixed::backward_eval(
+                self.backend(),
+                x,
+                dy,
+                dx,
+                dims,
+                mean,
+                inv_std,
+                &self.gamma,
+                sum_dy,
+                sum_dy_xhat,
+            );
             match (
                 E::slice_as_f32(x),
                 E::slice_as_f32(dy),
@@ -1171,6 +1203,7 @@ impl<E: Element> BatchNorm<E> {
                 p32(&self.eval_inv_std_p),
                 p32(&self.gamma),
             ) {
+                _ if half => {}
                 (Some(x), Some(dy), Some(dx), Some(mean), Some(inv_std), Some(gamma)) => {
                     kernels::backward_eval::<S>(
                         self.backend(),

@@ -4,6 +4,10 @@
 //! with the `#[batch_norm]` attribute. See its documentation for a guided tour.
 #![deny(missing_docs)]
 
+/// The 16-bit floating-point formats of `bf16` and `f16` layers ([`half::bf16`], [`half::f16`]),
+/// re-exported so that users need no direct dependency.
+pub use half;
+
 #[cfg(feature = "safetensors")]
 pub mod checkpoint;
 mod config;
@@ -13,6 +17,7 @@ pub mod fold;
 pub mod kernels;
 mod layer;
 mod layout;
+mod mixed;
 #[doc(hidden)]
 pub mod spec;
 pub mod sync;

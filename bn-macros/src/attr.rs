@@ -32,6 +32,7 @@ pub(crate) enum Key {
     TrackRunningStats,
     Activation,
     Spatial,
+    Dtype,
     Crate,
 }
 
@@ -63,6 +64,7 @@ impl Key {
             "spatial",
             "`spatial = [56, 56]` (the extents of the reduced axes after the first, in axis order)",
         ),
+        (Key::Dtype, "dtype", "`dtype = \"f32\"`, `dtype = \"f64\"`, `dtype = \"bf16\"` or `dtype = \"f16\"`"),
         (Key::Crate, "crate", "`crate = \"::batchnorm\"`"),
     ];
 
@@ -166,6 +168,21 @@ impl Activation {
     }
 }
 
+/// The `dtype` key's values: the element type of the data (`f32` by default). `bf16` and `f16`
+/// layers keep `f32` parameters and statistics; `f64` layers keep `f64` ones.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Dtype {
+    F32,
+    F64,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    const ALL: &'static [(Dtype, &'static str)] =
+        &[(Dtype::F32, "f32"), (Dtype::F64, "f64"), (Dtype::Bf16, "bf16"), (Dtype::F16, "f16")];
+}
+
 /// The arguments of `#[batch_norm(...)]`. A field is `None` when the key is absent or its value
 /// could not be read (that error is already reported); [`Attr::given`] tells the two apart.
 #[derive(Default)]
@@ -182,6 +199,7 @@ pub(crate) struct Attr {
     pub track_running_stats: Option<Spanned<bool>>,
     pub activation: Option<Spanned<Activation>>,
     pub spatial: Option<Integers>,
+    pub dtype: Option<Spanned<Dtype>>,
     pub krate: Option<Spanned<Path>>,
     /// The keys given, each with its position among the entries (errors are sorted by it) and
     /// its whole `key = value` tokens.
@@ -253,6 +271,7 @@ impl Attr {
             Key::TrackRunningStats => self.track_running_stats = boolean(cx, key, value),
             Key::Activation => self.activation = choice(cx, key, value, Activation::ALL),
             Key::Spatial => self.spatial = integers(cx, key, value, true, "positive integers"),
+            Key::Dtype => self.dtype = choice(cx, key, value, Dtype::ALL),
             Key::Crate => self.krate = crate_path(cx, key, value),
         }
     }

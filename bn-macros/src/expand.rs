@@ -10,7 +10,7 @@ use quote::quote;
 use syn::ext::IdentExt;
 use syn::Path;
 
-use crate::attr::{Attr, Momentum, Shell, Target};
+use crate::attr::{self, Attr, Momentum, Shell, Target};
 use crate::fallback;
 use crate::valid::{self, Ctxt, Layout};
 
@@ -21,7 +21,7 @@ pub(crate) fn batch_norm(args: TokenStream, item: TokenStream) -> TokenStream {
     let target = Target::from_syn(&cx, item);
     let layout = valid::validate(&cx, &attr);
     let krate = krate(&attr);
-    let dtype = Dtype::of(&attr);
+    let dtype = Dtype::of(&attr, &krate);
     match (cx.check(), &target, layout) {
         (Ok(()), Target::Struct(shell), Some(layout)) => {
             let statics = Statics::new(&krate, &attr, &layout);
@@ -44,16 +44,23 @@ fn krate(attr: &Attr) -> Path {
     }
 }
 
-/// The element type of the layer's data, and the type of its parameters and statistics.
-/// The one place the `dtype` key will change.
+/// The element type of the layer's data, and the type of its parameters and statistics, from
+/// the `dtype` key (`f32` when absent or invalid). The 16-bit formats are reached through the
+/// facade (`__private::half`), so users need no dependency on `half`.
 pub(crate) struct Dtype {
     elem: TokenStream,
     param: TokenStream,
 }
 
 impl Dtype {
-    pub(crate) fn of(_attr: &Attr) -> Dtype {
-        Dtype { elem: quote!(f32), param: quote!(f32) }
+    pub(crate) fn of(attr: &Attr, krate: &Path) -> Dtype {
+        let half = quote!(#krate::__private::half);
+        match attr.dtype.as_ref().map_or(attr::Dtype::F32, |d| d.value) {
+            attr::Dtype::F32 => Dtype { elem: quote!(f32), param: quote!(f32) },
+            attr::Dtype::F64 => Dtype { elem: quote!(f64), param: quote!(f64) },
+            attr::Dtype::Bf16 => Dtype { elem: quote!(#half::bf16), param: quote!(f32) },
+            attr::Dtype::F16 => Dtype { elem: quote!(#half::f16), param: quote!(f32) },
+        }
     }
 }
 

@@ -52,6 +52,7 @@ use proc_macro::TokenStream;
 /// | `track_running_stats` | `false`: inference uses batch statistics too | `true` |
 /// | `spatial` | the extents of the reduced axes after the first, in axis order (`[56, 56]` for NCHW's H and W): compile-time constants for the kernels, and other extents are `BnError::SpatialMismatch` | |
 /// | `activation` | `"relu"`: `relu(bn(x))` fused into the forward passes, and its gradient into the backward ones; `"none"` | `"none"` |
+/// | `dtype` | the element type of the data: `"f32"`, `"f64"` (parameters and statistics in `f64` too), `"bf16"` or `"f16"` (`batchnorm::half::bf16` / `f16` data, `f32` parameters and statistics, computed in `f32`) | `"f32"` |
 /// | `crate` | the path of the `batchnorm` crate, for a renamed dependency: `crate = "bn"` | `"::batchnorm"` |
 ///
 /// Explicit keys override the preset: `preset = "keras", eps = 0.01` has Keras's momentum 0.99

@@ -25,9 +25,11 @@
 //! - **Memory.** Inference is one pass and allocates nothing. Training and backward allocate at
 //!   most a few per-channel arrays, never anything the size of the tensor.
 
+pub mod half16;
 pub mod reference;
 
 mod backend;
+mod convert;
 mod isa;
 mod parallel;
 mod planes;
@@ -38,6 +40,7 @@ mod stats;
 mod x86;
 
 pub use backend::{Backend, ParseBackendError, BACKEND_ENV};
+pub use half16::HalfFormat;
 
 use crate::spec::{specialize, Spec};
 use crate::{Canonical, Family};

@@ -1,0 +1,735 @@
+//! Conversions between the 16-bit formats (`bf16`, `f16`, as their bits) and `f32`, chosen by
+//! the same [`Backend`] as the `f32` kernels.
+//!
+//! - `bf16 -> f32` is exact: the bits shifted left by 16 (a signaling NaN stays a NaN).
+//! - `f32 -> bf16` rounds to nearest, ties to even, with integer operations; a NaN stays a NaN
+//!   (quiet, its high payload kept), exactly as [`half::bf16::from_f32`].
+//! - `f16 <-> f32` uses F16C (`vcvtph2ps` / `vcvtps2ph`, round to nearest even) on the AVX2 path
+//!   when the CPU has it, AVX-512F's 512-bit forms on the AVX-512 path, and `half`'s slice
+//!   conversions elsewhere (which detect F16C themselves); all give [`half::f16::from_f32`]'s
+//!   bits for every non-NaN value.
+//!
+//! Whole vectors run the SIMD loop; the few values of a tail the scalar one.
+
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
+use super::half16::HalfFormat;
+use super::Backend;
+
+/// `dst = f32(src)` (`dst.len() == src.len()`).
+#[inline]
+pub(crate) fn widen(backend: Backend, format: HalfFormat, src: &[u16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "conversion of slices of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    match (backend.usable(), format) {
+        (Backend::Avx512, HalfFormat::Bf16) => return x86::widen_bf16_avx512(src, dst),
+        (Backend::Avx512, HalfFormat::F16) => return x86::widen_f16_avx512(src, dst),
+        (Backend::Avx2, HalfFormat::Bf16) => return x86::widen_bf16_avx2(src, dst),
+        (Backend::Avx2, HalfFormat::F16) if x86::has_f16c() => return x86::widen_f16_avx2(src, dst),
+        _ => {}
+    }
+    let _ = backend;
+    widen_portable(format, src, dst);
+}
+
+/// `dst = round(src)` to nearest even (`dst.len() == src.len()`).
+#[inline]
+pub(crate) fn narrow(backend: Backend, format: HalfFormat, src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len(), "conversion of slices of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    match (backend.usable(), format) {
+        (Backend::Avx512, HalfFormat::Bf16) => return x86::narrow_bf16_avx512(src, dst),
+        (Backend::Avx512, HalfFormat::F16) => return x86::narrow_f16_avx512(src, dst),
+        (Backend::Avx2, HalfFormat::Bf16) => return x86::narrow_bf16_avx2(src, dst),
+        (Backend::Avx2, HalfFormat::F16) if x86::has_f16c() => return x86::narrow_f16_avx2(src, dst),
+        _ => {}
+    }
+    let _ = backend;
+    narrow_portable(format, src, dst);
+}
+
+/// The parameters of a fused affine pass: one `(m, s, t)` for the whole run (a run of one
+/// channel), or one per value (a row of channels).
+#[derive(Clone, Copy)]
+pub(crate) enum Params<'a> {
+    /// `y = (x - m) * s + t` for every value.
+    Run(f32, f32, f32),
+    /// `y[i] = (x[i] - m[i]) * s[i] + t[i]`; each slice holds the run's length.
+    Lanes(&'a [f32], &'a [f32], &'a [f32]),
+}
+
+/// Whether [`affine`] has a fused kernel for `backend` and `format` (else the caller widens into
+/// a buffer and runs the `f32` kernel).
+#[inline]
+pub(crate) fn has_affine(backend: Backend, format: HalfFormat) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match (backend.usable(), format) {
+            (Backend::Avx512, _) | (Backend::Avx2, HalfFormat::Bf16) => true,
+            (Backend::Avx2, HalfFormat::F16) => x86::has_f16c(),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (backend, format);
+        false
+    }
+}
+
+/// `y = round((widen(x) - m) * s + t)` in one pass (fused multiply-add). Only where
+/// [`has_affine`] (checked: panics otherwise).
+#[inline]
+pub(crate) fn affine(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
+    assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
+    // SAFETY: two distinct slices of the same length.
+    unsafe { affine_raw(backend, format, x.as_ptr(), y.as_mut_ptr(), x.len(), p) }
+}
+
+/// [`affine`] in place: the same bits.
+#[inline]
+pub(crate) fn affine_inplace(backend: Backend, format: HalfFormat, xy: &mut [u16], p: Params<'_>) {
+    let ptr = xy.as_mut_ptr();
+    // SAFETY: one slice read and written at the same positions (each vector is loaded before it
+    // is stored).
+    unsafe { affine_raw(backend, format, ptr, ptr, xy.len(), p) }
+}
+
+/// # Safety
+///
+/// `src` and `dst` hold `n` values; they are equal or do not overlap.
+#[inline]
+unsafe fn affine_raw(
+    backend: Backend,
+    format: HalfFormat,
+    src: *const u16,
+    dst: *mut u16,
+    n: usize,
+    p: Params<'_>,
+) {
+    if let Params::Lanes(m, s, t) = p {
+        assert!(m.len() >= n && s.len() >= n && t.len() >= n, "affine parameters shorter than the run");
+    }
+    assert!(has_affine(backend, format), "no fused affine kernel for {backend} {format:?}");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract for the data, the parameters hold `n` (checked), and
+    // `has_affine` detected the kernel's features.
+    unsafe {
+        x86::affine(backend.usable(), format, src, dst, n, p)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, dst, n);
+}
+
+/// The portable widening: a shift for `bf16` (which the compiler vectorizes), `half`'s slice
+/// conversion for `f16`.
+#[inline]
+fn widen_portable(format: HalfFormat, src: &[u16], dst: &mut [f32]) {
+    match format {
+        HalfFormat::Bf16 => {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = bf16_bits_to_f32(s);
+            }
+        }
+        HalfFormat::F16 => {
+            let src: &[f16] = src.reinterpret_cast();
+            src.convert_to_f32_slice(dst);
+        }
+    }
+}
+
+/// The portable narrowing (see [`widen_portable`]).
+#[inline]
+fn narrow_portable(format: HalfFormat, src: &[f32], dst: &mut [u16]) {
+    match format {
+        HalfFormat::Bf16 => {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = f32_to_bf16_bits(s);
+            }
+        }
+        HalfFormat::F16 => {
+            let dst: &mut [f16] = dst.reinterpret_cast_mut();
+            dst.convert_from_f32_slice(src);
+        }
+    }
+}
+
+/// `bf16 -> f32`: exact.
+#[inline(always)]
+pub(crate) fn bf16_bits_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// `f32 -> bf16`, to nearest even; a NaN stays a quiet NaN (as `half::bf16::from_f32`).
+#[inline(always)]
+pub(crate) fn f32_to_bf16_bits(value: f32) -> u16 {
+    let x = value.to_bits();
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        return ((x >> 16) | 0x40) as u16;
+    }
+    // Adding 0x7fff plus the lowest kept bit carries exactly when the dropped half is above
+    // one half, or equal to it with an odd kept part.
+    ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16
+}
+
+/// Widens the scalar `f16` bits.
+#[inline(always)]
+fn f16_bits_to_f32(bits: u16) -> f32 {
+    f16::from_bits(bits).to_f32()
+}
+
+/// Narrows to `f16` bits.
+#[inline(always)]
+fn f32_to_f16_bits(value: f32) -> u16 {
+    f16::from_f32(value).to_bits()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The AVX2 (+F16C) and AVX-512F conversions. Each `#[target_feature]` function is entered
+    //! only from [`super::widen`] / [`super::narrow`] after the backend (or F16C) was detected.
+
+    use core::arch::x86_64::*;
+
+    use super::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, Params};
+    use crate::kernels::backend::{has_avx2, has_avx512};
+    use crate::kernels::{Backend, HalfFormat};
+
+    /// Whether the CPU has F16C (cached by `std`).
+    #[inline]
+    pub(super) fn has_f16c() -> bool {
+        std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// `bf16 -> f32` of 16 lanes: widen each `u16` to `u32`, shift into the high half.
+    #[target_feature(enable = "avx512f,avx2")]
+    #[inline]
+    fn bf16x16_to_f32(h: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    /// `f32 -> bf16` bits of 16 lanes in the low 16 bits of each `u32` lane, to nearest even,
+    /// NaNs quiet (bit-identical to [`f32_to_bf16_bits`]).
+    #[target_feature(enable = "avx512f,avx2")]
+    #[inline]
+    fn f32x16_to_bf16_u32(v: __m512) -> __m512i {
+        let x = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+        let rounded =
+            _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+        let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(0x40));
+        let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_mask_blend_epi32(is_nan, rounded, nan)
+    }
+
+    #[target_feature(enable = "avx512f,avx2")]
+    fn widen_bf16_avx512_impl(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), bf16x16_to_f32(h));
+            }
+            i += 16;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = bf16_bits_to_f32(s);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2")]
+    fn narrow_bf16_avx512_impl(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(i));
+                let h = _mm512_cvtepi32_epi16(f32x16_to_bf16_u32(v));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+            }
+            i += 16;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = f32_to_bf16_bits(s);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2")]
+    fn widen_f16_avx512_impl(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+            i += 16;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = f16_bits_to_f32(s);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2")]
+    fn narrow_f16_avx512_impl(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(i));
+                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+            }
+            i += 16;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = f32_to_f16_bits(s);
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn widen_bf16_avx2_impl(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: `i + 8 <= n` values are in bounds of both slices; unaligned load and store.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
+            }
+            i += 8;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = bf16_bits_to_f32(s);
+        }
+    }
+
+    /// [`f32x16_to_bf16_u32`] on 8 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn f32x8_to_bf16_u32(v: __m256) -> __m256i {
+        let x = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let rounded =
+            _mm256_srli_epi32::<16>(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))));
+        let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x40));
+        let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        _mm256_blendv_epi8(rounded, nan, is_nan)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn narrow_bf16_avx2_impl(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned loads and store.
+            unsafe {
+                let a = f32x8_to_bf16_u32(_mm256_loadu_ps(src.as_ptr().add(i)));
+                let b = f32x8_to_bf16_u32(_mm256_loadu_ps(src.as_ptr().add(i + 8)));
+                // Every lane is below 0x10000, so the saturating pack is exact; it packs within
+                // 128-bit halves (a0-3 b0-3 | a4-7 b4-7), which the permutation puts in order.
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(a, b));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, packed);
+            }
+            i += 16;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = f32_to_bf16_bits(s);
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    fn widen_f16_avx2_impl(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: `i + 8 <= n` values are in bounds of both slices; unaligned load and store.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = f16_bits_to_f32(s);
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    fn narrow_f16_avx2_impl(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: `i + 8 <= n` values are in bounds of both slices; unaligned load and store.
+            unsafe {
+                let v = _mm256_loadu_ps(src.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+            }
+            i += 8;
+        }
+        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = f32_to_f16_bits(s);
+        }
+    }
+
+    /// The fused affine pass of [`super::affine`].
+    ///
+    /// # Safety
+    ///
+    /// `src` and `dst` hold `n` values (they may be equal, not otherwise overlapping), the
+    /// `Lanes` parameters at least `n`, and the CPU has the backend's features (and F16C for
+    /// `f16` on AVX2).
+    pub(super) unsafe fn affine(
+        backend: Backend,
+        format: HalfFormat,
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        p: Params<'_>,
+    ) {
+        let run: [f32; 3] = match p {
+            Params::Run(m, s, t) => [m, s, t],
+            Params::Lanes(..) => [0.0; 3],
+        };
+        let (lanes, m, s, t) = match p {
+            Params::Run(..) => (false, &run[0] as *const f32, &run[1] as *const f32, &run[2] as *const f32),
+            Params::Lanes(m, s, t) => (true, m.as_ptr(), s.as_ptr(), t.as_ptr()),
+        };
+        // SAFETY: forwarded from the caller; the match picks a kernel whose features it detected.
+        unsafe {
+            match (backend, format, lanes) {
+                (Backend::Avx512, HalfFormat::Bf16, false) => {
+                    affine_avx512::<true, false>(src, dst, n, m, s, t)
+                }
+                (Backend::Avx512, HalfFormat::Bf16, true) => {
+                    affine_avx512::<true, true>(src, dst, n, m, s, t)
+                }
+                (Backend::Avx512, HalfFormat::F16, false) => {
+                    affine_avx512::<false, false>(src, dst, n, m, s, t)
+                }
+                (Backend::Avx512, HalfFormat::F16, true) => {
+                    affine_avx512::<false, true>(src, dst, n, m, s, t)
+                }
+                (_, HalfFormat::Bf16, false) => affine_avx2::<true, false>(src, dst, n, m, s, t),
+                (_, HalfFormat::Bf16, true) => affine_avx2::<true, true>(src, dst, n, m, s, t),
+                (_, HalfFormat::F16, false) => affine_avx2_f16c::<false>(src, dst, n, m, s, t),
+                (_, HalfFormat::F16, true) => affine_avx2_f16c::<true>(src, dst, n, m, s, t),
+            }
+        }
+    }
+
+    /// The scalar tail of the fused kernels: the same arithmetic (a fused multiply-add).
+    ///
+    /// # Safety
+    ///
+    /// As [`affine`], for the values `i..n`.
+    #[inline(always)]
+    unsafe fn affine_tail<const BF16: bool, const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        i: usize,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        for j in i..n {
+            let k = if LANES { j } else { 0 };
+            // SAFETY: `j < n` and `k < n` (or 0) are in bounds per the caller's contract.
+            unsafe {
+                let x = *src.add(j);
+                let v = if BF16 { bf16_bits_to_f32(x) } else { f16_bits_to_f32(x) };
+                let r = (v - *m.add(k)).mul_add(*s.add(k), *t.add(k));
+                *dst.add(j) = if BF16 { f32_to_bf16_bits(r) } else { f32_to_f16_bits(r) };
+            }
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`affine`], with AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn affine_avx512<const BF16: bool, const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
+        unsafe {
+            let (bm, bs, bt) = (_mm512_set1_ps(*m), _mm512_set1_ps(*s), _mm512_set1_ps(*t));
+            let mut i = 0;
+            while i + 16 <= n {
+                let h = _mm256_loadu_si256(src.add(i) as *const __m256i);
+                let x = if BF16 { bf16x16_to_f32(h) } else { _mm512_cvtph_ps(h) };
+                let (mv, sv, tv) = if LANES {
+                    (_mm512_loadu_ps(m.add(i)), _mm512_loadu_ps(s.add(i)), _mm512_loadu_ps(t.add(i)))
+                } else {
+                    (bm, bs, bt)
+                };
+                let y = _mm512_fmadd_ps(_mm512_sub_ps(x, mv), sv, tv);
+                let h = if BF16 {
+                    _mm512_cvtepi32_epi16(f32x16_to_bf16_u32(y))
+                } else {
+                    _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y)
+                };
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
+                i += 16;
+            }
+            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t);
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`affine`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn affine_avx2<const BF16: bool, const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
+        unsafe {
+            let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
+            let mut i = 0;
+            while i + 16 <= n {
+                let mut out = [_mm256_setzero_si256(); 2];
+                for (k, o) in out.iter_mut().enumerate() {
+                    let j = i + 8 * k;
+                    let h = _mm_loadu_si128(src.add(j) as *const __m128i);
+                    let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                    let (mv, sv, tv) = if LANES {
+                        (_mm256_loadu_ps(m.add(j)), _mm256_loadu_ps(s.add(j)), _mm256_loadu_ps(t.add(j)))
+                    } else {
+                        (bm, bs, bt)
+                    };
+                    *o = f32x8_to_bf16_u32(_mm256_fmadd_ps(_mm256_sub_ps(x, mv), sv, tv));
+                }
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(out[0], out[1]));
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, packed);
+                i += 16;
+            }
+            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t);
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`affine`], with AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn affine_avx2_f16c<const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+    ) {
+        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
+        unsafe {
+            let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
+            let mut i = 0;
+            while i + 8 <= n {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(src.add(i) as *const __m128i));
+                let (mv, sv, tv) = if LANES {
+                    (_mm256_loadu_ps(m.add(i)), _mm256_loadu_ps(s.add(i)), _mm256_loadu_ps(t.add(i)))
+                } else {
+                    (bm, bs, bt)
+                };
+                let y = _mm256_fmadd_ps(_mm256_sub_ps(x, mv), sv, tv);
+                _mm_storeu_si128(dst.add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+                i += 8;
+            }
+            affine_tail::<false, LANES>(src, dst, i, n, m, s, t);
+        }
+    }
+
+    pub(super) fn widen_bf16_avx512(src: &[u16], dst: &mut [f32]) {
+        assert!(has_avx512());
+        // SAFETY: AVX-512F and AVX2 were detected just above.
+        unsafe { widen_bf16_avx512_impl(src, dst) }
+    }
+
+    pub(super) fn narrow_bf16_avx512(src: &[f32], dst: &mut [u16]) {
+        assert!(has_avx512());
+        // SAFETY: AVX-512F and AVX2 were detected just above.
+        unsafe { narrow_bf16_avx512_impl(src, dst) }
+    }
+
+    pub(super) fn widen_f16_avx512(src: &[u16], dst: &mut [f32]) {
+        assert!(has_avx512());
+        // SAFETY: AVX-512F and AVX2 were detected just above.
+        unsafe { widen_f16_avx512_impl(src, dst) }
+    }
+
+    pub(super) fn narrow_f16_avx512(src: &[f32], dst: &mut [u16]) {
+        assert!(has_avx512());
+        // SAFETY: AVX-512F and AVX2 were detected just above.
+        unsafe { narrow_f16_avx512_impl(src, dst) }
+    }
+
+    pub(super) fn widen_bf16_avx2(src: &[u16], dst: &mut [f32]) {
+        assert!(has_avx2());
+        // SAFETY: AVX2 was detected just above.
+        unsafe { widen_bf16_avx2_impl(src, dst) }
+    }
+
+    pub(super) fn narrow_bf16_avx2(src: &[f32], dst: &mut [u16]) {
+        assert!(has_avx2());
+        // SAFETY: AVX2 was detected just above.
+        unsafe { narrow_bf16_avx2_impl(src, dst) }
+    }
+
+    pub(super) fn widen_f16_avx2(src: &[u16], dst: &mut [f32]) {
+        assert!(has_avx2() && has_f16c());
+        // SAFETY: AVX2 and F16C were detected just above.
+        unsafe { widen_f16_avx2_impl(src, dst) }
+    }
+
+    pub(super) fn narrow_f16_avx2(src: &[f32], dst: &mut [u16]) {
+        assert!(has_avx2() && has_f16c());
+        // SAFETY: AVX2 and F16C were detected just above.
+        unsafe { narrow_f16_avx2_impl(src, dst) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    fn formats() -> [HalfFormat; 2] {
+        [HalfFormat::Bf16, HalfFormat::F16]
+    }
+
+    fn reference_widen(format: HalfFormat, bits: u16) -> f32 {
+        match format {
+            HalfFormat::Bf16 => bf16::from_bits(bits).to_f32(),
+            HalfFormat::F16 => f16::from_bits(bits).to_f32(),
+        }
+    }
+
+    fn reference_narrow(format: HalfFormat, v: f32) -> u16 {
+        match format {
+            HalfFormat::Bf16 => bf16::from_f32(v).to_bits(),
+            HalfFormat::F16 => f16::from_f32(v).to_bits(),
+        }
+    }
+
+    #[test]
+    fn every_bit_pattern_round_trips_on_every_backend() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        for backend in Backend::available() {
+            for format in formats() {
+                let mut wide = vec![0.0f32; all.len()];
+                widen(backend, format, &all, &mut wide);
+                let mut back = vec![0u16; all.len()];
+                narrow(backend, format, &wide, &mut back);
+                for (i, (&bits, (&w, &b))) in all.iter().zip(wide.iter().zip(&back)).enumerate() {
+                    let expected = reference_widen(format, bits);
+                    if expected.is_nan() {
+                        assert!(w.is_nan(), "{backend} {format:?} {i:#06x}: NaN widened to {w}");
+                        let back_value = reference_widen(format, b);
+                        assert!(
+                            back_value.is_nan(),
+                            "{backend} {format:?} {i:#06x}: NaN narrowed to {b:#06x}"
+                        );
+                    } else {
+                        assert_eq!(w.to_bits(), expected.to_bits(), "{backend} {format:?} widen {i:#06x}");
+                        assert_eq!(b, bits, "{backend} {format:?} round trip {i:#06x}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Values around every rounding boundary: ties (exactly half an ulp of the format), just
+    /// above and below them, subnormals of both formats, overflow to infinity, infinities, NaNs.
+    fn tricky_values() -> Vec<f32> {
+        let mut v = vec![
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::from_bits(0x8000_0001),
+            65504.0,
+            65520.0,
+            65519.996,
+            6.1e-5,
+            5.96e-8,
+            2.98e-8,
+            1.0e-9,
+            3.4e38,
+        ];
+        // Every f32 whose low 16 bits are at or next to the bf16 tie, over many high parts.
+        let mut state = 0x1234_5678_9abc_def0u64;
+        for _ in 0..20_000 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let high = (state >> 32) as u32 & 0xffff_0000;
+            for low in [0x0000, 0x0001, 0x7fff, 0x8000, 0x8001, 0xffff, (state >> 16) as u32 & 0xffff] {
+                v.push(f32::from_bits(high | low));
+            }
+            // f16 ties: 13 dropped bits.
+            let base = (state >> 20) as u32 & !0x1fff;
+            for low in [0x0fff, 0x1000, 0x1001] {
+                v.push(f32::from_bits(base | low));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn narrowing_matches_half_on_every_backend() {
+        let values = tricky_values();
+        for backend in Backend::available() {
+            for format in formats() {
+                // Offsets 0..3 put values both in whole vectors and in tails.
+                for offset in 0..3 {
+                    let src = &values[offset..];
+                    let mut out = vec![0u16; src.len()];
+                    narrow(backend, format, src, &mut out);
+                    for (&v, &b) in src.iter().zip(&out) {
+                        let expected = reference_narrow(format, v);
+                        if v.is_nan() {
+                            assert!(
+                                reference_widen(format, b).is_nan(),
+                                "{backend} {format:?}: NaN -> {b:#06x}"
+                            );
+                        } else {
+                            assert_eq!(b, expected, "{backend} {format:?}: {v:e} ({:#010x})", v.to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_bf16_matches_half() {
+        for v in tricky_values() {
+            if !v.is_nan() {
+                assert_eq!(f32_to_bf16_bits(v), bf16::from_f32(v).to_bits(), "{v:e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,708 @@
+//! The 16-bit data formats (`bf16`, `f16`): tensors stored in 16 bits, computed in `f32` by the
+//! same kernels as `f32` layers (PyTorch's mixed precision).
+//!
+//! Every pass cuts the canonical `(outer, C, inner)` view into *blocks*: contiguous ranges of
+//! the tensor that are whole rows (`C * inner` small), a range of channels of one row, or a
+//! piece of one run (`inner` large). A block is widened into a small `f32` buffer (fast SIMD
+//! conversions, chosen by the [`Backend`]), handed to the `f32` kernel of the pass as a tensor of
+//! its own (with the parameters of its channels), and the result narrowed back (round to
+//! nearest even). So the data moves in 16 bits, half the bytes of `f32`, and the arithmetic is
+//! the `f32` kernels'.
+//!
+//! - inference ([`normalize`]): one pass over the blocks, in parallel; buffers on the stack, no
+//!   allocation.
+//! - training ([`forward_train`]): the statistics of each block ([`kernels::forward_train`] on
+//!   the block), merged per channel with Chan's formula in `f64` in a fixed order; then the
+//!   inference pass with the training transform.
+//! - backward ([`backward`]): the sums of each block ([`kernels::backward_eval`] with the saved
+//!   mean and a unit scale), added in a fixed order; then `dx = k1 * dy + k2 * (x - m) + k3`
+//!   per block. [`backward_eval`] is one pass (the block's `dx` and sums together).
+//!
+//! Blocks, and the chunks of blocks whose partial results are combined, are fixed by the shape:
+//! results are bit-identical for any number of threads. Reductions keep per-task buffers
+//! (reused by each thread) and per-chunk, per-channel partials, never anything the size of the
+//! tensor.
+
+use core::cell::RefCell;
+
+use super::convert::{affine, affine_inplace, has_affine, narrow, widen, Params};
+use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
+use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
+use super::Backend;
+use crate::spec::Dynamic;
+use crate::Canonical;
+
+/// A 16-bit storage format of the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HalfFormat {
+    /// bfloat16 ([`half::bf16`]): 8 exponent bits (the range of `f32`), 8 significant bits.
+    Bf16,
+    /// IEEE 754 binary16 ([`half::f16`]): 5 exponent bits (largest finite value 65504),
+    /// 11 significant bits.
+    F16,
+}
+
+/// Values per block of the elementwise passes: three 16 KiB `f32` buffers on the stack stay in
+/// L1 with the block's 16-bit input and output.
+const BLOCK: usize = 4096;
+/// Values per block of the reductions (larger: fewer per-block merges; the buffers stay in L2).
+const REDUCE_BLOCK: usize = 16384;
+/// Least values per chunk of a reduction, and most chunks per channel block.
+const CHUNK_ELEMS: usize = 1 << 16;
+const MAX_CHUNKS: usize = 64;
+/// Most partial results a reduction keeps (chunks times channels), beyond one per channel.
+const MAX_PARTIALS: usize = 1 << 16;
+
+/// How a tensor is cut into blocks of at most `cap` values; a function of the shape alone.
+///
+/// Block `(j, ob, p)`: channels `j * cb..`, rows `ob * rows..`, values `p * piece..` of each
+/// run; exactly one of the three is partial, so every block is contiguous.
+#[derive(Debug, Clone, Copy)]
+struct Blocks {
+    dims: Canonical,
+    /// Channels per block and channel blocks.
+    cb: usize,
+    nj: usize,
+    /// Rows (`o`) per block and row blocks.
+    rows: usize,
+    no: usize,
+    /// Values per piece of a run and pieces per run.
+    piece: usize,
+    pieces: usize,
+}
+
+/// One block: `len` values from `start`, channels `c0..c0 + dims.channels`, seen as a tensor of
+/// its own.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    start: usize,
+    c0: usize,
+    dims: Canonical,
+}
+
+impl Block {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.dims.len()
+    }
+
+    #[inline(always)]
+    fn range(&self) -> core::ops::Range<usize> {
+        self.start..self.start + self.len()
+    }
+
+    #[inline(always)]
+    fn channels(&self) -> core::ops::Range<usize> {
+        self.c0..self.c0 + self.dims.channels
+    }
+}
+
+impl Blocks {
+    fn new(dims: Canonical, cap: usize) -> Blocks {
+        let Canonical { outer, channels: c, inner } = dims;
+        if inner > cap {
+            Blocks { dims, cb: 1, nj: c, rows: 1, no: outer, piece: cap, pieces: inner.div_ceil(cap) }
+        } else if c * inner <= cap {
+            let rows = cap / (c * inner).max(1);
+            Blocks { dims, cb: c, nj: 1, rows, no: outer.div_ceil(rows), piece: inner, pieces: 1 }
+        } else {
+            let cb = cap / inner.max(1);
+            Blocks { dims, cb, nj: c.div_ceil(cb), rows: 1, no: outer, piece: inner, pieces: 1 }
+        }
+    }
+
+    /// Number of blocks.
+    fn count(&self) -> usize {
+        self.nj * self.no * self.pieces
+    }
+
+    /// Block `b` in memory order.
+    #[inline(always)]
+    fn nth(&self, b: usize) -> Block {
+        let p = b % self.pieces;
+        let j = (b / self.pieces) % self.nj;
+        let ob = b / (self.pieces * self.nj);
+        self.at(j, ob, p)
+    }
+
+    #[inline(always)]
+    fn at(&self, j: usize, ob: usize, p: usize) -> Block {
+        let Canonical { outer, channels, inner } = self.dims;
+        let c0 = j * self.cb;
+        let c1 = (c0 + self.cb).min(channels);
+        let o0 = ob * self.rows;
+        let o1 = (o0 + self.rows).min(outer);
+        let i0 = p * self.piece;
+        let i1 = (i0 + self.piece).min(inner);
+        Block {
+            start: (o0 * channels + c0) * inner + i0,
+            c0,
+            dims: Canonical { outer: o1 - o0, channels: c1 - c0, inner: i1 - i0 },
+        }
+    }
+
+    /// Chunks of row blocks per channel block for reductions: enough to share out, few enough
+    /// that the partials stay small; fixed by the shape.
+    fn chunks(&self) -> usize {
+        let per_channel_block = self.dims.len() / self.nj;
+        (per_channel_block / CHUNK_ELEMS)
+            .clamp(1, MAX_CHUNKS)
+            .min(self.no)
+            .min((MAX_PARTIALS / (self.nj * self.cb)).max(1))
+    }
+}
+
+/// Runs `f` on every block, in parallel over fixed ranges of blocks when the tensor is large.
+/// `streams`: how many tensors the pass reads and writes (for the work threshold).
+fn for_blocks(g: &Blocks, streams: usize, f: impl Fn(Block) + Sync + Send) {
+    let n = g.count();
+    let parallel = use_pool(streams * g.dims.len());
+    let tasks = task_count(parallel, g.dims.len(), TASK_ELEMS).min(n);
+    for_each_task(parallel, tasks, |t| {
+        for b in part(n, tasks, t) {
+            f(g.nth(b));
+        }
+    });
+}
+
+/// A reduction over blocks: `f(scratch, block, partials of the block's channels)` for every
+/// block; tasks are (channel block, chunk of row blocks), each with its own partials, then
+/// `finish(channel, partials of the chunks in order)` per channel. Fixed by the shape.
+fn reduce<T: Copy + Send + Sync>(
+    g: &Blocks,
+    streams: usize,
+    init: T,
+    f: impl Fn(&mut TaskScratch, Block, &mut [T]) + Sync + Send,
+    mut finish: impl FnMut(usize, &mut dyn Iterator<Item = T>),
+) {
+    let chunks = g.chunks();
+    let tasks = g.nj * chunks;
+    let mut partials = vec![init; tasks * g.cb];
+    let parallel = use_pool(streams * g.dims.len());
+    {
+        let shared = SharedMut::new(&mut partials);
+        for_each_task(parallel, tasks, |t| {
+            let (j, k) = (t / chunks, t % chunks);
+            // SAFETY: task `t` alone uses the values `t * cb..(t + 1) * cb`.
+            let mine = unsafe { shared.slice(t * g.cb, g.cb) };
+            with_scratch(|scratch| {
+                for ob in part(g.no, chunks, k) {
+                    for p in 0..g.pieces {
+                        let blk = g.at(j, ob, p);
+                        f(scratch, blk, &mut mine[..blk.dims.channels]);
+                    }
+                }
+            });
+        });
+    }
+    for c in 0..g.dims.channels {
+        let (j, i) = (c / g.cb, c % g.cb);
+        let mut it = (0..chunks).map(|k| partials[(j * chunks + k) * g.cb + i]);
+        finish(c, &mut it);
+    }
+}
+
+/// The `f32` buffers of a reduction task, kept per thread between calls.
+#[derive(Default)]
+struct TaskScratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    p: Vec<f64>,
+    q: Vec<f64>,
+}
+
+impl TaskScratch {
+    /// Buffers of `len` values and `channels` per-channel values.
+    fn sized(&mut self, len: usize, channels: usize) {
+        for v in [&mut self.a, &mut self.b, &mut self.c] {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        }
+        for v in [&mut self.p, &mut self.q] {
+            if v.len() < channels {
+                v.resize(channels, 0.0);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<TaskScratch> = RefCell::new(TaskScratch::default());
+}
+
+/// Runs `f` with this thread's scratch (taken out, so that a nested use finds a fresh one).
+fn with_scratch<R>(f: impl FnOnce(&mut TaskScratch) -> R) -> R {
+    let mut scratch = SCRATCH.with(|s| s.take());
+    let r = f(&mut scratch);
+    SCRATCH.with(|s| s.replace(scratch));
+    r
+}
+
+/// Inference on 16-bit data: `y = (x - mean[c]) * scale[c] + shift[c]`, computed in `f32` by
+/// [`kernels::normalize`](super::normalize) on blocks widened from `x`, rounded to nearest even
+/// into `y`. No allocation.
+///
+/// `x` and `y` are the bits of `dims.len()` values of `format`; the per-channel slices hold
+/// `dims.channels` values.
+///
+/// ```
+/// use bn_core::kernels::{half16, Backend, HalfFormat};
+/// use bn_core::half::bf16;
+/// use bn_core::Canonical;
+///
+/// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
+/// let x: Vec<u16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+/// let mut y = vec![0u16; 4];
+/// half16::normalize(Backend::detect(), HalfFormat::Bf16, &x, &mut y, dims, &[2.0], &[0.5], &[1.0]);
+/// let y: Vec<f32> = y.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+/// assert_eq!(y, [0.5, 1.0, 1.5, 2.0]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn normalize(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    y: &mut [u16],
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    assert!(x.len() == dims.len() && y.len() == dims.len(), "x and y must hold dims.len() values");
+    let c = dims.channels;
+    assert!(mean.len() == c && scale.len() == c && shift.len() == c);
+    if dims.is_empty() {
+        return;
+    }
+    let g = Blocks::new(dims, BLOCK);
+    let y = SharedMut::new(y);
+    for_blocks(&g, 2, |blk| {
+        // SAFETY: blocks are disjoint and each is written by one task.
+        let out = unsafe { y.slice(blk.start, blk.len()) };
+        normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift);
+    });
+}
+
+/// One block of inference: `out = normalize(x)`, or in place when `x` is `None` (the same
+/// arithmetic either way). Runs of one channel of at least 16 values, and rows of at least 16
+/// channels, take the fused one-pass kernel where the backend has one; other blocks are widened
+/// into a buffer and run by the `f32` kernel.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn normalize_block(
+    backend: Backend,
+    format: HalfFormat,
+    x: Option<&[u16]>,
+    out: &mut [u16],
+    blk: Block,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let Canonical { channels: bc, inner, .. } = blk.dims;
+    let ch = blk.channels();
+    let run = |x: Option<&[u16]>, out: &mut [u16], p: Params<'_>| match x {
+        Some(x) => affine(backend, format, x, out, p),
+        None => affine_inplace(backend, format, out, p),
+    };
+    if inner >= 16 && has_affine(backend, format) {
+        for (r, start) in (0..out.len()).step_by(inner).enumerate() {
+            let c = blk.c0 + r % bc;
+            let p = Params::Run(mean[c], scale[c], shift[c]);
+            run(x.map(|x| &x[start..start + inner]), &mut out[start..start + inner], p);
+        }
+    } else if inner == 1 && bc >= 16 && has_affine(backend, format) {
+        let p = Params::Lanes(&mean[ch.clone()], &scale[ch.clone()], &shift[ch]);
+        for start in (0..out.len()).step_by(bc) {
+            run(x.map(|x| &x[start..start + bc]), &mut out[start..start + bc], p);
+        }
+    } else {
+        let mut buf = [0.0f32; BLOCK];
+        let buf = &mut buf[..blk.len()];
+        widen(backend, format, x.unwrap_or(out), buf);
+        let (m, s, t) = (&mean[ch.clone()], &scale[ch.clone()], &shift[ch]);
+        super::normalize_inplace::<Dynamic>(backend, buf, blk.dims, m, s, t);
+        narrow(backend, format, buf, out);
+    }
+}
+
+/// [`normalize`] in place: bit-identical to it.
+///
+/// ```
+/// use bn_core::kernels::{half16, Backend, HalfFormat};
+/// use bn_core::half::f16;
+/// use bn_core::Canonical;
+///
+/// let dims = Canonical { outer: 1, channels: 2, inner: 1 };
+/// let mut xy = [f16::from_f32(1.0).to_bits(), f16::from_f32(-1.0).to_bits()];
+/// half16::normalize_inplace(Backend::detect(), HalfFormat::F16, &mut xy, dims, &[0.0, 0.0], &[2.0, 3.0], &[0.0, 1.0]);
+/// assert_eq!(xy.map(|b| f16::from_bits(b).to_f32()), [2.0, -2.0]);
+/// ```
+pub fn normalize_inplace(
+    backend: Backend,
+    format: HalfFormat,
+    xy: &mut [u16],
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    assert!(xy.len() == dims.len(), "xy must hold dims.len() values");
+    let c = dims.channels;
+    assert!(mean.len() == c && scale.len() == c && shift.len() == c);
+    if dims.is_empty() {
+        return;
+    }
+    let g = Blocks::new(dims, BLOCK);
+    let xy = SharedMut::new(xy);
+    for_blocks(&g, 2, |blk| {
+        // SAFETY: blocks are disjoint and each is read and written by one task.
+        let io = unsafe { xy.slice(blk.start, blk.len()) };
+        normalize_block(backend, format, None, io, blk, mean, scale, shift);
+    });
+}
+
+/// Per-channel batch mean and biased variance of 16-bit data (`f64`), from the `f32` kernel's
+/// statistics of each block merged with Chan's formula in a fixed order.
+///
+/// `dims.per_channel()` must be at least 1.
+///
+/// ```
+/// use bn_core::kernels::{half16, Backend, HalfFormat};
+/// use bn_core::half::bf16;
+/// use bn_core::Canonical;
+///
+/// let dims = Canonical { outer: 4, channels: 1, inner: 1 };
+/// let x: Vec<u16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+/// let (mut mean, mut var) = ([0.0], [0.0]);
+/// half16::batch_stats(Backend::detect(), HalfFormat::Bf16, &x, dims, &mut mean, &mut var);
+/// assert_eq!((mean[0], var[0]), (2.5, 1.25));
+/// ```
+pub fn batch_stats(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    dims: Canonical,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let c = dims.channels;
+    assert!(x.len() == dims.len(), "x must hold dims.len() values");
+    assert!(mean_out.len() == c && var_out.len() == c);
+    if dims.per_channel() == 0 {
+        mean_out.fill(f64::NAN);
+        var_out.fill(f64::NAN);
+        return;
+    }
+    if c == 0 {
+        return;
+    }
+    let g = Blocks::new(dims, REDUCE_BLOCK);
+    let ones = vec![1.0f32; g.cb];
+    let zeros = vec![0.0f32; g.cb];
+    reduce(
+        &g,
+        1,
+        Moments::EMPTY,
+        |s, blk, partial| {
+            let (len, bc) = (blk.len(), blk.dims.channels);
+            s.sized(len, bc);
+            widen(backend, format, &x[blk.range()], &mut s.a[..len]);
+            super::forward_train::<Dynamic>(
+                backend,
+                &s.a[..len],
+                &mut s.b[..len],
+                blk.dims,
+                &ones[..bc],
+                &zeros[..bc],
+                0.0,
+                &mut s.p[..bc],
+                &mut s.q[..bc],
+            );
+            let n = blk.dims.per_channel() as f64;
+            for (k, m) in partial.iter_mut().enumerate() {
+                *m = m.merge(Moments { n, mean: s.p[k], m2: s.q[k] * n });
+            }
+        },
+        |c, parts| {
+            let m = parts.fold(Moments::EMPTY, Moments::merge);
+            mean_out[c] = m.mean;
+            var_out[c] = m.m2 / m.n;
+        },
+    );
+}
+
+/// Training forward on 16-bit data: [`batch_stats`] into `mean_out` and `var_out`, then
+/// `y = (x - mean) * gamma / sqrt(var + eps) + beta` by the [`normalize`] pass. If a statistic is
+/// not finite, `y` is not written.
+///
+/// ```
+/// use bn_core::kernels::{half16, Backend, HalfFormat};
+/// use bn_core::half::bf16;
+/// use bn_core::Canonical;
+///
+/// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
+/// let x: Vec<u16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+/// let mut y = vec![0u16; 4];
+/// let (mut mean, mut var) = ([0.0], [0.0]);
+/// half16::forward_train(Backend::detect(), HalfFormat::Bf16, &x, &mut y, dims, &[1.0], &[0.0], 0.0, &mut mean, &mut var);
+/// assert_eq!((mean[0], var[0]), (2.5, 1.25));
+/// let y0 = bf16::from_bits(y[0]).to_f32();
+/// assert!((y0 + 1.3416).abs() < 0.01);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    y: &mut [u16],
+    dims: Canonical,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let c = dims.channels;
+    assert!(y.len() == dims.len(), "y must hold dims.len() values");
+    assert!(gamma.len() == c && beta.len() == c);
+    batch_stats(backend, format, x, dims, mean_out, var_out);
+    if mean_out.iter().chain(var_out.iter()).any(|v| !v.is_finite()) {
+        return;
+    }
+    let (mut m, mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
+    for k in 0..c {
+        let a = Affine32::train(mean_out[k], var_out[k], eps, gamma[k], beta[k]);
+        (m[k], s[k], t[k]) = (a.m, a.s, a.t);
+    }
+    normalize(backend, format, x, y, dims, &m, &s, &t);
+}
+
+/// Training backward on 16-bit data: per-channel `sum_dy = sum(dy)` and
+/// `sum_dy_xhat = sum(dy * xhat)` with `xhat = (x - mean) * inv_std`, then
+/// `dx = gamma * inv_std * (dy - sum_dy / n - xhat * sum_dy_xhat / n)`, `n = outer * inner`.
+///
+/// ```
+/// use bn_core::kernels::{half16, Backend, HalfFormat};
+/// use bn_core::half::f16;
+/// use bn_core::Canonical;
+///
+/// let dims = Canonical { outer: 2, channels: 1, inner: 1 };
+/// let bits = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v).to_bits()).collect::<Vec<u16>>();
+/// let (x, dy) = (bits(&[-1.0, 1.0]), bits(&[1.0, 1.0]));
+/// let mut dx = vec![0u16; 2];
+/// let (mut sum_dy, mut sum_dy_xhat) = ([0.0], [0.0]);
+/// half16::backward(Backend::detect(), HalfFormat::F16, &x, &dy, &mut dx, dims, &[0.0], &[1.0], &[1.0], &mut sum_dy, &mut sum_dy_xhat);
+/// assert_eq!((sum_dy[0], sum_dy_xhat[0]), (2.0, 0.0));
+/// assert_eq!(dx, bits(&[0.0, 0.0]));
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    dy: &[u16],
+    dx: &mut [u16],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let c = dims.channels;
+    assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
+    assert!(mean.len() == c && inv_std.len() == c && gamma.len() == c);
+    assert!(sum_dy_out.len() == c && sum_dy_xhat_out.len() == c);
+    if dims.is_empty() {
+        sum_dy_out.fill(0.0);
+        sum_dy_xhat_out.fill(0.0);
+        return;
+    }
+    // The sums with the shift m = f32(mean) and a unit scale: sum(dy) and sum(dy * (x - m)).
+    let m32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+    let g = Blocks::new(dims, REDUCE_BLOCK);
+    let ones = vec![1.0f32; g.cb];
+    reduce(
+        &g,
+        2,
+        (0.0f64, 0.0f64),
+        |s, blk, partial| {
+            let (len, bc) = (blk.len(), blk.dims.channels);
+            s.sized(len, bc);
+            let r = blk.range();
+            widen(backend, format, &x[r.clone()], &mut s.a[..len]);
+            widen(backend, format, &dy[r], &mut s.b[..len]);
+            super::backward_eval::<Dynamic>(
+                backend,
+                &s.a[..len],
+                &s.b[..len],
+                &mut s.c[..len],
+                blk.dims,
+                &m32[blk.channels()],
+                &ones[..bc],
+                &ones[..bc],
+                &mut s.p[..bc],
+                &mut s.q[..bc],
+            );
+            for (k, (sdy, sdyxm)) in partial.iter_mut().enumerate() {
+                *sdy += s.p[k];
+                *sdyxm += s.q[k];
+            }
+        },
+        |c, parts| {
+            let (sdy, sdyxm) = parts.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
+            sum_dy_out[c] = sdy;
+            sum_dy_xhat_out[c] = sum_dy_xhat(mean[c], m32[c], inv_std[c], sdy, sdyxm);
+        },
+    );
+    // dx = k1 * dy + k2 * (x - m) + k3, per channel.
+    let n = dims.per_channel() as f64;
+    let coefficients: Vec<DxCoefficients> = (0..c)
+        .map(|k| DxCoefficients::train(mean[k], inv_std[k], gamma[k], n, sum_dy_out[k], sum_dy_xhat_out[k]))
+        .collect();
+    let g = Blocks::new(dims, BLOCK);
+    let dx = SharedMut::new(dx);
+    for_blocks(&g, 3, |blk| {
+        let (mut xb, mut dyb) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+        let len = blk.len();
+        let (xb, dyb) = (&mut xb[..len], &mut dyb[..len]);
+        widen(backend, format, &x[blk.range()], xb);
+        widen(backend, format, &dy[blk.range()], dyb);
+        dx_block(xb, dyb, blk.dims, &coefficients[blk.channels()]);
+        // SAFETY: blocks are disjoint and each is written by one task.
+        narrow(backend, format, xb, unsafe { dx.slice(blk.start, len) });
+    });
+}
+
+/// `x = k1 * dy + k2 * (x - m) + k3` over a block, with its channels' coefficients.
+#[inline]
+fn dx_block(x: &mut [f32], dy: &[f32], dims: Canonical, k: &[DxCoefficients]) {
+    let (bc, inner) = (dims.channels, dims.inner);
+    if inner == 1 {
+        for (xr, dyr) in x.chunks_exact_mut(bc).zip(dy.chunks_exact(bc)) {
+            for ((v, &d), k) in xr.iter_mut().zip(dyr).zip(k) {
+                *v = k.k1 * d + (k.k2 * (*v - k.m) + k.k3);
+            }
+        }
+    } else {
+        for (r, (xr, dyr)) in x.chunks_exact_mut(inner).zip(dy.chunks_exact(inner)).enumerate() {
+            let k = k[r % bc];
+            for (v, &d) in xr.iter_mut().zip(dyr) {
+                *v = k.k1 * d + (k.k2 * (*v - k.m) + k.k3);
+            }
+        }
+    }
+}
+
+/// Backward with frozen statistics on 16-bit data: the sums of [`backward`] with the given
+/// `mean` and `inv_std`, and `dx = dy * gamma * inv_std`, in one pass.
+///
+/// ```
+/// use bn_core::kernels::{half16, Backend, HalfFormat};
+/// use bn_core::half::bf16;
+/// use bn_core::Canonical;
+///
+/// let dims = Canonical { outer: 2, channels: 1, inner: 1 };
+/// let bits = |v: &[f32]| v.iter().map(|&v| bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
+/// let (x, dy) = (bits(&[0.0, 2.0]), bits(&[1.0, 3.0]));
+/// let mut dx = vec![0u16; 2];
+/// let (mut sum_dy, mut sum_dy_xhat) = ([0.0], [0.0]);
+/// half16::backward_eval(Backend::detect(), HalfFormat::Bf16, &x, &dy, &mut dx, dims, &[1.0], &[0.5], &[2.0], &mut sum_dy, &mut sum_dy_xhat);
+/// assert_eq!((sum_dy[0], sum_dy_xhat[0]), (4.0, 1.0));
+/// assert_eq!(dx, bits(&[1.0, 3.0]));
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward_eval(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    dy: &[u16],
+    dx: &mut [u16],
+    dims: Canonical,
+    mean: &[f32],
+    inv_std: &[f32],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let c = dims.channels;
+    assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
+    assert!(mean.len() == c && inv_std.len() == c && gamma.len() == c);
+    assert!(sum_dy_out.len() == c && sum_dy_xhat_out.len() == c);
+    if dims.is_empty() {
+        sum_dy_out.fill(0.0);
+        sum_dy_xhat_out.fill(0.0);
+        return;
+    }
+    let g = Blocks::new(dims, REDUCE_BLOCK);
+    let dx = SharedMut::new(dx);
+    reduce(
+        &g,
+        3,
+        (0.0f64, 0.0f64),
+        |s, blk, partial| {
+            let (len, bc) = (blk.len(), blk.dims.channels);
+            s.sized(len, bc);
+            let r = blk.range();
+            widen(backend, format, &x[r.clone()], &mut s.a[..len]);
+            widen(backend, format, &dy[r], &mut s.b[..len]);
+            let ch = blk.channels();
+            super::backward_eval::<Dynamic>(
+                backend,
+                &s.a[..len],
+                &s.b[..len],
+                &mut s.c[..len],
+                blk.dims,
+                &mean[ch.clone()],
+                &inv_std[ch.clone()],
+                &gamma[ch],
+                &mut s.p[..bc],
+                &mut s.q[..bc],
+            );
+            // SAFETY: blocks are disjoint and each is written by one task.
+            narrow(backend, format, &s.c[..len], unsafe { dx.slice(blk.start, len) });
+            for (k, (sdy, sdyxh)) in partial.iter_mut().enumerate() {
+                *sdy += s.p[k];
+                *sdyxh += s.q[k];
+            }
+        },
+        |c, parts| {
+            let (sdy, sdyxh) = parts.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
+            sum_dy_out[c] = sdy;
+            sum_dy_xhat_out[c] = sdyxh;
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_tile_the_tensor_in_order() {
+        for (outer, channels, inner) in
+            [(3, 5, 7), (2, 3, 5000), (9, 4096, 1), (1000, 7, 1), (5, 70, 49), (2, 1, 40000), (3, 9000, 1)]
+        {
+            let dims = Canonical { outer, channels, inner };
+            for cap in [BLOCK, REDUCE_BLOCK, 64] {
+                let g = Blocks::new(dims, cap);
+                let mut next = 0;
+                for b in 0..g.count() {
+                    let blk = g.nth(b);
+                    assert_eq!(blk.start, next, "{dims:?} cap {cap} block {b}");
+                    assert!(blk.len() <= cap && blk.len() > 0);
+                    // Every value of the block is in its channel range.
+                    for i in blk.range() {
+                        let ch = (i / inner) % channels;
+                        assert!(blk.channels().contains(&ch));
+                    }
+                    next += blk.len();
+                }
+                assert_eq!(next, dims.len());
+            }
+        }
+    }
+}
