@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::case::Dtype;
 use crate::case::{Case, Implementation, Mode};
-use crate::layers::{macro_runner, runtime_runner, runtime_runner_with, Runner};
+use crate::layers::{macro_runner, runtime_runner, runtime_runner_with, Inputs, Runner};
 use crate::naive::NaiveBatchNorm;
 
 /// How long each implementation of a row is repeated.
@@ -167,20 +167,18 @@ impl Workload {
         let dy = fill(len, 2, 0.0);
         let gamma: Vec<f32> = (0..features).map(|c| 1.0 + 0.25 * ((c % 7) as f32 / 7.0)).collect();
         let beta: Vec<f32> = (0..features).map(|c| 0.1 * ((c % 5) as f32 - 2.0)).collect();
+        let residual = epilogues.then(|| fill(len, 4, 0.0));
+        let inputs = Inputs::new(case.dtype, &x, &dy, residual.as_deref());
         let mut layers = Vec::new();
-        if let Some(layer) = macro_runner(case, &x, &dy) {
+        if let Some(layer) = macro_runner(case, &inputs) {
             layers.push((Implementation::Macro, layer));
         }
-        layers.push((Implementation::Runtime, runtime_runner(case, &x, &dy)?));
+        layers.push((Implementation::Runtime, runtime_runner(case, &inputs)?));
         if epilogues {
             let relu = batchnorm::Config::new().activation(batchnorm::Activation::Relu);
-            layers.push((Implementation::Relu, runtime_runner_with(case, relu, &x, &dy, None)?));
-            let residual = fill(len, 4, 0.0);
-            let config = batchnorm::Config::new();
-            layers.push((
-                Implementation::AddRelu,
-                runtime_runner_with(case, config, &x, &dy, Some(&residual))?,
-            ));
+            layers.push((Implementation::Relu, runtime_runner_with(case, relu, &inputs, false)?));
+            let plain = batchnorm::Config::new();
+            layers.push((Implementation::AddRelu, runtime_runner_with(case, plain, &inputs, true)?));
         }
         for (_, layer) in &mut layers {
             layer.prepare(&gamma, &beta, &case.shape)?;

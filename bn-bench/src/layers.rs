@@ -2,7 +2,9 @@
 //! runtime-generic `batchnorm::BatchNorm` (any shape), behind one trait object so the runner
 //! treats them alike.
 
+use std::any::Any;
 use std::hint::black_box;
+use std::sync::Arc;
 
 use batchnorm::half::{bf16, f16};
 use batchnorm::{batch_norm, BatchNorm, BatchNormLayer, BnError, Config, Element, Layout, Param};
@@ -90,15 +92,48 @@ pub trait Runner: Send {
     fn run(&mut self, mode: Mode, shape: &[usize]) -> Result<(), BnError>;
 }
 
-/// A layer of element `E` with `x`, `dy` and the output converted from the workload's `f32` data;
-/// with a residual (and its gradient's buffer), it runs the residual form
-/// `relu(bn(x) + residual)` (`forward_*_add_relu`, `backward_add_relu`).
+/// A workload's input tensors in its case's dtype, converted once and shared by all its layers:
+/// every layer reads the same bytes (as the copy's two variants share theirs), so what one
+/// call leaves in the caches helps the next alike, and no layer gets colder inputs than another.
+#[derive(Clone)]
+pub struct Inputs {
+    x: Arc<dyn Any + Send + Sync>,
+    dy: Arc<dyn Any + Send + Sync>,
+    residual: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Inputs {
+    /// `x`, `dy` and (for the residual form) `residual`, converted to `dtype`.
+    pub fn new(dtype: Dtype, x: &[f32], dy: &[f32], residual: Option<&[f32]>) -> Inputs {
+        match dtype {
+            Dtype::F32 => Self::of::<f32>(x, dy, residual),
+            Dtype::F64 => Self::of::<f64>(x, dy, residual),
+            Dtype::Bf16 => Self::of::<bf16>(x, dy, residual),
+            Dtype::F16 => Self::of::<f16>(x, dy, residual),
+        }
+    }
+
+    fn of<E: Element>(x: &[f32], dy: &[f32], residual: Option<&[f32]>) -> Inputs {
+        fn convert<E: Element>(v: &[f32]) -> Arc<dyn Any + Send + Sync> {
+            Arc::new(v.iter().map(|&v| E::from_f64(v as f64)).collect::<Vec<E>>())
+        }
+        Inputs { x: convert::<E>(x), dy: convert::<E>(dy), residual: residual.map(convert::<E>) }
+    }
+
+    fn typed<E: Element>(values: &Arc<dyn Any + Send + Sync>) -> Arc<Vec<E>> {
+        Arc::clone(values).downcast::<Vec<E>>().expect("the inputs are in the case's dtype")
+    }
+}
+
+/// A layer of element `E` with its own output, on the workload's shared inputs; with a residual
+/// (and its gradient's buffer), it runs the residual form `relu(bn(x) + residual)`
+/// (`forward_*_add_relu`, `backward_add_relu`).
 struct Typed<E: Element> {
     layer: Box<dyn BatchNormLayer<Elem = E, Param = E::Param> + Send>,
-    x: Vec<E>,
-    dy: Vec<E>,
+    x: Arc<Vec<E>>,
+    dy: Arc<Vec<E>>,
     out: Vec<E>,
-    residual: Option<(Vec<E>, Vec<E>)>,
+    residual: Option<(Arc<Vec<E>>, Vec<E>)>,
 }
 
 impl<E: Element> Runner for Typed<E> {
@@ -131,30 +166,35 @@ impl<E: Element> Runner for Typed<E> {
 
 fn typed<E: Element>(
     layer: Box<dyn BatchNormLayer<Elem = E, Param = E::Param> + Send>,
-    x: &[f32],
-    dy: &[f32],
+    inputs: &Inputs,
 ) -> Box<dyn Runner> {
-    typed_with(layer, x, dy, None)
+    typed_with(layer, inputs, false)
 }
 
+/// The runner of `layer` on `inputs`; with `residual`, in the residual form (`inputs` must
+/// then have a residual).
 fn typed_with<E: Element>(
     layer: Box<dyn BatchNormLayer<Elem = E, Param = E::Param> + Send>,
-    x: &[f32],
-    dy: &[f32],
-    residual: Option<&[f32]>,
+    inputs: &Inputs,
+    residual: bool,
 ) -> Box<dyn Runner> {
-    let convert = |v: &[f32]| v.iter().map(|&v| E::from_f64(v as f64)).collect::<Vec<E>>();
-    let residual = residual.map(|r| (convert(r), vec![E::default(); r.len()]));
-    Box::new(Typed { layer, x: convert(x), dy: convert(dy), out: vec![E::default(); x.len()], residual })
+    let (x, dy) = (Inputs::typed::<E>(&inputs.x), Inputs::typed::<E>(&inputs.dy));
+    let residual = inputs.residual.as_ref().filter(|_| residual).map(|r| {
+        let r = Inputs::typed::<E>(r);
+        let gradient = vec![E::default(); r.len()];
+        (r, gradient)
+    });
+    let out = vec![E::default(); x.len()];
+    Box::new(Typed { layer, x, dy, out, residual })
 }
 
 /// The `#[batch_norm]` layer of the case's standard shape and dtype (`f32` and `bf16` have one),
 /// on the data `x` and `dy` converted to its dtype; `None` otherwise.
-pub fn macro_runner(case: &Case, x: &[f32], dy: &[f32]) -> Option<Box<dyn Runner>> {
+pub fn macro_runner(case: &Case, inputs: &Inputs) -> Option<Box<dyn Runner>> {
     use bf16_layers::*;
     let name = case.standard_shape()?.name;
     match case.dtype {
-        Dtype::F32 => Some(typed(macro_layer(case)?, x, dy)),
+        Dtype::F32 => Some(typed(macro_layer(case)?, inputs)),
         Dtype::Bf16 => {
             type L = Box<dyn BatchNormLayer<Elem = bf16, Param = f32> + Send>;
             let layer: L = match name {
@@ -166,7 +206,7 @@ pub fn macro_runner(case: &Case, x: &[f32], dy: &[f32]) -> Option<Box<dyn Runner
                 "S6" => Box::new(S6Bf16::new()),
                 _ => return None,
             };
-            Some(typed(layer, x, dy))
+            Some(typed(layer, inputs))
         }
         Dtype::F16 | Dtype::F64 => None,
     }
@@ -174,24 +214,24 @@ pub fn macro_runner(case: &Case, x: &[f32], dy: &[f32]) -> Option<Box<dyn Runner
 
 /// The runtime-generic layer of the case's dtype (default configuration), on `x` and `dy`
 /// converted to its dtype.
-pub fn runtime_runner(case: &Case, x: &[f32], dy: &[f32]) -> Result<Box<dyn Runner>, BnError> {
-    runtime_runner_with(case, Config::new(), x, dy, None)
+pub fn runtime_runner(case: &Case, inputs: &Inputs) -> Result<Box<dyn Runner>, BnError> {
+    runtime_runner_with(case, Config::new(), inputs, false)
 }
 
-/// The runtime-generic layer of the case's dtype with `config`, on `x` and `dy` (and, when
-/// given, `residual`: the layer then runs the residual form) converted to its dtype.
+/// The runtime-generic layer of the case's dtype with `config`, on `inputs`; with `residual`,
+/// in the residual form.
 pub fn runtime_runner_with(
     case: &Case,
     config: Config,
-    x: &[f32],
-    dy: &[f32],
-    residual: Option<&[f32]>,
+    inputs: &Inputs,
+    residual: bool,
 ) -> Result<Box<dyn Runner>, BnError> {
     let layout = Layout::from_axes(&case.features(), &case.axes)?;
+    let r = residual;
     Ok(match case.dtype {
-        Dtype::F32 => typed_with(Box::new(BatchNorm::<f32>::with_layout(layout, config)?), x, dy, residual),
-        Dtype::Bf16 => typed_with(Box::new(BatchNorm::<bf16>::with_layout(layout, config)?), x, dy, residual),
-        Dtype::F16 => typed_with(Box::new(BatchNorm::<f16>::with_layout(layout, config)?), x, dy, residual),
-        Dtype::F64 => typed_with(Box::new(BatchNorm::<f64>::with_layout(layout, config)?), x, dy, residual),
+        Dtype::F32 => typed_with(Box::new(BatchNorm::<f32>::with_layout(layout, config)?), inputs, r),
+        Dtype::Bf16 => typed_with(Box::new(BatchNorm::<bf16>::with_layout(layout, config)?), inputs, r),
+        Dtype::F16 => typed_with(Box::new(BatchNorm::<f16>::with_layout(layout, config)?), inputs, r),
+        Dtype::F64 => typed_with(Box::new(BatchNorm::<f64>::with_layout(layout, config)?), inputs, r),
     })
 }
