@@ -55,7 +55,9 @@ pub(crate) fn narrow(backend: Backend, format: HalfFormat, src: &[f32], dst: &mu
 pub(crate) enum Params<'a> {
     /// `y = (x - m) * s + t` for every value.
     Run(f32, f32, f32),
-    /// `y[i] = (x[i] - m[i]) * s[i] + t[i]`; each slice holds the run's length.
+    /// `y[i] = (x[i] - m[i % p]) * s[i % p] + t[i % p]` with `p` the slices' common length:
+    /// one row of per-column parameters (`p >= n`), or several rows when `p` is a multiple of
+    /// 16 dividing `n`.
     Lanes(&'a [f32], &'a [f32], &'a [f32]),
 }
 
@@ -109,7 +111,12 @@ unsafe fn affine_raw(
     p: Params<'_>,
 ) {
     if let Params::Lanes(m, s, t) = p {
-        assert!(m.len() >= n && s.len() >= n && t.len() >= n, "affine parameters shorter than the run");
+        let period = m.len();
+        assert!(s.len() == period && t.len() == period, "affine parameters of different lengths");
+        assert!(
+            period >= n || (period % 16 == 0 && n % period == 0),
+            "affine parameters neither cover the run nor tile it in whole vectors"
+        );
     }
     assert!(has_affine(backend, format), "no fused affine kernel for {backend} {format:?}");
     #[cfg(target_arch = "x86_64")]
@@ -403,25 +410,36 @@ mod x86 {
             Params::Run(..) => (false, &run[0] as *const f32, &run[1] as *const f32, &run[2] as *const f32),
             Params::Lanes(m, s, t) => (true, m.as_ptr(), s.as_ptr(), t.as_ptr()),
         };
+        // Rows of `period` values (a whole number of vectors, or one partial row).
+        let period = match p {
+            Params::Run(..) => 1,
+            Params::Lanes(m, ..) => m.len().min(n).max(1),
+        };
         // SAFETY: forwarded from the caller; the match picks a kernel whose features it detected.
         unsafe {
             match (backend, format, lanes) {
+                (Backend::Avx512, HalfFormat::Bf16, false) if has_avx512_bf16() => {
+                    affine_avx512_bf16::<false>(src, dst, n, m, s, t, period)
+                }
+                (Backend::Avx512, HalfFormat::Bf16, true) if has_avx512_bf16() => {
+                    affine_avx512_bf16::<true>(src, dst, n, m, s, t, period)
+                }
                 (Backend::Avx512, HalfFormat::Bf16, false) => {
-                    affine_avx512::<true, false>(src, dst, n, m, s, t)
+                    affine_avx512::<true, false>(src, dst, n, m, s, t, period)
                 }
                 (Backend::Avx512, HalfFormat::Bf16, true) => {
-                    affine_avx512::<true, true>(src, dst, n, m, s, t)
+                    affine_avx512::<true, true>(src, dst, n, m, s, t, period)
                 }
                 (Backend::Avx512, HalfFormat::F16, false) => {
-                    affine_avx512::<false, false>(src, dst, n, m, s, t)
+                    affine_avx512::<false, false>(src, dst, n, m, s, t, period)
                 }
                 (Backend::Avx512, HalfFormat::F16, true) => {
-                    affine_avx512::<false, true>(src, dst, n, m, s, t)
+                    affine_avx512::<false, true>(src, dst, n, m, s, t, period)
                 }
-                (_, HalfFormat::Bf16, false) => affine_avx2::<true, false>(src, dst, n, m, s, t),
-                (_, HalfFormat::Bf16, true) => affine_avx2::<true, true>(src, dst, n, m, s, t),
-                (_, HalfFormat::F16, false) => affine_avx2_f16c::<false>(src, dst, n, m, s, t),
-                (_, HalfFormat::F16, true) => affine_avx2_f16c::<true>(src, dst, n, m, s, t),
+                (_, HalfFormat::Bf16, false) => affine_avx2::<true, false>(src, dst, n, m, s, t, period),
+                (_, HalfFormat::Bf16, true) => affine_avx2::<true, true>(src, dst, n, m, s, t, period),
+                (_, HalfFormat::F16, false) => affine_avx2_f16c::<false>(src, dst, n, m, s, t, period),
+                (_, HalfFormat::F16, true) => affine_avx2_f16c::<true>(src, dst, n, m, s, t, period),
             }
         }
     }
@@ -440,9 +458,10 @@ mod x86 {
         m: *const f32,
         s: *const f32,
         t: *const f32,
+        period: usize,
     ) {
         for j in i..n {
-            let k = if LANES { j } else { 0 };
+            let k = if LANES { j % period } else { 0 };
             // SAFETY: `j < n` and `k < n` (or 0) are in bounds per the caller's contract.
             unsafe {
                 let x = *src.add(j);
@@ -450,6 +469,65 @@ mod x86 {
                 let r = (v - *m.add(k)).mul_add(*s.add(k), *t.add(k));
                 *dst.add(j) = if BF16 { f32_to_bf16_bits(r) } else { f32_to_f16_bits(r) };
             }
+        }
+    }
+
+    /// Whether the CPU converts `f32` to `bf16` in one instruction (AVX512-BF16), cached.
+    #[inline]
+    fn has_avx512_bf16() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx512()
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+        })
+    }
+
+    /// [`affine_avx512`] for `bf16` with AVX512-BF16's conversion (`vcvtneps2bf16`: to nearest
+    /// even, NaN made quiet, as [`f32_to_bf16_bits`]). The instruction flushes subnormal inputs
+    /// to zero, so a vector holding a subnormal result is rounded the integer way instead: the
+    /// bits are [`affine_avx512`]'s in every case.
+    ///
+    /// # Safety
+    ///
+    /// As [`affine`], with AVX-512F, AVX-512DQ and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512dq,avx512bf16,avx2,fma")]
+    unsafe fn affine_avx512_bf16<const LANES: bool>(
+        src: *const u16,
+        dst: *mut u16,
+        n: usize,
+        m: *const f32,
+        s: *const f32,
+        t: *const f32,
+        period: usize,
+    ) {
+        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
+        unsafe {
+            let (bm, bs, bt) = (_mm512_set1_ps(*m), _mm512_set1_ps(*s), _mm512_set1_ps(*t));
+            let (mut i, mut k) = (0, 0);
+            while i + 16 <= n {
+                let x = bf16x16_to_f32(_mm256_loadu_si256(src.add(i) as *const __m256i));
+                let (mv, sv, tv) = if LANES {
+                    (_mm512_loadu_ps(m.add(k)), _mm512_loadu_ps(s.add(k)), _mm512_loadu_ps(t.add(k)))
+                } else {
+                    (bm, bs, bt)
+                };
+                let y = _mm512_fmadd_ps(_mm512_sub_ps(x, mv), sv, tv);
+                // Class 0x20: subnormal.
+                let h = if _mm512_fpclass_ps_mask::<0x20>(y) == 0 {
+                    core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(y))
+                } else {
+                    _mm512_cvtepi32_epi16(f32x16_to_bf16_u32(y))
+                };
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
+                i += 16;
+                k += 16;
+                if k >= period {
+                    k = 0;
+                }
+            }
+            affine_tail::<true, LANES>(src, dst, i, n, m, s, t, period);
         }
     }
 
@@ -464,16 +542,17 @@ mod x86 {
         m: *const f32,
         s: *const f32,
         t: *const f32,
+        period: usize,
     ) {
         // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
         unsafe {
             let (bm, bs, bt) = (_mm512_set1_ps(*m), _mm512_set1_ps(*s), _mm512_set1_ps(*t));
-            let mut i = 0;
+            let (mut i, mut k) = (0, 0);
             while i + 16 <= n {
                 let h = _mm256_loadu_si256(src.add(i) as *const __m256i);
                 let x = if BF16 { bf16x16_to_f32(h) } else { _mm512_cvtph_ps(h) };
                 let (mv, sv, tv) = if LANES {
-                    (_mm512_loadu_ps(m.add(i)), _mm512_loadu_ps(s.add(i)), _mm512_loadu_ps(t.add(i)))
+                    (_mm512_loadu_ps(m.add(k)), _mm512_loadu_ps(s.add(k)), _mm512_loadu_ps(t.add(k)))
                 } else {
                     (bm, bs, bt)
                 };
@@ -485,8 +564,12 @@ mod x86 {
                 };
                 _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
                 i += 16;
+                k += 16;
+                if k >= period {
+                    k = 0;
+                }
             }
-            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t);
+            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t, period);
         }
     }
 
@@ -501,19 +584,21 @@ mod x86 {
         m: *const f32,
         s: *const f32,
         t: *const f32,
+        period: usize,
     ) {
         // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
         unsafe {
             let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
-            let mut i = 0;
+            let (mut i, mut k) = (0, 0);
             while i + 16 <= n {
                 let mut out = [_mm256_setzero_si256(); 2];
-                for (k, o) in out.iter_mut().enumerate() {
-                    let j = i + 8 * k;
+                for (half, o) in out.iter_mut().enumerate() {
+                    let j = i + 8 * half;
                     let h = _mm_loadu_si128(src.add(j) as *const __m128i);
                     let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                    let q = k + 8 * half;
                     let (mv, sv, tv) = if LANES {
-                        (_mm256_loadu_ps(m.add(j)), _mm256_loadu_ps(s.add(j)), _mm256_loadu_ps(t.add(j)))
+                        (_mm256_loadu_ps(m.add(q)), _mm256_loadu_ps(s.add(q)), _mm256_loadu_ps(t.add(q)))
                     } else {
                         (bm, bs, bt)
                     };
@@ -522,8 +607,12 @@ mod x86 {
                 let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(out[0], out[1]));
                 _mm256_storeu_si256(dst.add(i) as *mut __m256i, packed);
                 i += 16;
+                k += 16;
+                if k >= period {
+                    k = 0;
+                }
             }
-            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t);
+            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t, period);
         }
     }
 
@@ -538,23 +627,28 @@ mod x86 {
         m: *const f32,
         s: *const f32,
         t: *const f32,
+        period: usize,
     ) {
         // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
         unsafe {
             let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
-            let mut i = 0;
+            let (mut i, mut k) = (0, 0);
             while i + 8 <= n {
                 let x = _mm256_cvtph_ps(_mm_loadu_si128(src.add(i) as *const __m128i));
                 let (mv, sv, tv) = if LANES {
-                    (_mm256_loadu_ps(m.add(i)), _mm256_loadu_ps(s.add(i)), _mm256_loadu_ps(t.add(i)))
+                    (_mm256_loadu_ps(m.add(k)), _mm256_loadu_ps(s.add(k)), _mm256_loadu_ps(t.add(k)))
                 } else {
                     (bm, bs, bt)
                 };
                 let y = _mm256_fmadd_ps(_mm256_sub_ps(x, mv), sv, tv);
                 _mm_storeu_si128(dst.add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
                 i += 8;
+                k += 8;
+                if k >= period {
+                    k = 0;
+                }
             }
-            affine_tail::<false, LANES>(src, dst, i, n, m, s, t);
+            affine_tail::<false, LANES>(src, dst, i, n, m, s, t, period);
         }
     }
 
@@ -729,6 +823,64 @@ mod tests {
         for v in tricky_values() {
             if !v.is_nan() {
                 assert_eq!(f32_to_bf16_bits(v), bf16::from_f32(v).to_bits(), "{v:e}");
+            }
+        }
+    }
+
+    /// The fused kernels against widen, the scalar fused multiply-add and `half`'s rounding, bit
+    /// for bit: one value per channel (`Run`) and per-column parameters repeating over rows
+    /// (`Lanes` with a period), with results that are subnormal in the format (where AVX512-BF16's
+    /// one-instruction conversion would flush them, and the kernel must not), ties and NaN.
+    #[test]
+    fn fused_affine_matches_widen_fma_narrow_on_every_backend() {
+        let n = 16 * 24 + 5;
+        let x_f32: Vec<f32> =
+            (0..n).map(|i| if i == 7 { f32::NAN } else { (i as f32 - 150.0) * 0.37 }).collect();
+        for backend in Backend::available() {
+            for format in formats() {
+                if !has_affine(backend, format) {
+                    println!("skipping {backend} {format:?}: no fused kernel");
+                    continue;
+                }
+                let x: Vec<u16> = x_f32.iter().map(|&v| reference_narrow(format, v)).collect();
+                // Scales giving normal, subnormal and zero results in both formats.
+                for &(m, sc, t) in
+                    &[(1.5f32, 0.75f32, -0.25f32), (0.0, 1e-40, 0.0), (3.0, 1e-9, 1e-38), (0.0, 0.0, 0.0)]
+                {
+                    let mut y = vec![0u16; n];
+                    affine(backend, format, &x, &mut y, Params::Run(m, sc, t));
+                    for i in 0..n {
+                        let v = reference_widen(format, x[i]);
+                        let expected = reference_narrow(format, (v - m).mul_add(sc, t));
+                        let same = y[i] == expected
+                            || (reference_widen(format, y[i]).is_nan()
+                                && reference_widen(format, expected).is_nan());
+                        assert!(
+                            same,
+                            "{backend} {format:?} run ({m}, {sc}, {t}) [{i}]: {:#06x} vs {expected:#06x}",
+                            y[i]
+                        );
+                    }
+                }
+                let period = 32;
+                let mp: Vec<f32> = (0..period).map(|j| j as f32 * 0.1).collect();
+                let sp: Vec<f32> =
+                    (0..period).map(|j| if j % 3 == 0 { 1e-39 } else { 0.5 + j as f32 }).collect();
+                let tp: Vec<f32> = (0..period).map(|j| -(j as f32)).collect();
+                let rows = 12;
+                let (xr, mut yr) = (&x[..rows * period], vec![0u16; rows * period]);
+                affine(backend, format, xr, &mut yr, Params::Lanes(&mp, &sp, &tp));
+                for i in 0..rows * period {
+                    let k = i % period;
+                    let expected = reference_narrow(
+                        format,
+                        (reference_widen(format, xr[i]) - mp[k]).mul_add(sp[k], tp[k]),
+                    );
+                    let same = yr[i] == expected
+                        || (reference_widen(format, yr[i]).is_nan()
+                            && reference_widen(format, expected).is_nan());
+                    assert!(same, "{backend} {format:?} rows [{i}]: {:#06x} vs {expected:#06x}", yr[i]);
+                }
             }
         }
     }

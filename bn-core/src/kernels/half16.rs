@@ -315,8 +315,13 @@ fn normalize_block(
         }
     } else if inner == 1 && bc >= 16 && has_affine(backend, format) {
         let p = Params::Lanes(&mean[ch.clone()], &scale[ch.clone()], &shift[ch]);
-        for start in (0..out.len()).step_by(bc) {
-            run(x.map(|x| &x[start..start + bc]), &mut out[start..start + bc], p);
+        if bc % 16 == 0 {
+            // Rows of whole vectors: the block in one call, the parameters repeating per row.
+            run(x, out, p);
+        } else {
+            for start in (0..out.len()).step_by(bc) {
+                run(x.map(|x| &x[start..start + bc]), &mut out[start..start + bc], p);
+            }
         }
     } else {
         let mut buf = [0.0f32; BLOCK];
