@@ -114,7 +114,7 @@ unsafe fn affine_raw(
         let period = m.len();
         assert!(s.len() == period && t.len() == period, "affine parameters of different lengths");
         assert!(
-            period >= n || (period % 16 == 0 && n % period == 0),
+            period >= n || (period.is_multiple_of(16) && n.is_multiple_of(period)),
             "affine parameters neither cover the run nor tile it in whole vectors"
         );
     }
