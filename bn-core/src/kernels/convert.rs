@@ -450,6 +450,7 @@ mod x86 {
     ///
     /// As [`affine`], for the values `i..n`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn affine_tail<const BF16: bool, const LANES: bool>(
         src: *const u16,
         dst: *mut u16,
