@@ -405,8 +405,6 @@ pub fn batch_stats(
         return;
     }
     let g = Blocks::new(dims, REDUCE_BLOCK);
-    let ones = vec![1.0f32; g.cb];
-    let zeros = vec![0.0f32; g.cb];
     reduce(
         &g,
         1,
@@ -415,17 +413,7 @@ pub fn batch_stats(
             let (len, bc) = (blk.len(), blk.dims.channels);
             s.sized(len, bc);
             widen(backend, format, &x[blk.range()], &mut s.a[..len]);
-            super::forward_train::<Dynamic>(
-                backend,
-                &s.a[..len],
-                &mut s.b[..len],
-                blk.dims,
-                &ones[..bc],
-                &zeros[..bc],
-                0.0,
-                &mut s.p[..bc],
-                &mut s.q[..bc],
-            );
+            super::batch_stats::<Dynamic>(backend, &s.a[..len], blk.dims, &mut s.p[..bc], &mut s.q[..bc]);
             let n = blk.dims.per_channel() as f64;
             for (k, m) in partial.iter_mut().enumerate() {
                 *m = m.merge(Moments { n, mean: s.p[k], m2: s.q[k] * n });
