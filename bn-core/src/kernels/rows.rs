@@ -891,43 +891,11 @@ pub(crate) fn backward<S: Spec, I: Isa>(
     sum_dy_out: &mut [f64],
     sum_dy_xhat_out: &mut [f64],
 ) {
-    let (c, w) = (dims.channels, virtual_width(dims.channels));
-    let parallel = use_pool(3 * dims.len());
-    let mut p = vec![0.0f32; 8 * w];
-    pattern(w, c, &mut p, |c| mean[c] as f32);
-    let mut sums = vec![(0.0, 0.0); c];
-    backward_sums::<S, I>(isa, x, dy, dims, parallel, &p[..w], None, &mut sums);
+    // The two reductions, then the `dx` pass (the pieces the synchronized backward runs with
+    // the group's sums in between).
+    train_backward_sums::<S, I>(isa, x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out);
     let n = dims.per_channel() as f64;
-    // Each coefficient repeated over two virtual rows (for flat mode).
-    let (m, rest) = p.split_at_mut(2 * w);
-    let (k1, rest) = rest.split_at_mut(2 * w);
-    let (k2, k3) = rest.split_at_mut(2 * w);
-    isa.vectorize(Serial(
-        #[inline(always)]
-        || {
-            for (c, &(sdy, sxm)) in sums.iter().enumerate() {
-                let sdxh = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
-                sum_dy_out[c] = sdy;
-                sum_dy_xhat_out[c] = sdxh;
-                let q = DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sdy, sdxh);
-                (m[c], k1[c], k2[c], k3[c]) = (q.m, q.k1, q.k2, q.k3);
-            }
-            for p in [&mut *m, &mut *k1, &mut *k2, &mut *k3] {
-                let (first, rest) = p.split_at_mut(c);
-                for period in rest.chunks_mut(c) {
-                    period.copy_from_slice(&first[..period.len()]);
-                }
-            }
-        },
-    ));
-    let coefficients = [&*m, &*k1, &*k2, &*k3];
-    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
-    let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
-    let stream = streaming(dims.len(), w.max(rows_per_task * w));
-    let flat = stream;
-    for_each_chunk3(parallel, x, dy, dx, rows_per_task * w, |_, x, dy, dx| {
-        isa.vectorize(DxRows::<S> { x, dy, dx, dims, coefficients, flat, stream, _spec: PhantomData });
-    });
+    train_backward_dx::<S, I>(isa, x, dy, dx, dims, n, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
 }
 
 /// Backward with frozen statistics of the rows family, one pass. `scale[c] = f32(gamma * inv_std)`.
@@ -1013,7 +981,7 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa>(
 ) {
     let (c, w) = (dims.channels, virtual_width(dims.channels));
     let parallel = use_pool(3 * dims.len());
-    // Each coefficient repeated over two virtual rows (for flat mode), as `backward` does.
+    // Each coefficient repeated over two virtual rows (for flat mode).
     let mut p = vec![0.0f32; 8 * w];
     let (m, rest) = p.split_at_mut(2 * w);
     let (k1, rest) = rest.split_at_mut(2 * w);
