@@ -59,6 +59,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::kernels::stats::Moments;
 use crate::kernels::{self, reference};
 use crate::layer::{Scratch, Tail};
 use crate::spec::Dynamic;
@@ -103,19 +104,10 @@ impl ChannelMoments {
 
     /// Chan's merge of the moments of two disjoint sets. An empty side returns the other exactly.
     pub fn merge(self, other: ChannelMoments) -> ChannelMoments {
-        if self.count == 0.0 {
-            return other;
-        }
-        if other.count == 0.0 {
-            return self;
-        }
-        let count = self.count + other.count;
-        let delta = other.mean - self.mean;
-        ChannelMoments {
-            count,
-            mean: self.mean + delta * (other.count / count),
-            m2: self.m2 + other.m2 + delta * delta * (self.count * other.count / count),
-        }
+        // The kernels' merge of their blocks: one formula for both.
+        let of = |m: ChannelMoments| Moments { n: m.count, mean: m.mean, m2: m.m2 };
+        let merged = of(self).merge(of(other));
+        ChannelMoments { count: merged.n, mean: merged.mean, m2: merged.m2 }
     }
 
     /// The biased variance `m2 / count` (NaN without values).

@@ -35,7 +35,7 @@ mod parallel;
 mod planes;
 mod portable;
 mod rows;
-mod stats;
+pub(crate) mod stats;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
