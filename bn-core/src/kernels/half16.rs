@@ -27,7 +27,7 @@ use core::cell::RefCell;
 
 use super::convert::{affine, affine_inplace, has_affine, narrow, widen, Params};
 use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
-use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
+use super::stats::{Affine32, DxCoefficients, Moments};
 use super::Backend;
 use crate::spec::Dynamic;
 use crate::Canonical;
@@ -514,10 +514,9 @@ pub fn backward(
         sum_dy_xhat_out.fill(0.0);
         return;
     }
-    // The sums with the shift m = f32(mean) and a unit scale: sum(dy) and sum(dy * (x - m)).
-    let m32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+    // The two reductions per block (the f32 kernels' `backward_sums`, nothing written), added
+    // per channel in block order.
     let g = Blocks::new(dims, REDUCE_BLOCK);
-    let ones = vec![1.0f32; g.cb];
     reduce(
         &g,
         2,
@@ -528,27 +527,26 @@ pub fn backward(
             let r = blk.range();
             widen(backend, format, &x[r.clone()], &mut s.a[..len]);
             widen(backend, format, &dy[r], &mut s.b[..len]);
-            super::backward_eval::<Dynamic>(
+            let ch = blk.channels();
+            super::backward_sums::<Dynamic>(
                 backend,
                 &s.a[..len],
                 &s.b[..len],
-                &mut s.c[..len],
                 blk.dims,
-                &m32[blk.channels()],
-                &ones[..bc],
-                &ones[..bc],
+                &mean[ch.clone()],
+                &inv_std[ch],
                 &mut s.p[..bc],
                 &mut s.q[..bc],
             );
-            for (k, (sdy, sdyxm)) in partial.iter_mut().enumerate() {
+            for (k, (sdy, sdxh)) in partial.iter_mut().enumerate() {
                 *sdy += s.p[k];
-                *sdyxm += s.q[k];
+                *sdxh += s.q[k];
             }
         },
         |c, parts| {
-            let (sdy, sdyxm) = parts.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
+            let (sdy, sdxh) = parts.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
             sum_dy_out[c] = sdy;
-            sum_dy_xhat_out[c] = sum_dy_xhat(mean[c], m32[c], inv_std[c], sdy, sdyxm);
+            sum_dy_xhat_out[c] = sdxh;
         },
     );
     // dx = k1 * dy + k2 * (x - m) + k3, per channel.
