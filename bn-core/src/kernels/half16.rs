@@ -549,43 +549,45 @@ pub fn backward(
             sum_dy_xhat_out[c] = sdxh;
         },
     );
-    // dx = k1 * dy + k2 * (x - m) + k3, per channel.
+    // dx per block: widened, `dx = k1 * dy + k2 * (x - m) + k3` with the whole tensor's sums and
+    // count, rounded back. Runs of one channel: a loop the compiler vectorizes; rows of
+    // per-column coefficients: the f32 kernels' dx pass.
     let n = dims.per_channel() as f64;
+    let (sum_dy, sum_dy_xhat) = (&*sum_dy_out, &*sum_dy_xhat_out);
     let coefficients: Vec<DxCoefficients> = (0..c)
-        .map(|k| DxCoefficients::train(mean[k], inv_std[k], gamma[k], n, sum_dy_out[k], sum_dy_xhat_out[k]))
+        .map(|k| DxCoefficients::train(mean[k], inv_std[k], gamma[k], n, sum_dy[k], sum_dy_xhat[k]))
         .collect();
     let g = Blocks::new(dims, BLOCK);
     let dx = SharedMut::new(dx);
     for_blocks(&g, 3, |blk| {
-        let (mut xb, mut dyb) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+        let (mut xb, mut dyb, mut dxb) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
         let len = blk.len();
-        let (xb, dyb) = (&mut xb[..len], &mut dyb[..len]);
+        let (xb, dyb, dxb) = (&mut xb[..len], &mut dyb[..len], &mut dxb[..len]);
         widen(backend, format, &x[blk.range()], xb);
         widen(backend, format, &dy[blk.range()], dyb);
-        dx_block(xb, dyb, blk.dims, &coefficients[blk.channels()]);
+        let ch = blk.channels();
+        if blk.dims.inner > 1 {
+            dx_block(xb, dyb, blk.dims, &coefficients[ch]);
+            // SAFETY: blocks are disjoint and each is written by one task.
+            narrow(backend, format, xb, unsafe { dx.slice(blk.start, len) });
+            return;
+        }
+        super::backward_dx::<Dynamic>(
+            backend,
+            xb,
+            dyb,
+            dxb,
+            blk.dims,
+            n,
+            &mean[ch.clone()],
+            &inv_std[ch.clone()],
+            &gamma[ch.clone()],
+            &sum_dy[ch.clone()],
+            &sum_dy_xhat[ch],
+        );
         // SAFETY: blocks are disjoint and each is written by one task.
-        narrow(backend, format, xb, unsafe { dx.slice(blk.start, len) });
+        narrow(backend, format, dxb, unsafe { dx.slice(blk.start, len) });
     });
-}
-
-/// `x = k1 * dy + k2 * (x - m) + k3` over a block, with its channels' coefficients.
-#[inline]
-fn dx_block(x: &mut [f32], dy: &[f32], dims: Canonical, k: &[DxCoefficients]) {
-    let (bc, inner) = (dims.channels, dims.inner);
-    if inner == 1 {
-        for (xr, dyr) in x.chunks_exact_mut(bc).zip(dy.chunks_exact(bc)) {
-            for ((v, &d), k) in xr.iter_mut().zip(dyr).zip(k) {
-                *v = k.k1 * d + (k.k2 * (*v - k.m) + k.k3);
-            }
-        }
-    } else {
-        for (r, (xr, dyr)) in x.chunks_exact_mut(inner).zip(dy.chunks_exact(inner)).enumerate() {
-            let k = k[r % bc];
-            for (v, &d) in xr.iter_mut().zip(dyr) {
-                *v = k.k1 * d + (k.k2 * (*v - k.m) + k.k3);
-            }
-        }
-    }
 }
 
 /// Backward with frozen statistics on 16-bit data: the sums of [`backward`] with the given
@@ -666,6 +668,26 @@ pub fn backward_eval(
             sum_dy_xhat_out[c] = sdyxh;
         },
     );
+}
+
+/// `x = k1 * dy + k2 * (x - m) + k3` over a block, with its channels' coefficients.
+#[inline]
+fn dx_block(x: &mut [f32], dy: &[f32], dims: Canonical, k: &[DxCoefficients]) {
+    let (bc, inner) = (dims.channels, dims.inner);
+    if inner == 1 {
+        for (xr, dyr) in x.chunks_exact_mut(bc).zip(dy.chunks_exact(bc)) {
+            for ((v, &d), k) in xr.iter_mut().zip(dyr).zip(k) {
+                *v = k.k1 * d + (k.k2 * (*v - k.m) + k.k3);
+            }
+        }
+    } else {
+        for (r, (xr, dyr)) in x.chunks_exact_mut(inner).zip(dy.chunks_exact(inner)).enumerate() {
+            let k = k[r % bc];
+            for (v, &d) in xr.iter_mut().zip(dyr) {
+                *v = k.k1 * d + (k.k2 * (*v - k.m) + k.k3);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
