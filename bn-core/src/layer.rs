@@ -520,11 +520,13 @@ impl<E: Element> BatchNorm<E> {
     /// Recomputes the inference coefficients from gamma and the running variance.
     fn refresh_eval(&mut self) {
         let eps = self.config.get_eps();
-        for c in 0..self.running_var.len() {
-            let inv_std = 1.0 / (self.running_var[c].to_f64() + eps).sqrt();
-            self.eval_inv_std[c] = inv_std;
-            self.eval_inv_std_p[c] = E::Param::from_f64(inv_std);
-            self.eval_scale[c] = E::Param::from_f64(self.gamma[c].to_f64() * inv_std);
+        for (s, v) in self.eval_inv_std.iter_mut().zip(&self.running_var) {
+            *s = 1.0 / (v.to_f64() + eps).sqrt();
+        }
+        let coefficients = self.eval_inv_std_p.iter_mut().zip(&mut self.eval_scale);
+        for (((p, scale), &s), g) in coefficients.zip(&self.eval_inv_std).zip(&self.gamma) {
+            *p = E::Param::from_f64(s);
+            *scale = E::Param::from_f64(g.to_f64() * s);
         }
     }
 
@@ -600,7 +602,10 @@ impl<E: Element> BatchNorm<E> {
             if !E::Param::from_f64(var[c]).is_finite() || !E::Param::from_f64(v).is_finite() {
                 return Err(BnError::NonFinite { what: "batch variance", index: c, value: v });
             }
-            inv_std[c] = 1.0 / (var[c] + eps).sqrt();
+        }
+        // Checked: a loop without exits, which the compiler vectorizes.
+        for (s, &v) in inv_std[..channels].iter_mut().zip(&var[..channels]) {
+            *s = 1.0 / (v + eps).sqrt();
         }
         Ok(())
     }

@@ -107,6 +107,17 @@ impl Geometry {
         self.dims.channels * self.dims.inner
     }
 
+    /// How far ahead the statistics prefetch: the channel's next run, or nothing (0) when
+    /// there is no next run.
+    #[inline(always)]
+    fn prefetch_ahead(&self) -> usize {
+        if self.dims.outer > 1 {
+            self.stride()
+        } else {
+            0
+        }
+    }
+
     /// The values of block `blk` in run `(o, c)` of `x`.
     #[inline(always)]
     fn piece_of<'x>(&self, x: &'x [f32], o: usize, c: usize, blk: Block) -> &'x [f32] {
@@ -180,7 +191,7 @@ fn for_vectors<I: Isa, T>(
 }
 
 /// `acc += x * w` (the block mean without overflow: `w = 1 / n`), prefetching the values
-/// `ahead` positions further (the same place in the channel's next run).
+/// `ahead` positions further (the same place in the channel's next run; nothing when 0).
 #[inline(always)]
 fn accumulate_mean<I: Isa>(isa: I, x: &[f32], w: I::V, acc: &mut [I::V; 4], ahead: usize) {
     for_vectors::<I, _>(
@@ -188,7 +199,9 @@ fn accumulate_mean<I: Isa>(isa: I, x: &[f32], w: I::V, acc: &mut [I::V; 4], ahea
         acc,
         #[inline(always)]
         |acc, k, v| {
-            isa.prefetch(v.as_ptr().wrapping_add(ahead));
+            if ahead != 0 {
+                isa.prefetch(v.as_ptr().wrapping_add(ahead));
+            }
             acc[k] = isa.mul_add(isa.load(v), w, acc[k])
         },
         #[inline(always)]
@@ -217,7 +230,8 @@ fn accumulate_deviations<I: Isa>(isa: I, x: &[f32], m: I::V, ds: &mut [I::V; 4],
     );
 }
 
-/// `sdy += dy`, `sxm += dy * (x - m)`, prefetching both `ahead` positions further.
+/// `sdy += dy`, `sxm += dy * (x - m)`, prefetching both `ahead` positions further (nothing
+/// when `ahead` is 0).
 #[inline(always)]
 fn accumulate_backward<I: Isa>(
     isa: I,
@@ -235,8 +249,10 @@ fn accumulate_backward<I: Isa>(
     while i + 4 * l <= n {
         for k in 0..4 {
             let r = i + k * l..i + (k + 1) * l;
-            isa.prefetch(x.as_ptr().wrapping_add(r.start + ahead));
-            isa.prefetch(dy.as_ptr().wrapping_add(r.start + ahead));
+            if ahead != 0 {
+                isa.prefetch(x.as_ptr().wrapping_add(r.start + ahead));
+                isa.prefetch(dy.as_ptr().wrapping_add(r.start + ahead));
+            }
             let g = isa.load(&dy[r.clone()]);
             sdy[k] = isa.add(sdy[k], g);
             sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[r]), m), sxm[k]);
@@ -245,8 +261,10 @@ fn accumulate_backward<I: Isa>(
     }
     for k in 0..3 {
         if i + l <= n {
-            isa.prefetch(x.as_ptr().wrapping_add(i + ahead));
-            isa.prefetch(dy.as_ptr().wrapping_add(i + ahead));
+            if ahead != 0 {
+                isa.prefetch(x.as_ptr().wrapping_add(i + ahead));
+                isa.prefetch(dy.as_ptr().wrapping_add(i + ahead));
+            }
             let g = isa.load(&dy[i..i + l]);
             sdy[k] = isa.add(sdy[k], g);
             sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[i..i + l]), m), sxm[k]);
@@ -269,7 +287,7 @@ fn block_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, blk: Block) 
     let w = isa.splat(inv_n as f32);
     let mut acc = [isa.zero(); 4];
     for o in blk.o0..blk.o1 {
-        accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut acc, g.stride());
+        accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut acc, g.prefetch_ahead());
     }
     let m = reduce32(isa, acc) as f32;
     let mv = isa.splat(m);
@@ -302,7 +320,7 @@ fn group_moments<I: Isa>(
     for (j, c) in channels.clone().enumerate() {
         let mut acc = [isa.zero(); 4];
         for o in blk.o0..blk.o1 {
-            accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut acc, g.stride());
+            accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut acc, g.prefetch_ahead());
         }
         vectors[0][j] = combine(isa, acc);
     }
@@ -372,7 +390,7 @@ fn chunk_backward_sums<I: Isa>(
         for o in blk.o0..blk.o1 {
             let s = g.run_start(o, c);
             let r = s + blk.i0..s + blk.i1;
-            accumulate_backward(isa, &x[r.clone()], &dy[r], mv, &mut sdy, &mut sxm, g.stride());
+            accumulate_backward(isa, &x[r.clone()], &dy[r], mv, &mut sdy, &mut sxm, g.prefetch_ahead());
         }
         sum_dy += reduce32(isa, sdy);
         sum_xm += reduce32(isa, sxm);
@@ -899,7 +917,7 @@ impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
                     let s = g.run_start(o, c);
                     let r = s + blk.i0..s + blk.i1;
                     let (x, dy) = (&self.x[r.clone()], &self.dy[r.clone()]);
-                    accumulate_backward(isa, x, dy, m, &mut sdy, &mut sxm, g.stride());
+                    accumulate_backward(isa, x, dy, m, &mut sdy, &mut sxm, g.prefetch_ahead());
                     // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only
                     // this task processes; pieces of distinct chunks are disjoint.
                     let dx = unsafe { self.dx.slice(r.start, r.len()) };
