@@ -537,7 +537,14 @@ pub fn batch_stats<S: Spec>(
         Backend::Scalar => reference::batch_stats(x, dims, mean_out, var_out),
         b => parallel::in_pool(dims.len(), || {
             with_isa!(b, |isa| match dims.family() {
-                Family::Planes => planes::statistics::<S, _>(isa, x, dims, mean_out, var_out),
+                Family::Planes => planes::statistics::<S, _>(
+                    isa,
+                    x,
+                    dims,
+                    parallel::use_pool(dims.len()),
+                    mean_out,
+                    var_out
+                ),
                 Family::Rows => rows::batch_stats::<S, _>(isa, x, dims, mean_out, var_out),
             })
         }),

@@ -662,23 +662,10 @@ pub(crate) fn forward_train<S: Spec, I: Isa, A: Epilogue>(
         return;
     }
     // Split: chunk moments in parallel, an ordered merge, a streaming normalize.
-    let total = dims.channels * g.chunks;
-    let mut moments = vec![Moments::EMPTY; total];
-    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
-    let shared = SharedMut::new(&mut moments);
-    for_each_task(parallel, tasks, |k| {
-        let r = part(total, tasks, k);
-        // SAFETY: the ranges of distinct tasks are disjoint.
-        let out = unsafe { shared.slice(r.start, r.len()) };
-        isa.vectorize(ChunkMoments::<S> { x, dims, first: r.start, out, _spec: PhantomData });
-    });
-    let mut params = Vec::with_capacity(dims.channels);
-    for c in 0..dims.channels {
-        let mom = moments[c * g.chunks..(c + 1) * g.chunks].iter().fold(Moments::EMPTY, |a, &b| a.merge(b));
-        mean_out[c] = mom.mean;
-        var_out[c] = mom.m2 / mom.n;
-        params.push(Affine32::train(mom.mean, var_out[c], eps, gamma[c], beta[c]));
-    }
+    statistics::<S, I>(isa, x, dims, parallel, mean_out, var_out);
+    let params: Vec<Affine32> = (0..dims.channels)
+        .map(|c| Affine32::train(mean_out[c], var_out[c], eps, gamma[c], beta[c]))
+        .collect();
     normalize_runs::<S, I, _>(isa, Split { x, y, act }, dims, &|c: usize| params[c]);
 }
 
@@ -828,40 +815,11 @@ pub(crate) fn backward<S: Spec, I: Isa>(
         });
         return;
     }
-    let total = dims.channels * g.chunks;
-    let mut sums = vec![(0.0, 0.0); total];
-    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
-    let shared = SharedMut::new(&mut sums);
-    for_each_task(parallel, tasks, |k| {
-        let r = part(total, tasks, k);
-        // SAFETY: the ranges of distinct tasks are disjoint.
-        let out = unsafe { shared.slice(r.start, r.len()) };
-        isa.vectorize(ChunkBackwardSums::<S> { x, dy, dims, mean, first: r.start, out, _spec: PhantomData });
-    });
+    // Split: the two reductions, then the `dx` pass (the pieces the synchronized backward runs
+    // with the group's sums in between).
+    train_backward_sums::<S, I>(isa, x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out);
     let n = dims.per_channel() as f64;
-    let mut coefficients = Vec::with_capacity(dims.channels);
-    for c in 0..dims.channels {
-        let (mut sdy, mut sxm) = (0.0, 0.0);
-        for &(a, b) in &sums[c * g.chunks..(c + 1) * g.chunks] {
-            sdy += a;
-            sxm += b;
-        }
-        let sdxh = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
-        sum_dy_out[c] = sdy;
-        sum_dy_xhat_out[c] = sdxh;
-        coefficients.push(DxCoefficients::train(mean[c], inv_std[c], gamma[c], n, sdy, sdxh));
-    }
-    let runs = dims.outer * dims.channels;
-    let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
-    let runs_per_task = runs.div_ceil(tasks).max(1);
-    let chunk = runs_per_task * dims.inner;
-    let stream = streaming(dims.len(), dims.inner);
-    let work = |k: usize, x: &[f32], dy: &[f32], dx: &mut [f32]| {
-        let first_run = k * runs_per_task;
-        let coefficients = &coefficients;
-        isa.vectorize(DxRuns::<S> { x, dy, dx, first_run, dims, coefficients, stream, _spec: PhantomData });
-    };
-    for_each_chunk3(parallel, x, dy, dx, chunk, work);
+    train_backward_dx::<S, I>(isa, x, dy, dx, dims, n, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
 }
 
 /// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of three slices.
@@ -1008,16 +966,17 @@ const STACK_SUMS: usize = 256;
 // (`crate::sync`): the same chunks, merged in the same order, as the split `forward_train` and
 // `backward` (so the same bits as they give for the statistics and sums of a whole batch).
 
-/// Per-channel batch mean and biased variance only: chunk moments in parallel, an ordered merge.
+/// Per-channel batch mean and biased variance only: chunk moments (in parallel when
+/// `parallel`), an ordered merge.
 pub(crate) fn statistics<S: Spec, I: Isa>(
     isa: I,
     x: &[f32],
     dims: Canonical,
+    parallel: bool,
     mean_out: &mut [f64],
     var_out: &mut [f64],
 ) {
     let g = Geometry::new(dims);
-    let parallel = use_pool(dims.len());
     let total = dims.channels * g.chunks;
     let mut moments = vec![Moments::EMPTY; total];
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);

@@ -206,18 +206,8 @@ pub fn backward_train_dx<E: Element, M: Param, P: Param>(
     sum_dy: &[f64],
     sum_dy_xhat: &[f64],
 ) {
-    assert!(x.len() == dims.len() && dy.len() == dims.len() && dx.len() == dims.len());
     let n = dims.per_channel() as f64;
-    for_each_run(dims, |c, start| {
-        let (m, s) = (mean[c].to_f64(), inv_std[c]);
-        let k = gamma[c].to_f64() * s;
-        let (mean_dy, mean_dy_xhat) = (sum_dy[c] / n, sum_dy_xhat[c] / n);
-        let run = start..start + dims.inner;
-        for ((d, &xv), &g) in dx[run.clone()].iter_mut().zip(&x[run.clone()]).zip(&dy[run]) {
-            let xhat = (xv.to_f64() - m) * s;
-            *d = E::from_f64(k * (g.to_f64() - mean_dy - xhat * mean_dy_xhat));
-        }
-    });
+    backward_train_dx_with_count(x, dy, dx, dims, n, mean, inv_std, gamma, sum_dy, sum_dy_xhat);
 }
 
 /// The input gradient of the inference forward (frozen statistics): `dx = dy * gamma * inv_std`.
