@@ -35,6 +35,9 @@ const TILE_COLS: usize = 1024;
 const TILE_ELEMS: usize = 1 << 13;
 /// Most rows per block (bounds the `f32` accumulation).
 const MAX_BLOCK_ROWS: usize = 256;
+/// Least rows per block a tile is narrowed for: every block ends in an `f64` merge per
+/// column, which costs about as much as summing eight rows.
+const MIN_BLOCK_ROWS: usize = 32;
 /// Least values per chunk.
 const CHUNK_ELEMS: usize = 1 << 16;
 /// Most chunks (bounds the scratch: `2 * MAX_CHUNKS * W` values).
@@ -85,7 +88,7 @@ impl Geometry {
         let w = virtual_width(c);
         let len = dims.len();
         let vrows = len / w;
-        let tile = w.min(TILE_COLS);
+        let tile = w.min(TILE_COLS).min(TILE_ELEMS / MIN_BLOCK_ROWS);
         let tiles = w.div_ceil(tile);
         let block_rows = (TILE_ELEMS / tile).clamp(4, MAX_BLOCK_ROWS);
         let blocks = vrows.div_ceil(block_rows);
@@ -125,9 +128,10 @@ impl TileBuf {
 }
 
 /// Column sums over the rows `rows` (width `w`) of the columns `cols` of `K` tensors: `term`
-/// maps one vector of each tensor (and the vector of `param`, a per-column parameter of the
-/// tile, at the same columns) to `A` contributions, and `emit` receives, for each vector of
-/// columns, the `A` sums over the rows (`param` may be empty: zeros). Accumulators stay in registers: `G` vectors of columns
+/// adds one vector of each tensor (with the vector of `param`, a per-column parameter of the
+/// tile, at the same columns) into `A` accumulators and returns them (so that a product can be
+/// added with one fused multiply-add), and `emit` receives, for each vector of columns, the
+/// `A` sums over the rows (`param` may be empty: zeros). Accumulators stay in registers: `G` vectors of columns
 /// at a time (a row's `G` vectors are contiguous), each with `P` accumulators (rows `P q + k`)
 /// so that at least eight independent chains hide the latency of the additions; the phases are
 /// added pairwise at the end. Whole groups run a loop without per-vector checks; the last,
@@ -142,7 +146,7 @@ fn column_sums<I: Isa, const K: usize, const A: usize, const G: usize, const P: 
     rows: Range<usize>,
     cols: Range<usize>,
     param: &[f32],
-    mut term: impl FnMut(Pos, [I::V; K], I::V) -> [I::V; A],
+    mut term: impl FnMut(Pos, [I::V; K], I::V, [I::V; A]) -> [I::V; A],
     mut emit: impl FnMut(Pos, [I::V; A]),
 ) {
     let l = I::LANES;
@@ -177,10 +181,7 @@ fn column_sums<I: Isa, const K: usize, const A: usize, const G: usize, const P: 
                             for t in 0..K {
                                 v[t] = isa.load(&s[t][g * l..(g + 1) * l]);
                             }
-                            let c = term(Pos { i: (v0 + g) * l, n: l }, v, pv[g]);
-                            for a in 0..A {
-                                acc[g][k][a] = isa.add(acc[g][k][a], c[a]);
-                            }
+                            acc[g][k] = term(Pos { i: (v0 + g) * l, n: l }, v, pv[g], acc[g][k]);
                         }
                     } else {
                         for g in 0..G {
@@ -192,10 +193,7 @@ fn column_sums<I: Isa, const K: usize, const A: usize, const G: usize, const P: 
                                     let s = &tensors[t][start + g * l..start + g * l + pos.n];
                                     v[t] = if pos.n == l { isa.load(s) } else { isa.load_tail(s) };
                                 }
-                                let c = term(pos, v, pv[g]);
-                                for a in 0..A {
-                                    acc[g][k][a] = isa.add(acc[g][k][a], c[a]);
-                                }
+                                acc[g][k] = term(pos, v, pv[g], acc[g][k]);
                             }
                         }
                     }
@@ -275,7 +273,7 @@ fn tile_moments<I: Isa>(
         cols.clone(),
         &[],
         #[inline(always)]
-        |_, [v], _| [isa.mul(v, inv)],
+        |_, [v], _, [a]| [isa.mul_add(v, inv, a)],
         #[inline(always)]
         |pos, [s]| isa.store(&mut m[pos.i..], s)
     );
@@ -291,9 +289,9 @@ fn tile_moments<I: Isa>(
         cols,
         m,
         #[inline(always)]
-        |pos, [v], m| {
+        |pos, [v], m, [a, b]| {
             let d = isa.zero_from(isa.sub(v, m), pos.n);
-            [d, isa.mul(d, d)]
+            [isa.add(a, d), isa.mul_add(d, d, b)]
         },
         #[inline(always)]
         |pos, [d, q]| {
@@ -661,7 +659,7 @@ fn tile_backward_sums<I: Isa>(
         cols.clone(),
         m,
         #[inline(always)]
-        |_, [x, g], m| [g, isa.mul(g, isa.sub(x, m))],
+        |_, [x, g], m, [a, b]| [isa.add(a, g), isa.mul_add(g, isa.sub(x, m), b)],
         #[inline(always)]
         |pos, [s, q]| {
             isa.store(&mut sdy[pos.i..], s);
