@@ -518,6 +518,7 @@ impl<E: Element> BatchNorm<E> {
     }
 
     /// Recomputes the inference coefficients from gamma and the running variance.
+    #[inline(always)]
     fn refresh_eval(&mut self) {
         let eps = self.config.get_eps();
         for (s, v) in self.eval_inv_std.iter_mut().zip(&self.running_var) {
@@ -594,19 +595,40 @@ impl<E: Element> BatchNorm<E> {
     ) -> Result<(), BnError> {
         let unbiased = updates_running && self.config.get_running_var() == RunningVar::Unbiased;
         let eps = self.config.get_eps();
-        for c in 0..channels {
-            if !E::Param::from_f64(mean[c]).is_finite() {
-                return Err(BnError::NonFinite { what: "batch mean", index: c, value: mean[c] });
-            }
-            let v = if unbiased { var[c] * n / (n - 1.0) } else { var[c] };
-            if !E::Param::from_f64(var[c]).is_finite() || !E::Param::from_f64(v).is_finite() {
-                return Err(BnError::NonFinite { what: "batch variance", index: c, value: v });
+        let correction = if unbiased { n / (n - 1.0) } else { 1.0 };
+        // The common case first, in a loop without exits (which the compiler vectorizes): every
+        // statistic fits. The loop below finds the first that does not only when one does not.
+        let fits = |v: f64| E::Param::from_f64(v).is_finite();
+        let all_fit = kernels::vectorized(
+            self.backend(),
+            #[inline(always)]
+            || {
+                let pairs = mean[..channels].iter().zip(&var[..channels]);
+                pairs.fold(true, |ok, (&m, &v)| ok & fits(m) & fits(v) & fits(v * correction))
+            },
+        );
+        if !all_fit {
+            for c in 0..channels {
+                if !fits(mean[c]) {
+                    return Err(BnError::NonFinite { what: "batch mean", index: c, value: mean[c] });
+                }
+                let v = var[c] * correction;
+                if !fits(var[c]) || !fits(v) {
+                    return Err(BnError::NonFinite { what: "batch variance", index: c, value: v });
+                }
             }
         }
-        // Checked: a loop without exits, which the compiler vectorizes.
-        for (s, &v) in inv_std[..channels].iter_mut().zip(&var[..channels]) {
-            *s = 1.0 / (v + eps).sqrt();
-        }
+        // Checked: a loop without exits, which the compiler vectorizes (for the backend's
+        // instruction set: the square roots and divisions are most of this bookkeeping).
+        kernels::vectorized(
+            self.backend(),
+            #[inline(always)]
+            || {
+                for (s, &v) in inv_std[..channels].iter_mut().zip(&var[..channels]) {
+                    *s = 1.0 / (v + eps).sqrt();
+                }
+            },
+        );
         Ok(())
     }
 
@@ -774,13 +796,19 @@ impl<E: Element> BatchNorm<E> {
                 RunningVar::Biased => 1.0,
                 RunningVar::Unbiased => n / (n - 1.0),
             };
-            for c in 0..self.running_mean.len() {
-                let rm = &mut self.running_mean[c];
-                *rm = E::Param::from_f64(m * rm.to_f64() + (1.0 - m) * scratch.mean[c]);
-                let rv = &mut self.running_var[c];
-                *rv = E::Param::from_f64(m * rv.to_f64() + (1.0 - m) * scratch.var[c] * correction);
-            }
-            self.refresh_eval();
+            kernels::vectorized(
+                self.backend(),
+                #[inline(always)]
+                || {
+                    // Iterators over disjoint buffers: a loop the compiler vectorizes.
+                    let running = self.running_mean.iter_mut().zip(self.running_var.iter_mut());
+                    for ((rm, rv), (&mean, &var)) in running.zip(scratch.mean.iter().zip(&scratch.var)) {
+                        *rm = E::Param::from_f64(m * rm.to_f64() + (1.0 - m) * mean);
+                        *rv = E::Param::from_f64(m * rv.to_f64() + (1.0 - m) * var * correction);
+                    }
+                    self.refresh_eval();
+                },
+            );
             self.num_batches_tracked = batches;
         }
         // Save the statistics for backward: swap buffers rather than copy them.

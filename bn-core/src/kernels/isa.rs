@@ -19,6 +19,18 @@ pub(crate) trait Kernel {
     fn run<I: Isa>(self, isa: I) -> Self::Output;
 }
 
+/// A serial piece of a kernel (a closure, `#[inline(always)]`), run inside the instruction
+/// set's `#[target_feature]` wrapper so that its loops are vectorized for it.
+pub(crate) struct Serial<F>(pub F);
+
+impl<R, F: FnOnce() -> R> Kernel for Serial<F> {
+    type Output = R;
+    #[inline(always)]
+    fn run<I: Isa>(self, _isa: I) -> R {
+        (self.0)()
+    }
+}
+
 /// An instruction set: `f32` vectors of `LANES` lanes and the operations the kernels need.
 ///
 /// Loads and stores take slices and check their bounds (`load` needs `LANES` values, `load_tail`

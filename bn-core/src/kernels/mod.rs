@@ -44,7 +44,7 @@ pub use half16::HalfFormat;
 
 use crate::spec::{specialize, Spec};
 use crate::{Canonical, Family};
-use isa::{Act, Epilogue as _, Identity, InPlace, Io, MaskGrad, Split};
+use isa::{Act, Epilogue as _, Identity, InPlace, Io, Isa as _, MaskGrad, Serial, Split};
 use portable::Wide;
 
 /// Runs `$body` with `$isa` bound to the token of `$backend` (which must not be `Scalar`).
@@ -73,6 +73,16 @@ macro_rules! with_isa {
             }
         }
     };
+}
+
+/// Runs `f` compiled for `backend`'s instruction set, so that its loops are vectorized for it
+/// (the layers' per-feature bookkeeping: square roots and divisions of `C` statistics).
+/// `Scalar` and `Wide` run it as it is. Mark the closure `#[inline(always)]`. The results are
+/// those of the plain code: vectorizing changes no rounding (Rust contracts nothing into fused
+/// multiply-adds).
+#[inline]
+pub(crate) fn vectorized<R>(backend: Backend, f: impl FnOnce() -> R) -> R {
+    with_isa!(backend.usable(), |isa| isa.vectorize(Serial(f)))
 }
 
 /// What the forward kernels do to each output value before storing it: fused into the same

@@ -301,13 +301,15 @@ fn block_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, blk: Block) 
 /// [`block_moments`] of the channels `channels` (at most [`MAX_GROUP`]) whose values form one
 /// block each, computed together: the horizontal sums of all the channels are one transposing
 /// reduction ([`Isa::sums`]), so the short per-channel dependency chains overlap. The same bits
-/// as `block_moments` (and as [`chunk_moments`], one block being one chunk).
+/// as `block_moments` (and as [`chunk_moments`], one block being one chunk). `vectors` is
+/// scratch (its contents on entry do not matter).
 #[inline(always)]
 fn group_moments<I: Isa>(
     isa: I,
     g: &Geometry,
     x: &[f32],
     channels: Range<usize>,
+    vectors: &mut [[I::V; MAX_GROUP]; 2],
     out: &mut [Moments; MAX_GROUP],
 ) {
     debug_assert!(g.blocks == 1 && channels.len() <= MAX_GROUP);
@@ -316,7 +318,6 @@ fn group_moments<I: Isa>(
     let inv_n = 1.0 / n;
     let w = isa.splat(inv_n as f32);
     let len = channels.len();
-    let mut vectors = [[isa.zero(); MAX_GROUP]; 2];
     for (j, c) in channels.clone().enumerate() {
         let mut acc = [isa.zero(); 4];
         for o in blk.o0..blk.o1 {
@@ -548,6 +549,8 @@ impl<S: Spec, A: Epilogue> Kernel for TrainFused<'_, '_, S, A> {
         let g = Geometry::new(specialize::<S>(self.dims));
         let inner = g.dims.inner;
         let first = self.channels.start;
+        // Scratch of `group_moments` (2 KiB with AVX-512), zeroed once per call, not per group.
+        let mut vectors = [[isa.zero(); MAX_GROUP]; 2];
         for group in channel_groups(&g, self.channels.clone()) {
             // The statistics of the whole group first (their dependency chains overlap), then
             // its transforms as vector arithmetic, then its normalize.
@@ -555,7 +558,7 @@ impl<S: Spec, A: Epilogue> Kernel for TrainFused<'_, '_, S, A> {
             let (mut gamma, mut beta) = ([0.0; MAX_GROUP], [0.0; MAX_GROUP]);
             let mut moments = [Moments::EMPTY; MAX_GROUP];
             if g.blocks == 1 {
-                group_moments(isa, &g, self.x, group.clone(), &mut moments);
+                group_moments(isa, &g, self.x, group.clone(), &mut vectors, &mut moments);
             }
             for (j, c) in group.clone().enumerate() {
                 let mut mom = moments[j];

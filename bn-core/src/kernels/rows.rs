@@ -20,7 +20,7 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{load_at, map, map2, map_params, Io, Isa, Kernel, Pos};
+use super::isa::{load_at, map, map2, map_params, Io, Isa, Kernel, Pos, Serial};
 use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::planes::{affine, dx_train, for_each_chunk3};
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
@@ -420,18 +420,6 @@ fn statistics<S: Spec, I: Isa>(
             }
         },
     ));
-}
-
-/// A serial piece of a kernel (a closure, `#[inline(always)]`), run inside the instruction
-/// set's `#[target_feature]` wrapper so that its loops are vectorized for it.
-struct Serial<F>(F);
-
-impl<F: FnOnce()> Kernel for Serial<F> {
-    type Output = ();
-    #[inline(always)]
-    fn run<I: Isa>(self, _isa: I) {
-        (self.0)()
-    }
 }
 
 /// Chan's merge of the moments at `from..from + len` (each of `nb` values) into those at
