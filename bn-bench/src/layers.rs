@@ -1,4 +1,5 @@
-//! The layers under test: one `#[batch_norm]` layer per standard shape (the macro path) and the
+//! The layers under test: one `#[batch_norm]` layer per standard shape (the macro path, with
+//! the shape's static extents given as `spatial`, as a user who knows them would) and the
 //! runtime-generic `batchnorm::BatchNorm` (any shape), behind one trait object so the runner
 //! treats them alike.
 
@@ -19,23 +20,23 @@ pub type DynLayer = Box<dyn BatchNormLayer<Elem = f32, Param = f32> + Send>;
 pub struct S1Bn;
 
 /// S2: NCHW (32, 64, 56, 56).
-#[batch_norm(features = 64, axes = [0, 2, 3])]
+#[batch_norm(features = 64, axes = [0, 2, 3], spatial = [56, 56])]
 pub struct S2Bn;
 
 /// S3: NHWC (32, 56, 56, 64).
-#[batch_norm(features = 64, axes = [0, 1, 2])]
+#[batch_norm(features = 64, axes = [0, 1, 2], spatial = [56, 56])]
 pub struct S3Bn;
 
 /// S4: NCHW (32, 2048, 7, 7).
-#[batch_norm(features = 2048, axes = [0, 2, 3])]
+#[batch_norm(features = 2048, axes = [0, 2, 3], spatial = [7, 7])]
 pub struct S4Bn;
 
 /// S5: NCL (64, 128, 1000).
-#[batch_norm(features = 128, axes = [0, 2])]
+#[batch_norm(features = 128, axes = [0, 2], spatial = [1000])]
 pub struct S5Bn;
 
 /// S6: tiny NCHW (1, 64, 8, 8).
-#[batch_norm(features = 64, axes = [0, 2, 3])]
+#[batch_norm(features = 64, axes = [0, 2, 3], spatial = [8, 8])]
 pub struct S6Bn;
 
 /// The `#[batch_norm]` layer of the case's standard shape; `None` for a custom shape.
