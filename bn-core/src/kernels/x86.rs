@@ -7,7 +7,8 @@
 use core::arch::x86_64::*;
 
 use super::backend::{has_avx2, has_avx512};
-use super::isa::{Isa, Kernel};
+use super::convert::{self, x86::has_f16c};
+use super::isa::{f32_to_half, half_to_f32, Isa, Kernel};
 
 /// AVX2 + FMA: 8-lane `__m256` vectors.
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +142,50 @@ impl Isa for Avx2 {
     fn fence(self) {
         // SAFETY: SSE is part of x86-64.
         unsafe { _mm_sfence() }
+    }
+    #[inline(always)]
+    fn load_half<const BF16: bool>(self, s: &[u16]) -> __m256 {
+        assert!(s.len() >= 8);
+        if BF16 {
+            // SAFETY: the token proves AVX2; `s` holds at least 8 values (checked); unaligned
+            // load. `bf16 -> f32` is the bits shifted into the high half.
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        } else if has_f16c() {
+            // SAFETY: F16C was detected just above; `s` holds at least 8 values (checked).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i)) }
+        } else {
+            let a: [f32; 8] = core::array::from_fn(|i| half_to_f32::<false>(s[i]));
+            self.load(&a)
+        }
+    }
+    #[inline(always)]
+    fn store_half<const BF16: bool>(self, s: &mut [u16], v: __m256) {
+        assert!(s.len() >= 8);
+        if BF16 {
+            // SAFETY: the token proves AVX2; `s` holds at least 8 values (checked). Every lane of
+            // the rounded bits is below 0x10000, so the saturating pack is exact; the
+            // permutation gathers the two 64-bit halves holding lanes 0-3 and 4-7.
+            unsafe {
+                let b = convert::x86::f32x8_to_bf16_u32(v);
+                let packed = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(b, b));
+                _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(packed));
+            }
+        } else if has_f16c() {
+            // SAFETY: F16C was detected just above; `s` holds at least 8 values (checked).
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, h);
+            }
+        } else {
+            let mut a = [0.0f32; 8];
+            self.store(&mut a, v);
+            for (d, &x) in s[..8].iter_mut().zip(&a) {
+                *d = f32_to_half::<false>(x);
+            }
+        }
     }
 }
 
@@ -287,6 +332,34 @@ impl Isa for Avx512 {
     fn fence(self) {
         // SAFETY: SSE is part of x86-64.
         unsafe { _mm_sfence() }
+    }
+    #[inline(always)]
+    fn load_half<const BF16: bool>(self, s: &[u16]) -> __m512 {
+        assert!(s.len() >= 16);
+        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 16 values (checked);
+        // unaligned load.
+        unsafe {
+            let h = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
+            if BF16 {
+                convert::x86::bf16x16_to_f32(h)
+            } else {
+                _mm512_cvtph_ps(h)
+            }
+        }
+    }
+    #[inline(always)]
+    fn store_half<const BF16: bool>(self, s: &mut [u16], v: __m512) {
+        assert!(s.len() >= 16);
+        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 16 values (checked);
+        // unaligned store.
+        unsafe {
+            let h = if BF16 {
+                _mm512_cvtepi32_epi16(convert::x86::f32x16_to_bf16_u32(v))
+            } else {
+                _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+            };
+            _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, h);
+        }
     }
 }
 
