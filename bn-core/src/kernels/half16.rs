@@ -9,6 +9,14 @@
 //! nearest even). So the data moves in 16 bits, half the bytes of `f32`, and the arithmetic is
 //! the `f32` kernels'.
 //!
+//! The reductions and the training `dx` pass have *direct* kernels besides, generic over the
+//! instruction set like the `f32` kernels: vectors of 16-bit values are widened in registers
+//! ([`Isa::load_half`]) and `dx` rounded in registers ([`Isa::store_half`]), with no buffer and
+//! no `f32` kernel call per block. They run where a block has whole vectors to work on (runs of
+//! at least 32 values, or rows of at least 16 channels); planes shapes whose channels fit in L2
+//! go further, channel by channel: the statistics (or backward sums) of a channel, then its
+//! normalize (or `dx`) while it is still in cache, so the input is read from memory once.
+//!
 //! - inference ([`normalize`]): one pass over the blocks, in parallel; buffers on the stack, no
 //!   allocation.
 //! - training ([`forward_train`]): the statistics of each block ([`kernels::forward_train`] on
@@ -427,14 +435,14 @@ pub fn batch_stats(
             let (len, bc) = (blk.len(), blk.dims.channels);
             if is_direct {
                 s.sized_direct(bc);
-                let (x, dims) = (&x[blk.range()], blk.dims);
+                let (x, dims, ahead) = (&x[blk.range()], blk.dims, 0);
                 let out = &mut s.moments[..bc];
                 match format {
                     HalfFormat::Bf16 => {
-                        run_kernel(backend, format, BlockMoments::<true> { x, dims, out })
+                        run_kernel(backend, format, BlockMoments::<true> { x, dims, ahead, out })
                     }
                     HalfFormat::F16 => {
-                        run_kernel(backend, format, BlockMoments::<false> { x, dims, out })
+                        run_kernel(backend, format, BlockMoments::<false> { x, dims, ahead, out })
                     }
                 }
                 for (m, &b) in partial.iter_mut().zip(&s.moments[..bc]) {
@@ -459,8 +467,10 @@ pub fn batch_stats(
 }
 
 /// Training forward on 16-bit data: [`batch_stats`] into `mean_out` and `var_out`, then
-/// `y = (x - mean) * gamma / sqrt(var + eps) + beta` by the [`normalize`] pass. If a statistic is
-/// not finite, `y` is not written.
+/// `y = (x - mean) * gamma / sqrt(var + eps) + beta` by the [`normalize`] pass; on shapes with
+/// channels that fit in L2, channel by channel instead ([`forward_train_channels`]: `x` read
+/// once). If a statistic is not finite, `y` is unspecified (as for `f32` data): the channels
+/// with finite statistics may have been written.
 ///
 /// ```
 /// use bn_core::kernels::{half16, Backend, HalfFormat};
@@ -511,6 +521,10 @@ pub fn forward_train(
 /// statistics, while it is still in L2.
 const FUSE_BYTES: usize = 1 << 20;
 
+/// Least distance (values of the channel) the channel-by-channel passes prefetch ahead: a
+/// run ahead when runs are long, several when they are short.
+const PREFETCH_VALUES: usize = 4096;
+
 /// Whether the training forward runs channel by channel ([`forward_train_channels`]): runs long
 /// enough for the direct kernels and no longer than a reduction block, channels that fit
 /// [`FUSE_BYTES`], enough of them to share out, and a fused affine kernel. Fixed by the shape
@@ -544,6 +558,9 @@ fn forward_train_channels(
 ) {
     let Canonical { outer, channels: c, inner } = dims;
     let runs = (REDUCE_BLOCK / inner).max(1);
+    // The first pass over a run prefetches the channel's run [`PREFETCH_VALUES`] or more
+    // values further (the hardware prefetchers do not follow the stride between runs).
+    let ahead = c * inner * PREFETCH_VALUES.div_ceil(inner);
     let parallel = use_pool(2 * dims.len());
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(c);
     let (y, mean_out, var_out) = (SharedMut::new(y), SharedMut::new(mean_out), SharedMut::new(var_out));
@@ -558,8 +575,12 @@ fn forward_train_channels(
                 let mut out = [Moments::EMPTY];
                 let out = &mut out[..];
                 match format {
-                    HalfFormat::Bf16 => run_kernel(backend, format, BlockMoments::<true> { x, dims, out }),
-                    HalfFormat::F16 => run_kernel(backend, format, BlockMoments::<false> { x, dims, out }),
+                    HalfFormat::Bf16 => {
+                        run_kernel(backend, format, BlockMoments::<true> { x, dims, ahead, out })
+                    }
+                    HalfFormat::F16 => {
+                        run_kernel(backend, format, BlockMoments::<false> { x, dims, ahead, out })
+                    }
                 }
                 moments = moments.merge(out[0]);
             }
@@ -627,6 +648,21 @@ pub fn backward(
     // The two reductions per block (the f32 kernels' `backward_sums`, nothing written), added
     // per channel in block order.
     let g = Blocks::new(dims, REDUCE_BLOCK);
+    if fuse_backward(dims) {
+        return backward_channels(
+            backend,
+            format,
+            x,
+            dy,
+            dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy_out,
+            sum_dy_xhat_out,
+        );
+    }
     if direct(dims) {
         return backward_direct(
             backend,
@@ -716,6 +752,87 @@ pub fn backward(
     });
 }
 
+/// Whether the training backward runs channel by channel ([`backward_channels`]): as
+/// [`fuse_train`], with the channel's `x` and `dy` together within [`FUSE_BYTES`].
+#[inline]
+fn fuse_backward(dims: Canonical) -> bool {
+    let Canonical { outer, channels, inner } = dims;
+    (DIRECT_MIN_RUN..=REDUCE_BLOCK).contains(&inner) && 2 * outer * inner * 2 <= FUSE_BYTES && channels >= 4
+}
+
+/// The training backward one channel at a time (channels shared out among tasks): the sums of
+/// blocks of whole runs of the channel ([`BlockSums`]) added in order, then the channel's `dx`
+/// ([`BlockDx`] run by run) while its `x` and `dy` are in cache, so that both are read from
+/// memory once. Each channel's results depend on the shape alone.
+#[allow(clippy::too_many_arguments)]
+fn backward_channels(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    dy: &[u16],
+    dx: &mut [u16],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let Canonical { outer, channels: c, inner } = dims;
+    let runs = (REDUCE_BLOCK / inner).max(1);
+    // The sums prefetch ahead as [`forward_train_channels`] does.
+    let ahead = c * inner * PREFETCH_VALUES.div_ceil(inner);
+    let count = dims.per_channel() as f64;
+    let parallel = use_pool(3 * dims.len());
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(c);
+    let (dx, sum_dy_out, sum_dy_xhat_out) =
+        (SharedMut::new(dx), SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
+    for_each_task(parallel, tasks, |t| {
+        for ch in part(c, tasks, t) {
+            let (mut sdy, mut sxm) = (0.0f64, 0.0f64);
+            for o0 in (0..outer).step_by(runs) {
+                let n = runs.min(outer - o0);
+                let r = (o0 * c + ch) * inner..(o0 * c + ch) * inner + ((n - 1) * c + 1) * inner;
+                let (x, dy) = (&x[r.clone()], &dy[r]);
+                let dims = Canonical { outer: n, channels: c, inner };
+                let mean = &mean[ch..ch + 1];
+                let mut out = [(0.0, 0.0)];
+                let out = &mut out[..];
+                match format {
+                    HalfFormat::Bf16 => {
+                        run_kernel(backend, format, BlockSums::<true> { x, dy, dims, ahead, mean, out })
+                    }
+                    HalfFormat::F16 => {
+                        run_kernel(backend, format, BlockSums::<false> { x, dy, dims, ahead, mean, out })
+                    }
+                }
+                sdy += out[0].0;
+                sxm += out[0].1;
+            }
+            let sdxh = sum_dy_xhat(mean[ch], mean[ch] as f32, inv_std[ch], sdy, sxm);
+            // SAFETY: channel `ch` belongs to this task alone.
+            unsafe {
+                sum_dy_out.slice(ch, 1)[0] = sdy;
+                sum_dy_xhat_out.slice(ch, 1)[0] = sdxh;
+            }
+            let d = DxCoefficients::train(mean[ch], inv_std[ch], gamma[ch], count, sdy, sdxh);
+            let (km, k1, k2, k3) = ([d.m], [d.k1], [d.k2], [d.k3]);
+            let k = [&km[..], &k1[..], &k2[..], &k3[..]];
+            let dims = Canonical { outer: 1, channels: 1, inner };
+            for o in 0..outer {
+                let r = (o * c + ch) * inner..(o * c + ch + 1) * inner;
+                // SAFETY: the runs of channel `ch` belong to this task alone.
+                let dx = unsafe { dx.slice(r.start, inner) };
+                let (x, dy) = (&x[r.clone()], &dy[r]);
+                match format {
+                    HalfFormat::Bf16 => run_kernel(backend, format, BlockDx::<true> { x, dy, dx, dims, k }),
+                    HalfFormat::F16 => run_kernel(backend, format, BlockDx::<false> { x, dy, dx, dims, k }),
+                }
+            }
+        }
+    });
+}
+
 /// [`backward`] by the direct kernels: the sums of each block ([`BlockSums`], accumulated with
 /// the shift `f32(mean)`), added per channel in block order and finished in `f64`; then `dx` per
 /// block ([`BlockDx`]), one pass that reads `x` and `dy` and writes `dx` in 16 bits.
@@ -743,13 +860,14 @@ fn backward_direct(
             s.sized_direct(bc);
             let r = blk.range();
             let (x, dy, dims, mean) = (&x[r.clone()], &dy[r], blk.dims, &mean[blk.channels()]);
+            let ahead = 0;
             let out = &mut s.sums[..bc];
             match format {
                 HalfFormat::Bf16 => {
-                    run_kernel(backend, format, BlockSums::<true> { x, dy, dims, mean, out })
+                    run_kernel(backend, format, BlockSums::<true> { x, dy, dims, ahead, mean, out })
                 }
                 HalfFormat::F16 => {
-                    run_kernel(backend, format, BlockSums::<false> { x, dy, dims, mean, out })
+                    run_kernel(backend, format, BlockSums::<false> { x, dy, dims, ahead, mean, out })
                 }
             }
             for ((sdy, sxm), &(p, q)) in partial.iter_mut().zip(&s.sums[..bc]) {
@@ -927,11 +1045,9 @@ fn run_kernel<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> K::
                 return isa.vectorize(kernel);
             }
         }
-        Backend::Avx2 => {
-            if format == HalfFormat::Bf16 || super::convert::x86::has_f16c() {
-                if let Some(isa) = super::x86::Avx2::new() {
-                    return isa.vectorize(kernel);
-                }
+        Backend::Avx2 if format == HalfFormat::Bf16 || super::convert::x86::has_f16c() => {
+            if let Some(isa) = super::x86::Avx2::new() {
+                return isa.vectorize(kernel);
             }
         }
         _ => {}
@@ -1044,7 +1160,8 @@ fn tile_sums<I: Isa, const BF16: bool>(
     sxm: &mut [I::V; TILE],
 ) {
     for t in 0..TILE {
-        if let (Some(x), Some(g)) = (tile_vector::<I, BF16>(isa, xr, t), tile_vector::<I, BF16>(isa, dyr, t)) {
+        if let (Some(x), Some(g)) = (tile_vector::<I, BF16>(isa, xr, t), tile_vector::<I, BF16>(isa, dyr, t))
+        {
             sdy[t] = isa.add(sdy[t], g);
             sxm[t] = isa.mul_add(g, isa.sub(x, m[t]), sxm[t]);
         }
@@ -1056,6 +1173,8 @@ fn tile_sums<I: Isa, const BF16: bool>(
 struct BlockMoments<'a, const BF16: bool> {
     x: &'a [u16],
     dims: Canonical,
+    /// Planes blocks: how far ahead (values) the first pass prefetches; 0 for nothing.
+    ahead: usize,
     out: &'a mut [Moments],
 }
 
@@ -1064,7 +1183,7 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let Canonical { outer, channels: bc, inner } = self.dims;
-        let x = self.x;
+        let (x, ahead) = (self.x, self.ahead);
         let n = (outer * inner) as f64;
         let inv_n = 1.0 / n;
         let w = isa.splat(inv_n as f32);
@@ -1077,7 +1196,12 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
                         inner,
                         &mut acc,
                         #[inline(always)]
-                        |acc, j, i| acc[j] = isa.mul_add(isa.load_half::<BF16>(&r[i..]), w, acc[j]),
+                        |acc, j, i| {
+                            if ahead != 0 && j % 2 == 0 {
+                                isa.prefetch(r.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            }
+                            acc[j] = isa.mul_add(isa.load_half::<BF16>(&r[i..]), w, acc[j])
+                        },
                         #[inline(always)]
                         |acc, i| acc[3] = isa.mul_add(isa.load_half_tail::<BF16>(&r[i..]), w, acc[3]),
                     );
@@ -1139,6 +1263,8 @@ struct BlockSums<'a, const BF16: bool> {
     x: &'a [u16],
     dy: &'a [u16],
     dims: Canonical,
+    /// Planes blocks: how far ahead (values) the pass prefetches; 0 for nothing.
+    ahead: usize,
     mean: &'a [f64],
     out: &'a mut [(f64, f64)],
 }
@@ -1148,7 +1274,7 @@ impl<const BF16: bool> Kernel for BlockSums<'_, BF16> {
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let Canonical { outer, channels: bc, inner } = self.dims;
-        let (x, dy) = (self.x, self.dy);
+        let (x, dy, ahead) = (self.x, self.dy, self.ahead);
         if inner > 1 {
             for (k, out) in self.out.iter_mut().enumerate() {
                 let mv = isa.splat(self.mean[k] as f32);
@@ -1161,6 +1287,10 @@ impl<const BF16: bool> Kernel for BlockSums<'_, BF16> {
                         &mut (&mut sdy, &mut sxm),
                         #[inline(always)]
                         |(sdy, sxm), j, i| {
+                            if ahead != 0 && j % 2 == 0 {
+                                isa.prefetch(xr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                                isa.prefetch(dyr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            }
                             let g = isa.load_half::<BF16>(&dyr[i..]);
                             sdy[j] = isa.add(sdy[j], g);
                             sxm[j] = isa.mul_add(g, isa.sub(isa.load_half::<BF16>(&xr[i..]), mv), sxm[j]);
@@ -1188,7 +1318,14 @@ impl<const BF16: bool> Kernel for BlockSums<'_, BF16> {
                 let m: [I::V; TILE] = core::array::from_fn(|t| isa.load(&mf[t * I::LANES..]));
                 let (mut sdy, mut sxm) = ([isa.zero(); TILE], [isa.zero(); TILE]);
                 for (xr, dyr) in x.chunks_exact(bc).zip(dy.chunks_exact(bc)) {
-                    tile_sums::<I, BF16>(isa, &xr[c0..c0 + width], &dyr[c0..c0 + width], &m, &mut sdy, &mut sxm);
+                    tile_sums::<I, BF16>(
+                        isa,
+                        &xr[c0..c0 + width],
+                        &dyr[c0..c0 + width],
+                        &m,
+                        &mut sdy,
+                        &mut sxm,
+                    );
                 }
                 let (sdy, sxm) = (lanes(isa, &sdy), lanes(isa, &sxm));
                 for (k, out) in self.out[c0..c0 + width].iter_mut().enumerate() {
