@@ -1382,7 +1382,21 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
                     isa.store_half::<BF16>(&mut dxr[i..], v);
                     i += l;
                 }
-                if i < inner {
+                if i < inner && inner >= l {
+                    // The last whole vector of the run, overlapping values already written:
+                    // they are computed again from the same inputs, to the same bits.
+                    let i = inner - l;
+                    let v = dx_value(
+                        isa,
+                        isa.load_half::<BF16>(&xr[i..]),
+                        isa.load_half::<BF16>(&dyr[i..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half::<BF16>(&mut dxr[i..], v);
+                } else if i < inner {
                     let v = dx_value(
                         isa,
                         isa.load_half_tail::<BF16>(&xr[i..]),
@@ -1414,7 +1428,22 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
                     isa.store_half::<BF16>(&mut dxr[c..], v);
                     c += l;
                 }
-                if c < bc {
+                if c < bc && bc >= l {
+                    // The row's last whole vector, overlapping (see the planes case).
+                    let c = bc - l;
+                    let (m, a, b, cc) =
+                        (isa.load(&km[c..]), isa.load(&k1[c..]), isa.load(&k2[c..]), isa.load(&k3[c..]));
+                    let v = dx_value(
+                        isa,
+                        isa.load_half::<BF16>(&xr[c..]),
+                        isa.load_half::<BF16>(&dyr[c..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half::<BF16>(&mut dxr[c..], v);
+                } else if c < bc {
                     let (m, a, b, cc) = (
                         isa.load_tail(&km[c..]),
                         isa.load_tail(&k1[c..]),
@@ -1440,6 +1469,88 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `f32 -> 16 bits -> f32` through [`Isa::store_half`] and [`Isa::load_half`] (whole
+    /// vectors and tails) on one instruction set.
+    struct RoundTrip<'a, const BF16: bool> {
+        values: &'a [f32],
+        bits: &'a mut [u16],
+        back: &'a mut [f32],
+    }
+
+    impl<const BF16: bool> Kernel for RoundTrip<'_, BF16> {
+        type Output = ();
+        fn run<I: Isa>(self, isa: I) {
+            let l = I::LANES;
+            let n = self.values.len();
+            let mut i = 0;
+            while i < n {
+                let end = (i + l).min(n);
+                if end - i == l {
+                    isa.store_half::<BF16>(&mut self.bits[i..], isa.load(&self.values[i..]));
+                    isa.store(&mut self.back[i..], isa.load_half::<BF16>(&self.bits[i..]));
+                } else {
+                    isa.store_half_tail::<BF16>(&mut self.bits[i..end], isa.load_tail(&self.values[i..end]));
+                    isa.store_tail(&mut self.back[i..end], isa.load_half_tail::<BF16>(&self.bits[i..end]));
+                }
+                i = end;
+            }
+        }
+    }
+
+    /// The in-register conversions give `half`'s bits: every 16-bit pattern round trips, and
+    /// values next to the rounding boundaries (ties, subnormals, overflow, NaN) round to nearest
+    /// even, on every backend.
+    #[test]
+    fn register_conversions_match_half_on_every_backend() {
+        let mut values: Vec<f32> = Vec::new();
+        for bits in 0..=u16::MAX {
+            values.push(half::bf16::from_bits(bits).to_f32());
+            values.push(half::f16::from_bits(bits).to_f32());
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..50_000 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let high = (state >> 32) as u32;
+            for low in [0x7fffu32, 0x8000, 0x8001, 0x0fff, 0x1000, 0x1001] {
+                values.push(f32::from_bits((high & !0xffff) | low));
+                values.push(f32::from_bits((high & !0x1fff) | (low & 0x1fff)));
+            }
+        }
+        values.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65520.0, 1e-40, -0.0, 3.0]);
+        for backend in Backend::available() {
+            for format in [HalfFormat::Bf16, HalfFormat::F16] {
+                let (mut bits, mut back) = (vec![0u16; values.len()], vec![0.0f32; values.len()]);
+                let (b, k) = (&mut bits[..], &mut back[..]);
+                match format {
+                    HalfFormat::Bf16 => {
+                        run_kernel(backend, format, RoundTrip::<true> { values: &values, bits: b, back: k })
+                    }
+                    HalfFormat::F16 => {
+                        run_kernel(backend, format, RoundTrip::<false> { values: &values, bits: b, back: k })
+                    }
+                }
+                for (i, &v) in values.iter().enumerate() {
+                    let (want, wide) = match format {
+                        HalfFormat::Bf16 => {
+                            let h = half::bf16::from_f32(v);
+                            (h.to_bits(), half::bf16::from_bits(bits[i]).to_f32())
+                        }
+                        HalfFormat::F16 => {
+                            let h = half::f16::from_f32(v);
+                            (h.to_bits(), half::f16::from_bits(bits[i]).to_f32())
+                        }
+                    };
+                    if v.is_nan() {
+                        assert!(wide.is_nan() && back[i].is_nan(), "{backend} {format:?} [{i}]: NaN");
+                    } else {
+                        assert_eq!(bits[i], want, "{backend} {format:?} [{i}]: {v:e}");
+                        assert_eq!(back[i].to_bits(), wide.to_bits(), "{backend} {format:?} [{i}]: widen");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn blocks_tile_the_tensor_in_order() {

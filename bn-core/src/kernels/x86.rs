@@ -348,6 +348,28 @@ impl Isa for Avx512 {
         }
     }
     #[inline(always)]
+    fn load_half_tail<const BF16: bool>(self, s: &[u16]) -> __m512 {
+        assert!(s.len() < 16);
+        let h = if has_avx512bw() {
+            // SAFETY: AVX-512BW and VL were detected just above; only the first `s.len()` lanes
+            // are enabled in the mask, and masked-off lanes are neither read nor able to fault.
+            unsafe { load_u16_tail(s) }
+        } else {
+            let mut a = [0u16; 16];
+            a[..s.len()].copy_from_slice(s);
+            // SAFETY: the token proves AVX; `a` holds 16 values.
+            unsafe { _mm256_loadu_si256(a.as_ptr() as *const __m256i) }
+        };
+        // SAFETY: the token proves AVX-512F and AVX2.
+        unsafe {
+            if BF16 {
+                convert::x86::bf16x16_to_f32(h)
+            } else {
+                _mm512_cvtph_ps(h)
+            }
+        }
+    }
+    #[inline(always)]
     fn store_half<const BF16: bool>(self, s: &mut [u16], v: __m512) {
         assert!(s.len() >= 16);
         // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 16 values (checked);
@@ -361,6 +383,27 @@ impl Isa for Avx512 {
             _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, h);
         }
     }
+}
+
+/// Whether the CPU has AVX-512BW and VL (masked 16-bit loads; cached by `std`).
+#[inline(always)]
+fn has_avx512bw() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// The `s.len() < 16` values of `s` in the low lanes, zeros above, by one masked load.
+///
+/// # Safety
+///
+/// The CPU has AVX-512BW and AVX-512VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn load_u16_tail(s: &[u16]) -> __m256i {
+    debug_assert!(s.len() < 16);
+    let mask = ((1u32 << s.len()) - 1) as __mmask16;
+    // SAFETY: only the first `s.len()` lanes are enabled in the mask; masked-off lanes are
+    // neither read nor able to fault.
+    unsafe { _mm256_maskz_loadu_epi16(mask, s.as_ptr() as *const i16) }
 }
 
 #[cfg(test)]
