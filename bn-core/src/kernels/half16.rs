@@ -1282,8 +1282,30 @@ impl<const BF16: bool> Kernel for BlockSums<'_, BF16> {
                 for o in 0..outer {
                     let r = (o * bc + k) * inner..(o * bc + k + 1) * inner;
                     let (xr, dyr) = (&x[r.clone()], &dy[r]);
+                    // Pairs of vectors (in the instruction set's order), two pairs at a time,
+                    // then the rest vector by vector.
+                    let l = I::LANES;
+                    let mut i = 0;
+                    while i + 4 * l <= inner {
+                        if ahead != 0 {
+                            isa.prefetch(xr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            isa.prefetch(dyr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            isa.prefetch(xr.as_ptr().wrapping_add(i + 2 * l + ahead) as *const f32);
+                            isa.prefetch(dyr.as_ptr().wrapping_add(i + 2 * l + ahead) as *const f32);
+                        }
+                        for (p, j) in [(0, 0), (2 * l, 2)] {
+                            let (x0, x1) = isa.load_half2::<BF16>(&xr[i + p..]);
+                            let (g0, g1) = isa.load_half2::<BF16>(&dyr[i + p..]);
+                            sdy[j] = isa.add(sdy[j], g0);
+                            sxm[j] = isa.mul_add(g0, isa.sub(x0, mv), sxm[j]);
+                            sdy[j + 1] = isa.add(sdy[j + 1], g1);
+                            sxm[j + 1] = isa.mul_add(g1, isa.sub(x1, mv), sxm[j + 1]);
+                        }
+                        i += 4 * l;
+                    }
+                    let (xr, dyr) = (&xr[i..], &dyr[i..]);
                     for_vectors::<I, _>(
-                        inner,
+                        inner - i,
                         &mut (&mut sdy, &mut sxm),
                         #[inline(always)]
                         |(sdy, sxm), j, i| {
@@ -1369,6 +1391,13 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
                 let c = r % bc;
                 let (m, a, b, cc) = (isa.splat(km[c]), isa.splat(k1[c]), isa.splat(k2[c]), isa.splat(k3[c]));
                 let mut i = 0;
+                while i + 2 * l <= inner {
+                    let (x0, x1) = isa.load_half2::<BF16>(&xr[i..]);
+                    let (g0, g1) = isa.load_half2::<BF16>(&dyr[i..]);
+                    let (v0, v1) = (dx_value(isa, x0, g0, m, a, b, cc), dx_value(isa, x1, g1, m, a, b, cc));
+                    isa.store_half2::<BF16>(&mut dxr[i..], v0, v1);
+                    i += 2 * l;
+                }
                 while i + l <= inner {
                     let v = dx_value(
                         isa,
@@ -1471,7 +1500,7 @@ mod tests {
     use super::*;
 
     /// `f32 -> 16 bits -> f32` through [`Isa::store_half`] and [`Isa::load_half`] (whole
-    /// vectors and tails) on one instruction set.
+    /// vectors and tails), and pairs through [`Isa::store_half2`], on one instruction set.
     struct RoundTrip<'a, const BF16: bool> {
         values: &'a [f32],
         bits: &'a mut [u16],
@@ -1485,6 +1514,20 @@ mod tests {
             let n = self.values.len();
             let mut i = 0;
             while i < n {
+                if i + 2 * l <= n && (i / l) % 3 == 0 {
+                    isa.store_half::<BF16>(&mut self.bits[i..], isa.load(&self.values[i..]));
+                    isa.store_half::<BF16>(&mut self.bits[i + l..], isa.load(&self.values[i + l..]));
+                    // A pair in the instruction set's order: stored as loaded, the same bits.
+                    let (a, b) = isa.load_half2::<BF16>(&self.bits[i..]);
+                    let mut again = [0u16; 32];
+                    isa.store_half2::<BF16>(&mut again, a, b);
+                    let back = [isa.load_half::<BF16>(&again), isa.load_half::<BF16>(&again[l..])];
+                    isa.store(&mut self.back[i..], back[0]);
+                    isa.store(&mut self.back[i + l..], back[1]);
+                    assert_eq!(&again[..2 * l], &self.bits[i..i + 2 * l]);
+                    i += 2 * l;
+                    continue;
+                }
                 let end = (i + l).min(n);
                 if end - i == l {
                     isa.store_half::<BF16>(&mut self.bits[i..], isa.load(&self.values[i..]));

@@ -133,6 +133,21 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
             *d = f32_to_half::<BF16>(x);
         }
     }
+    /// `2 * LANES` 16-bit values of `s` widened into two vectors, in an order of the
+    /// instruction set's choosing (by default the first `LANES` values, then the next): for
+    /// elementwise work and sums, where the order of the values does not matter.
+    /// [`Isa::store_half2`] stores in the same order.
+    #[inline(always)]
+    fn load_half2<const BF16: bool>(self, s: &[u16]) -> (Self::V, Self::V) {
+        (self.load_half::<BF16>(s), self.load_half::<BF16>(&s[Self::LANES..]))
+    }
+    /// Stores two vectors into `2 * LANES` 16-bit values of `s` as [`Isa::store_half`] does, in
+    /// the order of [`Isa::load_half2`].
+    #[inline(always)]
+    fn store_half2<const BF16: bool>(self, s: &mut [u16], a: Self::V, b: Self::V) {
+        self.store_half::<BF16>(s, a);
+        self.store_half::<BF16>(&mut s[Self::LANES..], b);
+    }
 }
 
 /// The most lanes of any instruction set (the stack arrays of the default 16-bit loads).

@@ -348,6 +348,42 @@ impl Isa for Avx512 {
         }
     }
     #[inline(always)]
+    fn load_half2<const BF16: bool>(self, s: &[u16]) -> (__m512, __m512) {
+        if !BF16 {
+            return (self.load_half::<BF16>(s), self.load_half::<BF16>(&s[16..]));
+        }
+        assert!(s.len() >= 32);
+        // SAFETY: the token proves AVX-512F; `s` holds at least 32 values (checked); unaligned
+        // load. Each 32-bit lane holds an even-indexed value in its low half and the next one in
+        // its high half: shifted left, the even values are `f32`; masked, the odd ones. No
+        // shuffle.
+        unsafe {
+            let v = _mm512_loadu_si512(s.as_ptr() as *const __m512i);
+            let even = _mm512_slli_epi32::<16>(v);
+            let odd = _mm512_and_si512(v, _mm512_set1_epi32(0xffff_0000u32 as i32));
+            (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
+        }
+    }
+    #[inline(always)]
+    fn store_half2<const BF16: bool>(self, s: &mut [u16], a: __m512, b: __m512) {
+        if !BF16 {
+            self.store_half::<BF16>(s, a);
+            self.store_half::<BF16>(&mut s[16..], b);
+            return;
+        }
+        assert!(s.len() >= 32);
+        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 32 values (checked);
+        // unaligned store. The rounded bits (below 0x10000) of the even values go to the low
+        // halves of the 32-bit lanes, those of the odd values to the high halves: the order of
+        // `load_half2`.
+        unsafe {
+            let even = convert::x86::f32x16_to_bf16_u32(a);
+            let odd = convert::x86::f32x16_to_bf16_u32(b);
+            let packed = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+            _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, packed);
+        }
+    }
+    #[inline(always)]
     fn load_half_tail<const BF16: bool>(self, s: &[u16]) -> __m512 {
         assert!(s.len() < 16);
         let h = if has_avx512bw() {
