@@ -1184,6 +1184,7 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
     fn run<I: Isa>(self, isa: I) {
         let Canonical { outer, channels: bc, inner } = self.dims;
         let (x, ahead) = (self.x, self.ahead);
+        let l = I::LANES;
         let n = (outer * inner) as f64;
         let inv_n = 1.0 / n;
         let w = isa.splat(inv_n as f32);
@@ -1192,8 +1193,23 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
                 let mut acc = [isa.zero(); 4];
                 for o in 0..outer {
                     let r = &x[(o * bc + k) * inner..(o * bc + k + 1) * inner];
+                    // Pairs of vectors (in the instruction set's order) first, as in the sums.
+                    let mut i = 0;
+                    while i + 4 * l <= inner {
+                        if ahead != 0 {
+                            isa.prefetch(r.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            isa.prefetch(r.as_ptr().wrapping_add(i + 2 * l + ahead) as *const f32);
+                        }
+                        for (p, j) in [(0, 0), (2 * l, 2)] {
+                            let (v0, v1) = isa.load_half2::<BF16>(&r[i + p..]);
+                            acc[j] = isa.mul_add(v0, w, acc[j]);
+                            acc[j + 1] = isa.mul_add(v1, w, acc[j + 1]);
+                        }
+                        i += 4 * l;
+                    }
+                    let r = &r[i..];
                     for_vectors::<I, _>(
-                        inner,
+                        inner - i,
                         &mut acc,
                         #[inline(always)]
                         |acc, j, i| {
@@ -1211,8 +1227,21 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
                 let (mut ds, mut qs) = ([isa.zero(); 4], [isa.zero(); 4]);
                 for o in 0..outer {
                     let r = &x[(o * bc + k) * inner..(o * bc + k + 1) * inner];
+                    let mut i = 0;
+                    while i + 4 * l <= inner {
+                        for (p, j) in [(0, 0), (2 * l, 2)] {
+                            let (v0, v1) = isa.load_half2::<BF16>(&r[i + p..]);
+                            let (d0, d1) = (isa.sub(v0, mv), isa.sub(v1, mv));
+                            ds[j] = isa.add(ds[j], d0);
+                            qs[j] = isa.mul_add(d0, d0, qs[j]);
+                            ds[j + 1] = isa.add(ds[j + 1], d1);
+                            qs[j + 1] = isa.mul_add(d1, d1, qs[j + 1]);
+                        }
+                        i += 4 * l;
+                    }
+                    let r = &r[i..];
                     for_vectors::<I, _>(
-                        inner,
+                        inner - i,
                         &mut (&mut ds, &mut qs),
                         #[inline(always)]
                         |(ds, qs), j, i| {
