@@ -193,7 +193,7 @@ fn f32_to_f16_bits(value: f32) -> u16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     //! The AVX2 (+F16C) and AVX-512F conversions. Each `#[target_feature]` function is entered
     //! only from [`super::widen`] / [`super::narrow`] after the backend (or F16C) was detected.
 
@@ -205,14 +205,14 @@ mod x86 {
 
     /// Whether the CPU has F16C (cached by `std`).
     #[inline]
-    pub(super) fn has_f16c() -> bool {
+    pub(crate) fn has_f16c() -> bool {
         std::arch::is_x86_feature_detected!("f16c")
     }
 
     /// `bf16 -> f32` of 16 lanes: widen each `u16` to `u32`, shift into the high half.
     #[target_feature(enable = "avx512f,avx2")]
     #[inline]
-    fn bf16x16_to_f32(h: __m256i) -> __m512 {
+    pub(crate) fn bf16x16_to_f32(h: __m256i) -> __m512 {
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
 
@@ -220,7 +220,7 @@ mod x86 {
     /// NaNs quiet (bit-identical to [`f32_to_bf16_bits`]).
     #[target_feature(enable = "avx512f,avx2")]
     #[inline]
-    fn f32x16_to_bf16_u32(v: __m512) -> __m512i {
+    pub(crate) fn f32x16_to_bf16_u32(v: __m512) -> __m512i {
         let x = _mm512_castps_si512(v);
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
         let rounded =
@@ -321,7 +321,7 @@ mod x86 {
     /// [`f32x16_to_bf16_u32`] on 8 lanes.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn f32x8_to_bf16_u32(v: __m256) -> __m256i {
+    pub(crate) fn f32x8_to_bf16_u32(v: __m256) -> __m256i {
         let x = _mm256_castps_si256(v);
         let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
         let rounded =

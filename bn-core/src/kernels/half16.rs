@@ -9,6 +9,14 @@
 //! nearest even). So the data moves in 16 bits, half the bytes of `f32`, and the arithmetic is
 //! the `f32` kernels'.
 //!
+//! The reductions and the training `dx` pass have *direct* kernels besides, generic over the
+//! instruction set like the `f32` kernels: vectors of 16-bit values are widened in registers
+//! ([`Isa::load_half`]) and `dx` rounded in registers ([`Isa::store_half`]), with no buffer and
+//! no `f32` kernel call per block. They run where a block has whole vectors to work on (runs of
+//! at least 32 values, or rows of at least 16 channels); planes shapes whose channels fit in L2
+//! go further, channel by channel: the statistics (or backward sums) of a channel, then its
+//! normalize (or `dx`) while it is still in cache, so the input is read from memory once.
+//!
 //! - inference ([`normalize`]): one pass over the blocks, in parallel; buffers on the stack, no
 //!   allocation.
 //! - training ([`forward_train`]): the statistics of each block ([`kernels::forward_train`] on
@@ -26,8 +34,10 @@
 use core::cell::RefCell;
 
 use super::convert::{affine, affine_inplace, has_affine, narrow, widen, Params};
+use super::isa::{Isa, Kernel};
 use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
-use super::stats::{Affine32, DxCoefficients, Moments};
+use super::portable::Wide;
+use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use super::Backend;
 use crate::spec::Dynamic;
 use crate::Canonical;
@@ -210,9 +220,20 @@ struct TaskScratch {
     c: Vec<f32>,
     p: Vec<f64>,
     q: Vec<f64>,
+    /// The direct kernels' per-channel results.
+    moments: Vec<Moments>,
+    sums: Vec<(f64, f64)>,
 }
 
 impl TaskScratch {
+    /// The direct kernels' buffers for blocks of `channels`.
+    fn sized_direct(&mut self, channels: usize) {
+        if self.moments.len() < channels {
+            self.moments.resize(channels, Moments::EMPTY);
+            self.sums.resize(channels, (0.0, 0.0));
+        }
+    }
+
     /// Buffers of `len` values and `channels` per-channel values.
     fn sized(&mut self, len: usize, channels: usize) {
         for v in [&mut self.a, &mut self.b, &mut self.c] {
@@ -405,12 +426,30 @@ pub fn batch_stats(
         return;
     }
     let g = Blocks::new(dims, REDUCE_BLOCK);
+    let is_direct = direct(dims);
     reduce(
         &g,
         1,
         Moments::EMPTY,
         |s, blk, partial| {
             let (len, bc) = (blk.len(), blk.dims.channels);
+            if is_direct {
+                s.sized_direct(bc);
+                let (x, dims, ahead) = (&x[blk.range()], blk.dims, 0);
+                let out = &mut s.moments[..bc];
+                match format {
+                    HalfFormat::Bf16 => {
+                        run_kernel(backend, format, BlockMoments::<true> { x, dims, ahead, out })
+                    }
+                    HalfFormat::F16 => {
+                        run_kernel(backend, format, BlockMoments::<false> { x, dims, ahead, out })
+                    }
+                }
+                for (m, &b) in partial.iter_mut().zip(&s.moments[..bc]) {
+                    *m = m.merge(b);
+                }
+                return;
+            }
             s.sized(len, bc);
             widen(backend, format, &x[blk.range()], &mut s.a[..len]);
             super::batch_stats::<Dynamic>(backend, &s.a[..len], blk.dims, &mut s.p[..bc], &mut s.q[..bc]);
@@ -428,8 +467,10 @@ pub fn batch_stats(
 }
 
 /// Training forward on 16-bit data: [`batch_stats`] into `mean_out` and `var_out`, then
-/// `y = (x - mean) * gamma / sqrt(var + eps) + beta` by the [`normalize`] pass. If a statistic is
-/// not finite, `y` is not written.
+/// `y = (x - mean) * gamma / sqrt(var + eps) + beta` by the [`normalize`] pass; on shapes with
+/// channels that fit in L2, channel by channel instead ([`forward_train_channels`]: `x` read
+/// once). If a statistic is not finite, `y` is unspecified (as for `f32` data): the channels
+/// with finite statistics may have been written.
 ///
 /// ```
 /// use bn_core::kernels::{half16, Backend, HalfFormat};
@@ -461,6 +502,9 @@ pub fn forward_train(
     let c = dims.channels;
     assert!(y.len() == dims.len(), "y must hold dims.len() values");
     assert!(gamma.len() == c && beta.len() == c);
+    if fuse_train(backend, format, dims) {
+        return forward_train_channels(backend, format, x, y, dims, gamma, beta, eps, mean_out, var_out);
+    }
     batch_stats(backend, format, x, dims, mean_out, var_out);
     if mean_out.iter().chain(var_out.iter()).any(|v| !v.is_finite()) {
         return;
@@ -471,6 +515,93 @@ pub fn forward_train(
         (m[k], s[k], t[k]) = (a.m, a.s, a.t);
     }
     normalize(backend, format, x, y, dims, &m, &s, &t);
+}
+
+/// Largest channel (bytes of `x`) that [`forward_train_channels`] normalizes right after its
+/// statistics, while it is still in L2.
+const FUSE_BYTES: usize = 1 << 20;
+
+/// Least distance (values of the channel) the channel-by-channel passes prefetch ahead: a
+/// run ahead when runs are long, several when they are short.
+const PREFETCH_VALUES: usize = 4096;
+
+/// Whether the training forward runs channel by channel ([`forward_train_channels`]): runs long
+/// enough for the direct kernels and no longer than a reduction block, channels that fit
+/// [`FUSE_BYTES`], enough of them to share out, and a fused affine kernel. Fixed by the shape
+/// (and backend).
+#[inline]
+fn fuse_train(backend: Backend, format: HalfFormat, dims: Canonical) -> bool {
+    let Canonical { outer, channels, inner } = dims;
+    (DIRECT_MIN_RUN..=REDUCE_BLOCK).contains(&inner)
+        && outer * inner * 2 <= FUSE_BYTES
+        && channels >= 4
+        && has_affine(backend, format)
+        && outer * inner > 0
+}
+
+/// The training forward one channel at a time (channels shared out among tasks): the moments
+/// of blocks of whole runs of the channel ([`BlockMoments`]) merged in order, then the
+/// channel's runs normalized by the fused affine kernel while they are in cache. `x` is read
+/// from memory once. Each channel's results depend on the shape alone.
+#[allow(clippy::too_many_arguments)]
+fn forward_train_channels(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    y: &mut [u16],
+    dims: Canonical,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    mean_out: &mut [f64],
+    var_out: &mut [f64],
+) {
+    let Canonical { outer, channels: c, inner } = dims;
+    let runs = (REDUCE_BLOCK / inner).max(1);
+    // The first pass over a run prefetches the channel's run [`PREFETCH_VALUES`] or more
+    // values further (the hardware prefetchers do not follow the stride between runs).
+    let ahead = c * inner * PREFETCH_VALUES.div_ceil(inner);
+    let parallel = use_pool(2 * dims.len());
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(c);
+    let (y, mean_out, var_out) = (SharedMut::new(y), SharedMut::new(mean_out), SharedMut::new(var_out));
+    for_each_task(parallel, tasks, |t| {
+        for ch in part(c, tasks, t) {
+            let mut moments = Moments::EMPTY;
+            for o0 in (0..outer).step_by(runs) {
+                let n = runs.min(outer - o0);
+                let start = (o0 * c + ch) * inner;
+                let x = &x[start..start + ((n - 1) * c + 1) * inner];
+                let dims = Canonical { outer: n, channels: c, inner };
+                let mut out = [Moments::EMPTY];
+                let out = &mut out[..];
+                match format {
+                    HalfFormat::Bf16 => {
+                        run_kernel(backend, format, BlockMoments::<true> { x, dims, ahead, out })
+                    }
+                    HalfFormat::F16 => {
+                        run_kernel(backend, format, BlockMoments::<false> { x, dims, ahead, out })
+                    }
+                }
+                moments = moments.merge(out[0]);
+            }
+            let (mean, var) = (moments.mean, moments.m2 / moments.n);
+            // SAFETY: channel `ch` belongs to this task alone.
+            unsafe {
+                mean_out.slice(ch, 1)[0] = mean;
+                var_out.slice(ch, 1)[0] = var;
+            }
+            if !(mean.is_finite() && var.is_finite()) {
+                continue;
+            }
+            let a = Affine32::train(mean, var, eps, gamma[ch], beta[ch]);
+            for o in 0..outer {
+                let start = (o * c + ch) * inner;
+                // SAFETY: the runs of channel `ch` belong to this task alone.
+                let out = unsafe { y.slice(start, inner) };
+                affine(backend, format, &x[start..start + inner], out, Params::Run(a.m, a.s, a.t));
+            }
+        }
+    });
 }
 
 /// Training backward on 16-bit data: per-channel `sum_dy = sum(dy)` and
@@ -517,6 +648,37 @@ pub fn backward(
     // The two reductions per block (the f32 kernels' `backward_sums`, nothing written), added
     // per channel in block order.
     let g = Blocks::new(dims, REDUCE_BLOCK);
+    if fuse_backward(dims) {
+        return backward_channels(
+            backend,
+            format,
+            x,
+            dy,
+            dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy_out,
+            sum_dy_xhat_out,
+        );
+    }
+    if direct(dims) {
+        return backward_direct(
+            backend,
+            format,
+            x,
+            dy,
+            dx,
+            dims,
+            &g,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy_out,
+            sum_dy_xhat_out,
+        );
+    }
     reduce(
         &g,
         2,
@@ -587,6 +749,172 @@ pub fn backward(
         );
         // SAFETY: blocks are disjoint and each is written by one task.
         narrow(backend, format, dxb, unsafe { dx.slice(blk.start, len) });
+    });
+}
+
+/// Whether the training backward runs channel by channel ([`backward_channels`]): as
+/// [`fuse_train`], with the channel's `x` and `dy` together within [`FUSE_BYTES`].
+#[inline]
+fn fuse_backward(dims: Canonical) -> bool {
+    let Canonical { outer, channels, inner } = dims;
+    (DIRECT_MIN_RUN..=REDUCE_BLOCK).contains(&inner) && 2 * outer * inner * 2 <= FUSE_BYTES && channels >= 4
+}
+
+/// The training backward one channel at a time (channels shared out among tasks): the sums of
+/// blocks of whole runs of the channel ([`BlockSums`]) added in order, then the channel's `dx`
+/// ([`BlockDx`] run by run) while its `x` and `dy` are in cache, so that both are read from
+/// memory once. Each channel's results depend on the shape alone.
+#[allow(clippy::too_many_arguments)]
+fn backward_channels(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    dy: &[u16],
+    dx: &mut [u16],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let Canonical { outer, channels: c, inner } = dims;
+    let runs = (REDUCE_BLOCK / inner).max(1);
+    // The sums prefetch ahead as [`forward_train_channels`] does.
+    let ahead = c * inner * PREFETCH_VALUES.div_ceil(inner);
+    let count = dims.per_channel() as f64;
+    let parallel = use_pool(3 * dims.len());
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(c);
+    let (dx, sum_dy_out, sum_dy_xhat_out) =
+        (SharedMut::new(dx), SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
+    for_each_task(parallel, tasks, |t| {
+        for ch in part(c, tasks, t) {
+            let (mut sdy, mut sxm) = (0.0f64, 0.0f64);
+            for o0 in (0..outer).step_by(runs) {
+                let n = runs.min(outer - o0);
+                let r = (o0 * c + ch) * inner..(o0 * c + ch) * inner + ((n - 1) * c + 1) * inner;
+                let (x, dy) = (&x[r.clone()], &dy[r]);
+                let dims = Canonical { outer: n, channels: c, inner };
+                let mean = &mean[ch..ch + 1];
+                let mut out = [(0.0, 0.0)];
+                let out = &mut out[..];
+                match format {
+                    HalfFormat::Bf16 => {
+                        run_kernel(backend, format, BlockSums::<true> { x, dy, dims, ahead, mean, out })
+                    }
+                    HalfFormat::F16 => {
+                        run_kernel(backend, format, BlockSums::<false> { x, dy, dims, ahead, mean, out })
+                    }
+                }
+                sdy += out[0].0;
+                sxm += out[0].1;
+            }
+            let sdxh = sum_dy_xhat(mean[ch], mean[ch] as f32, inv_std[ch], sdy, sxm);
+            // SAFETY: channel `ch` belongs to this task alone.
+            unsafe {
+                sum_dy_out.slice(ch, 1)[0] = sdy;
+                sum_dy_xhat_out.slice(ch, 1)[0] = sdxh;
+            }
+            let d = DxCoefficients::train(mean[ch], inv_std[ch], gamma[ch], count, sdy, sdxh);
+            let (km, k1, k2, k3) = ([d.m], [d.k1], [d.k2], [d.k3]);
+            let k = [&km[..], &k1[..], &k2[..], &k3[..]];
+            let dims = Canonical { outer: 1, channels: 1, inner };
+            for o in 0..outer {
+                let r = (o * c + ch) * inner..(o * c + ch + 1) * inner;
+                // SAFETY: the runs of channel `ch` belong to this task alone.
+                let dx = unsafe { dx.slice(r.start, inner) };
+                let (x, dy) = (&x[r.clone()], &dy[r]);
+                match format {
+                    HalfFormat::Bf16 => run_kernel(backend, format, BlockDx::<true> { x, dy, dx, dims, k }),
+                    HalfFormat::F16 => run_kernel(backend, format, BlockDx::<false> { x, dy, dx, dims, k }),
+                }
+            }
+        }
+    });
+}
+
+/// [`backward`] by the direct kernels: the sums of each block ([`BlockSums`], accumulated with
+/// the shift `f32(mean)`), added per channel in block order and finished in `f64`; then `dx` per
+/// block ([`BlockDx`]), one pass that reads `x` and `dy` and writes `dx` in 16 bits.
+#[allow(clippy::too_many_arguments)]
+fn backward_direct(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    dy: &[u16],
+    dx: &mut [u16],
+    dims: Canonical,
+    g: &Blocks,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    reduce(
+        g,
+        2,
+        (0.0f64, 0.0f64),
+        |s, blk, partial| {
+            let bc = blk.dims.channels;
+            s.sized_direct(bc);
+            let r = blk.range();
+            let (x, dy, dims, mean) = (&x[r.clone()], &dy[r], blk.dims, &mean[blk.channels()]);
+            let ahead = 0;
+            let out = &mut s.sums[..bc];
+            match format {
+                HalfFormat::Bf16 => {
+                    run_kernel(backend, format, BlockSums::<true> { x, dy, dims, ahead, mean, out })
+                }
+                HalfFormat::F16 => {
+                    run_kernel(backend, format, BlockSums::<false> { x, dy, dims, ahead, mean, out })
+                }
+            }
+            for ((sdy, sxm), &(p, q)) in partial.iter_mut().zip(&s.sums[..bc]) {
+                *sdy += p;
+                *sxm += q;
+            }
+        },
+        |c, parts| {
+            let (sdy, sxm) = parts.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
+            sum_dy_out[c] = sdy;
+            sum_dy_xhat_out[c] = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
+        },
+    );
+    let c = dims.channels;
+    let n = dims.per_channel() as f64;
+    let mut k = vec![0.0f32; 4 * c];
+    {
+        let (km, rest) = k.split_at_mut(c);
+        let (k1, rest) = rest.split_at_mut(c);
+        let (k2, k3) = rest.split_at_mut(c);
+        for ch in 0..c {
+            let d = DxCoefficients::train(
+                mean[ch],
+                inv_std[ch],
+                gamma[ch],
+                n,
+                sum_dy_out[ch],
+                sum_dy_xhat_out[ch],
+            );
+            (km[ch], k1[ch], k2[ch], k3[ch]) = (d.m, d.k1, d.k2, d.k3);
+        }
+    }
+    let g = Blocks::new(dims, BLOCK);
+    let dx = SharedMut::new(dx);
+    let k = &k;
+    for_blocks(&g, 3, |blk| {
+        let r = blk.range();
+        let (x, dy, dims) = (&x[r.clone()], &dy[r], blk.dims);
+        // SAFETY: blocks are disjoint and each is written by one task.
+        let dx = unsafe { dx.slice(blk.start, blk.len()) };
+        let ch = blk.channels();
+        let part = |i: usize| &k[i * c + ch.start..i * c + ch.end];
+        let k = [part(0), part(1), part(2), part(3)];
+        match format {
+            HalfFormat::Bf16 => run_kernel(backend, format, BlockDx::<true> { x, dy, dx, dims, k }),
+            HalfFormat::F16 => run_kernel(backend, format, BlockDx::<false> { x, dy, dx, dims, k }),
+        }
     });
 }
 
@@ -690,9 +1018,611 @@ fn dx_block(x: &mut [f32], dy: &[f32], dims: Canonical, k: &[DxCoefficients]) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Direct kernels: the 16-bit values widened in registers ([`Isa::load_half`]), never through a
+// buffer. Used where a block has whole vectors to work on (see [`direct`]); other shapes take
+// the buffered path above.
+
+/// Whether the reductions and the training `dx` pass run the direct kernels on `dims`: runs of
+/// at least [`DIRECT_MIN_RUN`] values (planes), or rows of at least 16 channels (rows). Shorter
+/// runs or rows would be mostly masked tails.
+#[inline]
+fn direct(dims: Canonical) -> bool {
+    dims.inner >= DIRECT_MIN_RUN || (dims.inner == 1 && dims.channels >= 16)
+}
+
+/// Least run for the direct kernels.
+const DIRECT_MIN_RUN: usize = 32;
+
+/// Runs `kernel` on the instruction set of `backend`, `Wide` where the backend's is missing (or,
+/// for `f16` on AVX2, where the CPU lacks F16C).
+#[inline]
+fn run_kernel<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    match backend.usable() {
+        Backend::Avx512 => {
+            if let Some(isa) = super::x86::Avx512::new() {
+                return isa.vectorize(kernel);
+            }
+        }
+        Backend::Avx2 if format == HalfFormat::Bf16 || super::convert::x86::has_f16c() => {
+            if let Some(isa) = super::x86::Avx2::new() {
+                return isa.vectorize(kernel);
+            }
+        }
+        _ => {}
+    }
+    let _ = (backend, format);
+    Wide.vectorize(kernel)
+}
+
+/// Calls `f(state, k, i)` for the whole vectors of a run of `n` values (`i` the offset, `k` one
+/// of four accumulators), then `tail(state, i)` for the rest (fewer than `LANES`).
+#[inline(always)]
+fn for_vectors<I: Isa, T>(
+    n: usize,
+    state: &mut T,
+    mut f: impl FnMut(&mut T, usize, usize),
+    tail: impl FnOnce(&mut T, usize),
+) {
+    let l = I::LANES;
+    let mut i = 0;
+    while i + 4 * l <= n {
+        f(state, 0, i);
+        f(state, 1, i + l);
+        f(state, 2, i + 2 * l);
+        f(state, 3, i + 3 * l);
+        i += 4 * l;
+    }
+    // At most three whole vectors remain: a constant-bound loop keeps `k` a constant after
+    // unrolling (so the accumulators stay in registers).
+    for k in 0..3 {
+        if i + l <= n {
+            f(state, k, i);
+            i += l;
+        }
+    }
+    if i < n {
+        tail(state, i);
+    }
+}
+
+/// The four accumulators summed into one `f32`: pairwise, then across lanes.
+#[inline(always)]
+fn sum4<I: Isa>(isa: I, a: [I::V; 4]) -> f32 {
+    isa.sum(isa.add(isa.add(a[0], a[1]), isa.add(a[2], a[3])))
+}
+
+/// Vectors of columns per tile of the rows kernels (accumulators kept in registers).
+const TILE: usize = 4;
+
+/// The lanes of `TILE` vectors, in order.
+#[inline(always)]
+fn lanes<I: Isa>(isa: I, v: &[I::V; TILE]) -> [f32; TILE * 16] {
+    let mut out = [0.0f32; TILE * 16];
+    for (t, &v) in v.iter().enumerate() {
+        isa.store(&mut out[t * I::LANES..], v);
+    }
+    out
+}
+
+/// Vector `t` of one row of a tile (`r` holds at most `TILE * LANES` values), widened; the last
+/// vector may be partial (zeros above); `None` past the row.
+#[inline(always)]
+fn tile_vector<I: Isa, const BF16: bool>(isa: I, r: &[u16], t: usize) -> Option<I::V> {
+    let l = I::LANES;
+    if (t + 1) * l <= r.len() {
+        Some(isa.load_half::<BF16>(&r[t * l..]))
+    } else if t * l < r.len() {
+        Some(isa.load_half_tail::<BF16>(&r[t * l..]))
+    } else {
+        None
+    }
+}
+
+/// `acc += x * w` over one row of a tile.
+#[inline(always)]
+fn tile_mean<I: Isa, const BF16: bool>(isa: I, r: &[u16], w: I::V, acc: &mut [I::V; TILE]) {
+    for (t, a) in acc.iter_mut().enumerate() {
+        if let Some(v) = tile_vector::<I, BF16>(isa, r, t) {
+            *a = isa.mul_add(v, w, *a);
+        }
+    }
+}
+
+/// `ds += x - m`, `qs += (x - m)^2` over one row of a tile. Lanes past the row load zero and
+/// have a zero `m`: they add nothing.
+#[inline(always)]
+fn tile_deviations<I: Isa, const BF16: bool>(
+    isa: I,
+    r: &[u16],
+    m: &[I::V; TILE],
+    ds: &mut [I::V; TILE],
+    qs: &mut [I::V; TILE],
+) {
+    for t in 0..TILE {
+        if let Some(v) = tile_vector::<I, BF16>(isa, r, t) {
+            let d = isa.sub(v, m[t]);
+            ds[t] = isa.add(ds[t], d);
+            qs[t] = isa.mul_add(d, d, qs[t]);
+        }
+    }
+}
+
+/// `sdy += dy`, `sxm += dy * (x - m)` over one row of a tile (lanes past the row: `dy` is zero).
+#[inline(always)]
+fn tile_sums<I: Isa, const BF16: bool>(
+    isa: I,
+    xr: &[u16],
+    dyr: &[u16],
+    m: &[I::V; TILE],
+    sdy: &mut [I::V; TILE],
+    sxm: &mut [I::V; TILE],
+) {
+    for t in 0..TILE {
+        if let (Some(x), Some(g)) = (tile_vector::<I, BF16>(isa, xr, t), tile_vector::<I, BF16>(isa, dyr, t))
+        {
+            sdy[t] = isa.add(sdy[t], g);
+            sxm[t] = isa.mul_add(g, isa.sub(x, m[t]), sxm[t]);
+        }
+    }
+}
+
+/// Two-pass moments of every channel of one block (the block's own mean, then the deviations
+/// from it) into `out` (one per channel of the block).
+struct BlockMoments<'a, const BF16: bool> {
+    x: &'a [u16],
+    dims: Canonical,
+    /// Planes blocks: how far ahead (values) the first pass prefetches; 0 for nothing.
+    ahead: usize,
+    out: &'a mut [Moments],
+}
+
+impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let Canonical { outer, channels: bc, inner } = self.dims;
+        let (x, ahead) = (self.x, self.ahead);
+        let l = I::LANES;
+        let n = (outer * inner) as f64;
+        let inv_n = 1.0 / n;
+        let w = isa.splat(inv_n as f32);
+        if inner > 1 {
+            for (k, out) in self.out.iter_mut().enumerate() {
+                let mut acc = [isa.zero(); 4];
+                for o in 0..outer {
+                    let r = &x[(o * bc + k) * inner..(o * bc + k + 1) * inner];
+                    // Pairs of vectors (in the instruction set's order) first, as in the sums.
+                    let mut i = 0;
+                    while i + 4 * l <= inner {
+                        if ahead != 0 {
+                            isa.prefetch(r.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            isa.prefetch(r.as_ptr().wrapping_add(i + 2 * l + ahead) as *const f32);
+                        }
+                        for (p, j) in [(0, 0), (2 * l, 2)] {
+                            let (v0, v1) = isa.load_half2::<BF16>(&r[i + p..]);
+                            acc[j] = isa.mul_add(v0, w, acc[j]);
+                            acc[j + 1] = isa.mul_add(v1, w, acc[j + 1]);
+                        }
+                        i += 4 * l;
+                    }
+                    let r = &r[i..];
+                    for_vectors::<I, _>(
+                        inner - i,
+                        &mut acc,
+                        #[inline(always)]
+                        |acc, j, i| {
+                            if ahead != 0 && j % 2 == 0 {
+                                isa.prefetch(r.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            }
+                            acc[j] = isa.mul_add(isa.load_half::<BF16>(&r[i..]), w, acc[j])
+                        },
+                        #[inline(always)]
+                        |acc, i| acc[3] = isa.mul_add(isa.load_half_tail::<BF16>(&r[i..]), w, acc[3]),
+                    );
+                }
+                let m = sum4(isa, acc);
+                let mv = isa.splat(m);
+                let (mut ds, mut qs) = ([isa.zero(); 4], [isa.zero(); 4]);
+                for o in 0..outer {
+                    let r = &x[(o * bc + k) * inner..(o * bc + k + 1) * inner];
+                    let mut i = 0;
+                    while i + 4 * l <= inner {
+                        for (p, j) in [(0, 0), (2 * l, 2)] {
+                            let (v0, v1) = isa.load_half2::<BF16>(&r[i + p..]);
+                            let (d0, d1) = (isa.sub(v0, mv), isa.sub(v1, mv));
+                            ds[j] = isa.add(ds[j], d0);
+                            qs[j] = isa.mul_add(d0, d0, qs[j]);
+                            ds[j + 1] = isa.add(ds[j + 1], d1);
+                            qs[j + 1] = isa.mul_add(d1, d1, qs[j + 1]);
+                        }
+                        i += 4 * l;
+                    }
+                    let r = &r[i..];
+                    for_vectors::<I, _>(
+                        inner - i,
+                        &mut (&mut ds, &mut qs),
+                        #[inline(always)]
+                        |(ds, qs), j, i| {
+                            let d = isa.sub(isa.load_half::<BF16>(&r[i..]), mv);
+                            ds[j] = isa.add(ds[j], d);
+                            qs[j] = isa.mul_add(d, d, qs[j]);
+                        },
+                        #[inline(always)]
+                        |(ds, qs), i| {
+                            let t = &r[i..];
+                            let d = isa.zero_from(isa.sub(isa.load_half_tail::<BF16>(t), mv), t.len());
+                            ds[3] = isa.add(ds[3], d);
+                            qs[3] = isa.mul_add(d, d, qs[3]);
+                        },
+                    );
+                }
+                *out = Moments::from_deviations(n, inv_n, m, sum4(isa, ds) as f64, sum4(isa, qs) as f64);
+            }
+        } else {
+            // Rows of `bc` channels, a tile of up to `TILE` vectors of columns at a time: lane
+            // `j` of vector `t` accumulates channel `c0 + t * LANES + j`, in registers.
+            let mut c0 = 0;
+            while c0 < bc {
+                let width = (bc - c0).min(TILE * I::LANES);
+                let mut acc = [isa.zero(); TILE];
+                for row in x.chunks_exact(bc) {
+                    tile_mean::<I, BF16>(isa, &row[c0..c0 + width], w, &mut acc);
+                }
+                let mean = acc;
+                let (mut ds, mut qs) = ([isa.zero(); TILE], [isa.zero(); TILE]);
+                for row in x.chunks_exact(bc) {
+                    // Lanes past the columns load zero and have a zero mean: they add nothing.
+                    tile_deviations::<I, BF16>(isa, &row[c0..c0 + width], &mean, &mut ds, &mut qs);
+                }
+                let (mean, ds, qs) = (lanes(isa, &mean), lanes(isa, &ds), lanes(isa, &qs));
+                for (k, out) in self.out[c0..c0 + width].iter_mut().enumerate() {
+                    *out = Moments::from_deviations(n, inv_n, mean[k], ds[k] as f64, qs[k] as f64);
+                }
+                c0 += width;
+            }
+        }
+    }
+}
+
+/// `(sum(dy), sum(dy * (x - m)))` of every channel of one block, `m` the channel's mean in
+/// `f32`, into `out`.
+struct BlockSums<'a, const BF16: bool> {
+    x: &'a [u16],
+    dy: &'a [u16],
+    dims: Canonical,
+    /// Planes blocks: how far ahead (values) the pass prefetches; 0 for nothing.
+    ahead: usize,
+    mean: &'a [f64],
+    out: &'a mut [(f64, f64)],
+}
+
+impl<const BF16: bool> Kernel for BlockSums<'_, BF16> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let Canonical { outer, channels: bc, inner } = self.dims;
+        let (x, dy, ahead) = (self.x, self.dy, self.ahead);
+        if inner > 1 {
+            for (k, out) in self.out.iter_mut().enumerate() {
+                let mv = isa.splat(self.mean[k] as f32);
+                let (mut sdy, mut sxm) = ([isa.zero(); 4], [isa.zero(); 4]);
+                for o in 0..outer {
+                    let r = (o * bc + k) * inner..(o * bc + k + 1) * inner;
+                    let (xr, dyr) = (&x[r.clone()], &dy[r]);
+                    // Pairs of vectors (in the instruction set's order), two pairs at a time,
+                    // then the rest vector by vector.
+                    let l = I::LANES;
+                    let mut i = 0;
+                    while i + 4 * l <= inner {
+                        if ahead != 0 {
+                            isa.prefetch(xr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            isa.prefetch(dyr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            isa.prefetch(xr.as_ptr().wrapping_add(i + 2 * l + ahead) as *const f32);
+                            isa.prefetch(dyr.as_ptr().wrapping_add(i + 2 * l + ahead) as *const f32);
+                        }
+                        for (p, j) in [(0, 0), (2 * l, 2)] {
+                            let (x0, x1) = isa.load_half2::<BF16>(&xr[i + p..]);
+                            let (g0, g1) = isa.load_half2::<BF16>(&dyr[i + p..]);
+                            sdy[j] = isa.add(sdy[j], g0);
+                            sxm[j] = isa.mul_add(g0, isa.sub(x0, mv), sxm[j]);
+                            sdy[j + 1] = isa.add(sdy[j + 1], g1);
+                            sxm[j + 1] = isa.mul_add(g1, isa.sub(x1, mv), sxm[j + 1]);
+                        }
+                        i += 4 * l;
+                    }
+                    let (xr, dyr) = (&xr[i..], &dyr[i..]);
+                    for_vectors::<I, _>(
+                        inner - i,
+                        &mut (&mut sdy, &mut sxm),
+                        #[inline(always)]
+                        |(sdy, sxm), j, i| {
+                            if ahead != 0 && j % 2 == 0 {
+                                isa.prefetch(xr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                                isa.prefetch(dyr.as_ptr().wrapping_add(i + ahead) as *const f32);
+                            }
+                            let g = isa.load_half::<BF16>(&dyr[i..]);
+                            sdy[j] = isa.add(sdy[j], g);
+                            sxm[j] = isa.mul_add(g, isa.sub(isa.load_half::<BF16>(&xr[i..]), mv), sxm[j]);
+                        },
+                        #[inline(always)]
+                        |(sdy, sxm), i| {
+                            // Lanes above the tail are zero in `dy`, so their products vanish.
+                            let g = isa.load_half_tail::<BF16>(&dyr[i..]);
+                            sdy[3] = isa.add(sdy[3], g);
+                            let d = isa.sub(isa.load_half_tail::<BF16>(&xr[i..]), mv);
+                            sxm[3] = isa.mul_add(g, d, sxm[3]);
+                        },
+                    );
+                }
+                *out = (sum4(isa, sdy) as f64, sum4(isa, sxm) as f64);
+            }
+        } else {
+            let mut c0 = 0;
+            while c0 < bc {
+                let width = (bc - c0).min(TILE * I::LANES);
+                let mut mf = [0.0f32; TILE * 16];
+                for (m, &mean) in mf.iter_mut().zip(&self.mean[c0..c0 + width]) {
+                    *m = mean as f32;
+                }
+                let m: [I::V; TILE] = core::array::from_fn(|t| isa.load(&mf[t * I::LANES..]));
+                let (mut sdy, mut sxm) = ([isa.zero(); TILE], [isa.zero(); TILE]);
+                for (xr, dyr) in x.chunks_exact(bc).zip(dy.chunks_exact(bc)) {
+                    tile_sums::<I, BF16>(
+                        isa,
+                        &xr[c0..c0 + width],
+                        &dyr[c0..c0 + width],
+                        &m,
+                        &mut sdy,
+                        &mut sxm,
+                    );
+                }
+                let (sdy, sxm) = (lanes(isa, &sdy), lanes(isa, &sxm));
+                for (k, out) in self.out[c0..c0 + width].iter_mut().enumerate() {
+                    *out = (sdy[k] as f64, sxm[k] as f64);
+                }
+                c0 += width;
+            }
+        }
+    }
+}
+
+/// `k1 * dy + (k2 * (x - m) + k3)`: the formula of the `f32` kernels' training `dx`.
+#[inline(always)]
+fn dx_value<I: Isa>(isa: I, x: I::V, dy: I::V, m: I::V, k1: I::V, k2: I::V, k3: I::V) -> I::V {
+    isa.mul_add(k1, dy, isa.mul_add(k2, isa.sub(x, m), k3))
+}
+
+/// `dx = k1 * dy + (k2 * (x - m) + k3)` over one block, rounded into `dx`: per run with the
+/// run's channel coefficients, or per row with per-column coefficients (`m`, `k1`, `k2`, `k3`
+/// of the block's channels, as slices).
+struct BlockDx<'a, const BF16: bool> {
+    x: &'a [u16],
+    dy: &'a [u16],
+    dx: &'a mut [u16],
+    dims: Canonical,
+    k: [&'a [f32]; 4],
+}
+
+impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let Canonical { channels: bc, inner, .. } = self.dims;
+        let [km, k1, k2, k3] = self.k;
+        let l = I::LANES;
+        let (x, dy, dx) = (self.x, self.dy, self.dx);
+        if inner > 1 {
+            for (r, ((xr, dyr), dxr)) in
+                x.chunks_exact(inner).zip(dy.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner)).enumerate()
+            {
+                let c = r % bc;
+                let (m, a, b, cc) = (isa.splat(km[c]), isa.splat(k1[c]), isa.splat(k2[c]), isa.splat(k3[c]));
+                let mut i = 0;
+                while i + 2 * l <= inner {
+                    let (x0, x1) = isa.load_half2::<BF16>(&xr[i..]);
+                    let (g0, g1) = isa.load_half2::<BF16>(&dyr[i..]);
+                    let (v0, v1) = (dx_value(isa, x0, g0, m, a, b, cc), dx_value(isa, x1, g1, m, a, b, cc));
+                    isa.store_half2::<BF16>(&mut dxr[i..], v0, v1);
+                    i += 2 * l;
+                }
+                while i + l <= inner {
+                    let v = dx_value(
+                        isa,
+                        isa.load_half::<BF16>(&xr[i..]),
+                        isa.load_half::<BF16>(&dyr[i..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half::<BF16>(&mut dxr[i..], v);
+                    i += l;
+                }
+                if i < inner && inner >= l {
+                    // The last whole vector of the run, overlapping values already written:
+                    // they are computed again from the same inputs, to the same bits.
+                    let i = inner - l;
+                    let v = dx_value(
+                        isa,
+                        isa.load_half::<BF16>(&xr[i..]),
+                        isa.load_half::<BF16>(&dyr[i..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half::<BF16>(&mut dxr[i..], v);
+                } else if i < inner {
+                    let v = dx_value(
+                        isa,
+                        isa.load_half_tail::<BF16>(&xr[i..]),
+                        isa.load_half_tail::<BF16>(&dyr[i..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half_tail::<BF16>(&mut dxr[i..], v);
+                }
+            }
+        } else {
+            let (km, k1, k2, k3) = (&km[..bc], &k1[..bc], &k2[..bc], &k3[..bc]);
+            for ((xr, dyr), dxr) in x.chunks_exact(bc).zip(dy.chunks_exact(bc)).zip(dx.chunks_exact_mut(bc)) {
+                let mut c = 0;
+                while c + l <= bc {
+                    let (m, a, b, cc) =
+                        (isa.load(&km[c..]), isa.load(&k1[c..]), isa.load(&k2[c..]), isa.load(&k3[c..]));
+                    let v = dx_value(
+                        isa,
+                        isa.load_half::<BF16>(&xr[c..]),
+                        isa.load_half::<BF16>(&dyr[c..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half::<BF16>(&mut dxr[c..], v);
+                    c += l;
+                }
+                if c < bc && bc >= l {
+                    // The row's last whole vector, overlapping (see the planes case).
+                    let c = bc - l;
+                    let (m, a, b, cc) =
+                        (isa.load(&km[c..]), isa.load(&k1[c..]), isa.load(&k2[c..]), isa.load(&k3[c..]));
+                    let v = dx_value(
+                        isa,
+                        isa.load_half::<BF16>(&xr[c..]),
+                        isa.load_half::<BF16>(&dyr[c..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half::<BF16>(&mut dxr[c..], v);
+                } else if c < bc {
+                    let (m, a, b, cc) = (
+                        isa.load_tail(&km[c..]),
+                        isa.load_tail(&k1[c..]),
+                        isa.load_tail(&k2[c..]),
+                        isa.load_tail(&k3[c..]),
+                    );
+                    let v = dx_value(
+                        isa,
+                        isa.load_half_tail::<BF16>(&xr[c..]),
+                        isa.load_half_tail::<BF16>(&dyr[c..]),
+                        m,
+                        a,
+                        b,
+                        cc,
+                    );
+                    isa.store_half_tail::<BF16>(&mut dxr[c..], v);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `f32 -> 16 bits -> f32` through [`Isa::store_half`] and [`Isa::load_half`] (whole
+    /// vectors and tails), and pairs through [`Isa::store_half2`], on one instruction set.
+    struct RoundTrip<'a, const BF16: bool> {
+        values: &'a [f32],
+        bits: &'a mut [u16],
+        back: &'a mut [f32],
+    }
+
+    impl<const BF16: bool> Kernel for RoundTrip<'_, BF16> {
+        type Output = ();
+        fn run<I: Isa>(self, isa: I) {
+            let l = I::LANES;
+            let n = self.values.len();
+            let mut i = 0;
+            while i < n {
+                if i + 2 * l <= n && (i / l) % 3 == 0 {
+                    isa.store_half::<BF16>(&mut self.bits[i..], isa.load(&self.values[i..]));
+                    isa.store_half::<BF16>(&mut self.bits[i + l..], isa.load(&self.values[i + l..]));
+                    // A pair in the instruction set's order: stored as loaded, the same bits.
+                    let (a, b) = isa.load_half2::<BF16>(&self.bits[i..]);
+                    let mut again = [0u16; 32];
+                    isa.store_half2::<BF16>(&mut again, a, b);
+                    let back = [isa.load_half::<BF16>(&again), isa.load_half::<BF16>(&again[l..])];
+                    isa.store(&mut self.back[i..], back[0]);
+                    isa.store(&mut self.back[i + l..], back[1]);
+                    assert_eq!(&again[..2 * l], &self.bits[i..i + 2 * l]);
+                    i += 2 * l;
+                    continue;
+                }
+                let end = (i + l).min(n);
+                if end - i == l {
+                    isa.store_half::<BF16>(&mut self.bits[i..], isa.load(&self.values[i..]));
+                    isa.store(&mut self.back[i..], isa.load_half::<BF16>(&self.bits[i..]));
+                } else {
+                    isa.store_half_tail::<BF16>(&mut self.bits[i..end], isa.load_tail(&self.values[i..end]));
+                    isa.store_tail(&mut self.back[i..end], isa.load_half_tail::<BF16>(&self.bits[i..end]));
+                }
+                i = end;
+            }
+        }
+    }
+
+    /// The in-register conversions give `half`'s bits: every 16-bit pattern round trips, and
+    /// values next to the rounding boundaries (ties, subnormals, overflow, NaN) round to nearest
+    /// even, on every backend.
+    #[test]
+    fn register_conversions_match_half_on_every_backend() {
+        let mut values: Vec<f32> = Vec::new();
+        for bits in 0..=u16::MAX {
+            values.push(half::bf16::from_bits(bits).to_f32());
+            values.push(half::f16::from_bits(bits).to_f32());
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..50_000 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let high = (state >> 32) as u32;
+            for low in [0x7fffu32, 0x8000, 0x8001, 0x0fff, 0x1000, 0x1001] {
+                values.push(f32::from_bits((high & !0xffff) | low));
+                values.push(f32::from_bits((high & !0x1fff) | (low & 0x1fff)));
+            }
+        }
+        values.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65520.0, 1e-40, -0.0, 3.0]);
+        for backend in Backend::available() {
+            for format in [HalfFormat::Bf16, HalfFormat::F16] {
+                let (mut bits, mut back) = (vec![0u16; values.len()], vec![0.0f32; values.len()]);
+                let (b, k) = (&mut bits[..], &mut back[..]);
+                match format {
+                    HalfFormat::Bf16 => {
+                        run_kernel(backend, format, RoundTrip::<true> { values: &values, bits: b, back: k })
+                    }
+                    HalfFormat::F16 => {
+                        run_kernel(backend, format, RoundTrip::<false> { values: &values, bits: b, back: k })
+                    }
+                }
+                for (i, &v) in values.iter().enumerate() {
+                    let (want, wide) = match format {
+                        HalfFormat::Bf16 => {
+                            let h = half::bf16::from_f32(v);
+                            (h.to_bits(), half::bf16::from_bits(bits[i]).to_f32())
+                        }
+                        HalfFormat::F16 => {
+                            let h = half::f16::from_f32(v);
+                            (h.to_bits(), half::f16::from_bits(bits[i]).to_f32())
+                        }
+                    };
+                    if v.is_nan() {
+                        assert!(wide.is_nan() && back[i].is_nan(), "{backend} {format:?} [{i}]: NaN");
+                    } else {
+                        assert_eq!(bits[i], want, "{backend} {format:?} [{i}]: {v:e}");
+                        assert_eq!(back[i].to_bits(), wide.to_bits(), "{backend} {format:?} [{i}]: widen");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn blocks_tile_the_tensor_in_order() {

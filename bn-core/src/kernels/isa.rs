@@ -102,6 +102,87 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     fn prefetch(self, p: *const f32) {
         prefetch(p)
     }
+
+    /// The first `LANES` 16-bit values of `s` (`bf16` bits when `BF16`, else `f16` bits),
+    /// widened to `f32` exactly (panics if `s` is shorter). By default lane by lane; instruction
+    /// sets with conversion instructions widen in registers.
+    #[inline(always)]
+    fn load_half<const BF16: bool>(self, s: &[u16]) -> Self::V {
+        let mut a = [0.0f32; MAX_LANES];
+        for (d, &b) in a[..Self::LANES].iter_mut().zip(&s[..Self::LANES]) {
+            *d = half_to_f32::<BF16>(b);
+        }
+        self.load(&a)
+    }
+    /// The `s.len() < LANES` 16-bit values of `s` widened into the low lanes, zeros above.
+    #[inline(always)]
+    fn load_half_tail<const BF16: bool>(self, s: &[u16]) -> Self::V {
+        assert!(s.len() < Self::LANES);
+        let mut a = [0.0f32; MAX_LANES];
+        for (d, &b) in a.iter_mut().zip(s) {
+            *d = half_to_f32::<BF16>(b);
+        }
+        self.load(&a)
+    }
+    /// Stores `v` rounded to nearest even into the first `LANES` 16-bit values of `s` (panics if
+    /// `s` is shorter): the bits of [`half::bf16::from_f32`] / [`half::f16::from_f32`] (a NaN
+    /// stays a NaN).
+    #[inline(always)]
+    fn store_half<const BF16: bool>(self, s: &mut [u16], v: Self::V) {
+        let mut a = [0.0f32; MAX_LANES];
+        self.store(&mut a, v);
+        for (d, &x) in s[..Self::LANES].iter_mut().zip(&a) {
+            *d = f32_to_half::<BF16>(x);
+        }
+    }
+    /// Stores the low `s.len() < LANES` lanes of `v`, rounded as [`Isa::store_half`].
+    #[inline(always)]
+    fn store_half_tail<const BF16: bool>(self, s: &mut [u16], v: Self::V) {
+        assert!(s.len() < Self::LANES);
+        let mut a = [0.0f32; MAX_LANES];
+        self.store(&mut a, v);
+        for (d, &x) in s.iter_mut().zip(&a) {
+            *d = f32_to_half::<BF16>(x);
+        }
+    }
+    /// `2 * LANES` 16-bit values of `s` widened into two vectors, in an order of the
+    /// instruction set's choosing (by default the first `LANES` values, then the next): for
+    /// elementwise work and sums, where the order of the values does not matter.
+    /// [`Isa::store_half2`] stores in the same order.
+    #[inline(always)]
+    fn load_half2<const BF16: bool>(self, s: &[u16]) -> (Self::V, Self::V) {
+        (self.load_half::<BF16>(s), self.load_half::<BF16>(&s[Self::LANES..]))
+    }
+    /// Stores two vectors into `2 * LANES` 16-bit values of `s` as [`Isa::store_half`] does, in
+    /// the order of [`Isa::load_half2`].
+    #[inline(always)]
+    fn store_half2<const BF16: bool>(self, s: &mut [u16], a: Self::V, b: Self::V) {
+        self.store_half::<BF16>(s, a);
+        self.store_half::<BF16>(&mut s[Self::LANES..], b);
+    }
+}
+
+/// The most lanes of any instruction set (the stack arrays of the default 16-bit loads).
+const MAX_LANES: usize = 16;
+
+/// One 16-bit value (`bf16` bits when `BF16`, else `f16` bits) widened to `f32`, exactly.
+#[inline(always)]
+pub(crate) fn half_to_f32<const BF16: bool>(bits: u16) -> f32 {
+    if BF16 {
+        super::convert::bf16_bits_to_f32(bits)
+    } else {
+        half::f16::from_bits(bits).to_f32()
+    }
+}
+
+/// One `f32` rounded to nearest even into 16 bits (`bf16` when `BF16`, else `f16`).
+#[inline(always)]
+pub(crate) fn f32_to_half<const BF16: bool>(v: f32) -> u16 {
+    if BF16 {
+        super::convert::f32_to_bf16_bits(v)
+    } else {
+        half::f16::from_f32(v).to_bits()
+    }
 }
 
 /// The scalar ReLU every instruction set matches bit for bit: `0` where `v < 0`, else `v`.

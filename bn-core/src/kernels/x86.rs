@@ -7,7 +7,8 @@
 use core::arch::x86_64::*;
 
 use super::backend::{has_avx2, has_avx512};
-use super::isa::{Isa, Kernel};
+use super::convert::{self, x86::has_f16c};
+use super::isa::{f32_to_half, half_to_f32, Isa, Kernel};
 
 /// AVX2 + FMA: 8-lane `__m256` vectors.
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +142,50 @@ impl Isa for Avx2 {
     fn fence(self) {
         // SAFETY: SSE is part of x86-64.
         unsafe { _mm_sfence() }
+    }
+    #[inline(always)]
+    fn load_half<const BF16: bool>(self, s: &[u16]) -> __m256 {
+        assert!(s.len() >= 8);
+        if BF16 {
+            // SAFETY: the token proves AVX2; `s` holds at least 8 values (checked); unaligned
+            // load. `bf16 -> f32` is the bits shifted into the high half.
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        } else if has_f16c() {
+            // SAFETY: F16C was detected just above; `s` holds at least 8 values (checked).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i)) }
+        } else {
+            let a: [f32; 8] = core::array::from_fn(|i| half_to_f32::<false>(s[i]));
+            self.load(&a)
+        }
+    }
+    #[inline(always)]
+    fn store_half<const BF16: bool>(self, s: &mut [u16], v: __m256) {
+        assert!(s.len() >= 8);
+        if BF16 {
+            // SAFETY: the token proves AVX2; `s` holds at least 8 values (checked). Every lane of
+            // the rounded bits is below 0x10000, so the saturating pack is exact; the
+            // permutation gathers the two 64-bit halves holding lanes 0-3 and 4-7.
+            unsafe {
+                let b = convert::x86::f32x8_to_bf16_u32(v);
+                let packed = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(b, b));
+                _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(packed));
+            }
+        } else if has_f16c() {
+            // SAFETY: F16C was detected just above; `s` holds at least 8 values (checked).
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, h);
+            }
+        } else {
+            let mut a = [0.0f32; 8];
+            self.store(&mut a, v);
+            for (d, &x) in s[..8].iter_mut().zip(&a) {
+                *d = f32_to_half::<false>(x);
+            }
+        }
     }
 }
 
@@ -288,6 +333,113 @@ impl Isa for Avx512 {
         // SAFETY: SSE is part of x86-64.
         unsafe { _mm_sfence() }
     }
+    #[inline(always)]
+    fn load_half<const BF16: bool>(self, s: &[u16]) -> __m512 {
+        assert!(s.len() >= 16);
+        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 16 values (checked);
+        // unaligned load.
+        unsafe {
+            let h = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
+            if BF16 {
+                convert::x86::bf16x16_to_f32(h)
+            } else {
+                _mm512_cvtph_ps(h)
+            }
+        }
+    }
+    #[inline(always)]
+    fn load_half2<const BF16: bool>(self, s: &[u16]) -> (__m512, __m512) {
+        if !BF16 {
+            return (self.load_half::<BF16>(s), self.load_half::<BF16>(&s[16..]));
+        }
+        assert!(s.len() >= 32);
+        // SAFETY: the token proves AVX-512F; `s` holds at least 32 values (checked); unaligned
+        // load. Each 32-bit lane holds an even-indexed value in its low half and the next one in
+        // its high half: shifted left, the even values are `f32`; masked, the odd ones. No
+        // shuffle.
+        unsafe {
+            let v = _mm512_loadu_si512(s.as_ptr() as *const __m512i);
+            let even = _mm512_slli_epi32::<16>(v);
+            let odd = _mm512_and_si512(v, _mm512_set1_epi32(0xffff_0000u32 as i32));
+            (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
+        }
+    }
+    #[inline(always)]
+    fn store_half2<const BF16: bool>(self, s: &mut [u16], a: __m512, b: __m512) {
+        if !BF16 {
+            self.store_half::<BF16>(s, a);
+            self.store_half::<BF16>(&mut s[16..], b);
+            return;
+        }
+        assert!(s.len() >= 32);
+        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 32 values (checked);
+        // unaligned store. The rounded bits (below 0x10000) of the even values go to the low
+        // halves of the 32-bit lanes, those of the odd values to the high halves: the order of
+        // `load_half2`.
+        unsafe {
+            let even = convert::x86::f32x16_to_bf16_u32(a);
+            let odd = convert::x86::f32x16_to_bf16_u32(b);
+            let packed = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+            _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, packed);
+        }
+    }
+    #[inline(always)]
+    fn load_half_tail<const BF16: bool>(self, s: &[u16]) -> __m512 {
+        assert!(s.len() < 16);
+        let h = if has_avx512bw() {
+            // SAFETY: AVX-512BW and VL were detected just above; only the first `s.len()` lanes
+            // are enabled in the mask, and masked-off lanes are neither read nor able to fault.
+            unsafe { load_u16_tail(s) }
+        } else {
+            let mut a = [0u16; 16];
+            a[..s.len()].copy_from_slice(s);
+            // SAFETY: the token proves AVX; `a` holds 16 values.
+            unsafe { _mm256_loadu_si256(a.as_ptr() as *const __m256i) }
+        };
+        // SAFETY: the token proves AVX-512F and AVX2.
+        unsafe {
+            if BF16 {
+                convert::x86::bf16x16_to_f32(h)
+            } else {
+                _mm512_cvtph_ps(h)
+            }
+        }
+    }
+    #[inline(always)]
+    fn store_half<const BF16: bool>(self, s: &mut [u16], v: __m512) {
+        assert!(s.len() >= 16);
+        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 16 values (checked);
+        // unaligned store.
+        unsafe {
+            let h = if BF16 {
+                _mm512_cvtepi32_epi16(convert::x86::f32x16_to_bf16_u32(v))
+            } else {
+                _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+            };
+            _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, h);
+        }
+    }
+}
+
+/// Whether the CPU has AVX-512BW and VL (masked 16-bit loads; cached by `std`).
+#[inline(always)]
+fn has_avx512bw() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// The `s.len() < 16` values of `s` in the low lanes, zeros above, by one masked load.
+///
+/// # Safety
+///
+/// The CPU has AVX-512BW and AVX-512VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn load_u16_tail(s: &[u16]) -> __m256i {
+    debug_assert!(s.len() < 16);
+    let mask = ((1u32 << s.len()) - 1) as __mmask16;
+    // SAFETY: only the first `s.len()` lanes are enabled in the mask; masked-off lanes are
+    // neither read nor able to fault.
+    unsafe { _mm256_maskz_loadu_epi16(mask, s.as_ptr() as *const i16) }
 }
 
 #[cfg(test)]
