@@ -1390,7 +1390,7 @@ impl<const BF16: bool> Kernel for BlockSums<'_, BF16> {
 
 /// `k1 * dy + (k2 * (x - m) + k3)`: the formula of the `f32` kernels' training `dx`.
 #[inline(always)]
-fn dx_value<I: Isa>(isa: I, x: I::V, dy: I::V, m: I::V, k1: I::V, k2: I::V, k3: I::V) -> I::V {
+fn dx_value<I: Isa>(isa: I, x: I::V, dy: I::V, [m, k1, k2, k3]: [I::V; 4]) -> I::V {
     isa.mul_add(k1, dy, isa.mul_add(k2, isa.sub(x, m), k3))
 }
 
@@ -1418,110 +1418,68 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
                 x.chunks_exact(inner).zip(dy.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner)).enumerate()
             {
                 let c = r % bc;
-                let (m, a, b, cc) = (isa.splat(km[c]), isa.splat(k1[c]), isa.splat(k2[c]), isa.splat(k3[c]));
+                let k = [isa.splat(km[c]), isa.splat(k1[c]), isa.splat(k2[c]), isa.splat(k3[c])];
                 let mut i = 0;
                 while i + 2 * l <= inner {
                     let (x0, x1) = isa.load_half2::<BF16>(&xr[i..]);
                     let (g0, g1) = isa.load_half2::<BF16>(&dyr[i..]);
-                    let (v0, v1) = (dx_value(isa, x0, g0, m, a, b, cc), dx_value(isa, x1, g1, m, a, b, cc));
+                    let (v0, v1) = (dx_value(isa, x0, g0, k), dx_value(isa, x1, g1, k));
                     isa.store_half2::<BF16>(&mut dxr[i..], v0, v1);
                     i += 2 * l;
                 }
                 while i + l <= inner {
-                    let v = dx_value(
-                        isa,
-                        isa.load_half::<BF16>(&xr[i..]),
-                        isa.load_half::<BF16>(&dyr[i..]),
-                        m,
-                        a,
-                        b,
-                        cc,
-                    );
-                    isa.store_half::<BF16>(&mut dxr[i..], v);
+                    isa.store_half::<BF16>(&mut dxr[i..], dx_whole::<I, BF16>(isa, xr, dyr, i, k));
                     i += l;
                 }
                 if i < inner && inner >= l {
                     // The last whole vector of the run, overlapping values already written:
                     // they are computed again from the same inputs, to the same bits.
                     let i = inner - l;
-                    let v = dx_value(
-                        isa,
-                        isa.load_half::<BF16>(&xr[i..]),
-                        isa.load_half::<BF16>(&dyr[i..]),
-                        m,
-                        a,
-                        b,
-                        cc,
-                    );
-                    isa.store_half::<BF16>(&mut dxr[i..], v);
+                    isa.store_half::<BF16>(&mut dxr[i..], dx_whole::<I, BF16>(isa, xr, dyr, i, k));
                 } else if i < inner {
-                    let v = dx_value(
-                        isa,
-                        isa.load_half_tail::<BF16>(&xr[i..]),
-                        isa.load_half_tail::<BF16>(&dyr[i..]),
-                        m,
-                        a,
-                        b,
-                        cc,
-                    );
-                    isa.store_half_tail::<BF16>(&mut dxr[i..], v);
+                    isa.store_half_tail::<BF16>(&mut dxr[i..], dx_tail::<I, BF16>(isa, xr, dyr, i, k));
                 }
             }
         } else {
             let (km, k1, k2, k3) = (&km[..bc], &k1[..bc], &k2[..bc], &k3[..bc]);
+            let coefficients =
+                |c: usize| [isa.load(&km[c..]), isa.load(&k1[c..]), isa.load(&k2[c..]), isa.load(&k3[c..])];
             for ((xr, dyr), dxr) in x.chunks_exact(bc).zip(dy.chunks_exact(bc)).zip(dx.chunks_exact_mut(bc)) {
                 let mut c = 0;
                 while c + l <= bc {
-                    let (m, a, b, cc) =
-                        (isa.load(&km[c..]), isa.load(&k1[c..]), isa.load(&k2[c..]), isa.load(&k3[c..]));
-                    let v = dx_value(
-                        isa,
-                        isa.load_half::<BF16>(&xr[c..]),
-                        isa.load_half::<BF16>(&dyr[c..]),
-                        m,
-                        a,
-                        b,
-                        cc,
-                    );
+                    let v = dx_whole::<I, BF16>(isa, xr, dyr, c, coefficients(c));
                     isa.store_half::<BF16>(&mut dxr[c..], v);
                     c += l;
                 }
                 if c < bc && bc >= l {
                     // The row's last whole vector, overlapping (see the planes case).
                     let c = bc - l;
-                    let (m, a, b, cc) =
-                        (isa.load(&km[c..]), isa.load(&k1[c..]), isa.load(&k2[c..]), isa.load(&k3[c..]));
-                    let v = dx_value(
-                        isa,
-                        isa.load_half::<BF16>(&xr[c..]),
-                        isa.load_half::<BF16>(&dyr[c..]),
-                        m,
-                        a,
-                        b,
-                        cc,
-                    );
+                    let v = dx_whole::<I, BF16>(isa, xr, dyr, c, coefficients(c));
                     isa.store_half::<BF16>(&mut dxr[c..], v);
                 } else if c < bc {
-                    let (m, a, b, cc) = (
+                    let k = [
                         isa.load_tail(&km[c..]),
                         isa.load_tail(&k1[c..]),
                         isa.load_tail(&k2[c..]),
                         isa.load_tail(&k3[c..]),
-                    );
-                    let v = dx_value(
-                        isa,
-                        isa.load_half_tail::<BF16>(&xr[c..]),
-                        isa.load_half_tail::<BF16>(&dyr[c..]),
-                        m,
-                        a,
-                        b,
-                        cc,
-                    );
-                    isa.store_half_tail::<BF16>(&mut dxr[c..], v);
+                    ];
+                    isa.store_half_tail::<BF16>(&mut dxr[c..], dx_tail::<I, BF16>(isa, xr, dyr, c, k));
                 }
             }
         }
     }
+}
+
+/// [`dx_value`] of the whole vector at `i` of a run or row of 16-bit values.
+#[inline(always)]
+fn dx_whole<I: Isa, const BF16: bool>(isa: I, x: &[u16], dy: &[u16], i: usize, k: [I::V; 4]) -> I::V {
+    dx_value(isa, isa.load_half::<BF16>(&x[i..]), isa.load_half::<BF16>(&dy[i..]), k)
+}
+
+/// [`dx_value`] of the partial vector from `i` to the end of a run or row of 16-bit values.
+#[inline(always)]
+fn dx_tail<I: Isa, const BF16: bool>(isa: I, x: &[u16], dy: &[u16], i: usize, k: [I::V; 4]) -> I::V {
+    dx_value(isa, isa.load_half_tail::<BF16>(&x[i..]), isa.load_half_tail::<BF16>(&dy[i..]), k)
 }
 
 #[cfg(test)]
