@@ -8,42 +8,8 @@ use bn_core::kernels::{self, reference, Backend};
 use bn_core::spec::{Dynamic, Spec};
 use bn_core::Canonical;
 
-/// A small deterministic generator (xorshift64*), uniform in `[lo, hi)` or normal.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    fn normal(&mut self) -> f64 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (-2.0 * u1.ln()).sqrt() * (2.0 * core::f64::consts::PI * u2).cos()
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-}
-
-/// The fast backends of this machine; prints a line for each one it lacks.
-fn fast_backends() -> Vec<Backend> {
-    for b in [Backend::Avx2, Backend::Avx512] {
-        if !b.is_available() {
-            println!("skipping backend {b}: not supported by this CPU");
-        }
-    }
-    Backend::available().into_iter().filter(|&b| b != Backend::Scalar).collect()
-}
+mod common;
+use common::{fast_backends, Rng};
 
 /// Extents that exercise every tail: 1, below/at/above one and two vectors, odd, and large.
 const EXTENTS: [usize; 10] = [1, 2, 7, 8, 15, 16, 17, 49, 70, 3136];

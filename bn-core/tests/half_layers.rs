@@ -8,34 +8,8 @@ use bn_core::half::{bf16, f16};
 use bn_core::kernels::Backend;
 use bn_core::{BatchNorm, Config, Element, Layout};
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        lo + (hi - lo) * u
-    }
-}
-
-/// Every backend of this machine, printing a line for each one it lacks.
-fn backends() -> Vec<Backend> {
-    for b in [Backend::Avx2, Backend::Avx512] {
-        if !b.is_available() {
-            println!("skipping backend {b}: not supported by this CPU");
-        }
-    }
-    Backend::available()
-}
+mod common;
+use common::{backends, Rng};
 
 /// `(outer, C, inner)` shapes of both families with odd tails, and the three block kinds of the
 /// 16-bit drivers (whole rows, channel ranges of a row, pieces of a long run).
@@ -132,10 +106,10 @@ fn run<E: Element>(
 #[allow(clippy::type_complexity)]
 fn data<E: Element<Param = f32>>(n: usize, c: usize, seed: u64) -> (Vec<E>, Vec<E>, Vec<f32>, Vec<f32>) {
     let mut rng = Rng::new(seed);
-    let x = (0..n).map(|_| E::from_f64(3.0 + rng.uniform(-2.0, 2.0))).collect();
-    let dy = (0..n).map(|_| E::from_f64(rng.uniform(-1.0, 1.0))).collect();
-    let gamma = (0..c).map(|_| rng.uniform(0.5, 1.5) as f32).collect();
-    let beta = (0..c).map(|_| rng.uniform(-0.5, 0.5) as f32).collect();
+    let x = (0..n).map(|_| E::from_f64(3.0 + rng.uniform_f64(-2.0, 2.0))).collect();
+    let dy = (0..n).map(|_| E::from_f64(rng.uniform_f64(-1.0, 1.0))).collect();
+    let gamma = (0..c).map(|_| rng.uniform_f64(0.5, 1.5) as f32).collect();
+    let beta = (0..c).map(|_| rng.uniform_f64(-0.5, 0.5) as f32).collect();
     (x, dy, gamma, beta)
 }
 

@@ -8,34 +8,8 @@ use bn_core::kernels::{self, reference, Backend};
 use bn_core::spec::Dynamic;
 use bn_core::Canonical;
 
-/// A small deterministic generator (xorshift64*), uniform in `[lo, hi)`.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                self.0 ^= self.0 >> 12;
-                self.0 ^= self.0 << 25;
-                self.0 ^= self.0 >> 27;
-                let u = (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
-                lo + (hi - lo) * u
-            })
-            .collect()
-    }
-}
-
-fn fast_backends() -> Vec<Backend> {
-    for b in [Backend::Avx2, Backend::Avx512] {
-        if !b.is_available() {
-            println!("skipping backend {b}: not supported by this CPU");
-        }
-    }
-    Backend::available().into_iter().filter(|&b| b != Backend::Scalar).collect()
-}
+mod common;
+use common::{fast_backends, Rng};
 
 /// Both families, tails, several blocks and chunks, and enough values for the pool.
 fn shapes() -> Vec<Canonical> {
