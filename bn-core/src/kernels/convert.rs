@@ -15,38 +15,103 @@ use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use super::half16::HalfFormat;
+use super::isa::{Isa, Kernel};
 use super::Backend;
 
 /// `dst = f32(src)` (`dst.len() == src.len()`).
 #[inline]
 pub(crate) fn widen(backend: Backend, format: HalfFormat, src: &[u16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "conversion of slices of different lengths");
-    #[cfg(target_arch = "x86_64")]
-    match (backend.usable(), format) {
-        (Backend::Avx512, HalfFormat::Bf16) => return x86::widen_bf16_avx512(src, dst),
-        (Backend::Avx512, HalfFormat::F16) => return x86::widen_f16_avx512(src, dst),
-        (Backend::Avx2, HalfFormat::Bf16) => return x86::widen_bf16_avx2(src, dst),
-        (Backend::Avx2, HalfFormat::F16) if x86::has_f16c() => return x86::widen_f16_avx2(src, dst),
-        _ => {}
+    if !convert_simd(backend, format, Convert::Widen(src, dst)) {
+        widen_portable(format, src, dst);
     }
-    let _ = backend;
-    widen_portable(format, src, dst);
 }
 
 /// `dst = round(src)` to nearest even (`dst.len() == src.len()`).
 #[inline]
 pub(crate) fn narrow(backend: Backend, format: HalfFormat, src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len(), "conversion of slices of different lengths");
-    #[cfg(target_arch = "x86_64")]
-    match (backend.usable(), format) {
-        (Backend::Avx512, HalfFormat::Bf16) => return x86::narrow_bf16_avx512(src, dst),
-        (Backend::Avx512, HalfFormat::F16) => return x86::narrow_f16_avx512(src, dst),
-        (Backend::Avx2, HalfFormat::Bf16) => return x86::narrow_bf16_avx2(src, dst),
-        (Backend::Avx2, HalfFormat::F16) if x86::has_f16c() => return x86::narrow_f16_avx2(src, dst),
-        _ => {}
+    if !convert_simd(backend, format, Convert::Narrow(src, dst)) {
+        narrow_portable(format, src, dst);
     }
-    let _ = backend;
-    narrow_portable(format, src, dst);
+}
+
+/// A conversion between equally long slices, either way.
+enum Convert<'a> {
+    Widen(&'a [u16], &'a mut [f32]),
+    Narrow(&'a [f32], &'a mut [u16]),
+}
+
+/// [`Convert`] in `bf16` (`BF16`) or `f16`, through the instruction set's [`Isa::load_half`] /
+/// [`Isa::store_half`] (the conversions the 16-bit kernels use in registers), whole vectors then
+/// a masked tail.
+struct ConvertKernel<'a, const BF16: bool>(Convert<'a>);
+
+impl<const BF16: bool> Kernel for ConvertKernel<'_, BF16> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let l = I::LANES;
+        match self.0 {
+            Convert::Widen(src, dst) => {
+                let mut i = 0;
+                while i + l <= src.len() {
+                    isa.store(&mut dst[i..], isa.load_half::<BF16>(&src[i..]));
+                    i += l;
+                }
+                if i < src.len() {
+                    isa.store_tail(&mut dst[i..], isa.load_half_tail::<BF16>(&src[i..]));
+                }
+            }
+            Convert::Narrow(src, dst) => {
+                let mut i = 0;
+                while i + l <= src.len() {
+                    isa.store_half::<BF16>(&mut dst[i..], isa.load(&src[i..]));
+                    i += l;
+                }
+                if i < src.len() {
+                    isa.store_half_tail::<BF16>(&mut dst[i..], isa.load_tail(&src[i..]));
+                }
+            }
+        }
+    }
+}
+
+/// Runs `convert` on the AVX-512 or AVX2 backend (`f16` on AVX2 only with F16C); false, doing
+/// nothing, on the others (the portable conversions serve them).
+#[inline]
+fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::x86::{Avx2, Avx512};
+        let bf16 = format == HalfFormat::Bf16;
+        macro_rules! run {
+            ($isa:expr) => {
+                if bf16 {
+                    $isa.vectorize(ConvertKernel::<true>(convert))
+                } else {
+                    $isa.vectorize(ConvertKernel::<false>(convert))
+                }
+            };
+        }
+        match backend.usable() {
+            Backend::Avx512 => {
+                if let Some(isa) = Avx512::new() {
+                    run!(isa);
+                    return true;
+                }
+            }
+            Backend::Avx2 if bf16 || x86::has_f16c() => {
+                if let Some(isa) = Avx2::new() {
+                    run!(isa);
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = (backend, format, convert);
+    false
 }
 
 /// The parameters of a fused affine pass: one `(m, s, t)` for the whole run (a run of one
@@ -194,13 +259,15 @@ fn f32_to_f16_bits(value: f32) -> u16 {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    //! The AVX2 (+F16C) and AVX-512F conversions. Each `#[target_feature]` function is entered
-    //! only from [`super::widen`] / [`super::narrow`] after the backend (or F16C) was detected.
+    //! The AVX2 (+F16C) and AVX-512F conversion primitives (which the instruction sets'
+    //! [`Isa::load_half`](crate::kernels::isa::Isa::load_half) family uses) and the fused affine
+    //! kernels. Each `#[target_feature]` function is entered only after the backend (or F16C)
+    //! was detected.
 
     use core::arch::x86_64::*;
 
     use super::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, Params};
-    use crate::kernels::backend::{has_avx2, has_avx512};
+    use crate::kernels::backend::has_avx512;
     use crate::kernels::{Backend, HalfFormat};
 
     /// Whether the CPU has F16C (cached by `std`).
@@ -230,94 +297,6 @@ pub(super) mod x86 {
         _mm512_mask_blend_epi32(is_nan, rounded, nan)
     }
 
-    #[target_feature(enable = "avx512f,avx2")]
-    fn widen_bf16_avx512_impl(src: &[u16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
-            unsafe {
-                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), bf16x16_to_f32(h));
-            }
-            i += 16;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = bf16_bits_to_f32(s);
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx2")]
-    fn narrow_bf16_avx512_impl(src: &[f32], dst: &mut [u16]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
-            unsafe {
-                let v = _mm512_loadu_ps(src.as_ptr().add(i));
-                let h = _mm512_cvtepi32_epi16(f32x16_to_bf16_u32(v));
-                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
-            }
-            i += 16;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = f32_to_bf16_bits(s);
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx2")]
-    fn widen_f16_avx512_impl(src: &[u16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
-            unsafe {
-                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-            }
-            i += 16;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = f16_bits_to_f32(s);
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx2")]
-    fn narrow_f16_avx512_impl(src: &[f32], dst: &mut [u16]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned load and store.
-            unsafe {
-                let v = _mm512_loadu_ps(src.as_ptr().add(i));
-                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
-            }
-            i += 16;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = f32_to_f16_bits(s);
-        }
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn widen_bf16_avx2_impl(src: &[u16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: `i + 8 <= n` values are in bounds of both slices; unaligned load and store.
-            unsafe {
-                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
-            }
-            i += 8;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = bf16_bits_to_f32(s);
-        }
-    }
-
     /// [`f32x16_to_bf16_u32`] on 8 lanes.
     #[target_feature(enable = "avx2")]
     #[inline]
@@ -329,62 +308,6 @@ pub(super) mod x86 {
         let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x40));
         let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
         _mm256_blendv_epi8(rounded, nan, is_nan)
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn narrow_bf16_avx2_impl(src: &[f32], dst: &mut [u16]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: `i + 16 <= n` values are in bounds of both slices; unaligned loads and store.
-            unsafe {
-                let a = f32x8_to_bf16_u32(_mm256_loadu_ps(src.as_ptr().add(i)));
-                let b = f32x8_to_bf16_u32(_mm256_loadu_ps(src.as_ptr().add(i + 8)));
-                // Every lane is below 0x10000, so the saturating pack is exact; it packs within
-                // 128-bit halves (a0-3 b0-3 | a4-7 b4-7), which the permutation puts in order.
-                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(a, b));
-                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, packed);
-            }
-            i += 16;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = f32_to_bf16_bits(s);
-        }
-    }
-
-    #[target_feature(enable = "avx2,f16c")]
-    fn widen_f16_avx2_impl(src: &[u16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: `i + 8 <= n` values are in bounds of both slices; unaligned load and store.
-            unsafe {
-                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-            }
-            i += 8;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = f16_bits_to_f32(s);
-        }
-    }
-
-    #[target_feature(enable = "avx2,f16c")]
-    fn narrow_f16_avx2_impl(src: &[f32], dst: &mut [u16]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: `i + 8 <= n` values are in bounds of both slices; unaligned load and store.
-            unsafe {
-                let v = _mm256_loadu_ps(src.as_ptr().add(i));
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
-            }
-            i += 8;
-        }
-        for (d, &s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-            *d = f32_to_f16_bits(s);
-        }
     }
 
     /// The fused affine pass of [`super::affine`].
@@ -651,54 +574,6 @@ pub(super) mod x86 {
             }
             affine_tail::<false, LANES>(src, dst, i, n, m, s, t, period);
         }
-    }
-
-    pub(super) fn widen_bf16_avx512(src: &[u16], dst: &mut [f32]) {
-        assert!(has_avx512());
-        // SAFETY: AVX-512F and AVX2 were detected just above.
-        unsafe { widen_bf16_avx512_impl(src, dst) }
-    }
-
-    pub(super) fn narrow_bf16_avx512(src: &[f32], dst: &mut [u16]) {
-        assert!(has_avx512());
-        // SAFETY: AVX-512F and AVX2 were detected just above.
-        unsafe { narrow_bf16_avx512_impl(src, dst) }
-    }
-
-    pub(super) fn widen_f16_avx512(src: &[u16], dst: &mut [f32]) {
-        assert!(has_avx512());
-        // SAFETY: AVX-512F and AVX2 were detected just above.
-        unsafe { widen_f16_avx512_impl(src, dst) }
-    }
-
-    pub(super) fn narrow_f16_avx512(src: &[f32], dst: &mut [u16]) {
-        assert!(has_avx512());
-        // SAFETY: AVX-512F and AVX2 were detected just above.
-        unsafe { narrow_f16_avx512_impl(src, dst) }
-    }
-
-    pub(super) fn widen_bf16_avx2(src: &[u16], dst: &mut [f32]) {
-        assert!(has_avx2());
-        // SAFETY: AVX2 was detected just above.
-        unsafe { widen_bf16_avx2_impl(src, dst) }
-    }
-
-    pub(super) fn narrow_bf16_avx2(src: &[f32], dst: &mut [u16]) {
-        assert!(has_avx2());
-        // SAFETY: AVX2 was detected just above.
-        unsafe { narrow_bf16_avx2_impl(src, dst) }
-    }
-
-    pub(super) fn widen_f16_avx2(src: &[u16], dst: &mut [f32]) {
-        assert!(has_avx2() && has_f16c());
-        // SAFETY: AVX2 and F16C were detected just above.
-        unsafe { widen_f16_avx2_impl(src, dst) }
-    }
-
-    pub(super) fn narrow_f16_avx2(src: &[f32], dst: &mut [u16]) {
-        assert!(has_avx2() && has_f16c());
-        // SAFETY: AVX2 and F16C were detected just above.
-        unsafe { narrow_f16_avx2_impl(src, dst) }
     }
 }
 
