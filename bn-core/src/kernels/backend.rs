@@ -19,7 +19,7 @@ pub enum Backend {
     /// Portable SIMD through the `wide` crate (its instructions are fixed when it is compiled:
     /// SSE2 on a default x86-64 build, NEON on aarch64).
     Wide,
-    /// x86-64 AVX2 and FMA through `core::arch`, chosen at run time.
+    /// x86-64 AVX2, FMA and F16C through `core::arch`, chosen at run time.
     Avx2,
     /// x86-64 AVX-512F through `core::arch` (masked tails), chosen at run time.
     Avx512,
@@ -140,7 +140,11 @@ impl FromStr for Backend {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    // F16C (the `f16` conversions) shipped before AVX2 on every x86-64 line; requiring it lets
+    // the AVX2 kernels convert `f16` inline instead of testing for it per vector.
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -101,7 +101,7 @@ fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> b
                     return true;
                 }
             }
-            Backend::Avx2 if bf16 || x86::has_f16c() => {
+            Backend::Avx2 => {
                 if let Some(isa) = Avx2::new() {
                     run!(isa);
                     return true;
@@ -133,8 +133,7 @@ pub(crate) fn has_affine(backend: Backend, format: HalfFormat) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         match (backend.usable(), format) {
-            (Backend::Avx512, _) | (Backend::Avx2, HalfFormat::Bf16) => true,
-            (Backend::Avx2, HalfFormat::F16) => x86::has_f16c(),
+            (Backend::Avx512 | Backend::Avx2, _) => true,
             _ => false,
         }
     }
@@ -269,12 +268,6 @@ pub(super) mod x86 {
     use super::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, Params};
     use crate::kernels::backend::has_avx512;
     use crate::kernels::{Backend, HalfFormat};
-
-    /// Whether the CPU has F16C (cached by `std`).
-    #[inline]
-    pub(crate) fn has_f16c() -> bool {
-        std::arch::is_x86_feature_detected!("f16c")
-    }
 
     /// `bf16 -> f32` of 16 lanes: widen each `u16` to `u32`, shift into the high half.
     #[target_feature(enable = "avx512f,avx2")]

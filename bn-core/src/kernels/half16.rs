@@ -1045,7 +1045,7 @@ fn run_kernel<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> K::
                 return isa.vectorize(kernel);
             }
         }
-        Backend::Avx2 if format == HalfFormat::Bf16 || super::convert::x86::has_f16c() => {
+        Backend::Avx2 => {
             if let Some(isa) = super::x86::Avx2::new() {
                 return isa.vectorize(kernel);
             }
@@ -1442,19 +1442,20 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
             }
         } else {
             let (km, k1, k2, k3) = (&km[..bc], &k1[..bc], &k2[..bc], &k3[..bc]);
-            let coefficients =
-                |c: usize| [isa.load(&km[c..]), isa.load(&k1[c..]), isa.load(&k2[c..]), isa.load(&k3[c..])];
+
             for ((xr, dyr), dxr) in x.chunks_exact(bc).zip(dy.chunks_exact(bc)).zip(dx.chunks_exact_mut(bc)) {
                 let mut c = 0;
                 while c + l <= bc {
-                    let v = dx_whole::<I, BF16>(isa, xr, dyr, c, coefficients(c));
+                    let v =
+                        dx_whole::<I, BF16>(isa, xr, dyr, c, column_coefficients(isa, [km, k1, k2, k3], c));
                     isa.store_half::<BF16>(&mut dxr[c..], v);
                     c += l;
                 }
                 if c < bc && bc >= l {
                     // The row's last whole vector, overlapping (see the planes case).
                     let c = bc - l;
-                    let v = dx_whole::<I, BF16>(isa, xr, dyr, c, coefficients(c));
+                    let v =
+                        dx_whole::<I, BF16>(isa, xr, dyr, c, column_coefficients(isa, [km, k1, k2, k3], c));
                     isa.store_half::<BF16>(&mut dxr[c..], v);
                 } else if c < bc {
                     let k = [
@@ -1468,6 +1469,14 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
             }
         }
     }
+}
+
+/// The coefficients of the whole vector of columns at `c` (a function, not a closure: a closure
+/// does not inherit the target features of the kernel it is written in, and left out of line
+/// its loads become calls).
+#[inline(always)]
+fn column_coefficients<I: Isa>(isa: I, k: [&[f32]; 4], c: usize) -> [I::V; 4] {
+    [isa.load(&k[0][c..]), isa.load(&k[1][c..]), isa.load(&k[2][c..]), isa.load(&k[3][c..])]
 }
 
 /// [`dx_value`] of the whole vector at `i` of a run or row of 16-bit values.

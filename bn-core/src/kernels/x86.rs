@@ -7,8 +7,8 @@
 use core::arch::x86_64::*;
 
 use super::backend::{has_avx2, has_avx512};
-use super::convert::{self, x86::has_f16c};
-use super::isa::{f32_to_half, half_to_f32, Isa, Kernel};
+use super::convert;
+use super::isa::{Isa, Kernel};
 
 /// AVX2 + FMA: 8-lane `__m256` vectors.
 #[derive(Debug, Clone, Copy)]
@@ -48,11 +48,11 @@ impl Isa for Avx2 {
 
     #[inline(always)]
     fn vectorize<K: Kernel>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn run<K: Kernel>(isa: Avx2, kernel: K) -> K::Output {
             kernel.run(isa)
         }
-        // SAFETY: an `Avx2` token exists only when the CPU has AVX2 and FMA.
+        // SAFETY: an `Avx2` token exists only when the CPU has AVX2, FMA and F16C.
         unsafe { run(self, kernel) }
     }
 
@@ -153,12 +153,9 @@ impl Isa for Avx2 {
                 let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
             }
-        } else if has_f16c() {
-            // SAFETY: F16C was detected just above; `s` holds at least 8 values (checked).
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i)) }
         } else {
-            let a: [f32; 8] = core::array::from_fn(|i| half_to_f32::<false>(s[i]));
-            self.load(&a)
+            // SAFETY: the token proves F16C; `s` holds at least 8 values (checked).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i)) }
         }
     }
     #[inline(always)]
@@ -173,17 +170,11 @@ impl Isa for Avx2 {
                 let packed = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(b, b));
                 _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(packed));
             }
-        } else if has_f16c() {
-            // SAFETY: F16C was detected just above; `s` holds at least 8 values (checked).
+        } else {
+            // SAFETY: the token proves F16C; `s` holds at least 8 values (checked).
             unsafe {
                 let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
                 _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, h);
-            }
-        } else {
-            let mut a = [0.0f32; 8];
-            self.store(&mut a, v);
-            for (d, &x) in s[..8].iter_mut().zip(&a) {
-                *d = f32_to_half::<false>(x);
             }
         }
     }
@@ -202,7 +193,7 @@ impl Isa for Avx512 {
 
     #[inline(always)]
     fn vectorize<K: Kernel>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         fn run<K: Kernel>(isa: Avx512, kernel: K) -> K::Output {
             kernel.run(isa)
         }
