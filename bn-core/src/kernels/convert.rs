@@ -9,7 +9,11 @@
 //!   conversions elsewhere (which detect F16C themselves); all give [`half::f16::from_f32`]'s
 //!   bits for every non-NaN value.
 //!
-//! Whole vectors run the SIMD loop; the few values of a tail the scalar one.
+//! The conversions and the fused affine pass ([`affine`]: `y = round((x - m) * s + t)`, the
+//! 16-bit inference and training normalization) are generic kernels over the instruction set
+//! ([`Isa::load_half`] / [`Isa::store_half`] and their pair and tail forms): whole vectors, then
+//! a masked tail. On AVX-512 with AVX512-BF16, `bf16` rounds with `vcvtne(2)ps2bf16`, to the
+//! same bits.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -96,6 +100,10 @@ fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> b
         }
         match backend.usable() {
             Backend::Avx512 => {
+                if let Some(isa) = Avx512::with_bf16().filter(|_| bf16) {
+                    run!(isa);
+                    return true;
+                }
                 if let Some(isa) = Avx512::new() {
                     run!(isa);
                     return true;
@@ -114,34 +122,25 @@ fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> b
     false
 }
 
-/// The parameters of a fused affine pass: one `(m, s, t)` for the whole run (a run of one
-/// channel), or one per value (a row of channels).
+/// The parameters of a fused affine pass: one `(m, s, t)` per run of consecutive runs of one
+/// channel each, or one per value (a row of channels).
 #[derive(Clone, Copy)]
 pub(crate) enum Params<'a> {
-    /// `y = (x - m) * s + t` for every value.
-    Run(f32, f32, f32),
+    /// Consecutive runs of `inner` values, run `r` with `(m[r % p], s[r % p], t[r % p])`, `p`
+    /// the slices' common length (a block of whole runs of `p` channels).
+    Runs { inner: usize, m: &'a [f32], s: &'a [f32], t: &'a [f32] },
     /// `y[i] = (x[i] - m[i % p]) * s[i % p] + t[i % p]` with `p` the slices' common length:
-    /// one row of per-column parameters (`p >= n`), or several rows when `p` is a multiple of
-    /// 16 dividing `n`.
+    /// one row of per-column parameters (`p >= n`), or several rows when `p` divides `n`.
     Lanes(&'a [f32], &'a [f32], &'a [f32]),
 }
 
 /// Whether [`affine`] has a fused kernel for `backend` and `format` (else the caller widens into
-/// a buffer and runs the `f32` kernel).
+/// a buffer and runs the `f32` kernel): the `core::arch` instruction sets, which convert in
+/// registers; the portable one converts lane by lane.
 #[inline]
 pub(crate) fn has_affine(backend: Backend, format: HalfFormat) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        match (backend.usable(), format) {
-            (Backend::Avx512 | Backend::Avx2, _) => true,
-            _ => false,
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (backend, format);
-        false
-    }
+    let _ = format;
+    matches!(backend.usable(), Backend::Avx512 | Backend::Avx2)
 }
 
 /// `y = round((widen(x) - m) * s + t)` in one pass (fused multiply-add). Only where
@@ -149,48 +148,218 @@ pub(crate) fn has_affine(backend: Backend, format: HalfFormat) -> bool {
 #[inline]
 pub(crate) fn affine(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
     assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
-    // SAFETY: two distinct slices of the same length.
-    unsafe { affine_raw(backend, format, x.as_ptr(), y.as_mut_ptr(), x.len(), p) }
+    affine_any(backend, format, Some(x), y, p);
 }
 
 /// [`affine`] in place: the same bits.
 #[inline]
 pub(crate) fn affine_inplace(backend: Backend, format: HalfFormat, xy: &mut [u16], p: Params<'_>) {
-    let ptr = xy.as_mut_ptr();
-    // SAFETY: one slice read and written at the same positions (each vector is loaded before it
-    // is stored).
-    unsafe { affine_raw(backend, format, ptr, ptr, xy.len(), p) }
+    affine_any(backend, format, None, xy, p);
 }
 
-/// # Safety
-///
-/// `src` and `dst` hold `n` values; they are equal or do not overlap.
+/// [`affine`] from `x`, or in place from `y` when `x` is `None`.
 #[inline]
-unsafe fn affine_raw(
-    backend: Backend,
-    format: HalfFormat,
-    src: *const u16,
-    dst: *mut u16,
-    n: usize,
-    p: Params<'_>,
-) {
-    if let Params::Lanes(m, s, t) = p {
-        let period = m.len();
-        assert!(s.len() == period && t.len() == period, "affine parameters of different lengths");
-        assert!(
-            period >= n || (period.is_multiple_of(16) && n.is_multiple_of(period)),
-            "affine parameters neither cover the run nor tile it in whole vectors"
-        );
+fn affine_any(backend: Backend, format: HalfFormat, x: Option<&[u16]>, y: &mut [u16], p: Params<'_>) {
+    let n = y.len();
+    match p {
+        Params::Runs { inner, m, s, t } => {
+            let period = m.len();
+            assert!(s.len() == period && t.len() == period, "affine parameters of different lengths");
+            assert!(period > 0 && inner > 0 && n.is_multiple_of(inner), "affine runs do not tile the data");
+        }
+        Params::Lanes(m, s, t) => {
+            let period = m.len();
+            assert!(s.len() == period && t.len() == period, "affine parameters of different lengths");
+            assert!(
+                period >= n || (period > 0 && n.is_multiple_of(period)),
+                "affine parameters neither cover the row nor tile the rows"
+            );
+        }
     }
     assert!(has_affine(backend, format), "no fused affine kernel for {backend} {format:?}");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract for the data, the parameters hold `n` (checked), and
-    // `has_affine` detected the kernel's features.
-    unsafe {
-        x86::affine(backend.usable(), format, src, dst, n, p)
+    {
+        use super::x86::{Avx2, Avx512};
+        let bf16 = format == HalfFormat::Bf16;
+        macro_rules! run {
+            ($isa:expr) => {
+                if bf16 {
+                    return $isa.vectorize(AffineKernel::<true> { x, y, p });
+                } else {
+                    return $isa.vectorize(AffineKernel::<false> { x, y, p });
+                }
+            };
+        }
+        match backend.usable() {
+            Backend::Avx512 => {
+                if let Some(isa) = Avx512::with_bf16().filter(|_| bf16) {
+                    run!(isa);
+                }
+                if let Some(isa) = Avx512::new() {
+                    run!(isa);
+                }
+            }
+            Backend::Avx2 => {
+                if let Some(isa) = Avx2::new() {
+                    run!(isa);
+                }
+            }
+            _ => {}
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (src, dst, n);
+    unreachable!("has_affine promised a kernel");
+}
+
+/// The fused affine pass in `bf16` (`BF16`) or `f16` on one instruction set: per run, pairs
+/// of vectors in the instruction set's order ([`Isa::load_half2`]; the parameters are the same
+/// for every value), one more vector, then a masked tail; per row, vectors of columns with
+/// their parameters.
+struct AffineKernel<'a, const BF16: bool> {
+    x: Option<&'a [u16]>,
+    y: &'a mut [u16],
+    p: Params<'a>,
+}
+
+impl<const BF16: bool> Kernel for AffineKernel<'_, BF16> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let AffineKernel { x, y, p } = self;
+        let l = I::LANES;
+        match p {
+            Params::Runs { inner, m, s, t } => {
+                let period = m.len();
+                for (r, yr) in y.chunks_exact_mut(inner).enumerate() {
+                    let c = r % period;
+                    let xr = x.map(|x| &x[r * inner..(r + 1) * inner]);
+                    affine_run::<I, BF16>(isa, xr, yr, [m[c], s[c], t[c]]);
+                }
+            }
+            Params::Lanes(m, s, t) if m.len().is_multiple_of(l) && y.len().is_multiple_of(m.len()) => {
+                // Rows of whole vectors.
+                let period = m.len();
+                match x {
+                    Some(x) => {
+                        for (yr, xr) in y.chunks_exact_mut(period).zip(x.chunks_exact(period)) {
+                            lanes_row::<I, BF16>(isa, Some(xr), yr, [m, s, t]);
+                        }
+                    }
+                    None => {
+                        for yr in y.chunks_exact_mut(period) {
+                            lanes_row::<I, BF16>(isa, None, yr, [m, s, t]);
+                        }
+                    }
+                }
+            }
+            Params::Lanes(m, s, t) => {
+                let period = m.len().min(y.len()).max(1);
+                for (r, yr) in y.chunks_mut(period).enumerate() {
+                    let w = yr.len();
+                    let xr = x.map(|x| &x[r * period..r * period + w]);
+                    let (m, s, t) = (&m[..w], &s[..w], &t[..w]);
+                    let mut c = 0;
+                    while c + l <= w {
+                        let v = isa.load_half::<BF16>(&xr.unwrap_or(yr)[c..]);
+                        let k = [isa.load(&m[c..]), isa.load(&s[c..]), isa.load(&t[c..])];
+                        isa.store_half::<BF16>(&mut yr[c..], affine_value(isa, v, k));
+                        c += l;
+                    }
+                    if c < w {
+                        let v = isa.load_half_tail::<BF16>(&xr.unwrap_or(yr)[c..]);
+                        let k = [isa.load_tail(&m[c..]), isa.load_tail(&s[c..]), isa.load_tail(&t[c..])];
+                        isa.store_half_tail::<BF16>(&mut yr[c..], affine_value(isa, v, k));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `(v - m) * s + t` (one fused multiply-add), the formula of every path.
+#[inline(always)]
+fn affine_value<I: Isa>(isa: I, v: I::V, [m, s, t]: [I::V; 3]) -> I::V {
+    isa.mul_add(isa.sub(v, m), s, t)
+}
+
+/// The parameter vectors of one vector of columns (a function: a closure would not inherit the
+/// kernel's target features).
+#[inline(always)]
+fn load3<I: Isa>(isa: I, ((m, s), t): ((&[f32], &[f32]), &[f32])) -> [I::V; 3] {
+    [isa.load(m), isa.load(s), isa.load(t)]
+}
+
+/// One row of whole vectors with per-column parameters `[m, s, t]` (as long as the row), from
+/// `x`, or in place when `x` is `None`. Zipped exact chunks: no bounds checks in the loop.
+#[inline(always)]
+fn lanes_row<I: Isa, const BF16: bool>(isa: I, x: Option<&[u16]>, y: &mut [u16], [m, s, t]: [&[f32]; 3]) {
+    let l = I::LANES;
+    let params = m.chunks_exact(l).zip(s.chunks_exact(l)).zip(t.chunks_exact(l));
+    match x {
+        Some(x) => {
+            for ((yv, xv), p) in y.chunks_exact_mut(l).zip(x.chunks_exact(l)).zip(params) {
+                isa.store_half::<BF16>(yv, affine_value(isa, isa.load_half::<BF16>(xv), load3(isa, p)));
+            }
+        }
+        None => {
+            for (yv, p) in y.chunks_exact_mut(l).zip(params) {
+                let v = isa.load_half::<BF16>(yv);
+                isa.store_half::<BF16>(yv, affine_value(isa, v, load3(isa, p)));
+            }
+        }
+    }
+}
+
+/// One run of [`AffineKernel`] with the parameters `k`: pairs of vectors (the order of the
+/// values within a pair does not matter, the parameters being the same), one more vector, then
+/// a masked tail.
+#[inline(always)]
+pub(crate) fn affine_run<I: Isa, const BF16: bool>(isa: I, x: Option<&[u16]>, y: &mut [u16], k: [f32; 3]) {
+    let k = [isa.splat(k[0]), isa.splat(k[1]), isa.splat(k[2])];
+    let l = I::LANES;
+    // Pairs store `4 * LANES` bytes: first align the output to that (a store across two cache
+    // lines costs two), by at most one vector and a masked part.
+    let head = ((4 * l - (y.as_ptr() as usize) % (4 * l)) % (4 * l) / 2).min(y.len());
+    let (yh, y) = y.split_at_mut(head);
+    let (xh, x) = match x {
+        Some(x) => (Some(&x[..head]), Some(&x[head..])),
+        None => (None, None),
+    };
+    let mut i = 0;
+    if head >= l {
+        let v = isa.load_half::<BF16>(xh.unwrap_or(yh));
+        isa.store_half::<BF16>(yh, affine_value(isa, v, k));
+        i = l;
+    }
+    if i < head {
+        let v = isa.load_half_tail::<BF16>(&xh.unwrap_or(yh)[i..]);
+        isa.store_half_tail::<BF16>(&mut yh[i..], affine_value(isa, v, k));
+    }
+    let n = y.len();
+    let pairs = n / (2 * l) * (2 * l);
+    match x {
+        Some(x) => {
+            for (yv, xv) in y[..pairs].chunks_exact_mut(2 * l).zip(x.chunks_exact(2 * l)) {
+                let (a, b) = isa.load_half2::<BF16>(xv);
+                isa.store_half2::<BF16>(yv, affine_value(isa, a, k), affine_value(isa, b, k));
+            }
+        }
+        None => {
+            for yv in y[..pairs].chunks_exact_mut(2 * l) {
+                let (a, b) = isa.load_half2::<BF16>(yv);
+                isa.store_half2::<BF16>(yv, affine_value(isa, a, k), affine_value(isa, b, k));
+            }
+        }
+    }
+    let mut i = pairs;
+    if i + l <= n {
+        let v = isa.load_half::<BF16>(&x.unwrap_or(y)[i..]);
+        isa.store_half::<BF16>(&mut y[i..], affine_value(isa, v, k));
+        i += l;
+    }
+    if i < n {
+        let v = isa.load_half_tail::<BF16>(&x.unwrap_or(y)[i..]);
+        isa.store_half_tail::<BF16>(&mut y[i..], affine_value(isa, v, k));
+    }
 }
 
 /// The portable widening: a shift for `bf16` (which the compiler vectorizes), `half`'s slice
@@ -244,30 +413,13 @@ pub(crate) fn f32_to_bf16_bits(value: f32) -> u16 {
     ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16
 }
 
-/// Widens the scalar `f16` bits.
-#[inline(always)]
-fn f16_bits_to_f32(bits: u16) -> f32 {
-    f16::from_bits(bits).to_f32()
-}
-
-/// Narrows to `f16` bits.
-#[inline(always)]
-fn f32_to_f16_bits(value: f32) -> u16 {
-    f16::from_f32(value).to_bits()
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    //! The AVX2 (+F16C) and AVX-512F conversion primitives (which the instruction sets'
-    //! [`Isa::load_half`](crate::kernels::isa::Isa::load_half) family uses) and the fused affine
-    //! kernels. Each `#[target_feature]` function is entered only after the backend (or F16C)
-    //! was detected.
+    //! The AVX2 and AVX-512F `bf16` conversion primitives (which the instruction sets'
+    //! [`Isa::load_half`](crate::kernels::isa::Isa::load_half) family uses). Each
+    //! `#[target_feature]` function is called only by a token that proves its features.
 
     use core::arch::x86_64::*;
-
-    use super::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, Params};
-    use crate::kernels::backend::has_avx512;
-    use crate::kernels::{Backend, HalfFormat};
 
     /// `bf16 -> f32` of 16 lanes: widen each `u16` to `u32`, shift into the high half.
     #[target_feature(enable = "avx512f,avx2")]
@@ -301,272 +453,6 @@ pub(super) mod x86 {
         let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x40));
         let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
         _mm256_blendv_epi8(rounded, nan, is_nan)
-    }
-
-    /// The fused affine pass of [`super::affine`].
-    ///
-    /// # Safety
-    ///
-    /// `src` and `dst` hold `n` values (they may be equal, not otherwise overlapping), the
-    /// `Lanes` parameters at least `n`, and the CPU has the backend's features (and F16C for
-    /// `f16` on AVX2).
-    pub(super) unsafe fn affine(
-        backend: Backend,
-        format: HalfFormat,
-        src: *const u16,
-        dst: *mut u16,
-        n: usize,
-        p: Params<'_>,
-    ) {
-        let run: [f32; 3] = match p {
-            Params::Run(m, s, t) => [m, s, t],
-            Params::Lanes(..) => [0.0; 3],
-        };
-        let (lanes, m, s, t) = match p {
-            Params::Run(..) => (false, &run[0] as *const f32, &run[1] as *const f32, &run[2] as *const f32),
-            Params::Lanes(m, s, t) => (true, m.as_ptr(), s.as_ptr(), t.as_ptr()),
-        };
-        // Rows of `period` values (a whole number of vectors, or one partial row).
-        let period = match p {
-            Params::Run(..) => 1,
-            Params::Lanes(m, ..) => m.len().min(n).max(1),
-        };
-        // SAFETY: forwarded from the caller; the match picks a kernel whose features it detected.
-        unsafe {
-            match (backend, format, lanes) {
-                (Backend::Avx512, HalfFormat::Bf16, false) if has_avx512_bf16() => {
-                    affine_avx512_bf16::<false>(src, dst, n, m, s, t, period)
-                }
-                (Backend::Avx512, HalfFormat::Bf16, true) if has_avx512_bf16() => {
-                    affine_avx512_bf16::<true>(src, dst, n, m, s, t, period)
-                }
-                (Backend::Avx512, HalfFormat::Bf16, false) => {
-                    affine_avx512::<true, false>(src, dst, n, m, s, t, period)
-                }
-                (Backend::Avx512, HalfFormat::Bf16, true) => {
-                    affine_avx512::<true, true>(src, dst, n, m, s, t, period)
-                }
-                (Backend::Avx512, HalfFormat::F16, false) => {
-                    affine_avx512::<false, false>(src, dst, n, m, s, t, period)
-                }
-                (Backend::Avx512, HalfFormat::F16, true) => {
-                    affine_avx512::<false, true>(src, dst, n, m, s, t, period)
-                }
-                (_, HalfFormat::Bf16, false) => affine_avx2::<true, false>(src, dst, n, m, s, t, period),
-                (_, HalfFormat::Bf16, true) => affine_avx2::<true, true>(src, dst, n, m, s, t, period),
-                (_, HalfFormat::F16, false) => affine_avx2_f16c::<false>(src, dst, n, m, s, t, period),
-                (_, HalfFormat::F16, true) => affine_avx2_f16c::<true>(src, dst, n, m, s, t, period),
-            }
-        }
-    }
-
-    /// The scalar tail of the fused kernels: the same arithmetic (a fused multiply-add).
-    ///
-    /// # Safety
-    ///
-    /// As [`affine`], for the values `i..n`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn affine_tail<const BF16: bool, const LANES: bool>(
-        src: *const u16,
-        dst: *mut u16,
-        i: usize,
-        n: usize,
-        m: *const f32,
-        s: *const f32,
-        t: *const f32,
-        period: usize,
-    ) {
-        for j in i..n {
-            let k = if LANES { j % period } else { 0 };
-            // SAFETY: `j < n` and `k < n` (or 0) are in bounds per the caller's contract.
-            unsafe {
-                let x = *src.add(j);
-                let v = if BF16 { bf16_bits_to_f32(x) } else { f16_bits_to_f32(x) };
-                let r = (v - *m.add(k)).mul_add(*s.add(k), *t.add(k));
-                *dst.add(j) = if BF16 { f32_to_bf16_bits(r) } else { f32_to_f16_bits(r) };
-            }
-        }
-    }
-
-    /// Whether the CPU converts `f32` to `bf16` in one instruction (AVX512-BF16), cached.
-    #[inline]
-    fn has_avx512_bf16() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            has_avx512()
-                && std::arch::is_x86_feature_detected!("avx512bf16")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-        })
-    }
-
-    /// [`affine_avx512`] for `bf16` with AVX512-BF16's conversion (`vcvtneps2bf16`: to nearest
-    /// even, NaN made quiet, as [`f32_to_bf16_bits`]). The instruction flushes subnormal inputs
-    /// to zero, so a vector holding a subnormal result is rounded the integer way instead: the
-    /// bits are [`affine_avx512`]'s in every case.
-    ///
-    /// # Safety
-    ///
-    /// As [`affine`], with AVX-512F, AVX-512DQ and AVX512-BF16.
-    #[target_feature(enable = "avx512f,avx512dq,avx512bf16,avx2,fma")]
-    unsafe fn affine_avx512_bf16<const LANES: bool>(
-        src: *const u16,
-        dst: *mut u16,
-        n: usize,
-        m: *const f32,
-        s: *const f32,
-        t: *const f32,
-        period: usize,
-    ) {
-        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
-        unsafe {
-            let (bm, bs, bt) = (_mm512_set1_ps(*m), _mm512_set1_ps(*s), _mm512_set1_ps(*t));
-            let (mut i, mut k) = (0, 0);
-            while i + 16 <= n {
-                let x = bf16x16_to_f32(_mm256_loadu_si256(src.add(i) as *const __m256i));
-                let (mv, sv, tv) = if LANES {
-                    (_mm512_loadu_ps(m.add(k)), _mm512_loadu_ps(s.add(k)), _mm512_loadu_ps(t.add(k)))
-                } else {
-                    (bm, bs, bt)
-                };
-                let y = _mm512_fmadd_ps(_mm512_sub_ps(x, mv), sv, tv);
-                // Class 0x20: subnormal.
-                let h = if _mm512_fpclass_ps_mask::<0x20>(y) == 0 {
-                    core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(y))
-                } else {
-                    _mm512_cvtepi32_epi16(f32x16_to_bf16_u32(y))
-                };
-                _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
-                i += 16;
-                k += 16;
-                if k >= period {
-                    k = 0;
-                }
-            }
-            affine_tail::<true, LANES>(src, dst, i, n, m, s, t, period);
-        }
-    }
-
-    /// # Safety
-    ///
-    /// As [`affine`], with AVX-512F.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn affine_avx512<const BF16: bool, const LANES: bool>(
-        src: *const u16,
-        dst: *mut u16,
-        n: usize,
-        m: *const f32,
-        s: *const f32,
-        t: *const f32,
-        period: usize,
-    ) {
-        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
-        unsafe {
-            let (bm, bs, bt) = (_mm512_set1_ps(*m), _mm512_set1_ps(*s), _mm512_set1_ps(*t));
-            let (mut i, mut k) = (0, 0);
-            while i + 16 <= n {
-                let h = _mm256_loadu_si256(src.add(i) as *const __m256i);
-                let x = if BF16 { bf16x16_to_f32(h) } else { _mm512_cvtph_ps(h) };
-                let (mv, sv, tv) = if LANES {
-                    (_mm512_loadu_ps(m.add(k)), _mm512_loadu_ps(s.add(k)), _mm512_loadu_ps(t.add(k)))
-                } else {
-                    (bm, bs, bt)
-                };
-                let y = _mm512_fmadd_ps(_mm512_sub_ps(x, mv), sv, tv);
-                let h = if BF16 {
-                    _mm512_cvtepi32_epi16(f32x16_to_bf16_u32(y))
-                } else {
-                    _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y)
-                };
-                _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
-                i += 16;
-                k += 16;
-                if k >= period {
-                    k = 0;
-                }
-            }
-            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t, period);
-        }
-    }
-
-    /// # Safety
-    ///
-    /// As [`affine`], with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn affine_avx2<const BF16: bool, const LANES: bool>(
-        src: *const u16,
-        dst: *mut u16,
-        n: usize,
-        m: *const f32,
-        s: *const f32,
-        t: *const f32,
-        period: usize,
-    ) {
-        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
-        unsafe {
-            let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
-            let (mut i, mut k) = (0, 0);
-            while i + 16 <= n {
-                let mut out = [_mm256_setzero_si256(); 2];
-                for (half, o) in out.iter_mut().enumerate() {
-                    let j = i + 8 * half;
-                    let h = _mm_loadu_si128(src.add(j) as *const __m128i);
-                    let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
-                    let q = k + 8 * half;
-                    let (mv, sv, tv) = if LANES {
-                        (_mm256_loadu_ps(m.add(q)), _mm256_loadu_ps(s.add(q)), _mm256_loadu_ps(t.add(q)))
-                    } else {
-                        (bm, bs, bt)
-                    };
-                    *o = f32x8_to_bf16_u32(_mm256_fmadd_ps(_mm256_sub_ps(x, mv), sv, tv));
-                }
-                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(out[0], out[1]));
-                _mm256_storeu_si256(dst.add(i) as *mut __m256i, packed);
-                i += 16;
-                k += 16;
-                if k >= period {
-                    k = 0;
-                }
-            }
-            affine_tail::<BF16, LANES>(src, dst, i, n, m, s, t, period);
-        }
-    }
-
-    /// # Safety
-    ///
-    /// As [`affine`], with AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn affine_avx2_f16c<const LANES: bool>(
-        src: *const u16,
-        dst: *mut u16,
-        n: usize,
-        m: *const f32,
-        s: *const f32,
-        t: *const f32,
-        period: usize,
-    ) {
-        // SAFETY: every access is below `n` (the loop bound), per the caller's contract.
-        unsafe {
-            let (bm, bs, bt) = (_mm256_set1_ps(*m), _mm256_set1_ps(*s), _mm256_set1_ps(*t));
-            let (mut i, mut k) = (0, 0);
-            while i + 8 <= n {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(src.add(i) as *const __m128i));
-                let (mv, sv, tv) = if LANES {
-                    (_mm256_loadu_ps(m.add(k)), _mm256_loadu_ps(s.add(k)), _mm256_loadu_ps(t.add(k)))
-                } else {
-                    (bm, bs, bt)
-                };
-                let y = _mm256_fmadd_ps(_mm256_sub_ps(x, mv), sv, tv);
-                _mm_storeu_si128(dst.add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
-                i += 8;
-                k += 8;
-                if k >= period {
-                    k = 0;
-                }
-            }
-            affine_tail::<false, LANES>(src, dst, i, n, m, s, t, period);
-        }
     }
 }
 
@@ -717,7 +603,8 @@ mod tests {
                     &[(1.5f32, 0.75f32, -0.25f32), (0.0, 1e-40, 0.0), (3.0, 1e-9, 1e-38), (0.0, 0.0, 0.0)]
                 {
                     let mut y = vec![0u16; n];
-                    affine(backend, format, &x, &mut y, Params::Run(m, sc, t));
+                    let one_run = Params::Runs { inner: n, m: &[m], s: &[sc], t: &[t] };
+                    affine(backend, format, &x, &mut y, one_run);
                     for i in 0..n {
                         let v = reference_widen(format, x[i]);
                         let expected = reference_narrow(format, (v - m).mul_add(sc, t));
@@ -749,6 +636,33 @@ mod tests {
                         || (reference_widen(format, yr[i]).is_nan()
                             && reference_widen(format, expected).is_nan());
                     assert!(same, "{backend} {format:?} rows [{i}]: {:#06x} vs {expected:#06x}", yr[i]);
+                }
+                // Consecutive runs of 3 channels (runs of 37, 16 and 69 values: pairs, one
+                // vector, masked tails), out of place and in place.
+                for inner in [37, 16, 69] {
+                    let len = (n / inner / 3) * 3 * inner;
+                    let (xr, mut yr) = (&x[..len], vec![0u16; len]);
+                    let (m3, s3, t3) = ([0.5f32, -2.0, 0.0], [1e-39f32, 3.0, 0.25], [1.0f32, 0.0, -1e-38]);
+                    let p = Params::Runs { inner, m: &m3, s: &s3, t: &t3 };
+                    affine(backend, format, xr, &mut yr, p);
+                    let mut inplace = xr.to_vec();
+                    affine_inplace(backend, format, &mut inplace, p);
+                    for i in 0..len {
+                        let c = (i / inner) % 3;
+                        let expected = reference_narrow(
+                            format,
+                            (reference_widen(format, xr[i]) - m3[c]).mul_add(s3[c], t3[c]),
+                        );
+                        let same = yr[i] == expected
+                            || (reference_widen(format, yr[i]).is_nan()
+                                && reference_widen(format, expected).is_nan());
+                        assert!(
+                            same,
+                            "{backend} {format:?} runs of {inner} [{i}]: {:#06x} vs {expected:#06x}",
+                            yr[i]
+                        );
+                        assert_eq!(inplace[i], yr[i], "{backend} {format:?} runs of {inner} in place [{i}]");
+                    }
                 }
             }
         }

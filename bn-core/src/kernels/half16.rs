@@ -33,7 +33,7 @@
 
 use core::cell::RefCell;
 
-use super::convert::{affine, affine_inplace, has_affine, narrow, widen, Params};
+use super::convert::{affine, affine_inplace, affine_run, has_affine, narrow, widen, Params};
 use super::isa::{Isa, Kernel};
 use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::portable::Wide;
@@ -329,11 +329,9 @@ fn normalize_block(
         None => affine_inplace(backend, format, out, p),
     };
     if inner >= 16 && has_affine(backend, format) {
-        for (r, start) in (0..out.len()).step_by(inner).enumerate() {
-            let c = blk.c0 + r % bc;
-            let p = Params::Run(mean[c], scale[c], shift[c]);
-            run(x.map(|x| &x[start..start + inner]), &mut out[start..start + inner], p);
-        }
+        // The block's runs in one kernel call, run `r` of channel `c0 + r % bc`.
+        let p = Params::Runs { inner, m: &mean[ch.clone()], s: &scale[ch.clone()], t: &shift[ch.clone()] };
+        run(x, out, p);
     } else if inner == 1 && bc >= 16 && has_affine(backend, format) {
         let p = Params::Lanes(&mean[ch.clone()], &scale[ch.clone()], &shift[ch]);
         if bc % 16 == 0 {
@@ -594,11 +592,10 @@ fn forward_train_channels(
                 continue;
             }
             let a = Affine32::train(mean, var, eps, gamma[ch], beta[ch]);
-            for o in 0..outer {
-                let start = (o * c + ch) * inner;
-                // SAFETY: the runs of channel `ch` belong to this task alone.
-                let out = unsafe { y.slice(start, inner) };
-                affine(backend, format, &x[start..start + inner], out, Params::Run(a.m, a.s, a.t));
+            let (k, y) = ([a.m, a.s, a.t], &y);
+            match format {
+                HalfFormat::Bf16 => run_kernel(backend, format, ChannelAffine::<true> { x, y, dims, ch, k }),
+                HalfFormat::F16 => run_kernel(backend, format, ChannelAffine::<false> { x, y, dims, ch, k }),
             }
         }
     });
@@ -1034,13 +1031,18 @@ fn direct(dims: Canonical) -> bool {
 /// Least run for the direct kernels.
 const DIRECT_MIN_RUN: usize = 32;
 
-/// Runs `kernel` on the instruction set of `backend`, `Wide` where the backend's is missing (or,
-/// for `f16` on AVX2, where the CPU lacks F16C).
+/// Runs `kernel` on the instruction set of `backend` (for `bf16` on AVX-512, with AVX512-BF16's
+/// conversions where the CPU has them: the same bits), `Wide` where the backend's is missing.
 #[inline]
 fn run_kernel<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
     match backend.usable() {
         Backend::Avx512 => {
+            if format == HalfFormat::Bf16 {
+                if let Some(isa) = super::x86::Avx512::with_bf16() {
+                    return isa.vectorize(kernel);
+                }
+            }
             if let Some(isa) = super::x86::Avx512::new() {
                 return isa.vectorize(kernel);
             }
@@ -1388,6 +1390,30 @@ impl<const BF16: bool> Kernel for BlockSums<'_, BF16> {
     }
 }
 
+/// The normalization of the runs of channel `ch` (`y = (x - m) * s + t`, `k = [m, s, t]`), in
+/// one kernel call: the training forward's second pass, channel by channel.
+struct ChannelAffine<'a, const BF16: bool> {
+    x: &'a [u16],
+    y: &'a SharedMut<'a, u16>,
+    dims: Canonical,
+    ch: usize,
+    k: [f32; 3],
+}
+
+impl<const BF16: bool> Kernel for ChannelAffine<'_, BF16> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let Canonical { outer, channels, inner } = self.dims;
+        for o in 0..outer {
+            let start = (o * channels + self.ch) * inner;
+            // SAFETY: the runs of channel `ch` belong to the calling task alone.
+            let out = unsafe { self.y.slice(start, inner) };
+            affine_run::<I, BF16>(isa, Some(&self.x[start..start + inner]), out, self.k);
+        }
+    }
+}
+
 /// `k1 * dy + (k2 * (x - m) + k3)`: the formula of the `f32` kernels' training `dx`.
 #[inline(always)]
 fn dx_value<I: Isa>(isa: I, x: I::V, dy: I::V, [m, k1, k2, k3]: [I::V; 4]) -> I::V {
@@ -1521,6 +1547,19 @@ mod tests {
                     isa.store(&mut self.back[i..], back[0]);
                     isa.store(&mut self.back[i + l..], back[1]);
                     assert_eq!(&again[..2 * l], &self.bits[i..i + 2 * l]);
+                    // Values that need rounding, stored as a pair: loaded back as a pair, each
+                    // vector equals the one `store_half` rounded.
+                    let (a, b) = (isa.load(&self.values[i..]), isa.load(&self.values[i + l..]));
+                    isa.store_half2::<BF16>(&mut again, a, b);
+                    let (a, b) = isa.load_half2::<BF16>(&again);
+                    let (mut a2, mut b2) = ([0.0f32; 16], [0.0f32; 16]);
+                    isa.store(&mut a2, a);
+                    isa.store(&mut b2, b);
+                    for (k, (&a, &b)) in a2[..l].iter().zip(&b2[..l]).enumerate() {
+                        let (want_a, want_b) = (self.back[i + k], self.back[i + l + k]);
+                        assert!(a.to_bits() == want_a.to_bits() || (a.is_nan() && want_a.is_nan()));
+                        assert!(b.to_bits() == want_b.to_bits() || (b.is_nan() && want_b.is_nan()));
+                    }
                     i += 2 * l;
                     continue;
                 }
@@ -1557,15 +1596,30 @@ mod tests {
             }
         }
         values.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65520.0, 1e-40, -0.0, 3.0]);
-        for backend in Backend::available() {
+        // Every backend as the kernels pick it, then AVX-512 without AVX512-BF16's conversions
+        // (the kernels pick those for bf16 where the CPU has them).
+        let mut runs: Vec<(Backend, bool)> = Backend::available().into_iter().map(|b| (b, false)).collect();
+        #[cfg(target_arch = "x86_64")]
+        if super::super::x86::Avx512::with_bf16().is_some() {
+            runs.push((Backend::Avx512, true));
+        } else {
+            println!("no AVX512-BF16: the bf16 conversion instructions are not tested here");
+        }
+        for (backend, plain_avx512) in runs {
+            let label = if plain_avx512 { "avx512 without BF16 instructions" } else { backend.name() };
             for format in [HalfFormat::Bf16, HalfFormat::F16] {
                 let (mut bits, mut back) = (vec![0u16; values.len()], vec![0.0f32; values.len()]);
                 let (b, k) = (&mut bits[..], &mut back[..]);
-                match format {
-                    HalfFormat::Bf16 => {
+                match (format, plain_avx512) {
+                    (HalfFormat::F16, true) => continue,
+                    #[cfg(target_arch = "x86_64")]
+                    (HalfFormat::Bf16, true) => super::super::x86::Avx512::new()
+                        .expect("AVX-512F")
+                        .vectorize(RoundTrip::<true> { values: &values, bits: b, back: k }),
+                    (HalfFormat::Bf16, _) => {
                         run_kernel(backend, format, RoundTrip::<true> { values: &values, bits: b, back: k })
                     }
-                    HalfFormat::F16 => {
+                    (HalfFormat::F16, _) => {
                         run_kernel(backend, format, RoundTrip::<false> { values: &values, bits: b, back: k })
                     }
                 }
@@ -1581,10 +1635,10 @@ mod tests {
                         }
                     };
                     if v.is_nan() {
-                        assert!(wide.is_nan() && back[i].is_nan(), "{backend} {format:?} [{i}]: NaN");
+                        assert!(wide.is_nan() && back[i].is_nan(), "{label} {format:?} [{i}]: NaN");
                     } else {
-                        assert_eq!(bits[i], want, "{backend} {format:?} [{i}]: {v:e}");
-                        assert_eq!(back[i].to_bits(), wide.to_bits(), "{backend} {format:?} [{i}]: widen");
+                        assert_eq!(bits[i], want, "{label} {format:?} [{i}]: {v:e}");
+                        assert_eq!(back[i].to_bits(), wide.to_bits(), "{label} {format:?} [{i}]: widen");
                     }
                 }
             }

@@ -23,14 +23,64 @@ impl Avx2 {
 }
 
 /// AVX-512F: 16-lane `__m512` vectors with masked loads and stores for tails.
+///
+/// `Avx512<true>` ([`Avx512Bf16`]) is the same instruction set where the CPU also has
+/// AVX512-BF16 (and BW, VL, DQ): its kernels round `f32` to `bf16` with `vcvtne2ps2bf16` /
+/// `vcvtneps2bf16` instead of seven integer instructions per vector, to the same bits.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx512(());
+pub(crate) struct Avx512<const BF16_INSN: bool = false>(());
+
+/// [`Avx512`] with AVX512-BF16's conversion instructions.
+pub(crate) type Avx512Bf16 = Avx512<true>;
 
 impl Avx512 {
     /// The token, if the CPU has AVX-512F (and AVX2 and FMA).
     #[inline]
     pub(crate) fn new() -> Option<Avx512> {
         has_avx512().then_some(Avx512(()))
+    }
+}
+
+impl Avx512Bf16 {
+    /// The token, if the CPU has AVX-512F, BW, VL, DQ and BF16 (cached by `std`).
+    #[inline]
+    pub(crate) fn with_bf16() -> Option<Avx512Bf16> {
+        (has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq"))
+        .then_some(Avx512(()))
+    }
+}
+
+/// The `#[target_feature]` entry of each AVX-512 token (its features differ).
+trait Enter: Sized {
+    fn enter<K: Kernel>(self, kernel: K) -> K::Output;
+}
+
+impl Enter for Avx512<false> {
+    #[inline(always)]
+    fn enter<K: Kernel>(self, kernel: K) -> K::Output {
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        fn run<K: Kernel>(isa: Avx512<false>, kernel: K) -> K::Output {
+            kernel.run(isa)
+        }
+        // SAFETY: an `Avx512` token exists only when the CPU has AVX-512F, AVX2 and FMA (F16C
+        // comes with AVX2, see `has_avx2`).
+        unsafe { run(self, kernel) }
+    }
+}
+
+impl Enter for Avx512<true> {
+    #[inline(always)]
+    fn enter<K: Kernel>(self, kernel: K) -> K::Output {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
+        fn run<K: Kernel>(isa: Avx512<true>, kernel: K) -> K::Output {
+            kernel.run(isa)
+        }
+        // SAFETY: an `Avx512Bf16` token exists only when the CPU has all these features.
+        unsafe { run(self, kernel) }
     }
 }
 
@@ -187,18 +237,16 @@ fn avx512_tail_mask(n: usize) -> __mmask16 {
     ((1u32 << n) - 1) as __mmask16
 }
 
-impl Isa for Avx512 {
+impl<const BF16_INSN: bool> Isa for Avx512<BF16_INSN>
+where
+    Avx512<BF16_INSN>: Enter,
+{
     const LANES: usize = 16;
     type V = __m512;
 
     #[inline(always)]
     fn vectorize<K: Kernel>(self, kernel: K) -> K::Output {
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        fn run<K: Kernel>(isa: Avx512, kernel: K) -> K::Output {
-            kernel.run(isa)
-        }
-        // SAFETY: an `Avx512` token exists only when the CPU has AVX-512F, AVX2 and FMA.
-        unsafe { run(self, kernel) }
+        self.enter(kernel)
     }
 
     #[inline(always)]
@@ -363,6 +411,27 @@ impl Isa for Avx512 {
             return;
         }
         assert!(s.len() >= 32);
+        if BF16_INSN {
+            // SAFETY: `BF16_INSN` tokens prove AVX512-BF16 and BW (and are entered with them
+            // enabled); `s` holds at least 32 values (checked); unaligned store.
+            // `vcvtne2ps2bf16` rounds as `f32_to_bf16_bits` except that it reads subnormal
+            // inputs as zero: a pair holding one takes the integer path below. The even values
+            // land in words 0..16 and the odd ones in 16..32; one word permutation interleaves
+            // them into the order of `load_half2`.
+            unsafe {
+                let subnormal = _mm512_fpclass_ps_mask::<0x20>(a) | _mm512_fpclass_ps_mask::<0x20>(b);
+                if subnormal == 0 {
+                    let h: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+                    let index = _mm512_set_epi16(
+                        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                        20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+                    );
+                    let packed = _mm512_permutexvar_epi16(index, h);
+                    _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, packed);
+                    return;
+                }
+            }
+        }
         // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 32 values (checked);
         // unaligned store. The rounded bits (below 0x10000) of the even values go to the low
         // halves of the 32-bit lanes, those of the odd values to the high halves: the order of
@@ -399,17 +468,61 @@ impl Isa for Avx512 {
     #[inline(always)]
     fn store_half<const BF16: bool>(self, s: &mut [u16], v: __m512) {
         assert!(s.len() >= 16);
-        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 16 values (checked);
-        // unaligned store.
+        let h = self.half_bits::<BF16>(v);
+        // SAFETY: the token proves AVX; `s` holds at least 16 values (checked); unaligned store.
+        unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, h) }
+    }
+    #[inline(always)]
+    fn store_half_tail<const BF16: bool>(self, s: &mut [u16], v: __m512) {
+        assert!(s.len() < 16);
+        let h = self.half_bits::<BF16>(v);
+        if has_avx512bw() {
+            // SAFETY: AVX-512BW and VL were detected just above; only the first `s.len()` lanes
+            // are enabled in the mask, and masked-off lanes are neither written nor able to
+            // fault.
+            unsafe { store_u16_tail(s, h) }
+        } else {
+            let mut a = [0u16; 16];
+            // SAFETY: the token proves AVX; `a` holds 16 values.
+            unsafe { _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, h) };
+            let n = s.len();
+            s.copy_from_slice(&a[..n]);
+        }
+    }
+}
+
+impl<const BF16_INSN: bool> Avx512<BF16_INSN> {
+    /// `v` rounded to nearest even into 16-bit values (`bf16` when `BF16`, else `f16`).
+    #[inline(always)]
+    fn half_bits<const BF16: bool>(self, v: __m512) -> __m256i {
+        // SAFETY: the token proves AVX-512F and AVX2 (and with `BF16_INSN`, AVX512-BF16).
+        // `vcvtneps2bf16` reads subnormal inputs as zero: a vector holding one is rounded the
+        // integer way.
         unsafe {
-            let h = if BF16 {
+            if BF16 && BF16_INSN && _mm512_fpclass_ps_mask::<0x20>(v) == 0 {
+                core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v))
+            } else if BF16 {
                 _mm512_cvtepi32_epi16(convert::x86::f32x16_to_bf16_u32(v))
             } else {
                 _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
-            };
-            _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, h);
+            }
         }
     }
+}
+
+/// Stores the low `s.len() < 16` values of `h` into `s` by one masked store.
+///
+/// # Safety
+///
+/// The CPU has AVX-512BW and AVX-512VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn store_u16_tail(s: &mut [u16], h: __m256i) {
+    debug_assert!(s.len() < 16);
+    let mask = ((1u32 << s.len()) - 1) as __mmask16;
+    // SAFETY: only the first `s.len()` lanes are enabled in the mask; masked-off lanes are
+    // neither written nor able to fault.
+    unsafe { _mm256_mask_storeu_epi16(s.as_mut_ptr() as *mut i16, mask, h) }
 }
 
 /// Whether the CPU has AVX-512BW and VL (masked 16-bit loads; cached by `std`).
