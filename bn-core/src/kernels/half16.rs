@@ -813,18 +813,10 @@ fn backward_channels(
                 sum_dy_xhat_out.slice(ch, 1)[0] = sdxh;
             }
             let d = DxCoefficients::train(mean[ch], inv_std[ch], gamma[ch], count, sdy, sdxh);
-            let (km, k1, k2, k3) = ([d.m], [d.k1], [d.k2], [d.k3]);
-            let k = [&km[..], &k1[..], &k2[..], &k3[..]];
-            let dims = Canonical { outer: 1, channels: 1, inner };
-            for o in 0..outer {
-                let r = (o * c + ch) * inner..(o * c + ch + 1) * inner;
-                // SAFETY: the runs of channel `ch` belong to this task alone.
-                let dx = unsafe { dx.slice(r.start, inner) };
-                let (x, dy) = (&x[r.clone()], &dy[r]);
-                match format {
-                    HalfFormat::Bf16 => run_kernel(backend, format, BlockDx::<true> { x, dy, dx, dims, k }),
-                    HalfFormat::F16 => run_kernel(backend, format, BlockDx::<false> { x, dy, dx, dims, k }),
-                }
+            let (k, dx) = ([d.m, d.k1, d.k2, d.k3], &dx);
+            match format {
+                HalfFormat::Bf16 => run_kernel(backend, format, ChannelDx::<true> { x, dy, dx, dims, ch, k }),
+                HalfFormat::F16 => run_kernel(backend, format, ChannelDx::<false> { x, dy, dx, dims, ch, k }),
             }
         }
     });
@@ -1445,26 +1437,7 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
             {
                 let c = r % bc;
                 let k = [isa.splat(km[c]), isa.splat(k1[c]), isa.splat(k2[c]), isa.splat(k3[c])];
-                let mut i = 0;
-                while i + 2 * l <= inner {
-                    let (x0, x1) = isa.load_half2::<BF16>(&xr[i..]);
-                    let (g0, g1) = isa.load_half2::<BF16>(&dyr[i..]);
-                    let (v0, v1) = (dx_value(isa, x0, g0, k), dx_value(isa, x1, g1, k));
-                    isa.store_half2::<BF16>(&mut dxr[i..], v0, v1);
-                    i += 2 * l;
-                }
-                while i + l <= inner {
-                    isa.store_half::<BF16>(&mut dxr[i..], dx_whole::<I, BF16>(isa, xr, dyr, i, k));
-                    i += l;
-                }
-                if i < inner && inner >= l {
-                    // The last whole vector of the run, overlapping values already written:
-                    // they are computed again from the same inputs, to the same bits.
-                    let i = inner - l;
-                    isa.store_half::<BF16>(&mut dxr[i..], dx_whole::<I, BF16>(isa, xr, dyr, i, k));
-                } else if i < inner {
-                    isa.store_half_tail::<BF16>(&mut dxr[i..], dx_tail::<I, BF16>(isa, xr, dyr, i, k));
-                }
+                dx_run::<I, BF16>(isa, xr, dyr, dxr, k);
             }
         } else {
             let (km, k1, k2, k3) = (&km[..bc], &k1[..bc], &k2[..bc], &k3[..bc]);
@@ -1493,6 +1466,65 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
                     isa.store_half_tail::<BF16>(&mut dxr[c..], dx_tail::<I, BF16>(isa, xr, dyr, c, k));
                 }
             }
+        }
+    }
+}
+
+/// `dx` of one run with the coefficients `k`: a head that aligns the output to the pairs'
+/// `4 * LANES` bytes (a store across two cache lines costs two), pairs of vectors in the
+/// instruction set's order, one more vector, a masked tail.
+#[inline(always)]
+fn dx_run<I: Isa, const BF16: bool>(isa: I, x: &[u16], dy: &[u16], dx: &mut [u16], k: [I::V; 4]) {
+    let (n, l) = (dx.len(), I::LANES);
+    let head = ((4 * l - (dx.as_ptr() as usize) % (4 * l)) % (4 * l) / 2).min(n);
+    let mut i = 0;
+    if head >= l {
+        isa.store_half::<BF16>(dx, dx_whole::<I, BF16>(isa, x, dy, 0, k));
+        i = l;
+    }
+    if i < head {
+        let v = dx_tail::<I, BF16>(isa, &x[..head], &dy[..head], i, k);
+        isa.store_half_tail::<BF16>(&mut dx[i..head], v);
+        i = head;
+    }
+    while i + 2 * l <= n {
+        let (x0, x1) = isa.load_half2::<BF16>(&x[i..]);
+        let (g0, g1) = isa.load_half2::<BF16>(&dy[i..]);
+        let (v0, v1) = (dx_value(isa, x0, g0, k), dx_value(isa, x1, g1, k));
+        isa.store_half2::<BF16>(&mut dx[i..], v0, v1);
+        i += 2 * l;
+    }
+    if i + l <= n {
+        isa.store_half::<BF16>(&mut dx[i..], dx_whole::<I, BF16>(isa, x, dy, i, k));
+        i += l;
+    }
+    if i < n {
+        isa.store_half_tail::<BF16>(&mut dx[i..], dx_tail::<I, BF16>(isa, x, dy, i, k));
+    }
+}
+
+/// The training `dx` of the runs of channel `ch` in one kernel call (the backward's second
+/// pass, channel by channel), `k = [m, k1, k2, k3]` of the channel.
+struct ChannelDx<'a, const BF16: bool> {
+    x: &'a [u16],
+    dy: &'a [u16],
+    dx: &'a SharedMut<'a, u16>,
+    dims: Canonical,
+    ch: usize,
+    k: [f32; 4],
+}
+
+impl<const BF16: bool> Kernel for ChannelDx<'_, BF16> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let Canonical { outer, channels, inner } = self.dims;
+        let k = [isa.splat(self.k[0]), isa.splat(self.k[1]), isa.splat(self.k[2]), isa.splat(self.k[3])];
+        for o in 0..outer {
+            let r = (o * channels + self.ch) * inner..(o * channels + self.ch + 1) * inner;
+            // SAFETY: the runs of channel `ch` belong to the calling task alone.
+            let dx = unsafe { self.dx.slice(r.start, inner) };
+            dx_run::<I, BF16>(isa, &self.x[r.clone()], &self.dy[r], dx, k);
         }
     }
 }
