@@ -1124,6 +1124,24 @@ fn tile_mean<I: Isa, const BF16: bool>(isa: I, r: &[u16], w: I::V, acc: &mut [I:
     }
 }
 
+/// `(sum(x - shift), sum((x - shift)^2))` per column of `columns` (at most `TILE` vectors) over
+/// the rows of `bc` channels of `x`, as lanes.
+#[inline(always)]
+fn tile_pass<I: Isa, const BF16: bool>(
+    isa: I,
+    x: &[u16],
+    bc: usize,
+    columns: core::ops::Range<usize>,
+    shift: &[I::V; TILE],
+) -> ([f32; TILE * 16], [f32; TILE * 16]) {
+    let (mut ds, mut qs) = ([isa.zero(); TILE], [isa.zero(); TILE]);
+    for row in x.chunks_exact(bc) {
+        // Lanes past the columns load zero and have a zero shift: they add nothing.
+        tile_deviations::<I, BF16>(isa, &row[columns.clone()], shift, &mut ds, &mut qs);
+    }
+    (lanes(isa, &ds), lanes(isa, &qs))
+}
+
 /// `ds += x - m`, `qs += (x - m)^2` over one row of a tile. Lanes past the row load zero and
 /// have a zero `m`: they add nothing.
 #[inline(always)]
@@ -1240,7 +1258,6 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
         let (x, ahead) = (self.x, self.ahead);
         let n = (outer * inner) as f64;
         let inv_n = 1.0 / n;
-        let w = isa.splat(inv_n as f32);
         if inner > 1 {
             for (k, out) in self.out.iter_mut().enumerate() {
                 // One pass of deviations from a pilot shift (the mean of the channel's first
@@ -1265,19 +1282,31 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
             let mut c0 = 0;
             while c0 < bc {
                 let width = (bc - c0).min(TILE * I::LANES);
-                let mut acc = [isa.zero(); TILE];
-                for row in x.chunks_exact(bc) {
-                    tile_mean::<I, BF16>(isa, &row[c0..c0 + width], w, &mut acc);
+                // One pass of deviations from a pilot shift per column (the mean of the first
+                // up to 16 rows), then, only if the correction would remove over half of a
+                // column's sum of squares, a second pass around the means found (as for runs).
+                let pilot_rows = outer.min(16);
+                let wp = isa.splat(1.0 / pilot_rows as f32);
+                let mut pilot = [isa.zero(); TILE];
+                for row in x.chunks_exact(bc).take(pilot_rows) {
+                    tile_mean::<I, BF16>(isa, &row[c0..c0 + width], wp, &mut pilot);
                 }
-                let mean = acc;
-                let (mut ds, mut qs) = ([isa.zero(); TILE], [isa.zero(); TILE]);
-                for row in x.chunks_exact(bc) {
-                    // Lanes past the columns load zero and have a zero mean: they add nothing.
-                    tile_deviations::<I, BF16>(isa, &row[c0..c0 + width], &mean, &mut ds, &mut qs);
+                let columns = c0..c0 + width;
+                let (mut shift, (mut ds, mut qs)) =
+                    (lanes(isa, &pilot), tile_pass::<I, BF16>(isa, x, bc, columns.clone(), &pilot));
+                let far = |ds: f32, qs: f32| (ds as f64) * (ds as f64) * inv_n > 0.5 * qs as f64;
+                if (0..width).any(|k| far(ds[k], qs[k])) {
+                    for k in 0..width {
+                        shift[k] = (shift[k] as f64 + ds[k] as f64 * inv_n) as f32;
+                    }
+                    let mut mean = [isa.zero(); TILE];
+                    for (t, m) in mean.iter_mut().enumerate() {
+                        *m = isa.load(&shift[t * I::LANES..]);
+                    }
+                    (ds, qs) = tile_pass::<I, BF16>(isa, x, bc, columns, &mean);
                 }
-                let (mean, ds, qs) = (lanes(isa, &mean), lanes(isa, &ds), lanes(isa, &qs));
                 for (k, out) in self.out[c0..c0 + width].iter_mut().enumerate() {
-                    *out = Moments::from_deviations(n, inv_n, mean[k], ds[k] as f64, qs[k] as f64);
+                    *out = Moments::from_deviations(n, inv_n, shift[k], ds[k] as f64, qs[k] as f64);
                 }
                 c0 += width;
             }
@@ -1687,11 +1716,32 @@ mod tests {
     /// {-1, 0, 1}. Without the second pass around the mean the variance is off by about 1%.
     #[test]
     fn statistics_stay_accurate_with_a_far_pilot() {
+        // Planes: two channels of one run; rows: 16 channels whose first 16 rows are the pilot.
         let inner = 16384;
-        let dims = Canonical { outer: 1, channels: 2, inner };
-        let values: Vec<f32> = (0..2 * inner)
+        let planes: Vec<f32> = (0..2 * inner)
             .map(|i| if i % inner < 16 { 1000.0 } else { ((i * 7919) % 3) as f32 - 1.0 })
             .collect();
+        let rows: Vec<f32> = (0..16 * 1024)
+            .map(|i| if i < 16 * 16 { 8192.0 } else { ((i * 7919) % 3) as f32 - 1.0 })
+            .collect();
+        for (values, dims) in [
+            (planes, Canonical { outer: 1, channels: 2, inner }),
+            (rows, Canonical { outer: 1024, channels: 16, inner: 1 }),
+        ] {
+            check_statistics(&values, dims);
+        }
+    }
+
+    /// [`batch_stats`] of `values` in both formats on every backend against the `f64` mean and
+    /// variance (the values are exact in both formats).
+    fn check_statistics(values: &[f32], dims: Canonical) {
+        let c = dims.channels;
+        let channel = |k: usize| -> Vec<f64> {
+            (0..dims.outer)
+                .flat_map(|o| (0..dims.inner).map(move |i| (o * c + k) * dims.inner + i))
+                .map(|i| values[i] as f64)
+                .collect()
+        };
         for backend in Backend::available() {
             for format in [HalfFormat::Bf16, HalfFormat::F16] {
                 let bits: Vec<u16> = values
@@ -1701,18 +1751,15 @@ mod tests {
                         HalfFormat::F16 => half::f16::from_f32(v).to_bits(),
                     })
                     .collect();
-                let (mut mean, mut var) = ([0.0; 2], [0.0; 2]);
+                let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
                 batch_stats(backend, format, &bits, dims, &mut mean, &mut var);
-                for c in 0..2 {
-                    let v = &values[c * inner..(c + 1) * inner];
-                    let m = v.iter().map(|&x| x as f64).sum::<f64>() / inner as f64;
-                    let q = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / inner as f64;
-                    assert!(
-                        (mean[c] - m).abs() <= 1e-6 * q.sqrt(),
-                        "{backend} {format:?} mean {} vs {m}",
-                        mean[c]
-                    );
-                    assert!((var[c] - q).abs() <= 1e-4 * q, "{backend} {format:?} var {} vs {q}", var[c]);
+                for k in 0..c {
+                    let v = channel(k);
+                    let m = v.iter().sum::<f64>() / v.len() as f64;
+                    let q = v.iter().map(|&x| (x - m).powi(2)).sum::<f64>() / v.len() as f64;
+                    let at = format!("{backend} {format:?} {dims:?} channel {k}");
+                    assert!((mean[k] - m).abs() <= 1e-6 * q.sqrt(), "{at}: mean {} vs {m}", mean[k]);
+                    assert!((var[k] - q).abs() <= 1e-4 * q, "{at}: var {} vs {q}", var[k]);
                 }
             }
         }
