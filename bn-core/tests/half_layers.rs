@@ -12,8 +12,11 @@ mod common;
 use common::{backends, Rng};
 
 /// `(outer, C, inner)` shapes of both families with odd tails, and the three block kinds of the
-/// 16-bit drivers (whole rows, channel ranges of a row, pieces of a long run).
-const SHAPES: [(usize, usize, usize); 10] = [
+/// 16-bit drivers (whole rows, channel ranges of a row, pieces of a long run); rows of 64 and 96
+/// channels take the paired-vector `dx` path.
+const SHAPES: [(usize, usize, usize); 12] = [
+    (40, 64, 1),
+    (33, 96, 1),
     (3, 7, 49),
     (2, 1, 70),
     (5, 70, 1),
