@@ -235,6 +235,15 @@ impl<const BF16: bool> Kernel for AffineKernel<'_, BF16> {
                     affine_run::<I, BF16>(isa, xr, yr, [m[c], s[c], t[c]]);
                 }
             }
+            Params::Lanes(m, s, t) if m.len() == 2 * l && y.len().is_multiple_of(m.len()) => {
+                pair_rows::<I, BF16, 1>(isa, x, y, [m, s, t])
+            }
+            Params::Lanes(m, s, t) if m.len() == 4 * l && y.len().is_multiple_of(m.len()) => {
+                pair_rows::<I, BF16, 2>(isa, x, y, [m, s, t])
+            }
+            Params::Lanes(m, s, t) if m.len() == 8 * l && y.len().is_multiple_of(m.len()) => {
+                pair_rows::<I, BF16, 4>(isa, x, y, [m, s, t])
+            }
             Params::Lanes(m, s, t) if m.len().is_multiple_of(l) && y.len().is_multiple_of(m.len()) => {
                 // Rows of whole vectors.
                 let period = m.len();
@@ -286,6 +295,48 @@ fn affine_value<I: Isa>(isa: I, v: I::V, [m, s, t]: [I::V; 3]) -> I::V {
 #[inline(always)]
 fn load3<I: Isa>(isa: I, ((m, s), t): ((&[f32], &[f32]), &[f32])) -> [I::V; 3] {
     [isa.load(m), isa.load(s), isa.load(t)]
+}
+
+/// Rows of `P` pairs of vectors of columns: the parameters loaded once, in the order of
+/// [`Isa::load_half2`] ([`Isa::load_pair_order`]), and kept in registers; each row's values in
+/// pairs (on AVX-512, 32 `bf16` values per 64-byte load and store).
+#[inline(always)]
+fn pair_rows<I: Isa, const BF16: bool, const P: usize>(
+    isa: I,
+    x: Option<&[u16]>,
+    y: &mut [u16],
+    [m, s, t]: [&[f32]; 3],
+) {
+    let l2 = 2 * I::LANES;
+    let mut k = [[[isa.zero(); 3]; 2]; P];
+    for (p, kp) in k.iter_mut().enumerate() {
+        let c = p * l2;
+        let (m, s, t) = (
+            isa.load_pair_order::<BF16>(&m[c..]),
+            isa.load_pair_order::<BF16>(&s[c..]),
+            isa.load_pair_order::<BF16>(&t[c..]),
+        );
+        *kp = [[m.0, s.0, t.0], [m.1, s.1, t.1]];
+    }
+    let width = P * l2;
+    match x {
+        Some(x) => {
+            for (yr, xr) in y.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+                for (p, (yv, xv)) in yr.chunks_exact_mut(l2).zip(xr.chunks_exact(l2)).enumerate() {
+                    let (a, b) = isa.load_half2::<BF16>(xv);
+                    isa.store_half2::<BF16>(yv, affine_value(isa, a, k[p][0]), affine_value(isa, b, k[p][1]));
+                }
+            }
+        }
+        None => {
+            for yr in y.chunks_exact_mut(width) {
+                for (p, yv) in yr.chunks_exact_mut(l2).enumerate() {
+                    let (a, b) = isa.load_half2::<BF16>(yv);
+                    isa.store_half2::<BF16>(yv, affine_value(isa, a, k[p][0]), affine_value(isa, b, k[p][1]));
+                }
+            }
+        }
+    }
 }
 
 /// One row of whole vectors with per-column parameters `[m, s, t]` (as long as the row), from
@@ -618,24 +669,31 @@ mod tests {
                         );
                     }
                 }
-                let period = 32;
-                let mp: Vec<f32> = (0..period).map(|j| j as f32 * 0.1).collect();
-                let sp: Vec<f32> =
-                    (0..period).map(|j| if j % 3 == 0 { 1e-39 } else { 0.5 + j as f32 }).collect();
-                let tp: Vec<f32> = (0..period).map(|j| -(j as f32)).collect();
-                let rows = 12;
-                let (xr, mut yr) = (&x[..rows * period], vec![0u16; rows * period]);
-                affine(backend, format, xr, &mut yr, Params::Lanes(&mp, &sp, &tp));
-                for i in 0..rows * period {
-                    let k = i % period;
-                    let expected = reference_narrow(
-                        format,
-                        (reference_widen(format, xr[i]) - mp[k]).mul_add(sp[k], tp[k]),
-                    );
-                    let same = yr[i] == expected
-                        || (reference_widen(format, yr[i]).is_nan()
-                            && reference_widen(format, expected).is_nan());
-                    assert!(same, "{backend} {format:?} rows [{i}]: {:#06x} vs {expected:#06x}", yr[i]);
+                // Rows of 32, 64 and 128 columns (pairs with the parameters in registers), 48
+                // (whole vectors) and 20 (a masked tail), out of place and in place.
+                for period in [32, 64, 128, 48, 20] {
+                    let mp: Vec<f32> = (0..period).map(|j| j as f32 * 0.1).collect();
+                    let sp: Vec<f32> =
+                        (0..period).map(|j| if j % 3 == 0 { 1e-39 } else { 0.5 + j as f32 }).collect();
+                    let tp: Vec<f32> = (0..period).map(|j| -(j as f32)).collect();
+                    let rows = n / period;
+                    let (xr, mut yr) = (&x[..rows * period], vec![0u16; rows * period]);
+                    affine(backend, format, xr, &mut yr, Params::Lanes(&mp, &sp, &tp));
+                    let mut inplace = xr.to_vec();
+                    affine_inplace(backend, format, &mut inplace, Params::Lanes(&mp, &sp, &tp));
+                    for i in 0..rows * period {
+                        let k = i % period;
+                        let expected = reference_narrow(
+                            format,
+                            (reference_widen(format, xr[i]) - mp[k]).mul_add(sp[k], tp[k]),
+                        );
+                        let same = yr[i] == expected
+                            || (reference_widen(format, yr[i]).is_nan()
+                                && reference_widen(format, expected).is_nan());
+                        let at = format!("{backend} {format:?} rows of {period} [{i}]");
+                        assert!(same, "{at}: {:#06x} vs {expected:#06x}", yr[i]);
+                        assert_eq!(inplace[i], yr[i], "{at} in place");
+                    }
                 }
                 // Consecutive runs of 3 channels (runs of 37, 16 and 69 values: pairs, one
                 // vector, masked tails), out of place and in place.

@@ -145,6 +145,12 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
             *d = f32_to_half::<BF16>(x);
         }
     }
+    /// `2 * LANES` values of `s` as two vectors in the order of [`Isa::load_half2`]: per-column
+    /// parameters that go with values loaded in pairs.
+    #[inline(always)]
+    fn load_pair_order<const BF16: bool>(self, s: &[f32]) -> (Self::V, Self::V) {
+        (self.load(s), self.load(&s[Self::LANES..]))
+    }
     /// `2 * LANES` 16-bit values of `s` widened into two vectors, in an order of the
     /// instruction set's choosing (by default the first `LANES` values, then the next): for
     /// elementwise work and sums, where the order of the values does not matter.

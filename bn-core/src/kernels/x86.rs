@@ -387,6 +387,20 @@ where
         }
     }
     #[inline(always)]
+    fn load_pair_order<const BF16: bool>(self, s: &[f32]) -> (__m512, __m512) {
+        if !BF16 {
+            return (self.load(s), self.load(&s[16..]));
+        }
+        let (a, b) = (self.load(s), self.load(&s[16..]));
+        // SAFETY: the token proves AVX-512F. Even-indexed values first, then odd ones: the
+        // order of `load_half2`.
+        unsafe {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            (_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b))
+        }
+    }
+    #[inline(always)]
     fn load_half2<const BF16: bool>(self, s: &[u16]) -> (__m512, __m512) {
         if !BF16 {
             return (self.load_half::<BF16>(s), self.load_half::<BF16>(&s[16..]));
