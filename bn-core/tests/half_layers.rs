@@ -12,10 +12,11 @@ mod common;
 use common::{backends, Rng};
 
 /// `(outer, C, inner)` shapes of both families with odd tails, and the three block kinds of the
-/// 16-bit drivers (whole rows, channel ranges of a row, pieces of a long run); rows of 64 and 96
-/// channels take the paired-vector `dx` path.
-const SHAPES: [(usize, usize, usize); 12] = [
+/// 16-bit drivers (whole rows, channel ranges of a row, pieces of a long run); rows of 32 and 64
+/// channels take the paired-vector normalize and `dx` paths, 96 the vector-by-vector ones.
+const SHAPES: [(usize, usize, usize); 13] = [
     (40, 64, 1),
+    (50, 32, 1),
     (33, 96, 1),
     (3, 7, 49),
     (2, 1, 70),

@@ -34,7 +34,7 @@
 use core::cell::RefCell;
 
 use super::convert::{affine, affine_inplace, affine_run, has_affine, narrow, widen, Params};
-use super::isa::{half2_order, half_to_f32, to_half2_order, Isa, Kernel, MAX_PAIR_COLUMNS};
+use super::isa::{half_to_f32, Isa, Kernel};
 use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::portable::Wide;
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
@@ -1473,30 +1473,12 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
                 let k = [isa.splat(km[c]), isa.splat(k1[c]), isa.splat(k2[c]), isa.splat(k3[c])];
                 dx_run::<I, BF16>(isa, xr, dyr, dxr, k);
             }
-        } else if bc.is_multiple_of(2 * l) && bc <= MAX_PAIR_COLUMNS {
-            // Rows of whole pairs of vectors: values in pairs (`load_half2`), the coefficients
-            // arranged alike.
-            let order = half2_order::<I, BF16>(isa);
-            let order = &order[..2 * l];
-            let k = [
-                to_half2_order(order, &km[..bc]),
-                to_half2_order(order, &k1[..bc]),
-                to_half2_order(order, &k2[..bc]),
-                to_half2_order(order, &k3[..bc]),
-            ];
-            for ((xr, dyr), dxr) in x.chunks_exact(bc).zip(dy.chunks_exact(bc)).zip(dx.chunks_exact_mut(bc)) {
-                for (p, ((xv, gv), dv)) in xr
-                    .chunks_exact(2 * l)
-                    .zip(dyr.chunks_exact(2 * l))
-                    .zip(dxr.chunks_exact_mut(2 * l))
-                    .enumerate()
-                {
-                    let (ka, kb) = coefficient_pair(isa, &k, p * 2 * l);
-                    let (x0, x1) = isa.load_half2::<BF16>(xv);
-                    let (g0, g1) = isa.load_half2::<BF16>(gv);
-                    isa.store_half2::<BF16>(dv, dx_value(isa, x0, g0, ka), dx_value(isa, x1, g1, kb));
-                }
-            }
+        } else if bc == 2 * l {
+            dx_pair_rows::<I, BF16, 1>(isa, x, dy, dx, [km, k1, k2, k3]);
+        } else if bc == 4 * l {
+            dx_pair_rows::<I, BF16, 2>(isa, x, dy, dx, [km, k1, k2, k3]);
+        } else if bc == 8 * l {
+            dx_pair_rows::<I, BF16, 4>(isa, x, dy, dx, [km, k1, k2, k3]);
         } else {
             let (km, k1, k2, k3) = (&km[..bc], &k1[..bc], &k2[..bc], &k3[..bc]);
 
@@ -1587,19 +1569,37 @@ impl<const BF16: bool> Kernel for ChannelDx<'_, BF16> {
     }
 }
 
-/// The coefficients of the pair of vectors of columns at `c` (pair order).
+/// `dx` of rows of `P` pairs of vectors of columns: the coefficients `[m, k1, k2, k3]` loaded
+/// once in the order of [`Isa::load_half2`] ([`Isa::load_pair_order`]) and kept in registers,
+/// each row's values in pairs.
 #[inline(always)]
-fn coefficient_pair<I: Isa>(isa: I, k: &[[f32; MAX_PAIR_COLUMNS]; 4], c: usize) -> ([I::V; 4], [I::V; 4]) {
-    let l = I::LANES;
-    (
-        [isa.load(&k[0][c..]), isa.load(&k[1][c..]), isa.load(&k[2][c..]), isa.load(&k[3][c..])],
-        [
-            isa.load(&k[0][c + l..]),
-            isa.load(&k[1][c + l..]),
-            isa.load(&k[2][c + l..]),
-            isa.load(&k[3][c + l..]),
-        ],
-    )
+fn dx_pair_rows<I: Isa, const BF16: bool, const P: usize>(
+    isa: I,
+    x: &[u16],
+    dy: &[u16],
+    dx: &mut [u16],
+    k: [&[f32]; 4],
+) {
+    let l2 = 2 * I::LANES;
+    let mut kv = [[[isa.zero(); 4]; 2]; P];
+    for (p, kp) in kv.iter_mut().enumerate() {
+        for (j, s) in k.iter().enumerate() {
+            let (a, b) = isa.load_pair_order::<BF16>(&s[p * l2..]);
+            kp[0][j] = a;
+            kp[1][j] = b;
+        }
+    }
+    let width = P * l2;
+    for ((xr, dyr), dxr) in x.chunks_exact(width).zip(dy.chunks_exact(width)).zip(dx.chunks_exact_mut(width))
+    {
+        for (p, ((xv, gv), dv)) in
+            xr.chunks_exact(l2).zip(dyr.chunks_exact(l2)).zip(dxr.chunks_exact_mut(l2)).enumerate()
+        {
+            let (x0, x1) = isa.load_half2::<BF16>(xv);
+            let (g0, g1) = isa.load_half2::<BF16>(gv);
+            isa.store_half2::<BF16>(dv, dx_value(isa, x0, g0, kv[p][0]), dx_value(isa, x1, g1, kv[p][1]));
+        }
+    }
 }
 
 /// The coefficients of the whole vector of columns at `c` (a function, not a closure: a closure

@@ -169,45 +169,7 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
 }
 
 /// The most lanes of any instruction set (the stack arrays of the default 16-bit loads).
-pub(crate) const MAX_LANES: usize = 16;
-
-/// The most columns whose parameters [`to_half2_order`] arranges (on the stack).
-pub(crate) const MAX_PAIR_COLUMNS: usize = 128;
-
-/// Where [`Isa::load_half2`] puts its `2 * LANES` values: lane `k` of the first vector holds
-/// value `order[k]`, lane `k` of the second value `order[LANES + k]`. Found by loading the
-/// indices themselves (small integers, exact in both formats).
-#[inline(always)]
-pub(crate) fn half2_order<I: Isa, const BF16: bool>(isa: I) -> [usize; 2 * MAX_LANES] {
-    let l = I::LANES;
-    let mut iota = [0u16; 2 * MAX_LANES];
-    for (i, b) in iota.iter_mut().enumerate() {
-        *b = f32_to_half::<BF16>(i as f32);
-    }
-    let (a, b) = isa.load_half2::<BF16>(&iota[..2 * l]);
-    let mut lanes = [0.0f32; 2 * MAX_LANES];
-    isa.store(&mut lanes, a);
-    isa.store(&mut lanes[l..], b);
-    let mut order = [0usize; 2 * MAX_LANES];
-    for (o, &v) in order.iter_mut().zip(&lanes[..2 * l]) {
-        *o = v as usize;
-    }
-    order
-}
-
-/// Per-column parameters arranged as [`Isa::load_half2`] arranges values (`order` from
-/// [`half2_order`], `src.len()` a multiple of `2 * LANES`, at most [`MAX_PAIR_COLUMNS`]): loaded
-/// as two vectors per pair of vectors of columns, lane for lane with the values.
-#[inline(always)]
-pub(crate) fn to_half2_order(order: &[usize], src: &[f32]) -> [f32; MAX_PAIR_COLUMNS] {
-    let mut dst = [0.0f32; MAX_PAIR_COLUMNS];
-    for (d, s) in dst.chunks_exact_mut(order.len()).zip(src.chunks_exact(order.len())) {
-        for (d, &o) in d.iter_mut().zip(order) {
-            *d = s[o];
-        }
-    }
-    dst
-}
+const MAX_LANES: usize = 16;
 
 /// One 16-bit value (`bf16` bits when `BF16`, else `f16` bits) widened to `f32`, exactly.
 #[inline(always)]
