@@ -1,7 +1,7 @@
 //! Which instruction set the fast kernels use: detected once, cached, overridable.
 //!
 //! As in gemm and pulp, the best available backend is detected at run time (best first: AVX-512,
-//! AVX2+FMA, the portable `wide` path) and cached; `BN_BACKEND=scalar|wide|avx2|avx512` forces
+//! AVX2+FMA+F16C, the portable `wide` path) and cached; `BN_BACKEND=scalar|wide|avx2|avx512` forces
 //! one for the process, as matrixmultiply's `MMTEST_FEATURE` does. Code can also pass a
 //! [`Backend`] explicitly to every kernel, which is how the tests run all of them in one process.
 

@@ -1,4 +1,5 @@
-//! The `core::arch` instruction sets: AVX2+FMA (8 lanes) and AVX-512F (16 lanes, masked tails).
+//! The `core::arch` instruction sets: AVX2+FMA+F16C (8 lanes) and AVX-512F (16 lanes, masked
+//! tails; `Avx512<true>` adds AVX512-BF16's conversions).
 //!
 //! Each token can only be made when the running CPU has its features, so its methods, thin
 //! wrappers around intrinsics, are safe to call; [`Isa::vectorize`] enters a
@@ -10,12 +11,12 @@ use super::backend::{has_avx2, has_avx512};
 use super::convert;
 use super::isa::{Isa, Kernel};
 
-/// AVX2 + FMA: 8-lane `__m256` vectors.
+/// AVX2 + FMA + F16C: 8-lane `__m256` vectors.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx2(());
 
 impl Avx2 {
-    /// The token, if the CPU has AVX2 and FMA.
+    /// The token, if the CPU has AVX2, FMA and F16C.
     #[inline]
     pub(crate) fn new() -> Option<Avx2> {
         has_avx2().then_some(Avx2(()))
