@@ -38,6 +38,8 @@ const MAX_BLOCK_ROWS: usize = 256;
 /// Least rows per block a tile is narrowed for: every block ends in an `f64` merge per
 /// column, which costs about as much as summing eight rows.
 const MIN_BLOCK_ROWS: usize = 32;
+/// Rows whose mean is the pilot shift of a chunk's first block.
+const PILOT_ROWS: usize = 8;
 /// Least values per chunk.
 const CHUNK_ELEMS: usize = 1 << 16;
 /// Most chunks (bounds the scratch: `2 * MAX_CHUNKS * W` values).
@@ -243,41 +245,18 @@ macro_rules! column_sums {
     }};
 }
 
-/// Two-pass moments of one block × tile, merged into the chunk's moments of those columns
-/// (`n_before` values each so far).
+/// `sum(x - m)` and `sum((x - m)^2)` per column of one block × tile into `buf.a` and `buf.b`,
+/// `m` the shifts in `buf.m`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile_moments<I: Isa>(
+fn tile_deviations<I: Isa>(
     isa: I,
     x: &[f32],
     w: usize,
     rows: Range<usize>,
     cols: Range<usize>,
     buf: &mut TileBuf,
-    n_before: f64,
-    mean: &mut [f64],
-    m2: &mut [f64],
 ) {
     let nc = cols.len();
-    let nr = rows.len();
-    let inv = isa.splat((1.0 / nr as f64) as f32);
-    // Pass 1: column means (scaled as they are summed, so no overflow).
-    let m = &mut buf.m;
-    column_sums!(
-        isa,
-        1,
-        1,
-        [x],
-        w,
-        rows.clone(),
-        cols.clone(),
-        &[],
-        #[inline(always)]
-        |_, [v], _, [a]| [isa.mul_add(v, inv, a)],
-        #[inline(always)]
-        |pos, [s]| isa.store(&mut m[pos.i..], s)
-    );
-    // Pass 2: deviations from them, from cache.
     let (m, ds, qs) = (&buf.m[..nc], &mut buf.a, &mut buf.b);
     column_sums!(
         isa,
@@ -299,6 +278,65 @@ fn tile_moments<I: Isa>(
             isa.store(&mut qs[pos.i..], q);
         }
     );
+}
+
+/// Moments of one block × tile, merged into the chunk's moments of those columns
+/// (`n_before` values each so far).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_moments<I: Isa>(
+    isa: I,
+    x: &[f32],
+    w: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    buf: &mut TileBuf,
+    n_before: f64,
+    mean: &mut [f64],
+    m2: &mut [f64],
+) {
+    let nc = cols.len();
+    let nr = rows.len();
+    let n = nr as f64;
+    // A pilot shift per column: the chunk's mean so far, or for its first block the mean of the
+    // block's first rows. One pass of deviations from it; the correction of the merge below
+    // (`ds^2 / n`) makes that the corrected two-pass algorithm, exact to rounding while the
+    // pilot is near the block's mean. Where it is far (the correction would remove over half of
+    // a column's sum of squares, amplifying rounding), a second pass around the block's means.
+    if n_before > 0.0 {
+        for (m, &mean) in buf.m[..nc].iter_mut().zip(&mean[..nc]) {
+            *m = mean as f32;
+        }
+    } else {
+        let first = rows.start..rows.start + nr.min(PILOT_ROWS);
+        let inv = isa.splat(1.0 / first.len() as f32);
+        let m = &mut buf.m;
+        column_sums!(
+            isa,
+            1,
+            1,
+            [x],
+            w,
+            first,
+            cols.clone(),
+            &[],
+            #[inline(always)]
+            |_, [v], _, [a]| [isa.mul_add(v, inv, a)],
+            #[inline(always)]
+            |pos, [s]| isa.store(&mut m[pos.i..], s)
+        );
+    }
+    tile_deviations(isa, x, w, rows.clone(), cols.clone(), buf);
+    let far = (0..nc).any(|j| {
+        let ds = buf.a[j] as f64;
+        ds * ds / n > 0.5 * buf.b[j] as f64
+    });
+    if far {
+        for j in 0..nc {
+            buf.m[j] = (buf.m[j] as f64 + buf.a[j] as f64 / n) as f32;
+        }
+        tile_deviations(isa, x, w, rows, cols, buf);
+    }
     // Chan's merge of this block into the chunk so far, column by column; the ratios are the
     // same for every column (no division in the loop). With `n_before == 0` it copies.
     let n = nr as f64;
