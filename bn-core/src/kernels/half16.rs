@@ -1268,7 +1268,7 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
                 let first = &x[k * inner..k * inner + inner.min(16)];
                 let pilot = first.iter().map(|&b| half_to_f32::<BF16>(b)).sum::<f32>() / first.len() as f32;
                 let (ds, qs) = block_deviations::<I, BF16>(isa, x, self.dims, k, pilot, ahead);
-                *out = if ds * ds * inv_n > 0.5 * qs {
+                *out = if Moments::pilot_is_far(n, ds, qs) {
                     let mean = (pilot as f64 + ds * inv_n) as f32;
                     let (ds, qs) = block_deviations::<I, BF16>(isa, x, self.dims, k, mean, 0);
                     Moments::from_deviations(n, inv_n, mean, ds, qs)
@@ -1294,8 +1294,7 @@ impl<const BF16: bool> Kernel for BlockMoments<'_, BF16> {
                 let columns = c0..c0 + width;
                 let (mut shift, (mut ds, mut qs)) =
                     (lanes(isa, &pilot), tile_pass::<I, BF16>(isa, x, bc, columns.clone(), &pilot));
-                let far = |ds: f32, qs: f32| (ds as f64) * (ds as f64) * inv_n > 0.5 * qs as f64;
-                if (0..width).any(|k| far(ds[k], qs[k])) {
+                if (0..width).any(|k| Moments::pilot_is_far(n, ds[k] as f64, qs[k] as f64)) {
                     for k in 0..width {
                         shift[k] = (shift[k] as f64 + ds[k] as f64 * inv_n) as f32;
                     }

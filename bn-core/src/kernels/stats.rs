@@ -29,6 +29,20 @@ impl Moments {
         Moments { n, mean: shift as f64 + mean_ds, m2: if m2 < 0.0 { 0.0 } else { m2 } }
     }
 
+    /// Whether sums of deviations from a pilot shift (`ds = sum(x - shift)`,
+    /// `qs = sum((x - shift)^2)` over `n` values) should be taken again around the mean they
+    /// give: the correction `ds^2 / n` would remove over half of `qs` (the pilot is far from the
+    /// mean, and the subtraction would amplify rounding), or a sum is not finite (squares of
+    /// deviations from a far pilot can overflow where those from the mean do not).
+    #[inline(always)]
+    pub fn pilot_is_far(n: f64, ds: f64, qs: f64) -> bool {
+        let correction = ds * ds / n;
+        !matches!(
+            correction.partial_cmp(&(0.5 * qs)),
+            Some(core::cmp::Ordering::Less | core::cmp::Ordering::Equal)
+        )
+    }
+
     /// Chan's merge of two disjoint sets. Merging into [`Moments::EMPTY`] returns `other`
     /// exactly, so folding from `EMPTY` starts with the first block's own values.
     #[inline(always)]
