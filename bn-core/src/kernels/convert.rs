@@ -81,45 +81,45 @@ impl<const BF16: bool> Kernel for ConvertKernel<'_, BF16> {
     }
 }
 
-/// Runs `convert` on the AVX-512 or AVX2 backend (`f16` on AVX2 only with F16C); false, doing
-/// nothing, on the others (the portable conversions serve them).
+/// Runs `convert` on the AVX-512 or AVX2 backend; false, doing nothing, on the others (the
+/// portable conversions serve them).
 #[inline]
 fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> bool {
+    match format {
+        HalfFormat::Bf16 => run_simd(backend, format, ConvertKernel::<true>(convert)).is_ok(),
+        HalfFormat::F16 => run_simd(backend, format, ConvertKernel::<false>(convert)).is_ok(),
+    }
+}
+
+/// Runs `kernel` on the `core::arch` instruction set of `backend` (for `bf16` on AVX-512, the
+/// token with AVX512-BF16's conversions where the CPU has them: the same bits); gives the
+/// kernel back on the other backends. The one place that picks the 16-bit kernels' token.
+#[inline]
+pub(crate) fn run_simd<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> Result<K::Output, K> {
     #[cfg(target_arch = "x86_64")]
     {
         use super::x86::{Avx2, Avx512};
-        let bf16 = format == HalfFormat::Bf16;
-        macro_rules! run {
-            ($isa:expr) => {
-                if bf16 {
-                    $isa.vectorize(ConvertKernel::<true>(convert))
-                } else {
-                    $isa.vectorize(ConvertKernel::<false>(convert))
-                }
-            };
-        }
         match backend.usable() {
             Backend::Avx512 => {
-                if let Some(isa) = Avx512::with_bf16().filter(|_| bf16) {
-                    run!(isa);
-                    return true;
+                if format == HalfFormat::Bf16 {
+                    if let Some(isa) = Avx512::with_bf16() {
+                        return Ok(isa.vectorize(kernel));
+                    }
                 }
                 if let Some(isa) = Avx512::new() {
-                    run!(isa);
-                    return true;
+                    return Ok(isa.vectorize(kernel));
                 }
             }
             Backend::Avx2 => {
                 if let Some(isa) = Avx2::new() {
-                    run!(isa);
-                    return true;
+                    return Ok(isa.vectorize(kernel));
                 }
             }
             _ => {}
         }
     }
-    let _ = (backend, format, convert);
-    false
+    let _ = (backend, format);
+    Err(kernel)
 }
 
 /// The parameters of a fused affine pass: one `(m, s, t)` per run of consecutive runs of one
@@ -177,37 +177,11 @@ fn affine_any(backend: Backend, format: HalfFormat, x: Option<&[u16]>, y: &mut [
         }
     }
     assert!(has_affine(backend, format), "no fused affine kernel for {backend} {format:?}");
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::x86::{Avx2, Avx512};
-        let bf16 = format == HalfFormat::Bf16;
-        macro_rules! run {
-            ($isa:expr) => {
-                if bf16 {
-                    return $isa.vectorize(AffineKernel::<true> { x, y, p });
-                } else {
-                    return $isa.vectorize(AffineKernel::<false> { x, y, p });
-                }
-            };
-        }
-        match backend.usable() {
-            Backend::Avx512 => {
-                if let Some(isa) = Avx512::with_bf16().filter(|_| bf16) {
-                    run!(isa);
-                }
-                if let Some(isa) = Avx512::new() {
-                    run!(isa);
-                }
-            }
-            Backend::Avx2 => {
-                if let Some(isa) = Avx2::new() {
-                    run!(isa);
-                }
-            }
-            _ => {}
-        }
-    }
-    unreachable!("has_affine promised a kernel");
+    let done = match format {
+        HalfFormat::Bf16 => run_simd(backend, format, AffineKernel::<true> { x, y, p }).is_ok(),
+        HalfFormat::F16 => run_simd(backend, format, AffineKernel::<false> { x, y, p }).is_ok(),
+    };
+    assert!(done, "has_affine promised a kernel");
 }
 
 /// The fused affine pass in `bf16` (`BF16`) or `f16` on one instruction set: per run, pairs

@@ -33,7 +33,7 @@
 
 use core::cell::RefCell;
 
-use super::convert::{affine, affine_inplace, affine_run, has_affine, narrow, widen, Params};
+use super::convert::{affine, affine_inplace, affine_run, has_affine, narrow, run_simd, widen, Params};
 use super::isa::{half_to_f32, Isa, Kernel};
 use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::portable::Wide;
@@ -1027,27 +1027,10 @@ const DIRECT_MIN_RUN: usize = 32;
 /// conversions where the CPU has them: the same bits), `Wide` where the backend's is missing.
 #[inline]
 fn run_kernel<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> K::Output {
-    #[cfg(target_arch = "x86_64")]
-    match backend.usable() {
-        Backend::Avx512 => {
-            if format == HalfFormat::Bf16 {
-                if let Some(isa) = super::x86::Avx512::with_bf16() {
-                    return isa.vectorize(kernel);
-                }
-            }
-            if let Some(isa) = super::x86::Avx512::new() {
-                return isa.vectorize(kernel);
-            }
-        }
-        Backend::Avx2 => {
-            if let Some(isa) = super::x86::Avx2::new() {
-                return isa.vectorize(kernel);
-            }
-        }
-        _ => {}
+    match run_simd(backend, format, kernel) {
+        Ok(out) => out,
+        Err(kernel) => Wide.vectorize(kernel),
     }
-    let _ = (backend, format);
-    Wide.vectorize(kernel)
 }
 
 /// Calls `f(state, k, i)` for the whole vectors of a run of `n` values (`i` the offset, `k` one

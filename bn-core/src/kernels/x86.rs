@@ -46,12 +46,16 @@ impl Avx512Bf16 {
     /// The token, if the CPU has AVX-512F, BW, VL, DQ and BF16 (cached by `std`).
     #[inline]
     pub(crate) fn with_bf16() -> Option<Avx512Bf16> {
-        (has_avx512()
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq"))
-        .then_some(Avx512(()))
+        // Asked once per kernel call: one cached flag instead of five detections.
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let has = *HAS.get_or_init(|| {
+            has_avx512()
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+        });
+        has.then_some(Avx512(()))
     }
 }
 
