@@ -35,7 +35,7 @@ use core::cell::RefCell;
 
 use super::convert::{affine, affine_inplace, affine_run, has_affine, narrow, run_simd, widen, Params};
 use super::isa::{half_to_f32, Isa, Kernel};
-use super::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
+use super::parallel::{for_each_task, part, task_count, use_pool, without_alloc, SharedMut, TASK_ELEMS};
 use super::portable::Wide;
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use super::Backend;
@@ -299,10 +299,12 @@ pub fn normalize(
     }
     let g = Blocks::new(dims, BLOCK);
     let y = SharedMut::new(y);
-    for_blocks(&g, 2, |blk| {
-        // SAFETY: blocks are disjoint and each is written by one task.
-        let out = unsafe { y.slice(blk.start, blk.len()) };
-        normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift);
+    without_alloc(2 * dims.len(), || {
+        for_blocks(&g, 2, |blk| {
+            // SAFETY: blocks are disjoint and each is written by one task.
+            let out = unsafe { y.slice(blk.start, blk.len()) };
+            normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift);
+        })
     });
 }
 
@@ -381,10 +383,12 @@ pub fn normalize_inplace(
     }
     let g = Blocks::new(dims, BLOCK);
     let xy = SharedMut::new(xy);
-    for_blocks(&g, 2, |blk| {
-        // SAFETY: blocks are disjoint and each is read and written by one task.
-        let io = unsafe { xy.slice(blk.start, blk.len()) };
-        normalize_block(backend, format, None, io, blk, mean, scale, shift);
+    without_alloc(2 * dims.len(), || {
+        for_blocks(&g, 2, |blk| {
+            // SAFETY: blocks are disjoint and each is read and written by one task.
+            let io = unsafe { xy.slice(blk.start, blk.len()) };
+            normalize_block(backend, format, None, io, blk, mean, scale, shift);
+        })
     });
 }
 

@@ -7,7 +7,7 @@
 //! runs one inside a thin `#[target_feature]` wrapper so that, after inlining, the whole body is
 //! compiled for that instruction set.
 
-use rayon::prelude::*;
+use super::parallel::{for_each_task, SharedMut};
 
 /// A kernel body, generic over the instruction set. `run` must be `#[inline(always)]` (and so
 /// must everything it calls) so that it is compiled inside the `#[target_feature]` wrapper of
@@ -410,18 +410,14 @@ impl<'a, A: Epilogue> Io for Split<'a, A> {
     }
     fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
         assert_eq!(self.x.len(), self.y.len());
-        let act = self.act;
-        let cut = move |k: usize, x: &'a [f32], y: &'a mut [f32]| {
-            let act = act.part(k * chunk, k * chunk + x.len());
-            Split { x, y, act }
-        };
-        if parallel {
-            let chunks = self.y.par_chunks_mut(chunk).zip(self.x.par_chunks(chunk));
-            chunks.enumerate().for_each(|(k, (y, x))| f(k, cut(k, x, y)));
-        } else {
-            let chunks = self.y.chunks_mut(chunk).zip(self.x.chunks(chunk));
-            chunks.enumerate().for_each(|(k, (y, x))| f(k, cut(k, x, y)));
-        }
+        let (x, act, n) = (self.x, self.act, self.x.len());
+        let y = SharedMut::new(self.y);
+        for_each_task(parallel, n.div_ceil(chunk), |k| {
+            let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
+            // SAFETY: chunk `k` of `y` is written by task `k` only.
+            let y = unsafe { y.slice(start, end - start) };
+            f(k, Split { x: &x[start..end], y, act: act.part(start, end) });
+        });
     }
     #[inline(always)]
     fn map_full<I: Isa>(
@@ -515,16 +511,14 @@ impl<'a, A: Epilogue> Io for InPlace<'a, A> {
         InPlace(&mut self.0[start..end], self.1.part(start, end))
     }
     fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
-        let act = self.1;
-        let cut = move |k: usize, xy: &'a mut [f32]| {
-            let act = act.part(k * chunk, k * chunk + xy.len());
-            InPlace(xy, act)
-        };
-        if parallel {
-            self.0.par_chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, cut(k, xy)));
-        } else {
-            self.0.chunks_mut(chunk).enumerate().for_each(|(k, xy)| f(k, cut(k, xy)));
-        }
+        let (act, n) = (self.1, self.0.len());
+        let xy = SharedMut::new(self.0);
+        for_each_task(parallel, n.div_ceil(chunk), |k| {
+            let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
+            // SAFETY: chunk `k` is read and written by task `k` only.
+            let xy = unsafe { xy.slice(start, end - start) };
+            f(k, InPlace(xy, act.part(start, end)));
+        });
     }
     #[inline(always)]
     fn map_full<I: Isa>(

@@ -218,7 +218,7 @@ pub fn forward_train_fused<S: Spec>(
             reference::normalize(x, y, dims, affine);
             epilogue.apply_to(y);
         }
-        b => parallel::in_pool(2 * dims.len(), || {
+        b => {
             with_isa!(b, |isa| with_act!(epilogue, |act| match dims.family() {
                 Family::Planes => planes::forward_train::<S, _, _>(
                     isa, x, y, act, dims, gamma, beta, eps, mean_out, var_out
@@ -226,7 +226,7 @@ pub fn forward_train_fused<S: Spec>(
                 Family::Rows =>
                     rows::forward_train::<S, _, _>(isa, x, y, act, dims, gamma, beta, eps, mean_out, var_out),
             }))
-        }),
+        }
     }
 }
 
@@ -348,9 +348,11 @@ fn normalize_io<S: Spec, T: Io>(
     let dims = specialize::<S>(dims);
     match backend.usable() {
         Backend::Scalar => scalar_normalize(io, dims, mean, scale, shift),
-        b => with_isa!(b, |isa| match dims.family() {
-            Family::Planes => planes::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
-            Family::Rows => rows::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
+        b => parallel::without_alloc(2 * dims.len(), || {
+            with_isa!(b, |isa| match dims.family() {
+                Family::Planes => planes::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
+                Family::Rows => rows::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
+            })
         }),
     }
 }
@@ -401,7 +403,7 @@ pub fn backward<S: Spec>(
             reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out);
             reference::backward_train_dx(x, dy, dx, dims, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
         }
-        b => parallel::in_pool(3 * dims.len(), || {
+        b => {
             with_isa!(b, |isa| match dims.family() {
                 Family::Planes => planes::backward::<S, _>(
                     isa,
@@ -430,7 +432,7 @@ pub fn backward<S: Spec>(
                     )
                 }
             })
-        }),
+        }
     }
 }
 
@@ -545,7 +547,7 @@ pub fn batch_stats<S: Spec>(
     }
     match backend.usable() {
         Backend::Scalar => reference::batch_stats(x, dims, mean_out, var_out),
-        b => parallel::in_pool(dims.len(), || {
+        b => {
             with_isa!(b, |isa| match dims.family() {
                 Family::Planes => planes::statistics::<S, _>(
                     isa,
@@ -557,7 +559,7 @@ pub fn batch_stats<S: Spec>(
                 ),
                 Family::Rows => rows::batch_stats::<S, _>(isa, x, dims, mean_out, var_out),
             })
-        }),
+        }
     }
 }
 
@@ -601,7 +603,7 @@ pub fn backward_sums<S: Spec>(
     }
     match backend.usable() {
         Backend::Scalar => reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out),
-        b => parallel::in_pool(2 * dims.len(), || {
+        b => {
             with_isa!(b, |isa| match dims.family() {
                 Family::Planes => planes::train_backward_sums::<S, _>(
                     isa,
@@ -624,7 +626,7 @@ pub fn backward_sums<S: Spec>(
                     sum_dy_xhat_out
                 ),
             })
-        }),
+        }
     }
 }
 
@@ -682,7 +684,7 @@ pub fn backward_dx<S: Spec>(
             sum_dy,
             sum_dy_xhat,
         ),
-        b => parallel::in_pool(3 * dims.len(), || {
+        b => {
             with_isa!(b, |isa| match dims.family() {
                 Family::Planes => planes::train_backward_dx::<S, _>(
                     isa,
@@ -711,7 +713,7 @@ pub fn backward_dx<S: Spec>(
                     sum_dy_xhat
                 ),
             })
-        }),
+        }
     }
 }
 

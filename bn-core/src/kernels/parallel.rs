@@ -1,20 +1,22 @@
 //! Scheduling on the caller's Rayon pool: a work threshold below which nothing enters the pool,
-//! and disjoint writes into outputs that channel tasks share.
+//! tasks the calling thread starts on at once while helpers from the pool join it
+//! ([`for_each_task`]), and disjoint writes into outputs that channel tasks share.
 //!
 //! Partitions that carry reductions (blocks and chunks) are fixed by the shape alone; the thread
 //! count only decides how many of those fixed tasks run at once, so results are bit-identical
 //! for any number of threads.
 
+use core::any::Any;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU8, Ordering};
-
-use rayon::prelude::*;
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Below this many elements (counting every tensor a kernel streams: 2 per element in
 /// inference and training, 3 in backward) a kernel runs serially on the calling thread, never
-/// entering the pool. Measured with 2 threads: waking a worker costs 5-15 us, which pays for
-/// itself from about 64 Ki elements in training (two parallel phases; (16384, 8): 47 -> 38 us)
-/// and from about 16 Ki in inference; below, the pool only adds (rows, (2048, 8): 7 -> 20 us).
+/// entering the pool. Measured with 2 threads when the pool's workers were handed whole kernels:
+/// waking a worker costs 5-15 us, which pays for itself from about 64 Ki elements in training
+/// (two parallel phases; (16384, 8): 47 -> 38 us) and from about 16 Ki in inference; below, the
+/// pool only adds (rows, (2048, 8): 7 -> 20 us).
 pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 17;
 
 /// Whether a kernel over `elems` elements (counting every tensor it streams) uses the pool.
@@ -23,11 +25,14 @@ pub(crate) fn use_pool(elems: usize) -> bool {
     elems >= PARALLEL_MIN_ELEMS && rayon::current_num_threads() > 1
 }
 
-/// Runs `f` on a worker of the current pool when a kernel over `elems` elements uses the pool,
-/// so that its several parallel phases enter the pool once (not once per phase).
+/// Runs `f`, whose parallel phases must not allocate (inference), where they can run without:
+/// on a worker of the current pool. Called from outside the pool with a kernel large enough
+/// to use it, this hands `f` to a worker and sleeps until it is done (as any Rayon call from
+/// outside does); there [`for_each_task`] helps with `join`, which allocates nothing, where
+/// from outside it must `spawn` (a boxed job and a shared counter per phase).
 #[inline]
-pub(crate) fn in_pool<R: Send>(elems: usize, f: impl FnOnce() -> R + Send) -> R {
-    if use_pool(elems) {
+pub(crate) fn without_alloc<R: Send>(elems: usize, f: impl FnOnce() -> R + Send) -> R {
+    if use_pool(elems) && rayon::current_thread_index().is_none() {
         rayon::scope(|_| f())
     } else {
         f()
@@ -98,14 +103,134 @@ pub(crate) fn task_count(parallel: bool, work: usize, min_task: usize) -> usize 
     by_size.clamp(1, 8 * rayon::current_num_threads())
 }
 
-/// Runs `f(i)` for every `i` in `0..n`: on the current pool when `parallel`, else in order on the
-/// calling thread.
-#[inline]
+/// Runs `f(i)` for every `i` in `0..n`: with `parallel`, on the calling thread and helpers
+/// from the current pool, else in order on the calling thread.
+///
+/// The calling thread does not hand the work over and sleep until it is done (what a Rayon
+/// `join` or parallel iterator does when called from outside the pool): it asks for up to
+/// `threads - 1` helpers and starts on the tasks at once; every thread, helpers included, claims
+/// the next task from a shared counter until none is left. A helper that wakes late finds fewer
+/// tasks (or none): the caller has done them. Waking a sleeping worker costs 5-15 us and more on
+/// these virtual machines, as much as a whole small kernel, and a caller that sleeps pays for
+/// its own wake-up too. The call returns when every task has finished; a panic in a task is
+/// raised again on the calling thread then.
+///
+/// On a worker thread of the pool the helpers are `join` halves (no allocation); from outside
+/// they are spawned jobs (two small allocations per call; see [`without_alloc`]).
 pub(crate) fn for_each_task(parallel: bool, n: usize, f: impl Fn(usize) + Sync + Send) {
-    if parallel && n > 1 {
-        (0..n).into_par_iter().for_each(f);
-    } else {
+    let threads = if parallel { rayon::current_num_threads().min(n) } else { 1 };
+    if threads <= 1 {
         (0..n).for_each(f);
+        return;
+    }
+    if rayon::current_thread_index().is_some() {
+        let claims = Claims::new(n);
+        spread(&claims, &f, threads);
+        claims.raise();
+        return;
+    }
+    let claims = Arc::new(Claims::new(n));
+    let task: &(dyn Fn(usize) + Sync) = &f;
+    // SAFETY: only the lifetime is erased (same fat pointer). A helper calls through the
+    // pointer only after claiming a task `i < n`; the caller returns only after `done == n`, that
+    // is after every claimed task has finished, so no call through it outlives `f`. A helper
+    // that starts later claims nothing and touches only `claims`, which it co-owns.
+    let task = TaskPtr(unsafe {
+        core::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(
+            task,
+        )
+    });
+    for _ in 1..threads {
+        let claims = Arc::clone(&claims);
+        rayon::spawn(move || {
+            claims.work(|i| {
+                // SAFETY: task `i` is claimed and not done, so the caller is still waiting and
+                // `f` is alive (see above).
+                unsafe { task.call(i) }
+            })
+        });
+    }
+    claims.work(&f);
+    let mut spins = 0u32;
+    while claims.done.load(Ordering::Acquire) < n {
+        if spins < SPINS {
+            core::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    claims.raise();
+}
+
+/// `threads` workers (the caller and `join` halves others may steal) claiming tasks.
+fn spread(claims: &Claims, f: &(dyn Fn(usize) + Sync), threads: usize) {
+    if threads <= 1 {
+        claims.work(f);
+    } else {
+        let half = threads / 2;
+        rayon::join(|| spread(claims, f, half), || spread(claims, f, threads - half));
+    }
+}
+
+/// Spins of the caller waiting for the tasks other threads run before it yields its core.
+const SPINS: u32 = 1 << 10;
+
+/// The tasks of one [`for_each_task`], handed out by a counter.
+struct Claims {
+    next: AtomicUsize,
+    done: AtomicUsize,
+    n: usize,
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+/// The caller's task function, shared with spawned helpers that may outlive the call (see
+/// [`for_each_task`] for why they never call it after the call returns).
+#[derive(Clone, Copy)]
+struct TaskPtr(*const (dyn Fn(usize) + Sync));
+
+// SAFETY: the pointee is `Sync`, so calling it from other threads is sound while it lives;
+// `for_each_task` keeps it alive for every call made through the pointer.
+unsafe impl Send for TaskPtr {}
+
+impl TaskPtr {
+    /// Calls the task function.
+    ///
+    /// # Safety
+    ///
+    /// The function must be alive (see [`for_each_task`]).
+    #[inline]
+    unsafe fn call(self, i: usize) {
+        // SAFETY: alive by the caller's contract; `Sync`, so callable from any thread.
+        unsafe { (*self.0)(i) }
+    }
+}
+
+impl Claims {
+    fn new(n: usize) -> Claims {
+        Claims { next: AtomicUsize::new(0), done: AtomicUsize::new(0), n, panic: Mutex::new(None) }
+    }
+
+    /// Runs unclaimed tasks until none is left.
+    fn work(&self, f: impl Fn(usize)) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.n {
+                return;
+            }
+            if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))) {
+                self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Raises the first panic of a task again, if any.
+    fn raise(&self) {
+        let panic = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(payload) = panic {
+            std::panic::resume_unwind(payload);
+        }
     }
 }
 
@@ -149,5 +274,64 @@ impl<'a, T> SharedMut<'a, T> {
         // SAFETY: the range is inside the borrowed slice (checked above), which outlives 'a;
         // the caller guarantees no other live reference overlaps it.
         unsafe { core::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `for_each_task(true, n, ..)` writing `2 i + 1` into slot `i` through a [`SharedMut`]
+    /// (plain stores, so that the caller seeing them checks the hand-over of results) and
+    /// counting the runs of each task; returns the slots and counts.
+    fn run(n: usize, panic_at: Option<usize>) -> (Vec<u64>, Vec<usize>, Option<String>) {
+        let mut out = vec![0u64; n];
+        let runs: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let shared = SharedMut::new(&mut out);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for_each_task(true, n, |i| {
+                runs[i].fetch_add(1, Ordering::Relaxed);
+                // SAFETY: slot `i` is written by task `i` only.
+                let slot = unsafe { shared.slice(i, 1) };
+                slot[0] = 2 * i as u64 + 1;
+                if Some(i) == panic_at {
+                    panic!("task {i} failed");
+                }
+            })
+        }));
+        let message = result.err().map(|p| p.downcast_ref::<String>().cloned().unwrap_or_default());
+        (out, runs.into_iter().map(|r| r.into_inner()).collect(), message)
+    }
+
+    fn check(n: usize, panic_at: Option<usize>, context: &str) {
+        let (out, runs, message) = run(n, panic_at);
+        match panic_at {
+            Some(i) => {
+                // Serially the tasks after the failed one do not run; in parallel they may.
+                assert!(runs.iter().all(|&r| r <= 1) && runs[i] == 1, "{context}: runs per task {runs:?}");
+                assert_eq!(message.as_deref(), Some(format!("task {i} failed").as_str()), "{context}");
+            }
+            None => {
+                assert!(runs.iter().all(|&r| r == 1), "{context}: runs per task {runs:?}");
+                assert!(out.iter().enumerate().all(|(i, &v)| v == 2 * i as u64 + 1), "{context}: {out:?}");
+                assert_eq!(message, None, "{context}");
+            }
+        }
+    }
+
+    /// Every task runs exactly once and its writes are seen by the caller, both where helpers
+    /// are spawned (called from outside any pool) and where they are `join` halves (on a worker
+    /// of pools of 1 to 7 threads); a task's panic reaches the caller, and no task runs twice.
+    #[test]
+    fn every_task_runs_once_and_panics_reach_the_caller() {
+        for n in [0, 1, 2, 3, 17, 1000] {
+            for panic_at in [None, Some(n / 2)].into_iter().filter(|p| p.is_none_or(|i| i < n)) {
+                check(n, panic_at, &format!("outside a pool, {n} tasks"));
+                for threads in [1, 2, 3, 4, 7] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    pool.install(|| check(n, panic_at, &format!("{threads} threads, {n} tasks")));
+                }
+            }
+        }
     }
 }

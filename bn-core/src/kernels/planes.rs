@@ -834,14 +834,15 @@ pub(crate) fn for_each_chunk3(
     chunk: usize,
     f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
 ) {
-    use rayon::prelude::*;
-    if parallel {
-        let it = dx.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).zip(dy.par_chunks(chunk));
-        it.enumerate().for_each(|(k, ((dx, x), dy))| f(k, x, dy, dx));
-    } else {
-        let it = dx.chunks_mut(chunk).zip(x.chunks(chunk)).zip(dy.chunks(chunk));
-        it.enumerate().for_each(|(k, ((dx, x), dy))| f(k, x, dy, dx));
-    }
+    let n = dx.len();
+    assert!(x.len() == n && dy.len() == n);
+    let dx = SharedMut::new(dx);
+    for_each_task(parallel, n.div_ceil(chunk), |k| {
+        let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
+        // SAFETY: chunk `k` of `dx` is written by task `k` only.
+        let dx = unsafe { dx.slice(start, end - start) };
+        f(k, &x[start..end], &dy[start..end], dx);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
