@@ -76,13 +76,18 @@ pub struct Measurement {
 }
 
 /// The copy the bandwidth reference uses: `copy_from_slice`, or the same split into chunks copied
-/// in parallel on the current Rayon pool.
+/// in parallel on the current Rayon pool, handed to it or helped (the faster is the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyKind {
     /// One `copy_from_slice`.
     Serial,
     /// Chunks of [`COPY_CHUNK`] elements copied in parallel on the current Rayon pool.
     Parallel,
+    /// The same chunks scheduled as the training and backward kernels schedule their tasks:
+    /// the calling thread copies while helpers from the pool join it (the parallel copy hands
+    /// the work to the pool and sleeps until it is done, which costs the wake-ups of sleeping
+    /// workers).
+    Helped,
 }
 
 /// Elements per chunk of the parallel copy (256 KiB of f32).
@@ -96,6 +101,7 @@ pub fn copy(kind: CopyKind, src: &[f32], dst: &mut [f32]) {
             .par_chunks_mut(COPY_CHUNK)
             .zip(src.par_chunks(COPY_CHUNK))
             .for_each(|(d, s)| d.copy_from_slice(s)),
+        CopyKind::Helped => batchnorm::kernels::__copy_scheduled(src, dst, COPY_CHUNK),
     }
 }
 
@@ -227,7 +233,7 @@ impl Workload {
     /// Times a few copies of each kind and keeps the faster for [`Workload::run_once`].
     pub fn calibrate_copy(&mut self) -> CopyKind {
         let mut best = (Duration::MAX, self.copy_kind);
-        for kind in [CopyKind::Serial, CopyKind::Parallel] {
+        for kind in [CopyKind::Serial, CopyKind::Parallel, CopyKind::Helped] {
             let mut samples = Vec::new();
             for _ in 0..5 {
                 let start = Instant::now();
@@ -264,6 +270,7 @@ impl Workload {
         }
         jobs.push(Job::Copy(CopyKind::Serial));
         jobs.push(Job::Copy(CopyKind::Parallel));
+        jobs.push(Job::Copy(CopyKind::Helped));
         jobs
     }
 

@@ -26,8 +26,9 @@ memory-bandwidth limit) and the naive ndarray port of the seed's NumPy code, in 
 With no arguments it runs the standard shapes S1..S6 (f32) in every mode (train = training
 forward, eval = inference forward, backward = backward of the training forward) with every
 implementation: the #[batch_norm] layer of the shape (macro), the runtime-generic
-batchnorm::BatchNorm (runtime), the naive baseline (naive) and the copy (copy: the faster of
-copy_from_slice and a Rayon-parallel chunked copy on the same threads). Repetitions of the
+batchnorm::BatchNorm (runtime), the naive baseline (naive) and the copy (copy: the fastest of
+copy_from_slice, a Rayon-parallel chunked copy on the same threads, and the same chunks
+scheduled as the training kernels schedule their tasks). Repetitions of the
 implementations are interleaved; each runs until it has its time budget and minimum count.
 
   S1 NC   256x1024       axes 0         S4 NCHW 32x2048x7x7    axes 0,2,3

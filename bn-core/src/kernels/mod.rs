@@ -717,6 +717,22 @@ pub fn backward_dx<S: Spec>(
     }
 }
 
+/// Copies `src` into `dst` (same length) in chunks of `chunk` values, scheduled the way the
+/// training and backward kernels schedule their tasks (the calling thread copies while helpers
+/// from the current pool join it; see the `parallel` module). The bench's copy: its yardstick gets
+/// the same scheduling as what it measures. Not part of the stable API.
+#[doc(hidden)]
+pub fn __copy_scheduled(src: &[f32], dst: &mut [f32], chunk: usize) {
+    let n = src.len();
+    assert!(dst.len() == n && chunk > 0, "src and dst must have one length");
+    let dst = parallel::SharedMut::new(dst);
+    parallel::for_each_task(parallel::use_pool(2 * n), n.div_ceil(chunk), |k| {
+        let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
+        // SAFETY: chunk `k` of `dst` is written by task `k` only.
+        unsafe { dst.slice(start, end - start) }.copy_from_slice(&src[start..end]);
+    });
+}
+
 /// Forces non-temporal (streaming) stores for every out-of-place output on (`Some(true)`) or off
 /// (`Some(false)`), or restores the size rule (`None`: outputs of 16 MiB and more, in runs of
 /// at least 256 values). Results are the same bits either way; for tests and measurements.
