@@ -17,13 +17,20 @@
 //!   training task owns whole channels and normalizes each right after its statistics, while the
 //!   channel is in cache. Rows (`inner == 1`): per-lane parameters; statistics over tiles of
 //!   row blocks, then a streaming pass.
-//! - **Statistics.** Two passes over each cache-resident block (its mean, then the deviations
-//!   from it), blocks combined with Chan's merge in `f64`: accurate when `|mean| >> std`.
-//! - **Parallelism.** On the caller's Rayon pool, serially below a work threshold. Every block,
-//!   chunk and merge order is fixed by the shape: results are bit-identical for any number of
-//!   threads (not across backends).
-//! - **Memory.** Inference is one pass and allocates nothing. Training and backward allocate at
-//!   most a few per-channel arrays, never anything the size of the tensor.
+//! - **Statistics.** Deviations from a shift over each cache-resident block, corrected by their
+//!   sum: the block's mean from a first pass (`f32` planes), or a pilot (the mean so far or of
+//!   the first values; rows and 16-bit data) with a second pass only where it is far; blocks
+//!   combined with Chan's merge in `f64`: accurate when `|mean| >> std`.
+//! - **Parallelism.** On the caller's Rayon pool, serially below a work threshold. The calling
+//!   thread starts on a kernel's tasks at once and helpers from the pool join it, claiming tasks
+//!   from a shared counter (waking a sleeping worker costs as much as a small kernel; the caller
+//!   does not wait for it). Every block, chunk and merge order is fixed by the shape: results
+//!   are bit-identical for any number of threads (not across backends).
+//! - **Memory.** Inference is one pass and allocates nothing: called from outside the pool it
+//!   hands itself to a worker (or runs serially when small), since helping from outside means
+//!   spawning. Training and backward allocate at most a few per-channel arrays, never anything
+//!   the size of the tensor, plus, from outside the pool, the helpers' job (two small objects per
+//!   parallel phase).
 
 pub mod half16;
 pub mod reference;
@@ -264,7 +271,16 @@ pub fn normalize_fused<S: Spec>(
     if let Some(r) = epilogue.residual() {
         assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
     }
-    with_act!(epilogue, |act| normalize_io::<S, _>(backend, Split { x, y, act }, dims, mean, scale, shift))
+    parallel::without_alloc(2 * dims.len(), || {
+        with_act!(epilogue, |act| normalize_io::<S, _>(
+            backend,
+            Split { x, y, act },
+            dims,
+            mean,
+            scale,
+            shift
+        ))
+    })
 }
 
 /// [`normalize`] in place: bit-identical to it (the same loop body runs both).
@@ -293,7 +309,9 @@ pub fn normalize_inplace_fused<S: Spec>(
     if let Some(r) = epilogue.residual() {
         assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
     }
-    with_act!(epilogue, |act| normalize_io::<S, _>(backend, InPlace(xy, act), dims, mean, scale, shift))
+    parallel::without_alloc(2 * dims.len(), || {
+        with_act!(epilogue, |act| normalize_io::<S, _>(backend, InPlace(xy, act), dims, mean, scale, shift))
+    })
 }
 
 /// The gradient a fused ReLU passes back: `out = dy` where the forward's pre-activation
@@ -302,7 +320,9 @@ pub fn normalize_inplace_fused<S: Spec>(
 /// The pre-activation is recomputed from `x` by the same arithmetic as [`normalize_fused`] (and,
 /// for a training forward, [`forward_train_fused`] on the same backend with the coefficients
 /// [`train_coefficients`] gives), so the mask is exactly the forward's `y > 0`. With a
-/// residual, `out` is also the gradient of the residual. One pass, no allocation.
+/// residual, `out` is also the gradient of the residual. One pass; like the training and
+/// backward kernels it allocates nothing on a worker of the pool, and two small objects per call
+/// from outside it (the helpers' job, see `parallel`).
 #[allow(clippy::too_many_arguments)]
 pub fn relu_grad<S: Spec>(
     backend: Backend,
@@ -348,11 +368,9 @@ fn normalize_io<S: Spec, T: Io>(
     let dims = specialize::<S>(dims);
     match backend.usable() {
         Backend::Scalar => scalar_normalize(io, dims, mean, scale, shift),
-        b => parallel::without_alloc(2 * dims.len(), || {
-            with_isa!(b, |isa| match dims.family() {
-                Family::Planes => planes::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
-                Family::Rows => rows::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
-            })
+        b => with_isa!(b, |isa| match dims.family() {
+            Family::Planes => planes::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
+            Family::Rows => rows::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
         }),
     }
 }

@@ -7,6 +7,7 @@
 //! for any number of threads.
 
 use core::any::Any;
+use core::cell::Cell;
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,21 +23,44 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 17;
 /// Whether a kernel over `elems` elements (counting every tensor it streams) uses the pool.
 #[inline]
 pub(crate) fn use_pool(elems: usize) -> bool {
-    elems >= PARALLEL_MIN_ELEMS && rayon::current_num_threads() > 1
+    elems >= PARALLEL_MIN_ELEMS && rayon::current_num_threads() > 1 && !SERIAL.with(Cell::get)
+}
+
+/// Below this many elements (counted as for [`PARALLEL_MIN_ELEMS`]) a kernel that would have to
+/// hand itself to the pool from outside ([`without_alloc`]) runs serially instead: the hand-off
+/// wakes a worker and then the caller, which costs more than the second thread saves on small
+/// kernels. Measured (2 threads, bn-bench, inference of rows (n, 1024), median of 2 runs):
+/// n = 256 (512 Ki elements streamed) 62 us serially, 73 us handed off; n = 448, 122 us
+/// serially, 106 us handed off. The threshold sits between them.
+pub(crate) const HANDOFF_MIN_ELEMS: usize = 5 << 17;
+
+std::thread_local! {
+    /// Set while [`without_alloc`] runs a kernel serially: [`use_pool`] then says no.
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `f`, whose parallel phases must not allocate (inference), where they can run without:
 /// on a worker of the current pool. Called from outside the pool with a kernel large enough
 /// to use it, this hands `f` to a worker and sleeps until it is done (as any Rayon call from
-/// outside does); there [`for_each_task`] helps with `join`, which allocates nothing, where
-/// from outside it must `spawn` (a boxed job and a shared counter per phase).
+/// outside does; there [`for_each_task`] helps with `join`, which allocates nothing, where
+/// from outside it must `spawn` a boxed job and a shared counter per phase); with a kernel
+/// below [`HANDOFF_MIN_ELEMS`] it runs `f` serially on the calling thread instead.
 #[inline]
 pub(crate) fn without_alloc<R: Send>(elems: usize, f: impl FnOnce() -> R + Send) -> R {
-    if use_pool(elems) && rayon::current_thread_index().is_none() {
-        rayon::scope(|_| f())
-    } else {
-        f()
+    if !use_pool(elems) || rayon::current_thread_index().is_some() {
+        return f();
     }
+    if elems >= HANDOFF_MIN_ELEMS {
+        return rayon::scope(|_| f());
+    }
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _reset = Reset(SERIAL.with(|s| s.replace(true)));
+    f()
 }
 
 /// Least values per task (a few microseconds of work): smaller tasks cost more to hand out than
