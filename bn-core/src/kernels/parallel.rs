@@ -9,7 +9,7 @@
 use core::any::Any;
 use core::cell::Cell;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Below this many elements (counting every tensor a kernel streams: 2 per element in
@@ -143,13 +143,13 @@ pub(crate) fn task_count(parallel: bool, work: usize, min_task: usize) -> usize 
 /// they are spawned jobs (two small allocations per call; see [`without_alloc`]).
 pub(crate) fn for_each_task(parallel: bool, n: usize, f: impl Fn(usize) + Sync + Send) {
     let threads = if parallel { rayon::current_num_threads().min(n) } else { 1 };
-    if threads <= 1 {
+    if threads <= 1 || n > u32::MAX as usize {
         (0..n).for_each(f);
         return;
     }
     if rayon::current_thread_index().is_some() {
         let claims = Claims::new(n);
-        spread(&claims, &f, threads);
+        spread(&claims, &f, threads, false);
         claims.raise();
         return;
     }
@@ -167,14 +167,14 @@ pub(crate) fn for_each_task(parallel: bool, n: usize, f: impl Fn(usize) + Sync +
     for _ in 1..threads {
         let claims = Arc::clone(&claims);
         rayon::spawn(move || {
-            claims.work(|i| {
+            claims.work(true, |i| {
                 // SAFETY: task `i` is claimed and not done, so the caller is still waiting and
                 // `f` is alive (see above).
                 unsafe { task.call(i) }
             })
         });
     }
-    claims.work(&f);
+    claims.work(false, &f);
     let mut spins = 0u32;
     while claims.done.load(Ordering::Acquire) < n {
         if spins < SPINS {
@@ -188,12 +188,12 @@ pub(crate) fn for_each_task(parallel: bool, n: usize, f: impl Fn(usize) + Sync +
 }
 
 /// `threads` workers (the caller and `join` halves others may steal) claiming tasks.
-fn spread(claims: &Claims, f: &(dyn Fn(usize) + Sync), threads: usize) {
+fn spread(claims: &Claims, f: &(dyn Fn(usize) + Sync), threads: usize, back: bool) {
     if threads <= 1 {
-        claims.work(f);
+        claims.work(back, f);
     } else {
         let half = threads / 2;
-        rayon::join(|| spread(claims, f, half), || spread(claims, f, threads - half));
+        rayon::join(|| spread(claims, f, half, back), || spread(claims, f, threads - half, true));
     }
 }
 
@@ -202,7 +202,8 @@ const SPINS: u32 = 1 << 10;
 
 /// The tasks of one [`for_each_task`], handed out by a counter.
 struct Claims {
-    next: AtomicUsize,
+    /// Tasks claimed from the front (low 32 bits) and from the back (high 32 bits).
+    ends: AtomicU64,
     done: AtomicUsize,
     n: usize,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
@@ -232,16 +233,32 @@ impl TaskPtr {
 
 impl Claims {
     fn new(n: usize) -> Claims {
-        Claims { next: AtomicUsize::new(0), done: AtomicUsize::new(0), n, panic: Mutex::new(None) }
+        Claims { ends: AtomicU64::new(0), done: AtomicUsize::new(0), n, panic: Mutex::new(None) }
     }
 
-    /// Runs unclaimed tasks until none is left.
-    fn work(&self, f: impl Fn(usize)) {
+    /// Claims the first unclaimed task, or the last with `back`; `None` when none is left.
+    #[inline]
+    fn claim(&self, back: bool) -> Option<usize> {
+        let mut ends = self.ends.load(Ordering::Relaxed);
         loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= self.n {
-                return;
+            let (front, from_back) = ((ends & u64::from(u32::MAX)) as usize, (ends >> 32) as usize);
+            if front + from_back >= self.n {
+                return None;
             }
+            let next = if back { ends + (1 << 32) } else { ends + 1 };
+            match self.ends.compare_exchange_weak(ends, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(if back { self.n - 1 - from_back } else { front }),
+                Err(now) => ends = now,
+            }
+        }
+    }
+
+    /// Runs unclaimed tasks until none is left: the caller from the front, helpers from the
+    /// back, so that each thread works through a contiguous range (as a split in halves would:
+    /// hardware prefetchers follow it, and a kernel's next phase finds the same thread's data
+    /// in its cache) and they meet where the faster one catches up.
+    fn work(&self, back: bool, f: impl Fn(usize)) {
+        while let Some(i) = self.claim(back) {
             if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))) {
                 self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
             }
