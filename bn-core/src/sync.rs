@@ -650,7 +650,7 @@ impl<E: Element> BatchNorm<E> {
                     s[i] = k as f32;
                     t[i] = (beta[i] as f64 + (m[i] as f64 - mean) * k) as f32;
                 }
-                kernels::normalize_fused::<Dynamic>(self.backend(), x, y, epilogue, dims, &m, &s, &t);
+                kernels::normalize_fused_helped::<Dynamic>(self.backend(), x, y, epilogue, dims, &m, &s, &t);
                 false
             }
             _ => {

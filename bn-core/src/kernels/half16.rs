@@ -291,6 +291,22 @@ pub fn normalize(
     scale: &[f32],
     shift: &[f32],
 ) {
+    without_alloc(2 * dims.len(), || normalize_helped(backend, format, x, y, dims, mean, scale, shift));
+}
+
+/// [`normalize`] for a training step: helped from outside the pool like the training kernels,
+/// never handed to a worker.
+#[allow(clippy::too_many_arguments)]
+fn normalize_helped(
+    backend: Backend,
+    format: HalfFormat,
+    x: &[u16],
+    y: &mut [u16],
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
     assert!(x.len() == dims.len() && y.len() == dims.len(), "x and y must hold dims.len() values");
     let c = dims.channels;
     assert!(mean.len() == c && scale.len() == c && shift.len() == c);
@@ -299,12 +315,10 @@ pub fn normalize(
     }
     let g = Blocks::new(dims, BLOCK);
     let y = SharedMut::new(y);
-    without_alloc(2 * dims.len(), || {
-        for_blocks(&g, 2, |blk| {
-            // SAFETY: blocks are disjoint and each is written by one task.
-            let out = unsafe { y.slice(blk.start, blk.len()) };
-            normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift);
-        })
+    for_blocks(&g, 2, |blk| {
+        // SAFETY: blocks are disjoint and each is written by one task.
+        let out = unsafe { y.slice(blk.start, blk.len()) };
+        normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift);
     });
 }
 
@@ -516,7 +530,7 @@ pub fn forward_train(
         let a = Affine32::train(mean_out[k], var_out[k], eps, gamma[k], beta[k]);
         (m[k], s[k], t[k]) = (a.m, a.s, a.t);
     }
-    normalize(backend, format, x, y, dims, &m, &s, &t);
+    normalize_helped(backend, format, x, y, dims, &m, &s, &t);
 }
 
 /// Largest channel (bytes of `x`) that [`forward_train_channels`] normalizes right after its

@@ -272,15 +272,24 @@ pub fn normalize_fused<S: Spec>(
         assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
     }
     parallel::without_alloc(2 * dims.len(), || {
-        with_act!(epilogue, |act| normalize_io::<S, _>(
-            backend,
-            Split { x, y, act },
-            dims,
-            mean,
-            scale,
-            shift
-        ))
+        normalize_fused_helped::<S>(backend, x, y, epilogue, dims, mean, scale, shift)
     })
+}
+
+/// [`normalize_fused`] for a training step (the synchronized forward's normalize): helped from
+/// outside the pool like the training kernels, never handed to a worker.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn normalize_fused_helped<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    y: &mut [f32],
+    epilogue: Epilogue<'_>,
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    with_act!(epilogue, |act| normalize_io::<S, _>(backend, Split { x, y, act }, dims, mean, scale, shift))
 }
 
 /// [`normalize`] in place: bit-identical to it (the same loop body runs both).
