@@ -22,9 +22,9 @@
 //!   the first values; rows and 16-bit data) with a second pass only where it is far; blocks
 //!   combined with Chan's merge in `f64`: accurate when `|mean| >> std`.
 //! - **Parallelism.** On the caller's Rayon pool, serially below a work threshold. The calling
-//!   thread starts on a kernel's tasks at once and helpers from the pool join it, claiming tasks
-//!   from a shared counter (waking a sleeping worker costs as much as a small kernel; the caller
-//!   does not wait for it). Every block, chunk and merge order is fixed by the shape: results
+//!   thread starts on a kernel's tasks at once and helpers from the pool join it, the caller
+//!   claiming tasks from the front and helpers from the back (waking a sleeping worker costs as
+//!   much as a small kernel; the caller does not wait for it). Every block, chunk and merge order is fixed by the shape: results
 //!   are bit-identical for any number of threads (not across backends).
 //! - **Memory.** Inference is one pass and allocates nothing: called from outside the pool it
 //!   hands itself to a worker (or runs serially when small), since helping from outside means

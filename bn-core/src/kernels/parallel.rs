@@ -132,9 +132,9 @@ pub(crate) fn task_count(parallel: bool, work: usize, min_task: usize) -> usize 
 ///
 /// The calling thread does not hand the work over and sleep until it is done (what a Rayon
 /// `join` or parallel iterator does when called from outside the pool): it asks for up to
-/// `threads - 1` helpers and starts on the tasks at once; every thread, helpers included, claims
-/// the next task from a shared counter until none is left. A helper that wakes late finds fewer
-/// tasks (or none): the caller has done them. Waking a sleeping worker costs 5-15 us and more on
+/// `threads - 1` helpers and starts on the tasks at once. The caller claims tasks from the
+/// front and helpers from the back until none is left (see [`Claims::work`]). A helper that
+/// wakes late finds fewer tasks (or none): the caller has done them. Waking a sleeping worker costs 5-15 us and more on
 /// these virtual machines, as much as a whole small kernel, and a caller that sleeps pays for
 /// its own wake-up too. The call returns when every task has finished; a panic in a task is
 /// raised again on the calling thread then.
@@ -200,7 +200,7 @@ fn spread(claims: &Claims, f: &(dyn Fn(usize) + Sync), threads: usize, back: boo
 /// Spins of the caller waiting for the tasks other threads run before it yields its core.
 const SPINS: u32 = 1 << 10;
 
-/// The tasks of one [`for_each_task`], handed out by a counter.
+/// The tasks of one [`for_each_task`], handed out from both ends.
 struct Claims {
     /// Tasks claimed from the front (low 32 bits) and from the back (high 32 bits).
     ends: AtomicU64,
