@@ -7,7 +7,7 @@
 //! runs one inside a thin `#[target_feature]` wrapper so that, after inlining, the whole body is
 //! compiled for that instruction set.
 
-use super::parallel::{for_each_task, SharedMut};
+use super::parallel::for_each_chunk_mut;
 
 /// A kernel body, generic over the instruction set. `run` must be `#[inline(always)]` (and so
 /// must everything it calls) so that it is compiled inside the `#[target_feature]` wrapper of
@@ -410,13 +410,9 @@ impl<'a, A: Epilogue> Io for Split<'a, A> {
     }
     fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
         assert_eq!(self.x.len(), self.y.len());
-        let (x, act, n) = (self.x, self.act, self.x.len());
-        let y = SharedMut::new(self.y);
-        for_each_task(parallel, n.div_ceil(chunk), |k| {
-            let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
-            // SAFETY: chunk `k` of `y` is written by task `k` only.
-            let y = unsafe { y.slice(start, end - start) };
-            f(k, Split { x: &x[start..end], y, act: act.part(start, end) });
+        let (x, act) = (self.x, self.act);
+        for_each_chunk_mut(parallel, self.y, chunk, |k, r, y| {
+            f(k, Split { x: &x[r.clone()], y, act: act.part(r.start, r.end) })
         });
     }
     #[inline(always)]
@@ -511,14 +507,8 @@ impl<'a, A: Epilogue> Io for InPlace<'a, A> {
         InPlace(&mut self.0[start..end], self.1.part(start, end))
     }
     fn for_each_chunk(self, parallel: bool, chunk: usize, f: impl Fn(usize, Self) + Sync + Send) {
-        let (act, n) = (self.1, self.0.len());
-        let xy = SharedMut::new(self.0);
-        for_each_task(parallel, n.div_ceil(chunk), |k| {
-            let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
-            // SAFETY: chunk `k` is read and written by task `k` only.
-            let xy = unsafe { xy.slice(start, end - start) };
-            f(k, InPlace(xy, act.part(start, end)));
-        });
+        let act = self.1;
+        for_each_chunk_mut(parallel, self.0, chunk, |k, r, xy| f(k, InPlace(xy, act.part(r.start, r.end))));
     }
     #[inline(always)]
     fn map_full<I: Isa>(

@@ -751,13 +751,8 @@ pub fn backward_dx<S: Spec>(
 #[doc(hidden)]
 pub fn __copy_scheduled(src: &[f32], dst: &mut [f32], chunk: usize) {
     let n = src.len();
-    assert!(dst.len() == n && chunk > 0, "src and dst must have one length");
-    let dst = parallel::SharedMut::new(dst);
-    parallel::for_each_task(parallel::use_pool(2 * n), n.div_ceil(chunk), |k| {
-        let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
-        // SAFETY: chunk `k` of `dst` is written by task `k` only.
-        unsafe { dst.slice(start, end - start) }.copy_from_slice(&src[start..end]);
-    });
+    assert!(dst.len() == n, "src and dst must have one length");
+    parallel::for_each_chunk_mut(parallel::use_pool(2 * n), dst, chunk, |_, r, d| d.copy_from_slice(&src[r]));
 }
 
 /// Forces non-temporal (streaming) stores for every out-of-place output on (`Some(true)`) or off

@@ -187,6 +187,24 @@ pub(crate) fn for_each_task(parallel: bool, n: usize, f: impl Fn(usize) + Sync +
     claims.raise();
 }
 
+/// Runs `f(k, start..end, &mut out[start..end])` for the consecutive chunks of `chunk` values of
+/// `out` (the last may be shorter), one task per chunk through [`for_each_task`].
+pub(crate) fn for_each_chunk_mut<'a, T: Send>(
+    parallel: bool,
+    out: &'a mut [T],
+    chunk: usize,
+    f: impl Fn(usize, core::ops::Range<usize>, &'a mut [T]) + Sync + Send,
+) {
+    assert!(chunk > 0, "chunks of no values");
+    let n = out.len();
+    let out = SharedMut::new(out);
+    for_each_task(parallel, n.div_ceil(chunk), |k| {
+        let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
+        // SAFETY: chunk `k` is handed to task `k` only; chunks are disjoint.
+        f(k, start..end, unsafe { out.slice(start, end - start) });
+    });
+}
+
 /// `threads` workers (the caller and `join` halves others may steal) claiming tasks.
 fn spread(claims: &Claims, f: &(dyn Fn(usize) + Sync), threads: usize, back: bool) {
     if threads <= 1 {

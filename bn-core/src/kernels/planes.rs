@@ -20,7 +20,9 @@ use core::marker::PhantomData;
 use core::ops::Range;
 
 use super::isa::{map, map2, Epilogue, Io, Isa, Kernel, Split};
-use super::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
+use super::parallel::{
+    for_each_chunk_mut, for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS,
+};
 use super::stats::{sum_dy_xhat, Affine32, AffineGroup, DxCoefficients, Moments};
 use crate::spec::{specialize, Spec};
 use crate::Canonical;
@@ -834,15 +836,8 @@ pub(crate) fn for_each_chunk3(
     chunk: usize,
     f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
 ) {
-    let n = dx.len();
-    assert!(x.len() == n && dy.len() == n);
-    let dx = SharedMut::new(dx);
-    for_each_task(parallel, n.div_ceil(chunk), |k| {
-        let (start, end) = (k * chunk, ((k + 1) * chunk).min(n));
-        // SAFETY: chunk `k` of `dx` is written by task `k` only.
-        let dx = unsafe { dx.slice(start, end - start) };
-        f(k, &x[start..end], &dy[start..end], dx);
-    });
+    assert!(x.len() == dx.len() && dy.len() == dx.len());
+    for_each_chunk_mut(parallel, dx, chunk, |k, r, dx| f(k, &x[r.clone()], &dy[r], dx));
 }
 
 // ---------------------------------------------------------------------------------------------
