@@ -41,6 +41,9 @@ fn cases() -> Vec<(Vec<usize>, Vec<usize>, Vec<usize>)> {
         (vec![16], vec![0, 2], vec![4, 16, 2100]),
         (vec![70], vec![0], vec![3000, 70]),
         (vec![64], vec![0, 2, 3], vec![2, 64, 31, 33]),
+        // Rows with whole virtual rows and a tail; rows whose period is C itself.
+        (vec![70], vec![0], vec![100, 70]),
+        (vec![1030], vec![0], vec![37, 1030]),
     ]
 }
 

@@ -1107,7 +1107,7 @@ impl<E: Element> BatchNorm<E> {
         shape: &[usize],
         dx: &mut [E],
         tail: Tail<'_, E>,
-        dresidual: Option<&mut [E]>,
+        mut dresidual: Option<&mut [E]>,
     ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())])?;
         self.check_residual(shape, tail)?;
@@ -1123,6 +1123,13 @@ impl<E: Element> BatchNorm<E> {
         let dims = specialize::<S>(dims);
         // The sums reuse the scratch buffers (their contents are not state).
         let mut scratch = core::mem::take(&mut self.scratch);
+        if !matches!(tail, Tail::Plain)
+            && self.backward_relu_fused::<S>(x, dy, dx, dims, tail, dresidual.as_deref_mut(), &mut scratch)
+        {
+            self.store_grads(&scratch.mean, &scratch.var);
+            self.scratch = scratch;
+            return Ok(());
+        }
         let mut grad = core::mem::take(&mut self.grad);
         let dy = if let Tail::Plain = tail {
             dy
@@ -1137,6 +1144,70 @@ impl<E: Element> BatchNorm<E> {
         self.scratch = scratch;
         self.grad = grad;
         Ok(())
+    }
+
+    /// The training backward behind a fused ReLU (the mask recomputed inside the backward
+    /// kernels, no separate pass), where the data and parameters are `f32` and the last forward
+    /// ran the fast kernels on the backend this backward uses: writes `dx`, the sums into
+    /// `scratch` and the masked gradient into `dresidual` when given. `false` (nothing
+    /// written) elsewhere: the caller then masks and differentiates in two steps.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_relu_fused<S: Spec>(
+        &self,
+        x: &[E],
+        dy: &[E],
+        dx: &mut [E],
+        dims: Canonical,
+        tail: Tail<'_, E>,
+        dresidual: Option<&mut [E]>,
+        scratch: &mut Scratch,
+    ) -> bool {
+        let saved = &self.saved;
+        let p32 = E::Param::slice_as_f32;
+        let (false, true, Some(x), Some(dy), Some(dx), Some(gamma), Some(beta), Some(residual)) = (
+            saved.reference_y,
+            saved.backend == self.backend(),
+            E::slice_as_f32(x),
+            E::slice_as_f32(dy),
+            E::slice_as_f32_mut(dx),
+            p32(&saved.gamma),
+            p32(&saved.beta),
+            as_f32_option::<E>(tail.residual()),
+        ) else {
+            return false;
+        };
+        let dg = match dresidual.map(E::slice_as_f32_mut) {
+            None => None,
+            Some(Some(d)) => Some(d),
+            Some(None) => return false,
+        };
+        let c = dims.channels;
+        let coefficients = &mut scratch.coefficients;
+        coefficients.resize(3 * c, 0.0);
+        let (m, rest) = coefficients.split_at_mut(c);
+        let (s, t) = rest.split_at_mut(c);
+        for j in 0..c {
+            (m[j], s[j], t[j]) =
+                kernels::train_coefficients(saved.mean[j], saved.inv_std[j], gamma[j], beta[j]);
+        }
+        let relu = kernels::FusedRelu { mean: m, scale: s, shift: t, residual };
+        let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
+        let (mean, inv_std) = (&saved.mean, &saved.inv_std);
+        kernels::backward_relu::<S>(
+            saved.backend,
+            x,
+            dy,
+            relu,
+            dg,
+            dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy,
+            sum_dy_xhat,
+        );
+        true
     }
 
     #[doc(hidden)]
@@ -1173,7 +1244,7 @@ impl<E: Element> BatchNorm<E> {
         shape: &[usize],
         dx: &mut [E],
         tail: Tail<'_, E>,
-        dresidual: Option<&mut [E]>,
+        mut dresidual: Option<&mut [E]>,
     ) -> Result<(), BnError> {
         let dims = self.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())])?;
         self.check_residual(shape, tail)?;
@@ -1187,6 +1258,23 @@ impl<E: Element> BatchNorm<E> {
         }
         let dims = specialize::<S>(dims);
         let mut grad = core::mem::take(&mut self.grad);
+        let mut scratch = core::mem::take(&mut self.scratch);
+        if !matches!(tail, Tail::Plain)
+            && self.backward_eval_relu_fused::<S>(
+                x,
+                dy,
+                dx,
+                dims,
+                tail,
+                dresidual.as_deref_mut(),
+                &mut scratch,
+            )
+        {
+            self.store_grads(&scratch.mean, &scratch.var);
+            self.scratch = scratch;
+            return Ok(());
+        }
+        self.scratch = scratch;
         let result = match tail {
             Tail::Plain => self.backward_eval_plain::<S>(x, dy, shape, dx, dims),
             _ => match self.eval_coefficients(x, dims, shape) {
@@ -1201,6 +1289,72 @@ impl<E: Element> BatchNorm<E> {
         };
         self.grad = grad;
         result
+    }
+
+    /// The frozen-statistics backward behind a fused ReLU in one pass (the mask recomputed
+    /// inside the kernel), where the data and parameters are `f32` and the layer tracks running
+    /// statistics (inference normalized with them): as [`Self::backward_relu_fused`].
+    #[allow(clippy::too_many_arguments)]
+    fn backward_eval_relu_fused<S: Spec>(
+        &self,
+        x: &[E],
+        dy: &[E],
+        dx: &mut [E],
+        dims: Canonical,
+        tail: Tail<'_, E>,
+        dresidual: Option<&mut [E]>,
+        scratch: &mut Scratch,
+    ) -> bool {
+        let p32 = E::Param::slice_as_f32;
+        let (
+            true,
+            Some(x),
+            Some(dy),
+            Some(dx),
+            Some(mean),
+            Some(inv_std),
+            Some(scale),
+            Some(gamma),
+            Some(beta),
+        ) = (
+            self.config.get_track_running_stats(),
+            E::slice_as_f32(x),
+            E::slice_as_f32(dy),
+            E::slice_as_f32_mut(dx),
+            p32(&self.running_mean),
+            p32(&self.eval_inv_std_p),
+            p32(&self.eval_scale),
+            p32(&self.gamma),
+            p32(&self.beta),
+        )
+        else {
+            return false;
+        };
+        let Some(residual) = as_f32_option::<E>(tail.residual()) else {
+            return false;
+        };
+        let dg = match dresidual.map(E::slice_as_f32_mut) {
+            None => None,
+            Some(Some(d)) => Some(d),
+            Some(None) => return false,
+        };
+        let relu = kernels::FusedRelu { mean, scale, shift: beta, residual };
+        let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
+        kernels::backward_eval_relu::<S>(
+            self.backend(),
+            x,
+            dy,
+            relu,
+            dg,
+            dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy,
+            sum_dy_xhat,
+        );
+        true
     }
 
     fn backward_eval_plain<S: Spec>(

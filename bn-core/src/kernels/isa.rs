@@ -376,6 +376,47 @@ impl Epilogue for MaskGrad<'_> {
     }
 }
 
+/// Which gradient a backward kernel differentiates (a const parameter of its body): `dy`
+/// itself ([`PLAIN`]), or, behind a fused ReLU, `dy` where the forward's pre-activation was
+/// positive ([`RELU`]: `(x - m) * s + t`; [`ADD_RELU`]: plus the residual). The masked kernels
+/// recompute the pre-activation from `x` with the forward's arithmetic as they read `dy`, so no
+/// mask is stored and no pass is added.
+pub(crate) const PLAIN: u8 = 0;
+/// See [`PLAIN`].
+pub(crate) const RELU: u8 = 1;
+/// See [`PLAIN`].
+pub(crate) const ADD_RELU: u8 = 2;
+
+/// The forward's transform behind a fused ReLU, for the masked backward kernels: per-channel
+/// (planes) or per-virtual-column (rows) `m, s, t`, and the residual tensor (empty without one).
+/// Empty slices for [`PLAIN`] kernels, which never read them.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MaskParams<'a> {
+    pub m: &'a [f32],
+    pub s: &'a [f32],
+    pub t: &'a [f32],
+    pub residual: &'a [f32],
+}
+
+/// The gradient of kind `MASK` (see [`PLAIN`]) for the vectors `x` and `dy`: `a` holds the
+/// forward's `m, s, t` there, `r` loads the residual's vector (called for [`ADD_RELU`] only).
+/// The same arithmetic as the forward's `relu((x - m) * s + t (+ r))` and [`MaskGrad`].
+#[inline(always)]
+pub(crate) fn masked<I: Isa, const MASK: u8>(
+    isa: I,
+    x: I::V,
+    dy: I::V,
+    a: [I::V; 3],
+    r: impl FnOnce() -> I::V,
+) -> I::V {
+    if MASK == PLAIN {
+        return dy;
+    }
+    let v = super::planes::affine(isa, x, a[0], a[1], a[2]);
+    let v = if MASK == ADD_RELU { isa.add(v, r()) } else { v };
+    isa.pass_positive(v, dy)
+}
+
 /// Separate input and output slices of the same length, and the output's epilogue.
 pub(crate) struct Split<'a, A = Identity> {
     pub x: &'a [f32],

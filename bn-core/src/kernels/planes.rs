@@ -19,7 +19,7 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{map, map2, Epilogue, Io, Isa, Kernel, Split};
+use super::isa::{load_at, map, map2, masked, Epilogue, Io, Isa, Kernel, MaskParams, Split, ADD_RELU, PLAIN};
 use super::parallel::{
     for_each_chunk_mut, for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS,
 };
@@ -232,52 +232,125 @@ fn accumulate_deviations<I: Isa>(isa: I, x: &[f32], m: I::V, ds: &mut [I::V; 4],
     );
 }
 
-/// `sdy += dy`, `sxm += dy * (x - m)`, prefetching both `ahead` positions further (nothing
-/// when `ahead` is 0).
+/// `sdy += g`, `sxm += g * (x - m)` for the gradient `g` of kind `MASK` (`dy`, or `dy` masked
+/// by the forward's ReLU: `a` its transform, `res` the residual's values when `ADD_RELU`;
+/// stored to `out` when given), prefetching the inputs `ahead` positions further (nothing when
+/// `ahead` is 0).
 #[inline(always)]
-fn accumulate_backward<I: Isa>(
+#[allow(clippy::too_many_arguments)]
+fn accumulate_backward<I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    res: &[f32],
     m: I::V,
+    a: [I::V; 3],
     sdy: &mut [I::V; 4],
     sxm: &mut [I::V; 4],
     ahead: usize,
+    mut out: Option<&mut [f32]>,
 ) {
     assert_eq!(x.len(), dy.len());
+    if MASK == ADD_RELU {
+        assert_eq!(x.len(), res.len());
+    }
+    if let Some(o) = &out {
+        assert!(MASK != PLAIN && o.len() == x.len());
+    }
     let l = I::LANES;
     let n = x.len();
     let mut i = 0;
     while i + 4 * l <= n {
         for k in 0..4 {
             let r = i + k * l..i + (k + 1) * l;
-            if ahead != 0 {
-                isa.prefetch(x.as_ptr().wrapping_add(r.start + ahead));
-                isa.prefetch(dy.as_ptr().wrapping_add(r.start + ahead));
+            prefetch_inputs::<I, MASK>(isa, [x, dy, res], r.start + ahead, ahead);
+            let xv = isa.load(&x[r.clone()]);
+            let g = masked::<I, MASK>(
+                isa,
+                xv,
+                isa.load(&dy[r.clone()]),
+                a,
+                #[inline(always)]
+                || isa.load(&res[r.clone()]),
+            );
+            if let (false, Some(o)) = (MASK == PLAIN, out.as_deref_mut()) {
+                isa.store(&mut o[r], g);
             }
-            let g = isa.load(&dy[r.clone()]);
             sdy[k] = isa.add(sdy[k], g);
-            sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[r]), m), sxm[k]);
+            sxm[k] = isa.mul_add(g, isa.sub(xv, m), sxm[k]);
         }
         i += 4 * l;
     }
     for k in 0..3 {
         if i + l <= n {
-            if ahead != 0 {
-                isa.prefetch(x.as_ptr().wrapping_add(i + ahead));
-                isa.prefetch(dy.as_ptr().wrapping_add(i + ahead));
+            prefetch_inputs::<I, MASK>(isa, [x, dy, res], i + ahead, ahead);
+            let xv = isa.load(&x[i..i + l]);
+            let g = masked::<I, MASK>(
+                isa,
+                xv,
+                isa.load(&dy[i..i + l]),
+                a,
+                #[inline(always)]
+                || isa.load(&res[i..i + l]),
+            );
+            if let (false, Some(o)) = (MASK == PLAIN, out.as_deref_mut()) {
+                isa.store(&mut o[i..i + l], g);
             }
-            let g = isa.load(&dy[i..i + l]);
             sdy[k] = isa.add(sdy[k], g);
-            sxm[k] = isa.mul_add(g, isa.sub(isa.load(&x[i..i + l]), m), sxm[k]);
+            sxm[k] = isa.mul_add(g, isa.sub(xv, m), sxm[k]);
             i += l;
         }
     }
     if i < n {
-        // Masked lanes of `dy` are zero, so their products vanish.
-        let g = isa.load_tail(&dy[i..]);
+        // Masked lanes of `dy` are zero (and so are those of a masked gradient), so their
+        // products vanish.
+        let xv = isa.load_tail(&x[i..]);
+        let g = masked::<I, MASK>(
+            isa,
+            xv,
+            isa.load_tail(&dy[i..]),
+            a,
+            #[inline(always)]
+            || isa.load_tail(&res[i..]),
+        );
+        if let (false, Some(o)) = (MASK == PLAIN, out) {
+            isa.store_tail(&mut o[i..], g);
+        }
         sdy[3] = isa.add(sdy[3], g);
-        sxm[3] = isa.mul_add(g, isa.sub(isa.load_tail(&x[i..]), m), sxm[3]);
+        sxm[3] = isa.mul_add(g, isa.sub(xv, m), sxm[3]);
+    }
+}
+
+/// Prefetches position `at` of the inputs a backward of kind `MASK` reads (the residual for
+/// [`ADD_RELU`] only); nothing when `ahead` is 0.
+#[inline(always)]
+fn prefetch_inputs<I: Isa, const MASK: u8>(isa: I, inputs: [&[f32]; 3], at: usize, ahead: usize) {
+    if ahead != 0 {
+        isa.prefetch(inputs[0].as_ptr().wrapping_add(at));
+        isa.prefetch(inputs[1].as_ptr().wrapping_add(at));
+        if MASK == ADD_RELU {
+            isa.prefetch(inputs[2].as_ptr().wrapping_add(at));
+        }
+    }
+}
+
+/// The forward's transform of channel `c` as vectors (zeros for a [`PLAIN`] kernel).
+#[inline(always)]
+fn mask_of<I: Isa, const MASK: u8>(isa: I, mask: &MaskParams<'_>, c: usize) -> [I::V; 3] {
+    if MASK == PLAIN {
+        [isa.zero(); 3]
+    } else {
+        [isa.splat(mask.m[c]), isa.splat(mask.s[c]), isa.splat(mask.t[c])]
+    }
+}
+
+/// The residual's values `r` (empty unless `MASK` is [`ADD_RELU`]).
+#[inline(always)]
+pub(crate) fn residual_of<'a, const MASK: u8>(mask: &MaskParams<'a>, r: Range<usize>) -> &'a [f32] {
+    if MASK == ADD_RELU {
+        &mask.residual[r]
+    } else {
+        &[]
     }
 }
 
@@ -373,19 +446,24 @@ fn chunk_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, k: usize) ->
     acc
 }
 
-/// `(sum(dy), sum(dy * (x - m)))` of chunk `k` of channel `c`: per block in `f32`, then in
-/// `f64` in block order.
+/// `(sum(g), sum(g * (x - m)))` of chunk `k` of channel `c`, `g` the gradient of kind `MASK`
+/// (stored to its place in `dr` when given; the caller owns the chunk): per block in `f32`, then
+/// in `f64` in block order.
 #[inline(always)]
-fn chunk_backward_sums<I: Isa>(
+#[allow(clippy::too_many_arguments)]
+fn chunk_backward_sums<I: Isa, const MASK: u8>(
     isa: I,
     g: &Geometry,
     x: &[f32],
     dy: &[f32],
+    mask: &MaskParams<'_>,
+    dr: Option<&SharedMut<'_, f32>>,
     c: usize,
     k: usize,
     m: f32,
 ) -> (f64, f64) {
     let mv = isa.splat(m);
+    let a = mask_of::<I, MASK>(isa, mask, c);
     let (mut sum_dy, mut sum_xm) = (0.0, 0.0);
     for b in g.chunk(k) {
         let blk = g.block(b);
@@ -393,7 +471,15 @@ fn chunk_backward_sums<I: Isa>(
         for o in blk.o0..blk.o1 {
             let s = g.run_start(o, c);
             let r = s + blk.i0..s + blk.i1;
-            accumulate_backward(isa, &x[r.clone()], &dy[r], mv, &mut sdy, &mut sxm, g.prefetch_ahead());
+            let (x, dy, res) = (&x[r.clone()], &dy[r.clone()], residual_of::<MASK>(mask, r.clone()));
+            let out = match dr {
+                // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only the
+                // caller processes; it is released before the next piece is taken.
+                Some(d) => Some(unsafe { d.slice(r.start, r.len()) }),
+                None => None,
+            };
+            let ahead = g.prefetch_ahead();
+            accumulate_backward::<I, MASK>(isa, x, dy, res, mv, a, &mut sdy, &mut sxm, ahead, out);
         }
         sum_dy += reduce32(isa, sdy);
         sum_xm += reduce32(isa, sxm);
@@ -483,11 +569,13 @@ pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
     normalize_runs::<S, I, T>(isa, io, dims, &params);
 }
 
-/// `dx` of the training backward over contiguous whole runs, from per-channel coefficients.
-struct DxRuns<'a, S> {
+/// `dx` of the training backward over contiguous whole runs, from per-channel coefficients, for
+/// the gradient of kind `MASK` (`mask.residual`: the values of these runs).
+struct DxRuns<'a, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a mut [f32],
+    mask: MaskParams<'a>,
     first_run: usize,
     dims: Canonical,
     coefficients: &'a [DxCoefficients],
@@ -495,7 +583,7 @@ struct DxRuns<'a, S> {
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec> Kernel for DxRuns<'_, S> {
+impl<S: Spec, const MASK: u8> Kernel for DxRuns<'_, S, MASK> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
@@ -505,18 +593,30 @@ impl<S: Spec> Kernel for DxRuns<'_, S> {
         let mut c = self.first_run % dims.channels;
         for r in 0..runs {
             let q = &self.coefficients[c];
+            let a = mask_of::<I, MASK>(isa, &self.mask, c);
             c = if c + 1 == dims.channels { 0 } else { c + 1 };
             let (m, k1, k2, k3) = (isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3));
             let span = r * inner..(r + 1) * inner;
             let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+            let res = residual_of::<MASK>(&self.mask, span.clone());
             map2(
                 isa,
                 x,
                 dy,
-                &mut self.dx[span],
+                &mut self.dx[span.clone()],
                 self.stream,
                 #[inline(always)]
-                |_, x, g| dx_train(isa, x, g, m, k1, k2, k3),
+                |p, x, g| {
+                    let g = masked::<I, MASK>(
+                        isa,
+                        x,
+                        g,
+                        a,
+                        #[inline(always)]
+                        || load_at(isa, res, p),
+                    );
+                    dx_train(isa, x, g, m, k1, k2, k3)
+                },
             );
         }
         if self.stream {
@@ -686,10 +786,12 @@ struct BackwardStats<'a> {
 }
 
 /// Fused backward of the channels `channels`: both sums, then `dx` while the slab is hot.
-struct BackwardFused<'a, 'o, S> {
+struct BackwardFused<'a, 'o, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a SharedMut<'o, f32>,
+    mask: MaskParams<'a>,
+    dr: Option<&'a SharedMut<'o, f32>>,
     dims: Canonical,
     channels: Range<usize>,
     stats: BackwardStats<'a>,
@@ -699,7 +801,7 @@ struct BackwardFused<'a, 'o, S> {
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec> Kernel for BackwardFused<'_, '_, S> {
+impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
@@ -715,7 +817,8 @@ impl<S: Spec> Kernel for BackwardFused<'_, '_, S> {
                 let m = mean as f32;
                 let (mut sdy, mut sxm) = (0.0, 0.0);
                 for k in 0..g.chunks {
-                    let (a, b) = chunk_backward_sums(isa, &g, self.x, self.dy, c, k, m);
+                    let (x, dy, mask, dr) = (self.x, self.dy, &self.mask, self.dr);
+                    let (a, b) = chunk_backward_sums::<I, MASK>(isa, &g, x, dy, mask, dr, c, k, m);
                     sdy += a;
                     sxm += b;
                 }
@@ -727,13 +830,30 @@ impl<S: Spec> Kernel for BackwardFused<'_, '_, S> {
             for (j, c) in group.enumerate() {
                 let q = coefficients[j];
                 let (m, k1, k2, k3) = (isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3));
+                let a = mask_of::<I, MASK>(isa, &self.mask, c);
                 for o in 0..g.dims.outer {
                     let r = g.run_start(o, c)..g.run_start(o, c) + inner;
                     // SAFETY: run `(o, c)` belongs to channel `c`, which only this task
                     // processes; runs of distinct `(o, c)` are disjoint, and this one is released
                     // before the next is taken.
                     let dx = unsafe { self.dx.slice(r.start, inner) };
-                    let (x, dy) = (&self.x[r.clone()], &self.dy[r]);
+                    let x = &self.x[r.clone()];
+                    if let Some(dr) = self.dr {
+                        // SAFETY: the masked gradient of run `(o, c)`, which this task wrote with
+                        // the sums above; no other reference to it is alive.
+                        let g = unsafe { dr.slice(r.start, inner) };
+                        map2(
+                            isa,
+                            x,
+                            g,
+                            dx,
+                            self.stream,
+                            #[inline(always)]
+                            |_, x, g| dx_train(isa, x, g, m, k1, k2, k3),
+                        );
+                        continue;
+                    }
+                    let (dy, res) = (&self.dy[r.clone()], residual_of::<MASK>(&self.mask, r.clone()));
                     map2(
                         isa,
                         x,
@@ -741,7 +861,17 @@ impl<S: Spec> Kernel for BackwardFused<'_, '_, S> {
                         dx,
                         self.stream,
                         #[inline(always)]
-                        |_, x, g| dx_train(isa, x, g, m, k1, k2, k3),
+                        |p, x, g| {
+                            let g = masked::<I, MASK>(
+                                isa,
+                                x,
+                                g,
+                                a,
+                                #[inline(always)]
+                                || load_at(isa, res, p),
+                            );
+                            dx_train(isa, x, g, m, k1, k2, k3)
+                        },
                     );
                 }
             }
@@ -752,10 +882,13 @@ impl<S: Spec> Kernel for BackwardFused<'_, '_, S> {
     }
 }
 
-/// Backward sums of the chunks `first..` (flat index `q = c * chunks + k`).
-struct ChunkBackwardSums<'a, S> {
+/// Backward sums of the chunks `first..` (flat index `q = c * chunks + k`) for the gradient of
+/// kind `MASK`.
+struct ChunkBackwardSums<'a, 'o, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
+    mask: MaskParams<'a>,
+    dr: Option<&'a SharedMut<'o, f32>>,
     dims: Canonical,
     mean: &'a [f64],
     first: usize,
@@ -763,7 +896,7 @@ struct ChunkBackwardSums<'a, S> {
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec> Kernel for ChunkBackwardSums<'_, S> {
+impl<S: Spec, const MASK: u8> Kernel for ChunkBackwardSums<'_, '_, S, MASK> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
@@ -771,17 +904,22 @@ impl<S: Spec> Kernel for ChunkBackwardSums<'_, S> {
         for (j, out) in self.out.iter_mut().enumerate() {
             let q = self.first + j;
             let c = q / g.chunks;
-            *out = chunk_backward_sums(isa, &g, self.x, self.dy, c, q % g.chunks, self.mean[c] as f32);
+            let (k, m) = (q % g.chunks, self.mean[c] as f32);
+            let (x, dy, mask, dr) = (self.x, self.dy, &self.mask, self.dr);
+            *out = chunk_backward_sums::<I, MASK>(isa, &g, x, dy, mask, dr, c, k, m);
         }
     }
 }
 
-/// Training backward of the planes family.
+/// Training backward of the planes family, of the gradient of kind `MASK` (with its `mask`;
+/// `dr` receives that gradient when given).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<S: Spec, I: Isa>(
+pub(crate) fn backward<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
     mean: &[f64],
@@ -798,6 +936,8 @@ pub(crate) fn backward<S: Spec, I: Isa>(
     if 2 * g.slab_bytes() <= FUSE_BYTES && dims.channels >= 2 * threads {
         let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
         let dxs = SharedMut::new(dx);
+        let drs = dr.map(SharedMut::new);
+        let dr = drs.as_ref();
         let (sdy, sdxh) = (SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
         for_each_task(parallel, tasks, |k| {
             let channels = part(dims.channels, tasks, k);
@@ -805,10 +945,12 @@ pub(crate) fn backward<S: Spec, I: Isa>(
             // SAFETY: the channel ranges of distinct tasks are disjoint.
             let (sum_dy, sum_dy_xhat) =
                 unsafe { (sdy.slice(channels.start, len), sdxh.slice(channels.start, len)) };
-            isa.vectorize(BackwardFused::<S> {
+            isa.vectorize(BackwardFused::<S, MASK> {
                 x,
                 dy,
                 dx: &dxs,
+                mask,
+                dr,
                 dims,
                 channels,
                 stats,
@@ -820,11 +962,37 @@ pub(crate) fn backward<S: Spec, I: Isa>(
         });
         return;
     }
-    // Split: the two reductions, then the `dx` pass (the pieces the synchronized backward runs
-    // with the group's sums in between).
-    train_backward_sums::<S, I>(isa, x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out);
+    // Split: the two reductions (writing the masked gradient when wanted), then the `dx` pass
+    // (the pieces the synchronized backward runs with the group's sums in between), which reads
+    // that gradient back where it was written.
+    let sums = (sum_dy_out, sum_dy_xhat_out);
     let n = dims.per_channel() as f64;
-    train_backward_dx::<S, I>(isa, x, dy, dx, dims, n, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
+    match dr {
+        Some(dr) => {
+            train_backward_sums::<S, I, MASK>(
+                isa,
+                x,
+                dy,
+                mask,
+                Some(&mut *dr),
+                dims,
+                mean,
+                inv_std,
+                sums.0,
+                sums.1,
+            );
+            let (no_mask, dr) = (MaskParams::default(), &*dr);
+            train_backward_dx::<S, I, PLAIN>(
+                isa, x, dr, no_mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+            );
+        }
+        None => {
+            train_backward_sums::<S, I, MASK>(isa, x, dy, mask, None, dims, mean, inv_std, sums.0, sums.1);
+            train_backward_dx::<S, I, MASK>(
+                isa, x, dy, mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+            );
+        }
+    }
 }
 
 /// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of three slices.
@@ -843,11 +1011,14 @@ pub(crate) fn for_each_chunk3(
 // ---------------------------------------------------------------------------------------------
 // Backward with frozen statistics: one pass.
 
-/// Sums and `dx = k_c * dy` of the chunks `first..` (flat index `q = c * chunks + k`).
-struct BackwardEvalChunks<'a, 'o, S> {
+/// Sums and `dx = k_c * g` of the chunks `first..` (flat index `q = c * chunks + k`), `g` the
+/// gradient of kind `MASK` (written to `dr` when given).
+struct BackwardEvalChunks<'a, 'o, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a SharedMut<'o, f32>,
+    mask: MaskParams<'a>,
+    dr: Option<&'a SharedMut<'o, f32>>,
     dims: Canonical,
     mean: &'a [f32],
     scale: &'a [f32],
@@ -857,7 +1028,7 @@ struct BackwardEvalChunks<'a, 'o, S> {
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
+impl<S: Spec, const MASK: u8> Kernel for BackwardEvalChunks<'_, '_, S, MASK> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
@@ -866,6 +1037,7 @@ impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
             let q = self.first + j;
             let (c, k) = (q / g.chunks, q % g.chunks);
             let (m, scale) = (isa.splat(self.mean[c]), isa.splat(self.scale[c]));
+            let a = mask_of::<I, MASK>(isa, &self.mask, c);
             let (mut sum_dy, mut sum_xm) = (0.0, 0.0);
             for b in g.chunk(k) {
                 let blk = g.block(b);
@@ -874,10 +1046,29 @@ impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
                     let s = g.run_start(o, c);
                     let r = s + blk.i0..s + blk.i1;
                     let (x, dy) = (&self.x[r.clone()], &self.dy[r.clone()]);
-                    accumulate_backward(isa, x, dy, m, &mut sdy, &mut sxm, g.prefetch_ahead());
+                    let res = residual_of::<MASK>(&self.mask, r.clone());
+                    let ahead = g.prefetch_ahead();
                     // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only
-                    // this task processes; pieces of distinct chunks are disjoint.
+                    // this task processes; pieces of distinct chunks are disjoint (for `dx` and
+                    // for `dr`, each borrowed once at a time).
                     let dx = unsafe { self.dx.slice(r.start, r.len()) };
+                    if let Some(dr) = self.dr {
+                        // SAFETY: as above.
+                        let g = unsafe { dr.slice(r.start, r.len()) };
+                        let (sums, out) = ((&mut sdy, &mut sxm), Some(&mut *g));
+                        accumulate_backward::<I, MASK>(isa, x, dy, res, m, a, sums.0, sums.1, ahead, out);
+                        map2(
+                            isa,
+                            x,
+                            g,
+                            dx,
+                            self.stream,
+                            #[inline(always)]
+                            |_, _, g| isa.mul(g, scale),
+                        );
+                        continue;
+                    }
+                    accumulate_backward::<I, MASK>(isa, x, dy, res, m, a, &mut sdy, &mut sxm, ahead, None);
                     map2(
                         isa,
                         x,
@@ -885,7 +1076,17 @@ impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
                         dx,
                         self.stream,
                         #[inline(always)]
-                        |_, _, g| isa.mul(g, scale),
+                        |p, x, g| {
+                            let g = masked::<I, MASK>(
+                                isa,
+                                x,
+                                g,
+                                a,
+                                #[inline(always)]
+                                || load_at(isa, res, p),
+                            );
+                            isa.mul(g, scale)
+                        },
                     );
                 }
                 sum_dy += reduce32(isa, sdy);
@@ -899,12 +1100,15 @@ impl<S: Spec> Kernel for BackwardEvalChunks<'_, '_, S> {
     }
 }
 
-/// Backward with frozen statistics of the planes family. `scale[c] = f32(gamma * inv_std)`.
+/// Backward with frozen statistics of the planes family, of the gradient of kind `MASK` (see
+/// [`backward`]). `scale[c] = f32(gamma * inv_std)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_eval<S: Spec, I: Isa>(
+pub(crate) fn backward_eval<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
     mean: &[f32],
@@ -927,16 +1131,20 @@ pub(crate) fn backward_eval<S: Spec, I: Isa>(
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
     let stream = streaming(dims.len(), g.piece);
     let (shared, dxs) = (SharedMut::new(&mut *sums), SharedMut::new(dx));
+    let drs = dr.map(SharedMut::new);
+    let dr = drs.as_ref();
     for_each_task(parallel, tasks, |k| {
         let r = part(total, tasks, k);
         // SAFETY: the ranges of distinct tasks are disjoint.
         let out = unsafe { shared.slice(r.start, r.len()) };
         let dx = &dxs;
         let first = r.start;
-        isa.vectorize(BackwardEvalChunks::<S> {
+        isa.vectorize(BackwardEvalChunks::<S, MASK> {
             x,
             dy,
             dx,
+            mask,
+            dr,
             dims,
             mean,
             scale,
@@ -993,12 +1201,15 @@ pub(crate) fn statistics<S: Spec, I: Isa>(
     }
 }
 
-/// The two reductions of the training backward only: `sum(dy)` and `sum(dy * xhat)` per channel.
+/// The two reductions of the training backward only: `sum(g)` and `sum(g * xhat)` per channel,
+/// `g` the gradient of kind `MASK`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_backward_sums<S: Spec, I: Isa>(
+pub(crate) fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
     dims: Canonical,
     mean: &[f64],
     inv_std: &[f64],
@@ -1011,11 +1222,24 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa>(
     let mut sums = vec![(0.0, 0.0); total];
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);
     let shared = SharedMut::new(&mut sums);
+    let drs = dr.map(SharedMut::new);
+    let dr = drs.as_ref();
     for_each_task(parallel, tasks, |k| {
         let r = part(total, tasks, k);
         // SAFETY: the ranges of distinct tasks are disjoint.
         let out = unsafe { shared.slice(r.start, r.len()) };
-        isa.vectorize(ChunkBackwardSums::<S> { x, dy, dims, mean, first: r.start, out, _spec: PhantomData });
+        let first = r.start;
+        isa.vectorize(ChunkBackwardSums::<S, MASK> {
+            x,
+            dy,
+            mask,
+            dr,
+            dims,
+            mean,
+            first,
+            out,
+            _spec: PhantomData,
+        });
     });
     for c in 0..dims.channels {
         let (mut sdy, mut sxm) = (0.0, 0.0);
@@ -1028,12 +1252,14 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa>(
     }
 }
 
-/// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values.
+/// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values,
+/// for the gradient of kind `MASK`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_backward_dx<S: Spec, I: Isa>(
+pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
     dx: &mut [f32],
     dims: Canonical,
     n: f64,
@@ -1051,10 +1277,23 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa>(
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let runs_per_task = runs.div_ceil(tasks).max(1);
     let stream = streaming(dims.len(), dims.inner);
+    let chunk = runs_per_task * dims.inner;
     let work = |k: usize, x: &[f32], dy: &[f32], dx: &mut [f32]| {
         let first_run = k * runs_per_task;
         let coefficients = &coefficients;
-        isa.vectorize(DxRuns::<S> { x, dy, dx, first_run, dims, coefficients, stream, _spec: PhantomData });
+        let r = k * chunk..k * chunk + dx.len();
+        let mask = MaskParams { residual: residual_of::<MASK>(&mask, r), ..mask };
+        isa.vectorize(DxRuns::<S, MASK> {
+            x,
+            dy,
+            dx,
+            mask,
+            first_run,
+            dims,
+            coefficients,
+            stream,
+            _spec: PhantomData,
+        });
     };
-    for_each_chunk3(parallel, x, dy, dx, runs_per_task * dims.inner, work);
+    for_each_chunk3(parallel, x, dy, dx, chunk, work);
 }

@@ -20,9 +20,11 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{load_at, map, map2, map_params, Io, Isa, Kernel, Pos, Serial};
+use super::isa::{
+    load_at, map, map2, map_params, masked, Io, Isa, Kernel, MaskParams, Pos, Serial, ADD_RELU, PLAIN, RELU,
+};
 use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
-use super::planes::{affine, dx_train, for_each_chunk3};
+use super::planes::{affine, dx_train, for_each_chunk3, residual_of};
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use crate::spec::{specialize, Spec};
 use crate::Canonical;
@@ -130,10 +132,10 @@ impl TileBuf {
 }
 
 /// Column sums over the rows `rows` (width `w`) of the columns `cols` of `K` tensors: `term`
-/// adds one vector of each tensor (with the vector of `param`, a per-column parameter of the
-/// tile, at the same columns) into `A` accumulators and returns them (so that a product can be
-/// added with one fused multiply-add), and `emit` receives, for each vector of columns, the
-/// `A` sums over the rows (`param` may be empty: zeros). Accumulators stay in registers: `G` vectors of columns
+/// adds one vector of each tensor (with the vectors of `params`, `Q` per-column parameters of
+/// the tile, at the same columns) into `A` accumulators and returns them (so that a product can
+/// be added with one fused multiply-add), and `emit` receives, for each vector of columns, the
+/// `A` sums over the rows (an empty parameter loads as zeros). Accumulators stay in registers: `G` vectors of columns
 /// at a time (a row's `G` vectors are contiguous), each with `P` accumulators (rows `P q + k`)
 /// so that at least eight independent chains hide the latency of the additions; the phases are
 /// added pairwise at the end. Whole groups run a loop without per-vector checks; the last,
@@ -141,14 +143,14 @@ impl TileBuf {
 /// as zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-fn column_sums<I: Isa, const K: usize, const A: usize, const G: usize, const P: usize>(
+fn column_sums<I: Isa, const K: usize, const Q: usize, const A: usize, const G: usize, const P: usize>(
     isa: I,
     tensors: [&[f32]; K],
     w: usize,
     rows: Range<usize>,
     cols: Range<usize>,
-    param: &[f32],
-    mut term: impl FnMut(Pos, [I::V; K], I::V, [I::V; A]) -> [I::V; A],
+    params: [&[f32]; Q],
+    mut term: impl FnMut(Pos, [I::V; K], [I::V; Q], [I::V; A]) -> [I::V; A],
     mut emit: impl FnMut(Pos, [I::V; A]),
 ) {
     let l = I::LANES;
@@ -159,11 +161,13 @@ fn column_sums<I: Isa, const K: usize, const A: usize, const G: usize, const P: 
     while v0 < vectors {
         let group = (vectors - v0).min(G);
         let fast = v0 + G <= whole;
-        let mut pv = [isa.zero(); G];
-        if !param.is_empty() {
-            for g in 0..group {
-                let i = (v0 + g) * l;
-                pv[g] = load_at(isa, param, Pos { i, n: (nc - i).min(l) });
+        let mut pv = [[isa.zero(); Q]; G];
+        for q in 0..Q {
+            if !params[q].is_empty() {
+                for g in 0..group {
+                    let i = (v0 + g) * l;
+                    pv[g][q] = load_at(isa, params[q], Pos { i, n: (nc - i).min(l) });
+                }
             }
         }
         let mut acc = [[[isa.zero(); A]; P]; G];
@@ -235,12 +239,12 @@ fn column_sums<I: Isa, const K: usize, const A: usize, const G: usize, const P: 
 /// [`column_sums`] with the register blocking suited to the tile: eight vectors of columns per
 /// row when the tile is that wide, else two with four row phases.
 macro_rules! column_sums {
-    ($isa:expr, $k:literal, $a:literal, $tensors:expr, $w:expr, $rows:expr, $cols:expr, $param:expr, $term:expr, $emit:expr) => {{
+    ($isa:expr, $k:literal, $q:literal, $a:literal, $tensors:expr, $w:expr, $rows:expr, $cols:expr, $params:expr, $term:expr, $emit:expr) => {{
         let (rows, cols) = ($rows, $cols);
         if cols.len() >= 8 * I::LANES {
-            column_sums::<I, $k, $a, { 8 / $a }, 1>($isa, $tensors, $w, rows, cols, $param, $term, $emit)
+            column_sums::<I, $k, $q, $a, { 8 / $a }, 1>($isa, $tensors, $w, rows, cols, $params, $term, $emit)
         } else {
-            column_sums::<I, $k, $a, 2, 4>($isa, $tensors, $w, rows, cols, $param, $term, $emit)
+            column_sums::<I, $k, $q, $a, 2, 4>($isa, $tensors, $w, rows, cols, $params, $term, $emit)
         }
     }};
 }
@@ -261,14 +265,15 @@ fn tile_deviations<I: Isa>(
     column_sums!(
         isa,
         1,
+        1,
         2,
         [x],
         w,
         rows,
         cols,
-        m,
+        [m],
         #[inline(always)]
-        |pos, [v], m, [a, b]| {
+        |pos, [v], [m], [a, b]| {
             let d = isa.zero_from(isa.sub(v, m), pos.n);
             [isa.add(a, d), isa.mul_add(d, d, b)]
         },
@@ -314,14 +319,15 @@ fn tile_moments<I: Isa>(
         column_sums!(
             isa,
             1,
+            0,
             1,
             [x],
             w,
             first,
             cols.clone(),
-            &[],
+            [],
             #[inline(always)]
-            |_, [v], _, [a]| [isa.mul_add(v, inv, a)],
+            |_, [v], [], [a]| [isa.mul_add(v, inv, a)],
             #[inline(always)]
             |pos, [s]| isa.store(&mut m[pos.i..], s)
         );
@@ -654,13 +660,56 @@ pub(crate) fn forward_train<S: Spec, I: Isa, A: super::isa::Epilogue>(
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-/// `(sum(dy), sum(dy * (x - m_j)))` of one block × tile, added (in `f64`) to the chunk's sums.
+/// The forward's transform behind a fused ReLU (per-channel `mask.m, s, t`) as per-virtual-column
+/// patterns of `len` values (whole periods), built in `buf`; the residual is kept. Nothing for a
+/// [`PLAIN`] kernel.
+fn mask_patterns<'a, const MASK: u8>(
+    mask: MaskParams<'a>,
+    c: usize,
+    len: usize,
+    buf: &'a mut Vec<f32>,
+) -> MaskParams<'a> {
+    if MASK == PLAIN {
+        return MaskParams::default();
+    }
+    buf.resize(3 * len, 0.0);
+    let (m, rest) = buf.split_at_mut(len);
+    let (s, t) = rest.split_at_mut(len);
+    for (out, per_channel) in [(&mut *m, mask.m), (&mut *s, mask.s), (&mut *t, mask.t)] {
+        pattern(len, c, out, |j| per_channel[j]);
+    }
+    MaskParams { m, s, t, residual: mask.residual }
+}
+
+/// The patterns' columns `cols` (the tile's parameters).
+#[inline(always)]
+fn mask_cols<'a>(mask: &MaskParams<'a>, cols: Range<usize>) -> [&'a [f32]; 3] {
+    if mask.m.is_empty() {
+        [&[]; 3]
+    } else {
+        [&mask.m[cols.clone()], &mask.s[cols.clone()], &mask.t[cols]]
+    }
+}
+
+/// The forward's transform at `pos` of patterns `f` as vectors (zeros for a [`PLAIN`] kernel).
+#[inline(always)]
+fn mask_at<I: Isa, const MASK: u8>(isa: I, f: [&[f32]; 3], pos: Pos) -> [I::V; 3] {
+    if MASK == PLAIN {
+        [isa.zero(); 3]
+    } else {
+        [load_at(isa, f[0], pos), load_at(isa, f[1], pos), load_at(isa, f[2], pos)]
+    }
+}
+
+/// `(sum(g), sum(g * (x - m_j)))` of one block × tile, added (in `f64`) to the chunk's sums, `g`
+/// the gradient of kind `MASK` (`mask`: patterns of at least `W` values and the whole residual).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile_backward_sums<I: Isa>(
+fn tile_backward_sums<I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: &MaskParams<'_>,
     w: usize,
     rows: Range<usize>,
     cols: Range<usize>,
@@ -669,52 +718,203 @@ fn tile_backward_sums<I: Isa>(
     sum_dy: &mut [f64],
     sum_xm: &mut [f64],
 ) {
+    let f = mask_cols(mask, cols.clone());
     let m = &m[cols.clone()];
     let (sdy, sxm) = (&mut buf.a, &mut buf.b);
-    // Masked lanes of `dy` are zero, so their products vanish.
-    column_sums!(
-        isa,
-        2,
-        2,
-        [x, dy],
-        w,
-        rows,
-        cols.clone(),
-        m,
-        #[inline(always)]
-        |_, [x, g], m, [a, b]| [isa.add(a, g), isa.mul_add(g, isa.sub(x, m), b)],
-        #[inline(always)]
-        |pos, [s, q]| {
-            isa.store(&mut sdy[pos.i..], s);
-            isa.store(&mut sxm[pos.i..], q);
-        }
-    );
+    // Masked lanes of `dy` (and of a masked gradient) are zero, so their products vanish.
+    if MASK == PLAIN {
+        column_sums!(
+            isa,
+            2,
+            1,
+            2,
+            [x, dy],
+            w,
+            rows,
+            cols.clone(),
+            [m],
+            #[inline(always)]
+            |_, [x, g], [m], [a, b]| [isa.add(a, g), isa.mul_add(g, isa.sub(x, m), b)],
+            #[inline(always)]
+            |pos, [s, q]| {
+                isa.store(&mut sdy[pos.i..], s);
+                isa.store(&mut sxm[pos.i..], q);
+            }
+        );
+    } else if MASK == RELU {
+        column_sums!(
+            isa,
+            2,
+            4,
+            2,
+            [x, dy],
+            w,
+            rows,
+            cols.clone(),
+            [m, f[0], f[1], f[2]],
+            #[inline(always)]
+            |_, [x, g], [m, fm, fs, ft], [a, b]| {
+                let g = masked::<I, RELU>(
+                    isa,
+                    x,
+                    g,
+                    [fm, fs, ft],
+                    #[inline(always)]
+                    || isa.zero(),
+                );
+                [isa.add(a, g), isa.mul_add(g, isa.sub(x, m), b)]
+            },
+            #[inline(always)]
+            |pos, [s, q]| {
+                isa.store(&mut sdy[pos.i..], s);
+                isa.store(&mut sxm[pos.i..], q);
+            }
+        );
+    } else {
+        column_sums!(
+            isa,
+            3,
+            4,
+            2,
+            [x, dy, mask.residual],
+            w,
+            rows,
+            cols.clone(),
+            [m, f[0], f[1], f[2]],
+            #[inline(always)]
+            |_, [x, g, r], [m, fm, fs, ft], [a, b]| {
+                let g = masked::<I, ADD_RELU>(
+                    isa,
+                    x,
+                    g,
+                    [fm, fs, ft],
+                    #[inline(always)]
+                    || r,
+                );
+                [isa.add(a, g), isa.mul_add(g, isa.sub(x, m), b)]
+            },
+            #[inline(always)]
+            |pos, [s, q]| {
+                isa.store(&mut sdy[pos.i..], s);
+                isa.store(&mut sxm[pos.i..], q);
+            }
+        );
+    }
     for j in 0..cols.len() {
         sum_dy[j] += buf.a[j] as f64;
         sum_xm[j] += buf.b[j] as f64;
     }
 }
 
-/// Backward sums of chunk `p`, column tile `t` (flat task index `q = p * tiles + t`); with
-/// `dx_scale`, also `dx = dy * dx_scale_j` (the frozen-statistics backward, one pass).
-struct ChunkBackward<'a, 's, S> {
+/// `out = ` the gradient of kind `MASK` over a segment whose column at position `p` is `p` of
+/// the patterns `f` (`res`: the residual's values of the segment, when `ADD_RELU`).
+#[inline(always)]
+fn write_masked<I: Isa, const MASK: u8>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    res: &[f32],
+    f: [&[f32]; 3],
+    out: &mut [f32],
+) {
+    map2(
+        isa,
+        x,
+        dy,
+        out,
+        false,
+        #[inline(always)]
+        |p, x, g| {
+            masked::<I, MASK>(
+                isa,
+                x,
+                g,
+                mask_at::<I, MASK>(isa, f, p),
+                #[inline(always)]
+                || load_at(isa, res, p),
+            )
+        },
+    );
+}
+
+/// Backward sums of chunk `p`, column tile `t` (flat task index `q = p * tiles + t`) of the
+/// gradient of kind `MASK`; with `dx_scale`, also `dx = g * dx_scale_j` (the frozen-statistics
+/// backward, one pass). With `dr`, the tasks are whole chunks `p` (all their tiles): the
+/// gradient of each block of rows is written to `dr` first and the tiles' sums (and `dx`) read
+/// it back from cache, in the same order, so the same bits.
+struct ChunkBackward<'a, 's, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
+    mask: MaskParams<'a>,
     dims: Canonical,
     m: &'a [f32],
     tasks: Range<usize>,
     sum_dy: &'a SharedMut<'s, f64>,
     sum_xm: &'a SharedMut<'s, f64>,
     dx: Option<(&'a SharedMut<'s, f32>, &'a [f32])>,
+    dr: Option<&'a SharedMut<'s, f32>>,
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec> Kernel for ChunkBackward<'_, '_, S> {
+impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let g = Geometry::new(specialize::<S>(self.dims));
         let mut buf = TileBuf::new();
+        if let Some(dr) = self.dr {
+            let f = mask_cols(&self.mask, 0..g.w);
+            for p in self.tasks.clone() {
+                let rows = g.chunk(p);
+                let base = rows.start * g.w;
+                let span = base..base + rows.len() * g.w;
+                // SAFETY: the rows of chunk `p` belong to this task only (tasks are chunks).
+                let gr = unsafe { dr.slice(base, span.len()) };
+                let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+                let res = residual_of::<MASK>(&self.mask, span.clone());
+                let mut r = rows.start;
+                while r < rows.end {
+                    let block = r..(r + g.block_rows).min(rows.end);
+                    let local = block.start - rows.start..block.end - rows.start;
+                    for row in local.clone() {
+                        let row = row * g.w..(row + 1) * g.w;
+                        let res = if MASK == ADD_RELU { &res[row.clone()] } else { res };
+                        write_masked::<I, MASK>(isa, &x[row.clone()], &dy[row.clone()], res, f, &mut gr[row]);
+                    }
+                    for t in 0..g.tiles {
+                        let cols = g.cols(t);
+                        let at = p * g.w + cols.start;
+                        // SAFETY: task `(p, t)`'s sums: chunk `p` is this task's only.
+                        let (sum_dy, sum_xm) =
+                            unsafe { (self.sum_dy.slice(at, cols.len()), self.sum_xm.slice(at, cols.len())) };
+                        let no_mask = MaskParams::default();
+                        let (rows, m) = (local.clone(), self.m);
+                        tile_backward_sums::<I, PLAIN>(
+                            isa, x, gr, &no_mask, g.w, rows, cols, m, &mut buf, sum_dy, sum_xm,
+                        );
+                    }
+                    if let Some((dx, scale)) = self.dx {
+                        for row in block.clone() {
+                            let local = (row - rows.start) * g.w..(row - rows.start + 1) * g.w;
+                            // SAFETY: row `row` lies in chunk `p`, which only this task writes;
+                            // the slice is released at the end of the loop.
+                            let dx = unsafe { dx.slice(row * g.w, g.w) };
+                            map2(
+                                isa,
+                                &x[local.clone()],
+                                &gr[local],
+                                dx,
+                                false,
+                                #[inline(always)]
+                                |pos, _, g| isa.mul(g, load_at(isa, scale, pos)),
+                            );
+                        }
+                    }
+                    r = block.end;
+                }
+            }
+            return;
+        }
         for q in self.tasks.clone() {
             let (p, t) = (q / g.tiles, q % g.tiles);
             let (rows, cols) = (g.chunk(p), g.cols(t));
@@ -723,13 +923,15 @@ impl<S: Spec> Kernel for ChunkBackward<'_, '_, S> {
             // own disjoint ranges, and `q` is processed by this kernel only.
             let (sum_dy, sum_xm) =
                 unsafe { (self.sum_dy.slice(at, cols.len()), self.sum_xm.slice(at, cols.len())) };
+            let f = mask_cols(&self.mask, cols.clone());
             let mut r = rows.start;
             while r < rows.end {
                 let block = r..(r + g.block_rows).min(rows.end);
-                tile_backward_sums(
+                tile_backward_sums::<I, MASK>(
                     isa,
                     self.x,
                     self.dy,
+                    &self.mask,
                     g.w,
                     block.clone(),
                     cols.clone(),
@@ -745,14 +947,27 @@ impl<S: Spec> Kernel for ChunkBackward<'_, '_, S> {
                         // SAFETY: row `row`, columns `cols` lie in chunk `p`, tile `t`, which
                         // only this task writes; the slice is released at the end of the loop.
                         let dx = unsafe { dx.slice(span.start, span.len()) };
+                        let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+                        let res = residual_of::<MASK>(&self.mask, span.clone());
                         map2(
                             isa,
-                            &self.x[span.clone()],
-                            &self.dy[span],
+                            x,
+                            dy,
                             dx,
                             false,
                             #[inline(always)]
-                            |pos, _, g| isa.mul(g, load_at(isa, scale, pos)),
+                            |pos, x, g| {
+                                let a = mask_at::<I, MASK>(isa, f, pos);
+                                let g = masked::<I, MASK>(
+                                    isa,
+                                    x,
+                                    g,
+                                    a,
+                                    #[inline(always)]
+                                    || load_at(isa, res, pos),
+                                );
+                                isa.mul(g, load_at(isa, scale, pos))
+                            },
                         );
                     }
                 }
@@ -762,51 +977,81 @@ impl<S: Spec> Kernel for ChunkBackward<'_, '_, S> {
     }
 }
 
-/// Per-channel `(sum(dy), sum(dy * (x - m_c)))` of the rows family (`m` repeats per virtual
-/// column), with `dx = dy * scale` written on the way when `dx` is given.
+/// Per-channel `(sum(g), sum(g * (x - m_c)))` of the rows family (`m` repeats per virtual
+/// column), `g` the gradient of kind `MASK` (`mask`: patterns of at least `W` values), with
+/// `dx = g * scale` (and `dr = g`) written on the way when `dx` is given.
 #[allow(clippy::too_many_arguments)]
-fn backward_sums<S: Spec, I: Isa>(
+fn backward_sums<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
     dims: Canonical,
     parallel: bool,
     m: &[f32],
     dx: Option<(&mut [f32], &[f32])>,
+    dr: Option<&mut [f32]>,
     sums: &mut [(f64, f64)],
 ) {
     let g = Geometry::new(dims);
+    let tail = g.tail_start();
     let mut partial = vec![0.0; 2 * g.chunks * g.w];
     let (psdy, psxm) = partial.split_at_mut(g.chunks * g.w);
-    let mut dx_tail = None;
+    let (mut dx_tail, mut dr_tail) = (None, None);
     {
         let (sdy, sxm) = (SharedMut::new(&mut *psdy), SharedMut::new(&mut *psxm));
         let dx = dx.map(|(dx, scale)| {
-            let (body, tail) = dx.split_at_mut(g.tail_start());
-            dx_tail = Some((tail, scale));
+            let (body, rest) = dx.split_at_mut(tail);
+            dx_tail = Some((rest, scale));
             (SharedMut::new(body), scale)
         });
         let dx = dx.as_ref().map(|(d, s)| (d, *s));
-        run_tasks(parallel, g.chunks * g.tiles, dims.len(), |tasks| {
+        let dr = dr.map(|dr| {
+            let (body, rest) = dr.split_at_mut(tail);
+            dr_tail = Some(rest);
+            SharedMut::new(body)
+        });
+        let dr = dr.as_ref();
+        let units = if dr.is_some() { g.chunks } else { g.chunks * g.tiles };
+        run_tasks(parallel, units, dims.len(), |tasks| {
             let (sum_dy, sum_xm) = (&sdy, &sxm);
-            isa.vectorize(ChunkBackward::<S> {
+            isa.vectorize(ChunkBackward::<S, MASK> {
                 x,
                 dy,
+                mask,
                 dims,
                 m,
                 tasks,
                 sum_dy,
                 sum_xm,
                 dx,
+                dr,
                 _spec: PhantomData,
             });
         });
     }
-    let tail = g.tail_start();
+    // The tail's gradient (its columns start at 0), then its `dx` and `dr`.
+    let mut masked_tail = Vec::new();
+    let g_tail: &[f32] = if MASK == PLAIN {
+        &dy[tail..]
+    } else {
+        masked_tail.resize(g.len - tail, 0.0);
+        let f = mask_cols(&mask, 0..g.len - tail);
+        let res = residual_of::<MASK>(&mask, tail..g.len);
+        let out = &mut masked_tail[..];
+        isa.vectorize(Serial(
+            #[inline(always)]
+            || write_masked::<I, MASK>(isa, &x[tail..], &dy[tail..], res, f, out),
+        ));
+        &masked_tail
+    };
     if let Some((dx, scale)) = dx_tail {
         for (j, d) in dx.iter_mut().enumerate() {
-            *d = dy[tail + j] * scale[j];
+            *d = g_tail[j] * scale[j];
         }
+    }
+    if let Some(dr) = dr_tail {
+        dr.copy_from_slice(g_tail);
     }
     // Chunks summed into chunk 0 column by column, in order; then the virtual columns of each
     // channel, in order; then its tail values. Serial, compiled for the instruction set.
@@ -828,8 +1073,9 @@ fn backward_sums<S: Spec, I: Isa>(
                     }
                 }
                 for i in (tail + c..g.len).step_by(g.c) {
-                    sdy += dy[i] as f64;
-                    sxm += dy[i] as f64 * (x[i] - m[c]) as f64;
+                    let gi = g_tail[i - tail] as f64;
+                    sdy += gi;
+                    sxm += gi * (x[i] - m[c]) as f64;
                 }
                 *sum = (sdy, sxm);
             }
@@ -837,12 +1083,14 @@ fn backward_sums<S: Spec, I: Isa>(
     ));
 }
 
-/// `dx` of the training backward over whole virtual rows (and the tail); rows or flat as
-/// [`NormalizeRows`] (coefficients of length `2 W`).
-struct DxRows<'a, S> {
+/// `dx` of the training backward over whole virtual rows (and the tail) for the gradient of
+/// kind `MASK` (`mask`: patterns of `2 W` values and the residual of these rows; `dr = g` when
+/// given); rows or flat as [`NormalizeRows`] (coefficients of length `2 W`).
+struct DxRows<'a, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a mut [f32],
+    mask: MaskParams<'a>,
     dims: Canonical,
     coefficients: [&'a [f32]; 4],
     flat: bool,
@@ -850,19 +1098,41 @@ struct DxRows<'a, S> {
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec> Kernel for DxRows<'_, S> {
+impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let w = virtual_width(specialize::<S>(self.dims).channels);
         let [m, k1, k2, k3] = self.coefficients;
+        let f = [self.mask.m, self.mask.s, self.mask.t];
+        /// `dx` at pattern position `p` (data position `pos` of the segment whose residual is
+        /// `res`).
         #[inline(always)]
-        fn dx<I: Isa>(isa: I, c: [&[f32]; 4], p: Pos, x: I::V, g: I::V) -> I::V {
+        #[allow(clippy::too_many_arguments)]
+        fn dx<I: Isa, const MASK: u8>(
+            isa: I,
+            c: [&[f32]; 4],
+            f: [&[f32]; 3],
+            res: &[f32],
+            p: Pos,
+            pos: Pos,
+            x: I::V,
+            g: I::V,
+        ) -> I::V {
+            let g = masked::<I, MASK>(
+                isa,
+                x,
+                g,
+                mask_at::<I, MASK>(isa, f, p),
+                #[inline(always)]
+                || load_at(isa, res, pos),
+            );
             let (m, k1) = (load_at(isa, c[0], p), load_at(isa, c[1], p));
             let (k2, k3) = (load_at(isa, c[2], p), load_at(isa, c[3], p));
             dx_train(isa, x, g, m, k1, k2, k3)
         }
         let c = [m, k1, k2, k3];
+        let res = residual_of::<MASK>(&self.mask, 0..self.dx.len());
         if self.flat {
             let mut col = 0;
             map2(
@@ -872,7 +1142,7 @@ impl<S: Spec> Kernel for DxRows<'_, S> {
                 self.dx,
                 true,
                 #[inline(always)]
-                |pos, x, g| dx(isa, c, next_col(&mut col, w, pos), x, g),
+                |pos, x, g| dx::<I, MASK>(isa, c, f, res, next_col(&mut col, w, pos), pos, x, g),
             );
         } else {
             let len = self.dx.len();
@@ -880,6 +1150,7 @@ impl<S: Spec> Kernel for DxRows<'_, S> {
             while start < len {
                 let span = start..(start + w).min(len);
                 let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+                let res = residual_of::<MASK>(&self.mask, span.clone());
                 map2(
                     isa,
                     x,
@@ -887,7 +1158,7 @@ impl<S: Spec> Kernel for DxRows<'_, S> {
                     &mut self.dx[span.clone()],
                     self.stream,
                     #[inline(always)]
-                    |p, x, g| dx(isa, c, p, x, g),
+                    |p, x, g| dx::<I, MASK>(isa, c, f, res, p, p, x, g),
                 );
                 start = span.end;
             }
@@ -898,12 +1169,15 @@ impl<S: Spec> Kernel for DxRows<'_, S> {
     }
 }
 
-/// Training backward of the rows family.
+/// Training backward of the rows family, of the gradient of kind `MASK` (per-channel `mask`;
+/// `dr` receives that gradient when given).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<S: Spec, I: Isa>(
+pub(crate) fn backward<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
     mean: &[f64],
@@ -912,19 +1186,48 @@ pub(crate) fn backward<S: Spec, I: Isa>(
     sum_dy_out: &mut [f64],
     sum_dy_xhat_out: &mut [f64],
 ) {
-    // The two reductions, then the `dx` pass (the pieces the synchronized backward runs with
-    // the group's sums in between).
-    train_backward_sums::<S, I>(isa, x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out);
+    // The two reductions (writing the masked gradient when wanted), then the `dx` pass (the
+    // pieces the synchronized backward runs with the group's sums in between), which reads that
+    // gradient back where it was written.
+    let sums = (sum_dy_out, sum_dy_xhat_out);
     let n = dims.per_channel() as f64;
-    train_backward_dx::<S, I>(isa, x, dy, dx, dims, n, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
+    match dr {
+        Some(dr) => {
+            train_backward_sums::<S, I, MASK>(
+                isa,
+                x,
+                dy,
+                mask,
+                Some(&mut *dr),
+                dims,
+                mean,
+                inv_std,
+                sums.0,
+                sums.1,
+            );
+            let (no_mask, dr) = (MaskParams::default(), &*dr);
+            train_backward_dx::<S, I, PLAIN>(
+                isa, x, dr, no_mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+            );
+        }
+        None => {
+            train_backward_sums::<S, I, MASK>(isa, x, dy, mask, None, dims, mean, inv_std, sums.0, sums.1);
+            train_backward_dx::<S, I, MASK>(
+                isa, x, dy, mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+            );
+        }
+    }
 }
 
-/// Backward with frozen statistics of the rows family, one pass. `scale[c] = f32(gamma * inv_std)`.
+/// Backward with frozen statistics of the rows family, one pass, of the gradient of kind `MASK`
+/// (see [`backward`]). `scale[c] = f32(gamma * inv_std)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_eval<S: Spec, I: Isa>(
+pub(crate) fn backward_eval<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
     mean: &[f32],
@@ -939,8 +1242,10 @@ pub(crate) fn backward_eval<S: Spec, I: Isa>(
     let (m, k) = p.split_at_mut(w);
     pattern(w, c, m, |c| mean[c]);
     pattern(w, c, k, |c| scale[c]);
+    let mut buf = Vec::new();
+    let mask = mask_patterns::<MASK>(mask, c, w, &mut buf);
     let mut sums = vec![(0.0, 0.0); c];
-    backward_sums::<S, I>(isa, x, dy, dims, parallel, m, Some((dx, k)), &mut sums);
+    backward_sums::<S, I, MASK>(isa, x, dy, mask, dims, parallel, m, Some((dx, k)), dr, &mut sums);
     for (c, &(sdy, sxm)) in sums.iter().enumerate() {
         sum_dy_out[c] = sdy;
         sum_dy_xhat_out[c] = sxm * inv_std[c] as f64;
@@ -962,12 +1267,15 @@ pub(crate) fn batch_stats<S: Spec, I: Isa>(
     statistics::<S, I>(isa, x, dims, use_pool(dims.len()), mean_out, var_out);
 }
 
-/// The two reductions of the training backward only: `sum(dy)` and `sum(dy * xhat)` per channel.
+/// The two reductions of the training backward only: `sum(g)` and `sum(g * xhat)` per channel,
+/// `g` the gradient of kind `MASK` (per-channel `mask`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_backward_sums<S: Spec, I: Isa>(
+pub(crate) fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
     dims: Canonical,
     mean: &[f64],
     inv_std: &[f64],
@@ -977,20 +1285,25 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa>(
     let (c, w) = (dims.channels, virtual_width(dims.channels));
     let mut m = vec![0.0f32; w];
     pattern(w, c, &mut m, |c| mean[c] as f32);
+    let mut buf = Vec::new();
+    let mask = mask_patterns::<MASK>(mask, c, w, &mut buf);
     let mut sums = vec![(0.0, 0.0); c];
-    backward_sums::<S, I>(isa, x, dy, dims, use_pool(2 * dims.len()), &m, None, &mut sums);
+    let parallel = use_pool(2 * dims.len());
+    backward_sums::<S, I, MASK>(isa, x, dy, mask, dims, parallel, &m, None, dr, &mut sums);
     for (c, &(sdy, sxm)) in sums.iter().enumerate() {
         sum_dy_out[c] = sdy;
         sum_dy_xhat_out[c] = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
     }
 }
 
-/// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values.
+/// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values,
+/// for the gradient of kind `MASK` (per-channel `mask`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_backward_dx<S: Spec, I: Isa>(
+pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
+    mask: MaskParams<'_>,
     dx: &mut [f32],
     dims: Canonical,
     n: f64,
@@ -1018,11 +1331,26 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa>(
         }
     }
     let coefficients = [&*m, &*k1, &*k2, &*k3];
+    let mut buf = Vec::new();
+    let mask = mask_patterns::<MASK>(mask, c, 2 * w, &mut buf);
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
     let stream = streaming(dims.len(), w.max(rows_per_task * w));
     let flat = stream;
-    for_each_chunk3(parallel, x, dy, dx, rows_per_task * w, |_, x, dy, dx| {
-        isa.vectorize(DxRows::<S> { x, dy, dx, dims, coefficients, flat, stream, _spec: PhantomData });
+    let chunk = rows_per_task * w;
+    for_each_chunk3(parallel, x, dy, dx, chunk, |k, x, dy, dx| {
+        let r = k * chunk..k * chunk + dx.len();
+        let mask = MaskParams { residual: residual_of::<MASK>(&mask, r), ..mask };
+        isa.vectorize(DxRows::<S, MASK> {
+            x,
+            dy,
+            dx,
+            mask,
+            dims,
+            coefficients,
+            flat,
+            stream,
+            _spec: PhantomData,
+        });
     });
 }
