@@ -472,7 +472,7 @@ fn chunk_backward_sums<I: Isa, const MASK: u8>(
             let s = g.run_start(o, c);
             let r = s + blk.i0..s + blk.i1;
             let (x, dy, res) = (&x[r.clone()], &dy[r.clone()], residual_of::<MASK>(mask, r.clone()));
-            let out = match dr {
+            let out = match dr.filter(|_| MASK != PLAIN) {
                 // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only the
                 // caller processes; it is released before the next piece is taken.
                 Some(d) => Some(unsafe { d.slice(r.start, r.len()) }),
@@ -838,7 +838,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                     // before the next is taken.
                     let dx = unsafe { self.dx.slice(r.start, inner) };
                     let x = &self.x[r.clone()];
-                    if let Some(dr) = self.dr {
+                    if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
                         // SAFETY: the masked gradient of run `(o, c)`, which this task wrote with
                         // the sums above; no other reference to it is alive.
                         let g = unsafe { dr.slice(r.start, inner) };
@@ -1052,7 +1052,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardEvalChunks<'_, '_, S, MASK> {
                     // this task processes; pieces of distinct chunks are disjoint (for `dx` and
                     // for `dr`, each borrowed once at a time).
                     let dx = unsafe { self.dx.slice(r.start, r.len()) };
-                    if let Some(dr) = self.dr {
+                    if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
                         // SAFETY: as above.
                         let g = unsafe { dr.slice(r.start, r.len()) };
                         let (sums, out) = ((&mut sdy, &mut sxm), Some(&mut *g));

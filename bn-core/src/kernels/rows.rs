@@ -862,7 +862,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
     fn run<I: Isa>(self, isa: I) {
         let g = Geometry::new(specialize::<S>(self.dims));
         let mut buf = TileBuf::new();
-        if let Some(dr) = self.dr {
+        if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
             let f = mask_cols(&self.mask, 0..g.w);
             for p in self.tasks.clone() {
                 let rows = g.chunk(p);
