@@ -333,7 +333,11 @@ fn tile_moments<I: Isa>(
         );
     }
     tile_deviations(isa, x, w, rows.clone(), cols.clone(), buf);
-    let far = (0..nc).any(|j| Moments::pilot_is_far(n, buf.a[j] as f64, buf.b[j] as f64));
+    // Every column tested (no early exit), so that the test vectorizes.
+    let mut far = false;
+    for j in 0..nc {
+        far |= Moments::pilot_is_far(n, buf.a[j] as f64, buf.b[j] as f64);
+    }
     if far {
         for j in 0..nc {
             buf.m[j] = (buf.m[j] as f64 + buf.a[j] as f64 / n) as f32;
