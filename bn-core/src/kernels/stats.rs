@@ -39,6 +39,7 @@ impl Moments {
     /// are tested in a few vector instructions: a division per column cost the rows family's
     /// statistics as much as its pass over the data on short blocks.
     #[inline(always)]
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // on purpose: true when either side is NaN
     pub fn pilot_is_far(n: f64, ds: f64, qs: f64) -> bool {
         !(ds * ds <= 0.5 * n * qs)
     }
