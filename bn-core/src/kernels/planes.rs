@@ -785,7 +785,9 @@ struct BackwardStats<'a> {
     gamma: &'a [f32],
 }
 
-/// Fused backward of the channels `channels`: both sums, then `dx` while the slab is hot.
+/// Fused backward of the channels `channels`: both sums, then `dx` while the slab is hot (and,
+/// when `dr` is given, the masked gradient beside it, recomputed from the slab rather than
+/// written by the sums and read back: with streaming stores that saves the output's reads).
 struct BackwardFused<'a, 'o, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
@@ -817,8 +819,8 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                 let m = mean as f32;
                 let (mut sdy, mut sxm) = (0.0, 0.0);
                 for k in 0..g.chunks {
-                    let (x, dy, mask, dr) = (self.x, self.dy, &self.mask, self.dr);
-                    let (a, b) = chunk_backward_sums::<I, MASK>(isa, &g, x, dy, mask, dr, c, k, m);
+                    let (x, dy, mask) = (self.x, self.dy, &self.mask);
+                    let (a, b) = chunk_backward_sums::<I, MASK>(isa, &g, x, dy, mask, None, c, k, m);
                     sdy += a;
                     sxm += b;
                 }
@@ -837,23 +839,8 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                     // processes; runs of distinct `(o, c)` are disjoint, and this one is released
                     // before the next is taken.
                     let dx = unsafe { self.dx.slice(r.start, inner) };
-                    let x = &self.x[r.clone()];
-                    if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
-                        // SAFETY: the masked gradient of run `(o, c)`, which this task wrote with
-                        // the sums above; no other reference to it is alive.
-                        let g = unsafe { dr.slice(r.start, inner) };
-                        map2(
-                            isa,
-                            x,
-                            g,
-                            dx,
-                            self.stream,
-                            #[inline(always)]
-                            |_, x, g| dx_train(isa, x, g, m, k1, k2, k3),
-                        );
-                        continue;
-                    }
-                    let (dy, res) = (&self.dy[r.clone()], residual_of::<MASK>(&self.mask, r.clone()));
+                    let (x, dy) = (&self.x[r.clone()], &self.dy[r.clone()]);
+                    let res = residual_of::<MASK>(&self.mask, r.clone());
                     map2(
                         isa,
                         x,
@@ -873,6 +860,28 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                             dx_train(isa, x, g, m, k1, k2, k3)
                         },
                     );
+                    if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
+                        // SAFETY: as for `dx` (the same run of another output).
+                        let dr = unsafe { dr.slice(r.start, inner) };
+                        map2(
+                            isa,
+                            x,
+                            dy,
+                            dr,
+                            self.stream,
+                            #[inline(always)]
+                            |p, x, g| {
+                                masked::<I, MASK>(
+                                    isa,
+                                    x,
+                                    g,
+                                    a,
+                                    #[inline(always)]
+                                    || load_at(isa, res, p),
+                                )
+                            },
+                        );
+                    }
                 }
             }
         }
