@@ -39,7 +39,7 @@ impl Settings {
 
 /// The least time one timed repetition takes: faster implementations repeat their call within
 /// a repetition until it does (see [`Workload::measure`]).
-pub const MIN_SAMPLE: Duration = Duration::from_micros(50);
+pub const MIN_SAMPLE: Duration = Duration::from_micros(10);
 
 /// Calls per timed repetition for an implementation whose one (warm-up) call took `once`: enough
 /// for [`MIN_SAMPLE`], at most 1000; 1 for calls of [`MIN_SAMPLE`] or longer.
@@ -398,7 +398,7 @@ mod tests {
         assert_eq!(batch(Duration::from_millis(3)), 1);
         assert_eq!(batch(Duration::from_nanos(1)), 1000);
         assert_eq!(batch(Duration::ZERO), 1000);
-        for ns in [300, 499, 500, 501, 7_000, 49_999] {
+        for ns in [300, 1_999, 2_000, 2_001, 7_000, 9_999, 10_001] {
             let once = Duration::from_nanos(ns);
             let n = batch(once);
             assert!(once * n >= MIN_SAMPLE, "{ns} ns x {n} calls is under the minimum sample");

@@ -57,11 +57,11 @@ Options:
   --plot PATH.svg       draw GB/s per case and mode, one bar per implementation, copy as ceiling
   -h, --help            this text
 
-Columns: median and min .. max of one call (calls under 50 us, as in S6, are timed in batches of
-consecutive calls, each batch counted as its mean: warm calls); GB/s = bytes the mode must move at least (2x the
-tensor forward: read x, write y; 3x backward: read x and dy, write dx) / median; x copy = median /
-copy median (1.00x = as fast as moving the bytes, 1.50x = 50% slower); vs naive = naive median / median;
-macro/rt = runtime-generic median / macro median.
+Columns: median and min .. max of one call (calls under 10 us, as in S6, are timed in batches of
+consecutive calls, each batch counted as its mean: warm calls); GB/s = bytes the mode must move
+at least (2x the tensor forward: read x, write y; 3x backward: read x and dy, write dx) / median;
+x copy = median / copy median (1.00x = as fast as moving the bytes, 1.50x = 50% slower);
+vs naive = naive median / median; macro/rt = runtime-generic median / macro median.
 
 Examples:
   cargo run --release -p bn-bench
