@@ -19,7 +19,9 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{load_at, map, map2, masked, Epilogue, Io, Isa, Kernel, MaskParams, Split, ADD_RELU, PLAIN};
+use super::isa::{
+    load_at, map, map2, masked, Epilogue, Io, Isa, Kernel, MaskParams, Pos, Split, ADD_RELU, PLAIN,
+};
 use super::parallel::{
     for_each_chunk_mut, for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS,
 };
@@ -499,6 +501,30 @@ pub(crate) fn dx_train<I: Isa>(isa: I, x: I::V, dy: I::V, m: I::V, k1: I::V, k2:
     isa.mul_add(k1, dy, isa.mul_add(k2, isa.sub(x, m), k3))
 }
 
+/// [`dx_train`] of the gradient of kind `MASK` (see [`masked`]) for `dy` at position `p` of a
+/// segment whose residual values are `res`; `k` holds `m, k1, k2, k3`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_masked<I: Isa, const MASK: u8>(
+    isa: I,
+    p: Pos,
+    x: I::V,
+    dy: I::V,
+    a: [I::V; 3],
+    res: &[f32],
+    k: [I::V; 4],
+) -> I::V {
+    let g = masked::<I, MASK>(
+        isa,
+        x,
+        dy,
+        a,
+        #[inline(always)]
+        || load_at(isa, res, p),
+    );
+    dx_train(isa, x, g, k[0], k[1], k[2], k[3])
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inference and the streaming passes of the split schedules.
 
@@ -606,17 +632,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRuns<'_, S, MASK> {
                 &mut self.dx[span.clone()],
                 self.stream,
                 #[inline(always)]
-                |p, x, g| {
-                    let g = masked::<I, MASK>(
-                        isa,
-                        x,
-                        g,
-                        a,
-                        #[inline(always)]
-                        || load_at(isa, res, p),
-                    );
-                    dx_train(isa, x, g, m, k1, k2, k3)
-                },
+                |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, [m, k1, k2, k3]),
             );
         }
         if self.stream {
@@ -848,17 +864,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                         dx,
                         self.stream,
                         #[inline(always)]
-                        |p, x, g| {
-                            let g = masked::<I, MASK>(
-                                isa,
-                                x,
-                                g,
-                                a,
-                                #[inline(always)]
-                                || load_at(isa, res, p),
-                            );
-                            dx_train(isa, x, g, m, k1, k2, k3)
-                        },
+                        |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, [m, k1, k2, k3]),
                     );
                     if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
                         // SAFETY: as for `dx` (the same run of another output).
