@@ -1176,10 +1176,8 @@ impl<E: Element> BatchNorm<E> {
         ) else {
             return false;
         };
-        let dg = match dresidual.map(E::slice_as_f32_mut) {
-            None => None,
-            Some(Some(d)) => Some(d),
-            Some(None) => return false,
+        let Some(dg) = as_f32_option_mut::<E>(dresidual) else {
+            return false;
         };
         let c = dims.channels;
         let coefficients = &mut scratch.coefficients;
@@ -1333,10 +1331,8 @@ impl<E: Element> BatchNorm<E> {
         let Some(residual) = as_f32_option::<E>(tail.residual()) else {
             return false;
         };
-        let dg = match dresidual.map(E::slice_as_f32_mut) {
-            None => None,
-            Some(Some(d)) => Some(d),
-            Some(None) => return false,
+        let Some(dg) = as_f32_option_mut::<E>(dresidual) else {
+            return false;
         };
         let relu = kernels::FusedRelu { mean, scale, shift: beta, residual };
         let (sum_dy, sum_dy_xhat) = (&mut scratch.mean, &mut scratch.var);
@@ -1446,6 +1442,14 @@ fn as_f32_option<E: Element>(values: Option<&[E]>) -> Option<Option<&[f32]>> {
     match values {
         None => Some(None),
         Some(v) => E::slice_as_f32(v).map(Some),
+    }
+}
+
+/// The `f32` view of an optional mutable slice, as [`as_f32_option`].
+fn as_f32_option_mut<E: Element>(values: Option<&mut [E]>) -> Option<Option<&mut [f32]>> {
+    match values {
+        None => Some(None),
+        Some(v) => E::slice_as_f32_mut(v).map(Some),
     }
 }
 
