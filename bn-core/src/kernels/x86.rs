@@ -194,6 +194,12 @@ impl Isa for Avx2 {
         unsafe { _mm256_stream_ps(s.as_mut_ptr(), v) }
     }
     #[inline(always)]
+    fn stream_tail(self, s: &mut [f32], v: __m256) {
+        let mut lanes = [0.0f32; 8];
+        self.store(&mut lanes, v);
+        stream_values(s, &lanes);
+    }
+    #[inline(always)]
     fn fence(self) {
         // SAFETY: SSE is part of x86-64.
         unsafe { _mm_sfence() }
@@ -371,6 +377,12 @@ where
         // SAFETY: the token proves AVX-512F; `s` holds at least 16 values and is 64-byte
         // aligned (both checked).
         unsafe { _mm512_stream_ps(s.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn stream_tail(self, s: &mut [f32], v: __m512) {
+        let mut lanes = [0.0f32; 16];
+        self.store(&mut lanes, v);
+        stream_values(s, &lanes);
     }
     #[inline(always)]
     fn fence(self) {
@@ -565,9 +577,64 @@ unsafe fn load_u16_tail(s: &[u16]) -> __m256i {
     unsafe { _mm256_maskz_loadu_epi16(mask, s.as_ptr() as *const i16) }
 }
 
+/// Writes `s.len()` values of `values` (which holds at least as many) into `s` with
+/// non-temporal stores only: 16-byte `movntps` where `s` is 16-byte aligned and four values
+/// remain, 4-byte `movnti` elsewhere (`s` is always 4-byte aligned). Follow with `sfence` before
+/// other threads read `s`, as after every streaming store.
+#[inline(always)]
+fn stream_values(s: &mut [f32], values: &[f32]) {
+    let n = s.len();
+    assert!(values.len() >= n);
+    let mut j = 0;
+    while j < n {
+        let p = s[j..].as_mut_ptr();
+        if j + 4 <= n && (p as usize).is_multiple_of(16) {
+            // SAFETY: SSE is part of x86-64; `s[j..j + 4]` and `values[j..j + 4]` are in bounds
+            // (`j + 4 <= n <= values.len()`) and `p` is 16-byte aligned (checked).
+            unsafe { _mm_stream_ps(p, _mm_loadu_ps(values[j..].as_ptr())) };
+            j += 4;
+        } else {
+            // SAFETY: SSE2 is part of x86-64; `p` points at `s[j]`, `j < n`, an aligned `f32`
+            // (so an aligned `i32`: same size and alignment).
+            unsafe { _mm_stream_si32(p as *mut i32, values[j].to_bits() as i32) };
+            j += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `stream_tail` writes exactly the first `n` values of the vector, at every alignment of
+    /// the output and for every `n < LANES`, and nothing past them.
+    #[test]
+    fn stream_tail_writes_the_partial_vector_only() {
+        fn check<I: Isa>(isa: I, name: &str) {
+            let l = I::LANES;
+            let src: Vec<f32> = (0..l).map(|i| i as f32 + 0.5).collect();
+            let v = isa.load(&src);
+            for offset in 0..l {
+                for n in 0..l {
+                    let mut buf = vec![-1.0f32; 3 * l];
+                    isa.stream_tail(&mut buf[offset..offset + n], v);
+                    isa.fence();
+                    for (i, &got) in buf.iter().enumerate() {
+                        let want = if (offset..offset + n).contains(&i) { src[i - offset] } else { -1.0 };
+                        assert_eq!(got, want, "{name}: offset {offset}, {n} values: value {i}");
+                    }
+                }
+            }
+        }
+        match Avx2::new() {
+            Some(isa) => check(isa, "avx2"),
+            None => println!("skipping AVX2: not on this CPU"),
+        }
+        match Avx512::new() {
+            Some(isa) => check(isa, "avx512"),
+            None => println!("skipping AVX-512: not on this CPU"),
+        }
+    }
 
     /// `sums` computes every lane's `sum` bit for bit (the two must share their order).
     #[test]
