@@ -267,12 +267,14 @@ pub(crate) trait Io: Send + Sized {
     );
     /// `out = f(p, in)` for the whole vectors of `0..full` (`full % LANES == 0`), `p` the vectors
     /// of `params` at the same offsets (each holds at least `full` values): the bounds of every
-    /// slice are known to the loop, which then checks nothing.
+    /// slice are known to the loop, which then checks nothing. With `stream` (the output must
+    /// then start on a `4 * LANES`-byte boundary) the stores are non-temporal.
     fn map_full_params<I: Isa, const P: usize>(
         &mut self,
         isa: I,
         full: usize,
         params: [&[f32]; P],
+        stream: bool,
         f: &mut impl FnMut([I::V; P], I::V) -> I::V,
     );
     /// `out = f(pos, in)` for the fewer than `LANES` values `start..end` (masked), with
@@ -512,6 +514,7 @@ impl<'a, A: Epilogue> Io for Split<'a, A> {
         isa: I,
         full: usize,
         params: [&[f32]; P],
+        stream: bool,
         f: &mut impl FnMut([I::V; P], I::V) -> I::V,
     ) {
         let l = I::LANES;
@@ -522,13 +525,24 @@ impl<'a, A: Epilogue> Io for Split<'a, A> {
         }
         let act = self.act;
         let mut i = 0;
-        while i + l <= full {
-            let mut v = [isa.zero(); P];
-            for k in 0..P {
-                v[k] = isa.load(&p[k][i..i + l]);
+        if stream {
+            while i + l <= full {
+                let mut v = [isa.zero(); P];
+                for k in 0..P {
+                    v[k] = isa.load(&p[k][i..i + l]);
+                }
+                isa.stream(&mut y[i..i + l], act.apply(isa, Pos { i, n: l }, f(v, isa.load(&x[i..i + l]))));
+                i += l;
             }
-            isa.store(&mut y[i..i + l], act.apply(isa, Pos { i, n: l }, f(v, isa.load(&x[i..i + l]))));
-            i += l;
+        } else {
+            while i + l <= full {
+                let mut v = [isa.zero(); P];
+                for k in 0..P {
+                    v[k] = isa.load(&p[k][i..i + l]);
+                }
+                isa.store(&mut y[i..i + l], act.apply(isa, Pos { i, n: l }, f(v, isa.load(&x[i..i + l]))));
+                i += l;
+            }
         }
     }
     #[inline(always)]
@@ -604,6 +618,7 @@ impl<'a, A: Epilogue> Io for InPlace<'a, A> {
         isa: I,
         full: usize,
         params: [&[f32]; P],
+        _stream: bool,
         f: &mut impl FnMut([I::V; P], I::V) -> I::V,
     ) {
         let l = I::LANES;
@@ -672,13 +687,70 @@ pub(crate) fn map_params<I: Isa, T: Io, const P: usize>(
 ) {
     let n = io.len();
     let full = n - n % I::LANES;
-    io.map_full_params(isa, full, params, &mut f);
+    io.map_full_params(isa, full, params, false, &mut f);
     if full < n {
         let mut v = [isa.zero(); P];
         for k in 0..P {
             v[k] = isa.load_tail(&params[k][full..n]);
         }
         io.map_partial(isa, full, n, false, &mut |_, x| f(v, x));
+    }
+}
+
+/// `out = f(p, in)` over `io`, a stream of whole periods of `w` values (a multiple of `LANES`)
+/// from column 0 and a shorter remainder, `p` the vectors of per-column parameters at each
+/// value's column: each of `params` holds the period twice (`2 w` values), so that the columns
+/// of any `w` consecutive values are contiguous in it. With `stream`, the output is written with
+/// non-temporal stores from its first `4 * LANES`-byte boundary on (as [`map`]), and the loop
+/// runs period by period with the parameters' offsets fixed: no per-vector column arithmetic
+/// or bounds checks.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn map_periodic<I: Isa, T: Io, const P: usize>(
+    isa: I,
+    io: &mut T,
+    stream: bool,
+    w: usize,
+    params: [&[f32]; P],
+    mut f: impl FnMut([I::V; P], I::V) -> I::V,
+) {
+    let l = I::LANES;
+    assert!(w > 0 && w.is_multiple_of(l));
+    for p in params {
+        assert!(p.len() >= 2 * w);
+    }
+    let n = io.len();
+    let stream = stream && T::STREAM;
+    // Before the first aligned vector: columns `0..head`.
+    let head = if stream { ((l - io.misalignment::<I>()) % l).min(n) } else { 0 };
+    if head > 0 {
+        let mut v = [isa.zero(); P];
+        for k in 0..P {
+            v[k] = isa.load_tail(&params[k][..head]);
+        }
+        io.map_partial(isa, 0, head, stream, &mut |_, x| f(v, x));
+    }
+    // Every later period starts at column `head`.
+    let mut shifted: [&[f32]; P] = [&[]; P];
+    for k in 0..P {
+        shifted[k] = &params[k][head..head + w];
+    }
+    let mut start = head;
+    while start + w <= n {
+        io.part(start, start + w).map_full_params(isa, w, shifted, stream, &mut f);
+        start += w;
+    }
+    let rest = n - start;
+    let full = rest - rest % l;
+    if full > 0 {
+        io.part(start, start + full).map_full_params(isa, full, shifted, stream, &mut f);
+    }
+    if full < rest {
+        let mut v = [isa.zero(); P];
+        for k in 0..P {
+            v[k] = isa.load_tail(&shifted[k][full..rest]);
+        }
+        io.map_partial(isa, start + full, n, stream, &mut |_, x| f(v, x));
     }
 }
 
@@ -706,6 +778,101 @@ fn store_partial<I: Isa>(isa: I, s: &mut [f32], v: I::V, stream: bool) {
         isa.stream_tail(s, v)
     } else {
         isa.store_tail(s, v)
+    }
+}
+
+/// The whole vectors of [`map2_periodic`] in `start..start + len` (`len <= w`, a multiple of
+/// `LANES`), `params` starting at the columns of `start`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn map2_whole<I: Isa, const P: usize>(
+    isa: I,
+    [x, dy]: [&[f32]; 2],
+    dx: &mut [f32],
+    start: usize,
+    len: usize,
+    params: [&[f32]; P],
+    stream: bool,
+    f: &mut impl FnMut(Pos, [I::V; P], I::V, I::V) -> I::V,
+) {
+    let l = I::LANES;
+    let (xs, gs, ds) = (&x[start..start + len], &dy[start..start + len], &mut dx[start..start + len]);
+    let mut ps: [&[f32]; P] = [&[]; P];
+    for k in 0..P {
+        ps[k] = &params[k][..len];
+    }
+    let mut i = 0;
+    while i + l <= len {
+        let mut v = [isa.zero(); P];
+        for k in 0..P {
+            v[k] = isa.load(&ps[k][i..i + l]);
+        }
+        let g = f(Pos { i: start + i, n: l }, v, isa.load(&xs[i..i + l]), isa.load(&gs[i..i + l]));
+        if stream {
+            isa.stream(&mut ds[i..i + l], g);
+        } else {
+            isa.store(&mut ds[i..i + l], g);
+        }
+        i += l;
+    }
+}
+
+/// `dx[i] = f(pos, p, x[i], dy[i])` over three slices of one length, a stream of whole periods
+/// of `w` values (a multiple of `LANES`) from column 0 and a shorter remainder, `p` the vectors
+/// of per-column parameters (each of `params` holds the period twice, as in [`map_periodic`]);
+/// `pos` is the data position (for tensors aligned with `dx`). With `stream`, non-temporal
+/// stores as in [`map2`].
+#[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+pub(crate) fn map2_periodic<I: Isa, const P: usize>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    stream: bool,
+    w: usize,
+    params: [&[f32]; P],
+    mut f: impl FnMut(Pos, [I::V; P], I::V, I::V) -> I::V,
+) {
+    let l = I::LANES;
+    let n = dx.len();
+    assert!(x.len() == n && dy.len() == n && w > 0 && w.is_multiple_of(l));
+    for p in params {
+        assert!(p.len() >= 2 * w);
+    }
+    let head = if stream { ((l - (dx.as_ptr() as usize / 4) % l) % l).min(n) } else { 0 };
+    if head > 0 {
+        let mut v = [isa.zero(); P];
+        for k in 0..P {
+            v[k] = isa.load_tail(&params[k][..head]);
+        }
+        let g = f(Pos { i: 0, n: head }, v, isa.load_tail(&x[..head]), isa.load_tail(&dy[..head]));
+        store_partial(isa, &mut dx[..head], g, stream);
+    }
+    let mut shifted: [&[f32]; P] = [&[]; P];
+    for k in 0..P {
+        shifted[k] = &params[k][head..head + w];
+    }
+    // Whole vectors of `start..start + len` (`len <= w`, a multiple of `LANES`), columns from
+    // `head`.
+    let mut start = head;
+    while start + w <= n {
+        map2_whole(isa, [x, dy], dx, start, w, shifted, stream, &mut f);
+        start += w;
+    }
+    let rest = n - start;
+    let full = rest - rest % l;
+    if full > 0 {
+        map2_whole(isa, [x, dy], dx, start, full, shifted, stream, &mut f);
+    }
+    if full < rest {
+        let mut v = [isa.zero(); P];
+        for k in 0..P {
+            v[k] = isa.load_tail(&shifted[k][full..rest]);
+        }
+        let (a, b) = (start + full, n);
+        let g = f(Pos { i: a, n: b - a }, v, isa.load_tail(&x[a..b]), isa.load_tail(&dy[a..b]));
+        store_partial(isa, &mut dx[a..b], g, stream);
     }
 }
 

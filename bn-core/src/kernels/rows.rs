@@ -21,7 +21,8 @@ use core::marker::PhantomData;
 use core::ops::Range;
 
 use super::isa::{
-    load_at, map, map2, map_params, masked, Io, Isa, Kernel, MaskParams, Pos, Serial, ADD_RELU, PLAIN, RELU,
+    load_at, map, map2, map2_periodic, map_params, map_periodic, masked, Io, Isa, Kernel, MaskParams, Pos,
+    Serial, ADD_RELU, PLAIN, RELU,
 };
 use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::planes::{affine, dx_train, for_each_chunk3, residual_of};
@@ -526,7 +527,17 @@ impl<S: Spec, T: Io> Kernel for NormalizeRows<'_, S, T> {
     fn run<I: Isa>(mut self, isa: I) {
         let w = virtual_width(specialize::<S>(self.dims).channels);
         let [m, s, t] = self.params;
-        if self.flat {
+        if self.flat && w.is_multiple_of(I::LANES) {
+            map_periodic(
+                isa,
+                &mut self.io,
+                true,
+                w,
+                [m, s, t],
+                #[inline(always)]
+                |[m, s, t], v| affine(isa, v, m, s, t),
+            );
+        } else if self.flat {
             let mut col = 0;
             map(
                 isa,
@@ -1137,7 +1148,42 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
         }
         let c = [m, k1, k2, k3];
         let res = residual_of::<MASK>(&self.mask, 0..self.dx.len());
-        if self.flat {
+        if self.flat && w.is_multiple_of(I::LANES) && MASK == PLAIN {
+            map2_periodic(
+                isa,
+                self.x,
+                self.dy,
+                self.dx,
+                true,
+                w,
+                c,
+                #[inline(always)]
+                |_, [m, k1, k2, k3], x, g| dx_train(isa, x, g, m, k1, k2, k3),
+            );
+        } else if self.flat && w.is_multiple_of(I::LANES) {
+            let [m, k1, k2, k3] = c;
+            map2_periodic(
+                isa,
+                self.x,
+                self.dy,
+                self.dx,
+                true,
+                w,
+                [m, k1, k2, k3, f[0], f[1], f[2]],
+                #[inline(always)]
+                |pos, [m, k1, k2, k3, fm, fs, ft], x, g| {
+                    let g = masked::<I, MASK>(
+                        isa,
+                        x,
+                        g,
+                        [fm, fs, ft],
+                        #[inline(always)]
+                        || load_at(isa, res, pos),
+                    );
+                    dx_train(isa, x, g, m, k1, k2, k3)
+                },
+            );
+        } else if self.flat {
             let mut col = 0;
             map2(
                 isa,
