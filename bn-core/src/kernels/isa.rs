@@ -238,7 +238,8 @@ pub(crate) fn prefetch(p: *const f32) {
 /// One loop body serves both, which is what makes `normalize_inplace` bit-identical to
 /// `normalize`.
 pub(crate) trait Io: Send + Sized {
-    /// Whether streaming stores may be used (not in place: the line was just read).
+    /// Whether the output is apart from the input (not in place): streaming stores may be used
+    /// (in place the line was just read), and a value may be computed and stored twice.
     const STREAM: bool;
     /// A sub-range of the same kind.
     type Part<'b>: Io
@@ -660,8 +661,20 @@ impl<'a, A: Epilogue> Io for InPlace<'a, A> {
 /// With `stream` (ignored for in-place outputs) the full vectors are written with non-temporal
 /// stores: a partial vector first, up to the output's first `4 * LANES`-byte boundary. The values
 /// are the same either way; only the stores differ.
+///
+/// With `overlap` (for an `f` that depends on nothing but its arguments), an output of at least
+/// one vector that is not streamed and not in place ends with the whole vector of its last
+/// `LANES` values instead of a masked one: the lanes it shares with the vector before are
+/// computed again from the same inputs, to the same bits. Masked stores are slow on some CPUs
+/// (AMD Zen 3: runs of 49 values, one masked store per seven vectors).
 #[inline(always)]
-pub(crate) fn map<I: Isa, T: Io>(isa: I, io: &mut T, stream: bool, mut f: impl FnMut(Pos, I::V) -> I::V) {
+pub(crate) fn map<I: Isa, T: Io>(
+    isa: I,
+    io: &mut T,
+    stream: bool,
+    overlap: bool,
+    mut f: impl FnMut(Pos, I::V) -> I::V,
+) {
     let n = io.len();
     let stream = stream && T::STREAM;
     let head = if stream { ((I::LANES - io.misalignment::<I>()) % I::LANES).min(n) } else { 0 };
@@ -671,7 +684,11 @@ pub(crate) fn map<I: Isa, T: Io>(isa: I, io: &mut T, stream: bool, mut f: impl F
     let full = head + (n - head) / I::LANES * I::LANES;
     io.map_full(isa, head, full, stream, &mut f);
     if full < n {
-        io.map_partial(isa, full, n, stream, &mut f);
+        if overlap && T::STREAM && !stream && n >= I::LANES {
+            io.map_full(isa, n - I::LANES, n, false, &mut f);
+        } else {
+            io.map_partial(isa, full, n, stream, &mut f);
+        }
     }
 }
 
@@ -877,7 +894,8 @@ pub(crate) fn map2_periodic<I: Isa, const P: usize>(
 }
 
 /// `dx[i] = f(pos, x[i], dy[i])` over three slices of one length, one vector at a time; with
-/// `stream`, non-temporal stores as in [`map`].
+/// `stream`, non-temporal stores as in [`map`], and with `overlap` a whole last vector instead
+/// of a masked one where the output is not streamed, as in [`map`].
 #[inline(always)]
 pub(crate) fn map2<I: Isa>(
     isa: I,
@@ -885,6 +903,7 @@ pub(crate) fn map2<I: Isa>(
     dy: &[f32],
     dx: &mut [f32],
     stream: bool,
+    overlap: bool,
     mut f: impl FnMut(Pos, I::V, I::V) -> I::V,
 ) {
     let n = dx.len();
@@ -913,7 +932,11 @@ pub(crate) fn map2<I: Isa>(
             i += l;
         }
     }
-    if full < n {
+    if full < n && overlap && !stream && n >= l {
+        let i = n - l;
+        let v = f(Pos { i, n: l }, isa.load(&x[i..]), isa.load(&dy[i..]));
+        isa.store(&mut dx[i..], v);
+    } else if full < n {
         let pos = Pos { i: full, n: n - full };
         let v = f(pos, isa.load_tail(&x[full..]), isa.load_tail(&dy[full..]));
         store_partial(isa, &mut dx[full..], v, stream);

@@ -554,6 +554,7 @@ impl<S: Spec, T: Io, P: Fn(usize) -> Affine32> Kernel for NormalizeRuns<'_, S, T
                 isa,
                 &mut run,
                 self.stream,
+                true,
                 #[inline(always)]
                 |_, v| affine(isa, v, m, s, t),
             );
@@ -631,6 +632,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRuns<'_, S, MASK> {
                 dy,
                 &mut self.dx[span.clone()],
                 self.stream,
+                true,
                 #[inline(always)]
                 |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, [m, k1, k2, k3]),
             );
@@ -705,6 +707,7 @@ impl<S: Spec, A: Epilogue> Kernel for TrainFused<'_, '_, S, A> {
                         isa,
                         &mut io,
                         self.stream,
+                        true,
                         #[inline(always)]
                         |_, v| affine(isa, v, m, s, t),
                     );
@@ -863,6 +866,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                         dy,
                         dx,
                         self.stream,
+                        true,
                         #[inline(always)]
                         |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, [m, k1, k2, k3]),
                     );
@@ -875,6 +879,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                             dy,
                             dr,
                             self.stream,
+                            true,
                             #[inline(always)]
                             |p, x, g| {
                                 masked::<I, MASK>(
@@ -1078,6 +1083,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardEvalChunks<'_, '_, S, MASK> {
                             g,
                             dx,
                             self.stream,
+                            true,
                             #[inline(always)]
                             |_, _, g| isa.mul(g, scale),
                         );
@@ -1090,6 +1096,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardEvalChunks<'_, '_, S, MASK> {
                         dy,
                         dx,
                         self.stream,
+                        true,
                         #[inline(always)]
                         |p, x, g| {
                             let g = masked::<I, MASK>(

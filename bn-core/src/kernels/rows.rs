@@ -543,6 +543,7 @@ impl<S: Spec, T: Io> Kernel for NormalizeRows<'_, S, T> {
                 isa,
                 &mut self.io,
                 true,
+                false,
                 #[inline(always)]
                 |pos, v| {
                     let p = next_col(&mut col, w, pos);
@@ -560,6 +561,7 @@ impl<S: Spec, T: Io> Kernel for NormalizeRows<'_, S, T> {
                         isa,
                         &mut row,
                         true,
+                        false,
                         #[inline(always)]
                         |p, v| affine(isa, v, load_at(isa, m, p), load_at(isa, s, p), load_at(isa, t, p)),
                     );
@@ -838,6 +840,7 @@ fn write_masked<I: Isa, const MASK: u8>(
         dy,
         out,
         false,
+        false,
         #[inline(always)]
         |p, x, g| {
             masked::<I, MASK>(
@@ -920,6 +923,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
                                 &gr[local],
                                 dx,
                                 false,
+                                false,
                                 #[inline(always)]
                                 |pos, _, g| isa.mul(g, load_at(isa, scale, pos)),
                             );
@@ -969,6 +973,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
                             x,
                             dy,
                             dx,
+                            false,
                             false,
                             #[inline(always)]
                             |pos, x, g| {
@@ -1191,6 +1196,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
                 self.dy,
                 self.dx,
                 true,
+                false,
                 #[inline(always)]
                 |pos, x, g| dx::<I, MASK>(isa, c, f, res, next_col(&mut col, w, pos), pos, x, g),
             );
@@ -1207,6 +1213,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
                     dy,
                     &mut self.dx[span.clone()],
                     self.stream,
+                    false,
                     #[inline(always)]
                     |p, x, g| dx::<I, MASK>(isa, c, f, res, p, p, x, g),
                 );
