@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""PyTorch's CPU batch norm on bn-bench's standard shapes, timed the way bn-bench times ours.
+
+Not part of the build or of CI: it needs PyTorch, which is large. Install it into a virtual
+environment outside the repository and run it next to bn-bench on the same machine:
+
+    python3 -m venv ~/torchenv && ~/torchenv/bin/pip install torch
+    ~/torchenv/bin/python bn-bench/scripts/torch_bench.py            # all cases and modes
+    ~/torchenv/bin/python bn-bench/scripts/torch_bench.py --case S1,S6 --json torch.json
+
+What is timed, per case and mode, interleaved repetition by repetition (as bn-bench does):
+- train:    torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
+            training=True) under torch.no_grad(): batch statistics, running statistics, y;
+- eval:     the same with training=False;
+- backward: torch.ops.aten.native_batch_norm_backward with the saved mean and inverse std of a
+            training forward: dx, dgamma, dbeta (the kernel autograd calls, without autograd);
+- copy:     dst.copy_(src) moving the bytes the mode must move (2x the tensor forward, 3x
+            backward), the same yardstick as bn-bench's `x copy` column.
+S3 is NHWC: x is (32, 64, 56, 56) in torch.channels_last. Calls under 10 us are timed in batches
+of consecutive calls, each batch counted as its mean (warm calls, as bn-bench times S6).
+--json writes bn-bench's records (a JSON array) (implementation "pytorch", and "copy" for the yardstick).
+"""
+
+import argparse
+import json
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+# name: (shape, layout, channels): bn-bench's standard shapes. NHWC is given in NCHW order and
+# stored channels-last, as PyTorch holds NHWC tensors.
+CASES = {
+    "S1": ((256, 1024), "NC", 1024),
+    "S2": ((32, 64, 56, 56), "NCHW", 64),
+    "S3": ((32, 64, 56, 56), "NHWC", 64),
+    "S4": ((32, 2048, 7, 7), "NCHW", 2048),
+    "S5": ((64, 128, 1000), "NCL", 128),
+    "S6": ((1, 64, 8, 8), "NCHW", 64),
+}
+# bn-bench's axes and shape as it prints them (NHWC in its own order).
+BENCH_SHAPES = {
+    "S1": ([256, 1024], [0]),
+    "S2": ([32, 64, 56, 56], [0, 2, 3]),
+    "S3": ([32, 56, 56, 64], [0, 1, 2]),
+    "S4": ([32, 2048, 7, 7], [0, 2, 3]),
+    "S5": ([64, 128, 1000], [0, 2]),
+    "S6": ([1, 64, 8, 8], [0, 2, 3]),
+}
+MODES = ("train", "eval", "backward")
+MIN_SAMPLE_S = 10e-6
+EPS = 1e-5
+
+
+def make_case(name):
+    shape, layout, c = CASES[name]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(shape, generator=gen) * 2.0 - 0.5
+    dy = torch.rand(shape, generator=gen) * 2.0 - 1.0
+    if layout == "NHWC":
+        x = x.contiguous(memory_format=torch.channels_last)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    weight = 1.0 + 0.25 * (torch.arange(c) % 7).float() / 7.0
+    bias = 0.1 * ((torch.arange(c) % 5).float() - 2.0)
+    return x, dy, weight, bias
+
+
+def jobs_for(name, mode):
+    x, dy, weight, bias = make_case(name)
+    c = weight.numel()
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    n = x.numel()
+
+    def train():
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, EPS)
+
+    def evaluate():
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, EPS)
+
+    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        x, weight, bias, running_mean.clone(), running_var.clone(), True, 0.1, EPS
+    )
+
+    def backward():
+        return torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, running_mean, running_var, save_mean, save_invstd, True, EPS,
+            [True, True, True],
+        )
+
+    copy_len = n * (3 if mode == "backward" else 2) // 2
+    src = torch.rand(copy_len)
+    dst = torch.empty(copy_len)
+
+    def copy():
+        dst.copy_(src)
+
+    layer = {"train": train, "eval": evaluate, "backward": backward}[mode]
+    return {"pytorch": layer, "copy": copy}, n
+
+
+def measure(jobs, budget_s, min_reps):
+    names = list(jobs)
+    for name in names:  # warm-up
+        jobs[name]()
+    calls = {}
+    for name in names:
+        fastest = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            jobs[name]()
+            fastest = min(fastest, time.perf_counter() - start)
+        calls[name] = 1 if fastest >= MIN_SAMPLE_S else min(1000, int(MIN_SAMPLE_S / max(fastest, 1e-9)) + 1)
+    samples = {name: [] for name in names}
+    spent = {name: 0.0 for name in names}
+    rng = random.Random(0x9E3779B9)
+    while True:
+        order = names[:]
+        rng.shuffle(order)
+        ran = False
+        for name in order:
+            if len(samples[name]) >= 20000 or (len(samples[name]) >= min_reps and spent[name] >= budget_s):
+                continue
+            ran = True
+            k = calls[name]
+            f = jobs[name]
+            start = time.perf_counter()
+            for _ in range(k):
+                f()
+            elapsed = time.perf_counter() - start
+            samples[name].append(elapsed / k)
+            spent[name] += elapsed
+        if not ran:
+            break
+    out = {}
+    for name, s in samples.items():
+        s.sort()
+        out[name] = (s[(len(s) - 1) // 2], s[0], s[-1], len(s))
+    return out
+
+
+def fmt(seconds):
+    if seconds < 1e-6:
+        return f"{seconds * 1e9:.0f} ns"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.3f} us"
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", default=",".join(CASES), help="comma-separated, e.g. S1,S3")
+    parser.add_argument("--mode", default=",".join(MODES), help="train, eval, backward")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--quick", action="store_true", help="50 ms per implementation and row")
+    parser.add_argument("--json", default=None, help="write bn-bench's JSON records here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget, min_reps = (0.05, 3) if args.quick else (0.4, 5)
+    threads = torch.get_num_threads()
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {threads} thread(s), {capability}")
+    print(f"{'case':5} {'mode':9} {'pytorch':>12} {'copy':>12} {'x copy':>7}")
+    records = []
+    with torch.no_grad():
+        for name in args.case.split(","):
+            for mode in args.mode.split(","):
+                jobs, n = jobs_for(name, mode)
+                result = measure(jobs, budget, min_reps)
+                layer, copy = result["pytorch"][0], result["copy"][0]
+                print(f"{name:5} {mode:9} {fmt(layer):>12} {fmt(copy):>12} {layer / copy:6.2f}x")
+                moved = 4 * n * (3 if mode == "backward" else 2)
+                shape, axes = BENCH_SHAPES[name]
+                for impl, (median, lo, hi, _reps) in result.items():
+                    records.append({
+                        "case": name, "dtype": "f32", "shape": shape, "axes": axes, "mode": mode,
+                        "implementation": impl, "threads": threads, "backend": f"torch-{capability}",
+                        "median_ns": round(median * 1e9), "min_ns": round(lo * 1e9),
+                        "max_ns": round(hi * 1e9), "gbps": moved / median / 1e9,
+                        "copy_ratio": median / copy, "naive_speedup": None,
+                    })
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
