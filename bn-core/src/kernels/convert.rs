@@ -148,18 +148,33 @@ pub(crate) fn has_affine(backend: Backend, format: HalfFormat) -> bool {
 #[inline]
 pub(crate) fn affine(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
     assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
-    affine_any(backend, format, Some(x), y, p);
+    affine_any(backend, format, Some(x), y, p, false);
+}
+
+/// [`affine`] writing `y` with non-temporal stores where `p` is [`Params::Runs`] and the
+/// instruction set has them (rows store the regular way): the same bits.
+#[inline]
+pub(crate) fn affine_stream(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
+    assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
+    affine_any(backend, format, Some(x), y, p, true);
 }
 
 /// [`affine`] in place: the same bits.
 #[inline]
 pub(crate) fn affine_inplace(backend: Backend, format: HalfFormat, xy: &mut [u16], p: Params<'_>) {
-    affine_any(backend, format, None, xy, p);
+    affine_any(backend, format, None, xy, p, false);
 }
 
 /// [`affine`] from `x`, or in place from `y` when `x` is `None`.
 #[inline]
-fn affine_any(backend: Backend, format: HalfFormat, x: Option<&[u16]>, y: &mut [u16], p: Params<'_>) {
+fn affine_any(
+    backend: Backend,
+    format: HalfFormat,
+    x: Option<&[u16]>,
+    y: &mut [u16],
+    p: Params<'_>,
+    stream: bool,
+) {
     let n = y.len();
     match p {
         Params::Runs { inner, m, s, t } => {
@@ -178,8 +193,8 @@ fn affine_any(backend: Backend, format: HalfFormat, x: Option<&[u16]>, y: &mut [
     }
     assert!(has_affine(backend, format), "no fused affine kernel for {backend} {format:?}");
     let done = match format {
-        HalfFormat::Bf16 => run_simd(backend, format, AffineKernel::<true> { x, y, p }).is_ok(),
-        HalfFormat::F16 => run_simd(backend, format, AffineKernel::<false> { x, y, p }).is_ok(),
+        HalfFormat::Bf16 => run_simd(backend, format, AffineKernel::<true> { x, y, p, stream }).is_ok(),
+        HalfFormat::F16 => run_simd(backend, format, AffineKernel::<false> { x, y, p, stream }).is_ok(),
     };
     assert!(done, "has_affine promised a kernel");
 }
@@ -187,18 +202,19 @@ fn affine_any(backend: Backend, format: HalfFormat, x: Option<&[u16]>, y: &mut [
 /// The fused affine pass in `bf16` (`BF16`) or `f16` on one instruction set: per run, pairs
 /// of vectors in the instruction set's order ([`Isa::load_half2`]; the parameters are the same
 /// for every value), one more vector, then a masked tail; per row, vectors of columns with
-/// their parameters.
+/// their parameters. Runs are written with non-temporal stores when `stream`.
 struct AffineKernel<'a, const BF16: bool> {
     x: Option<&'a [u16]>,
     y: &'a mut [u16],
     p: Params<'a>,
+    stream: bool,
 }
 
 impl<const BF16: bool> Kernel for AffineKernel<'_, BF16> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
-        let AffineKernel { x, y, p } = self;
+        let AffineKernel { x, y, p, stream } = self;
         let l = I::LANES;
         match p {
             Params::Runs { inner, m, s, t } => {
@@ -206,7 +222,10 @@ impl<const BF16: bool> Kernel for AffineKernel<'_, BF16> {
                 for (r, yr) in y.chunks_exact_mut(inner).enumerate() {
                     let c = r % period;
                     let xr = x.map(|x| &x[r * inner..(r + 1) * inner]);
-                    affine_run::<I, BF16>(isa, xr, yr, [m[c], s[c], t[c]]);
+                    affine_run::<I, BF16>(isa, xr, yr, [m[c], s[c], t[c]], stream);
+                }
+                if stream {
+                    isa.fence();
                 }
             }
             Params::Lanes(m, s, t) if m.len() == 2 * l && y.len().is_multiple_of(m.len()) => {
@@ -336,13 +355,20 @@ fn lanes_row<I: Isa, const BF16: bool>(isa: I, x: Option<&[u16]>, y: &mut [u16],
 
 /// One run of [`AffineKernel`] with the parameters `k`: pairs of vectors (the order of the
 /// values within a pair does not matter, the parameters being the same), one more vector, then
-/// a masked tail.
+/// a masked tail. With `stream`, every store is non-temporal ([`Isa::stream_half2`],
+/// [`Isa::stream_half_part`]; the caller fences), to the same bits.
 #[inline(always)]
-pub(crate) fn affine_run<I: Isa, const BF16: bool>(isa: I, x: Option<&[u16]>, y: &mut [u16], k: [f32; 3]) {
+pub(crate) fn affine_run<I: Isa, const BF16: bool>(
+    isa: I,
+    x: Option<&[u16]>,
+    y: &mut [u16],
+    k: [f32; 3],
+    stream: bool,
+) {
     let k = [isa.splat(k[0]), isa.splat(k[1]), isa.splat(k[2])];
     let l = I::LANES;
     // Pairs store `4 * LANES` bytes: first align the output to that (a store across two cache
-    // lines costs two), by at most one vector and a masked part.
+    // lines costs two, and a streaming store needs it), by at most one vector and a part.
     let head = ((4 * l - (y.as_ptr() as usize) % (4 * l)) % (4 * l) / 2).min(y.len());
     let (yh, y) = y.split_at_mut(head);
     let (xh, x) = match x {
@@ -351,13 +377,13 @@ pub(crate) fn affine_run<I: Isa, const BF16: bool>(isa: I, x: Option<&[u16]>, y:
     };
     let mut i = 0;
     if head >= l {
-        let v = isa.load_half::<BF16>(xh.unwrap_or(yh));
-        isa.store_half::<BF16>(yh, affine_value(isa, v, k));
+        let v = affine_value(isa, isa.load_half::<BF16>(xh.unwrap_or(yh)), k);
+        put_half::<I, BF16>(isa, &mut yh[..l], v, stream);
         i = l;
     }
     if i < head {
         let v = isa.load_half_tail::<BF16>(&xh.unwrap_or(yh)[i..]);
-        isa.store_half_tail::<BF16>(&mut yh[i..], affine_value(isa, v, k));
+        put_half::<I, BF16>(isa, &mut yh[i..], affine_value(isa, v, k), stream);
     }
     let n = y.len();
     let pairs = n / (2 * l) * (2 * l);
@@ -365,25 +391,49 @@ pub(crate) fn affine_run<I: Isa, const BF16: bool>(isa: I, x: Option<&[u16]>, y:
         Some(x) => {
             for (yv, xv) in y[..pairs].chunks_exact_mut(2 * l).zip(x.chunks_exact(2 * l)) {
                 let (a, b) = isa.load_half2::<BF16>(xv);
-                isa.store_half2::<BF16>(yv, affine_value(isa, a, k), affine_value(isa, b, k));
+                put_half2::<I, BF16>(isa, yv, affine_value(isa, a, k), affine_value(isa, b, k), stream);
             }
         }
         None => {
             for yv in y[..pairs].chunks_exact_mut(2 * l) {
                 let (a, b) = isa.load_half2::<BF16>(yv);
-                isa.store_half2::<BF16>(yv, affine_value(isa, a, k), affine_value(isa, b, k));
+                put_half2::<I, BF16>(isa, yv, affine_value(isa, a, k), affine_value(isa, b, k), stream);
             }
         }
     }
     let mut i = pairs;
     if i + l <= n {
-        let v = isa.load_half::<BF16>(&x.unwrap_or(y)[i..]);
-        isa.store_half::<BF16>(&mut y[i..], affine_value(isa, v, k));
+        let v = affine_value(isa, isa.load_half::<BF16>(&x.unwrap_or(y)[i..]), k);
+        put_half::<I, BF16>(isa, &mut y[i..i + l], v, stream);
         i += l;
     }
     if i < n {
         let v = isa.load_half_tail::<BF16>(&x.unwrap_or(y)[i..]);
-        isa.store_half_tail::<BF16>(&mut y[i..], affine_value(isa, v, k));
+        put_half::<I, BF16>(isa, &mut y[i..], affine_value(isa, v, k), stream);
+    }
+}
+
+/// Stores the low `s.len() <= LANES` lanes of `v` rounded to 16 bits: non-temporal when
+/// `stream` ([`Isa::stream_half_part`]), else [`Isa::store_half`] or [`Isa::store_half_tail`].
+#[inline(always)]
+pub(crate) fn put_half<I: Isa, const BF16: bool>(isa: I, s: &mut [u16], v: I::V, stream: bool) {
+    if stream {
+        isa.stream_half_part::<BF16>(s, v)
+    } else if s.len() == I::LANES {
+        isa.store_half::<BF16>(s, v)
+    } else {
+        isa.store_half_tail::<BF16>(s, v)
+    }
+}
+
+/// [`Isa::store_half2`], or [`Isa::stream_half2`] when `stream` (`s` then on a `4 * LANES`-byte
+/// boundary).
+#[inline(always)]
+pub(crate) fn put_half2<I: Isa, const BF16: bool>(isa: I, s: &mut [u16], a: I::V, b: I::V, stream: bool) {
+    if stream {
+        isa.stream_half2::<BF16>(s, a, b)
+    } else {
+        isa.store_half2::<BF16>(s, a, b)
     }
 }
 

@@ -33,9 +33,14 @@
 
 use core::cell::RefCell;
 
-use super::convert::{affine, affine_inplace, affine_run, has_affine, narrow, run_simd, widen, Params};
+use super::convert::{
+    affine, affine_inplace, affine_run, affine_stream, has_affine, narrow, put_half, put_half2, run_simd,
+    widen, Params,
+};
 use super::isa::{half_to_f32, Isa, Kernel};
-use super::parallel::{for_each_task, part, task_count, use_pool, without_alloc, SharedMut, TASK_ELEMS};
+use super::parallel::{
+    for_each_task, part, streaming_bytes, task_count, use_pool, without_alloc, SharedMut, TASK_ELEMS,
+};
 use super::portable::Wide;
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use super::Backend;
@@ -314,18 +319,20 @@ fn normalize_helped(
         return;
     }
     let g = Blocks::new(dims, BLOCK);
+    let stream = streaming_half(dims);
     let y = SharedMut::new(y);
     for_blocks(&g, 2, |blk| {
         // SAFETY: blocks are disjoint and each is written by one task.
         let out = unsafe { y.slice(blk.start, blk.len()) };
-        normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift);
+        normalize_block(backend, format, Some(&x[blk.range()]), out, blk, mean, scale, shift, stream);
     });
 }
 
 /// One block of inference: `out = normalize(x)`, or in place when `x` is `None` (the same
 /// arithmetic either way). Runs of one channel of at least 16 values, and rows of at least 16
 /// channels, take the fused one-pass kernel where the backend has one; other blocks are widened
-/// into a buffer and run by the `f32` kernel.
+/// into a buffer and run by the `f32` kernel. `stream`: runs written by the fused kernel use
+/// non-temporal stores (out of place only).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn normalize_block(
@@ -337,10 +344,12 @@ fn normalize_block(
     mean: &[f32],
     scale: &[f32],
     shift: &[f32],
+    stream: bool,
 ) {
     let Canonical { channels: bc, inner, .. } = blk.dims;
     let ch = blk.channels();
     let run = |x: Option<&[u16]>, out: &mut [u16], p: Params<'_>| match x {
+        Some(x) if stream => affine_stream(backend, format, x, out, p),
         Some(x) => affine(backend, format, x, out, p),
         None => affine_inplace(backend, format, out, p),
     };
@@ -401,7 +410,7 @@ pub fn normalize_inplace(
         for_blocks(&g, 2, |blk| {
             // SAFETY: blocks are disjoint and each is read and written by one task.
             let io = unsafe { xy.slice(blk.start, blk.len()) };
-            normalize_block(backend, format, None, io, blk, mean, scale, shift);
+            normalize_block(backend, format, None, io, blk, mean, scale, shift, false);
         })
     });
 }
@@ -533,6 +542,14 @@ pub fn forward_train(
     normalize_helped(backend, format, x, y, dims, &m, &s, &t);
 }
 
+/// Whether a 16-bit output of `dims` is written with non-temporal stores: the rule of the
+/// `f32` kernels on its bytes ([`streaming_bytes`], runs of `dims.inner`; `BN_STREAM` forces it
+/// either way). Only the planes kernels (runs) stream; rows store the regular way.
+#[inline]
+fn streaming_half(dims: Canonical) -> bool {
+    streaming_bytes(2 * dims.len(), dims.inner)
+}
+
 /// Largest channel (bytes of `x`) that [`forward_train_channels`] normalizes right after its
 /// statistics, while it is still in L2.
 const FUSE_BYTES: usize = 1 << 20;
@@ -579,6 +596,7 @@ fn forward_train_channels(
     let ahead = c * inner * PREFETCH_VALUES.div_ceil(inner);
     let parallel = use_pool(2 * dims.len());
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(c);
+    let stream = streaming_half(dims);
     let (y, mean_out, var_out) = (SharedMut::new(y), SharedMut::new(mean_out), SharedMut::new(var_out));
     for_each_task(parallel, tasks, |t| {
         for ch in part(c, tasks, t) {
@@ -612,8 +630,12 @@ fn forward_train_channels(
             let a = Affine32::train(mean, var, eps, gamma[ch], beta[ch]);
             let (k, y) = ([a.m, a.s, a.t], &y);
             match format {
-                HalfFormat::Bf16 => run_kernel(backend, format, ChannelAffine::<true> { x, y, dims, ch, k }),
-                HalfFormat::F16 => run_kernel(backend, format, ChannelAffine::<false> { x, y, dims, ch, k }),
+                HalfFormat::Bf16 => {
+                    run_kernel(backend, format, ChannelAffine::<true> { x, y, dims, ch, k, stream })
+                }
+                HalfFormat::F16 => {
+                    run_kernel(backend, format, ChannelAffine::<false> { x, y, dims, ch, k, stream })
+                }
             }
         }
     });
@@ -800,6 +822,7 @@ fn backward_channels(
     let count = dims.per_channel() as f64;
     let parallel = use_pool(3 * dims.len());
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(c);
+    let stream = streaming_half(dims);
     let (dx, sum_dy_out, sum_dy_xhat_out) =
         (SharedMut::new(dx), SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
     for_each_task(parallel, tasks, |t| {
@@ -833,8 +856,12 @@ fn backward_channels(
             let d = DxCoefficients::train(mean[ch], inv_std[ch], gamma[ch], count, sdy, sdxh);
             let (k, dx) = ([d.m, d.k1, d.k2, d.k3], &dx);
             match format {
-                HalfFormat::Bf16 => run_kernel(backend, format, ChannelDx::<true> { x, dy, dx, dims, ch, k }),
-                HalfFormat::F16 => run_kernel(backend, format, ChannelDx::<false> { x, dy, dx, dims, ch, k }),
+                HalfFormat::Bf16 => {
+                    run_kernel(backend, format, ChannelDx::<true> { x, dy, dx, dims, ch, k, stream })
+                }
+                HalfFormat::F16 => {
+                    run_kernel(backend, format, ChannelDx::<false> { x, dy, dx, dims, ch, k, stream })
+                }
             }
         }
     });
@@ -908,6 +935,7 @@ fn backward_direct(
         }
     }
     let g = Blocks::new(dims, BLOCK);
+    let stream = streaming_half(dims);
     let dx = SharedMut::new(dx);
     let k = &k;
     for_blocks(&g, 3, |blk| {
@@ -919,8 +947,8 @@ fn backward_direct(
         let part = |i: usize| &k[i * c + ch.start..i * c + ch.end];
         let k = [part(0), part(1), part(2), part(3)];
         match format {
-            HalfFormat::Bf16 => run_kernel(backend, format, BlockDx::<true> { x, dy, dx, dims, k }),
-            HalfFormat::F16 => run_kernel(backend, format, BlockDx::<false> { x, dy, dx, dims, k }),
+            HalfFormat::Bf16 => run_kernel(backend, format, BlockDx::<true> { x, dy, dx, dims, k, stream }),
+            HalfFormat::F16 => run_kernel(backend, format, BlockDx::<false> { x, dy, dx, dims, k, stream }),
         }
     });
 }
@@ -1424,6 +1452,8 @@ struct ChannelAffine<'a, const BF16: bool> {
     dims: Canonical,
     ch: usize,
     k: [f32; 3],
+    /// Non-temporal stores.
+    stream: bool,
 }
 
 impl<const BF16: bool> Kernel for ChannelAffine<'_, BF16> {
@@ -1435,7 +1465,10 @@ impl<const BF16: bool> Kernel for ChannelAffine<'_, BF16> {
             let start = (o * channels + self.ch) * inner;
             // SAFETY: the runs of channel `ch` belong to the calling task alone.
             let out = unsafe { self.y.slice(start, inner) };
-            affine_run::<I, BF16>(isa, Some(&self.x[start..start + inner]), out, self.k);
+            affine_run::<I, BF16>(isa, Some(&self.x[start..start + inner]), out, self.k, self.stream);
+        }
+        if self.stream {
+            isa.fence();
         }
     }
 }
@@ -1448,13 +1481,14 @@ fn dx_value<I: Isa>(isa: I, x: I::V, dy: I::V, [m, k1, k2, k3]: [I::V; 4]) -> I:
 
 /// `dx = k1 * dy + (k2 * (x - m) + k3)` over one block, rounded into `dx`: per run with the
 /// run's channel coefficients, or per row with per-column coefficients (`m`, `k1`, `k2`, `k3`
-/// of the block's channels, as slices).
+/// of the block's channels, as slices). Runs use non-temporal stores when `stream`.
 struct BlockDx<'a, const BF16: bool> {
     x: &'a [u16],
     dy: &'a [u16],
     dx: &'a mut [u16],
     dims: Canonical,
     k: [&'a [f32]; 4],
+    stream: bool,
 }
 
 impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
@@ -1471,7 +1505,10 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
             {
                 let c = r % bc;
                 let k = [isa.splat(km[c]), isa.splat(k1[c]), isa.splat(k2[c]), isa.splat(k3[c])];
-                dx_run::<I, BF16>(isa, xr, dyr, dxr, k);
+                dx_run::<I, BF16>(isa, xr, dyr, dxr, k, self.stream);
+            }
+            if self.stream {
+                isa.fence();
             }
         } else if bc == 2 * l {
             dx_pair_rows::<I, BF16, 1>(isa, x, dy, dx, [km, k1, k2, k3]);
@@ -1511,35 +1548,43 @@ impl<const BF16: bool> Kernel for BlockDx<'_, BF16> {
 }
 
 /// `dx` of one run with the coefficients `k`: a head that aligns the output to the pairs'
-/// `4 * LANES` bytes (a store across two cache lines costs two), pairs of vectors in the
-/// instruction set's order, one more vector, a masked tail.
+/// `4 * LANES` bytes (a store across two cache lines costs two, and a streaming store needs
+/// it), pairs of vectors in the instruction set's order, one more vector, a masked tail. With
+/// `stream`, every store is non-temporal (the caller fences), to the same bits.
 #[inline(always)]
-fn dx_run<I: Isa, const BF16: bool>(isa: I, x: &[u16], dy: &[u16], dx: &mut [u16], k: [I::V; 4]) {
+fn dx_run<I: Isa, const BF16: bool>(
+    isa: I,
+    x: &[u16],
+    dy: &[u16],
+    dx: &mut [u16],
+    k: [I::V; 4],
+    stream: bool,
+) {
     let (n, l) = (dx.len(), I::LANES);
     let head = ((4 * l - (dx.as_ptr() as usize) % (4 * l)) % (4 * l) / 2).min(n);
     let mut i = 0;
     if head >= l {
-        isa.store_half::<BF16>(dx, dx_whole::<I, BF16>(isa, x, dy, 0, k));
+        put_half::<I, BF16>(isa, &mut dx[..l], dx_whole::<I, BF16>(isa, x, dy, 0, k), stream);
         i = l;
     }
     if i < head {
         let v = dx_tail::<I, BF16>(isa, &x[..head], &dy[..head], i, k);
-        isa.store_half_tail::<BF16>(&mut dx[i..head], v);
+        put_half::<I, BF16>(isa, &mut dx[i..head], v, stream);
         i = head;
     }
     while i + 2 * l <= n {
         let (x0, x1) = isa.load_half2::<BF16>(&x[i..]);
         let (g0, g1) = isa.load_half2::<BF16>(&dy[i..]);
         let (v0, v1) = (dx_value(isa, x0, g0, k), dx_value(isa, x1, g1, k));
-        isa.store_half2::<BF16>(&mut dx[i..], v0, v1);
+        put_half2::<I, BF16>(isa, &mut dx[i..], v0, v1, stream);
         i += 2 * l;
     }
     if i + l <= n {
-        isa.store_half::<BF16>(&mut dx[i..], dx_whole::<I, BF16>(isa, x, dy, i, k));
+        put_half::<I, BF16>(isa, &mut dx[i..i + l], dx_whole::<I, BF16>(isa, x, dy, i, k), stream);
         i += l;
     }
     if i < n {
-        isa.store_half_tail::<BF16>(&mut dx[i..], dx_tail::<I, BF16>(isa, x, dy, i, k));
+        put_half::<I, BF16>(isa, &mut dx[i..], dx_tail::<I, BF16>(isa, x, dy, i, k), stream);
     }
 }
 
@@ -1552,6 +1597,8 @@ struct ChannelDx<'a, const BF16: bool> {
     dims: Canonical,
     ch: usize,
     k: [f32; 4],
+    /// Non-temporal stores.
+    stream: bool,
 }
 
 impl<const BF16: bool> Kernel for ChannelDx<'_, BF16> {
@@ -1564,7 +1611,10 @@ impl<const BF16: bool> Kernel for ChannelDx<'_, BF16> {
             let r = (o * channels + self.ch) * inner..(o * channels + self.ch + 1) * inner;
             // SAFETY: the runs of channel `ch` belong to the calling task alone.
             let dx = unsafe { self.dx.slice(r.start, inner) };
-            dx_run::<I, BF16>(isa, &self.x[r.clone()], &self.dy[r], dx, k);
+            dx_run::<I, BF16>(isa, &self.x[r.clone()], &self.dy[r], dx, k, self.stream);
+        }
+        if self.stream {
+            isa.fence();
         }
     }
 }

@@ -176,6 +176,26 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
         self.store_half::<BF16>(s, a);
         self.store_half::<BF16>(&mut s[Self::LANES..], b);
     }
+    /// [`Isa::store_half2`] with a non-temporal store where the instruction set has one (the
+    /// same bits); `s` must start on a `4 * LANES`-byte boundary (checked there). Call
+    /// [`Isa::fence`] before other threads read what was streamed.
+    #[inline(always)]
+    fn stream_half2<const BF16: bool>(self, s: &mut [u16], a: Self::V, b: Self::V) {
+        self.store_half2::<BF16>(s, a, b)
+    }
+    /// The low `s.len() <= LANES` lanes of `v` rounded as [`Isa::store_half`], written with
+    /// non-temporal stores where the instruction set has them (on x86 a value alone at an odd
+    /// 2-byte position is stored the regular way: there is no 2-byte streaming store): the
+    /// partial vectors at the ends of a streamed run. Call [`Isa::fence`] before other threads
+    /// read what was streamed.
+    #[inline(always)]
+    fn stream_half_part<const BF16: bool>(self, s: &mut [u16], v: Self::V) {
+        if s.len() == Self::LANES {
+            self.store_half::<BF16>(s, v)
+        } else {
+            self.store_half_tail::<BF16>(s, v)
+        }
+    }
 }
 
 /// The most lanes of any instruction set (the stack arrays of the default 16-bit loads).

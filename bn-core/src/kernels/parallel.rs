@@ -67,20 +67,29 @@ pub(crate) fn without_alloc<R: Send>(elems: usize, f: impl FnOnce() -> R + Send)
 /// they save.
 pub(crate) const TASK_ELEMS: usize = 1 << 13;
 
-/// Outputs of at least this many bytes are written with non-temporal stores: they would not
-/// stay in a 32 MiB last-level cache next to their input anyway, and skipping the read for
+/// Outputs of at least this many bytes are written with non-temporal stores: with their input
+/// they would not stay in a 32 MiB last-level cache anyway, and skipping the read for
 /// ownership saves a third of the traffic (measured: S2 inference 1.10x -> 0.82x of a copy).
-pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
+/// 14 MiB, not half the cache: `bf16` S5 (15.6 MiB out, 31.3 MiB with its input) was faster
+/// streamed (training 0.84-0.95x, backward 0.89-0.91x of regular stores, 3 runs), `bf16` S2
+/// (12.25 MiB out) slower (inference 1.06-1.39x), on the AMD Zen 3 VM with 32 MiB of L3.
+pub(crate) const STREAM_MIN_BYTES: usize = 14 << 20;
 
 /// Least contiguous run (values) worth streaming: shorter runs leave partial lines, which
 /// streaming stores turn into slow partial writes (measured: S4, runs of 49, 1.1x -> 1.7x).
 pub(crate) const STREAM_MIN_RUN: usize = 256;
 
-/// Whether an output of `len` values, written in contiguous runs of `run`, is streamed.
+/// Whether an `f32` output of `len` values, written in contiguous runs of `run`, is streamed.
 #[inline]
 pub(crate) fn streaming(len: usize, run: usize) -> bool {
+    streaming_bytes(len * 4, run)
+}
+
+/// Whether an output of `bytes`, written in contiguous runs of `run` values, is streamed.
+#[inline]
+pub(crate) fn streaming_bytes(bytes: usize, run: usize) -> bool {
     match STREAMING.load(Ordering::Relaxed) {
-        AUTO => len * 4 >= STREAM_MIN_BYTES && run >= STREAM_MIN_RUN,
+        AUTO => bytes >= STREAM_MIN_BYTES && run >= STREAM_MIN_RUN,
         ON => true,
         OFF => false,
         _ => {
@@ -90,7 +99,7 @@ pub(crate) fn streaming(len: usize, run: usize) -> bool {
                 _ => AUTO,
             };
             STREAMING.store(v, Ordering::Relaxed);
-            streaming(len, run)
+            streaming_bytes(bytes, run)
         }
     }
 }

@@ -222,21 +222,43 @@ impl Isa for Avx2 {
     #[inline(always)]
     fn store_half<const BF16: bool>(self, s: &mut [u16], v: __m256) {
         assert!(s.len() >= 8);
+        let h = self.half_bits::<BF16>(v);
+        // SAFETY: the token proves AVX; `s` holds at least 8 values (checked); unaligned store.
+        unsafe { _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, h) }
+    }
+    #[inline(always)]
+    fn stream_half2<const BF16: bool>(self, s: &mut [u16], a: __m256, b: __m256) {
+        assert!(s.len() >= 16 && (s.as_ptr() as usize).is_multiple_of(32));
+        let (a, b) = (self.half_bits::<BF16>(a), self.half_bits::<BF16>(b));
+        // SAFETY: the token proves AVX; `s` holds at least 16 values and is 32-byte aligned
+        // (both checked). The first vector's values in the low half: `store_half2`'s order.
+        unsafe { _mm256_stream_si256(s.as_mut_ptr() as *mut __m256i, _mm256_set_m128i(b, a)) }
+    }
+    #[inline(always)]
+    fn stream_half_part<const BF16: bool>(self, s: &mut [u16], v: __m256) {
+        assert!(s.len() <= 8);
+        let mut bits = [0u16; 8];
+        self.store_half::<BF16>(&mut bits, v);
+        stream_u16(s, &bits);
+    }
+}
+
+impl Avx2 {
+    /// `v` rounded to nearest even into 8 16-bit values (`bf16` when `BF16`, else `f16`).
+    #[inline(always)]
+    fn half_bits<const BF16: bool>(self, v: __m256) -> __m128i {
         if BF16 {
-            // SAFETY: the token proves AVX2; `s` holds at least 8 values (checked). Every lane of
-            // the rounded bits is below 0x10000, so the saturating pack is exact; the
-            // permutation gathers the two 64-bit halves holding lanes 0-3 and 4-7.
+            // SAFETY: the token proves AVX2. Every lane of the rounded bits is below 0x10000, so
+            // the saturating pack is exact; the permutation gathers the two 64-bit halves
+            // holding lanes 0-3 and 4-7.
             unsafe {
                 let b = convert::x86::f32x8_to_bf16_u32(v);
                 let packed = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(b, b));
-                _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(packed));
+                _mm256_castsi256_si128(packed)
             }
         } else {
-            // SAFETY: the token proves F16C; `s` holds at least 8 values (checked).
-            unsafe {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-                _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, h);
-            }
+            // SAFETY: the token proves F16C.
+            unsafe { _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v) }
         }
     }
 }
@@ -436,43 +458,26 @@ where
     }
     #[inline(always)]
     fn store_half2<const BF16: bool>(self, s: &mut [u16], a: __m512, b: __m512) {
-        if !BF16 {
-            self.store_half::<BF16>(s, a);
-            self.store_half::<BF16>(&mut s[16..], b);
-            return;
-        }
         assert!(s.len() >= 32);
-        if BF16_INSN {
-            // SAFETY: `BF16_INSN` tokens prove AVX512-BF16 and BW (and are entered with them
-            // enabled); `s` holds at least 32 values (checked); unaligned store.
-            // `vcvtne2ps2bf16` rounds as `f32_to_bf16_bits` except that it reads subnormal
-            // inputs as zero: a pair holding one takes the integer path below. The even values
-            // land in words 0..16 and the odd ones in 16..32; one word permutation interleaves
-            // them into the order of `load_half2`.
-            unsafe {
-                let subnormal = _mm512_fpclass_ps_mask::<0x20>(a) | _mm512_fpclass_ps_mask::<0x20>(b);
-                if subnormal == 0 {
-                    let h: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
-                    let index = _mm512_set_epi16(
-                        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
-                        20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
-                    );
-                    let packed = _mm512_permutexvar_epi16(index, h);
-                    _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, packed);
-                    return;
-                }
-            }
-        }
-        // SAFETY: the token proves AVX-512F and AVX2; `s` holds at least 32 values (checked);
-        // unaligned store. The rounded bits (below 0x10000) of the even values go to the low
-        // halves of the 32-bit lanes, those of the odd values to the high halves: the order of
-        // `load_half2`.
-        unsafe {
-            let even = convert::x86::f32x16_to_bf16_u32(a);
-            let odd = convert::x86::f32x16_to_bf16_u32(b);
-            let packed = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
-            _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, packed);
-        }
+        let h = self.half2_bits::<BF16>(a, b);
+        // SAFETY: the token proves AVX-512F; `s` holds at least 32 values (checked); unaligned
+        // store.
+        unsafe { _mm512_storeu_si512(s.as_mut_ptr() as *mut __m512i, h) }
+    }
+    #[inline(always)]
+    fn stream_half2<const BF16: bool>(self, s: &mut [u16], a: __m512, b: __m512) {
+        assert!(s.len() >= 32 && (s.as_ptr() as usize).is_multiple_of(64));
+        let h = self.half2_bits::<BF16>(a, b);
+        // SAFETY: the token proves AVX-512F; `s` holds at least 32 values and is 64-byte
+        // aligned (both checked).
+        unsafe { _mm512_stream_si512(s.as_mut_ptr() as *mut __m512i, h) }
+    }
+    #[inline(always)]
+    fn stream_half_part<const BF16: bool>(self, s: &mut [u16], v: __m512) {
+        assert!(s.len() <= 16);
+        let mut bits = [0u16; 16];
+        self.store_half::<BF16>(&mut bits, v);
+        stream_u16(s, &bits);
     }
     #[inline(always)]
     fn load_half_tail<const BF16: bool>(self, s: &[u16]) -> __m512 {
@@ -523,6 +528,42 @@ where
 }
 
 impl<const BF16_INSN: bool> Avx512<BF16_INSN> {
+    /// The 32 16-bit values `store_half2` writes for `a` and `b`, in the order of
+    /// `load_half2`.
+    #[inline(always)]
+    fn half2_bits<const BF16: bool>(self, a: __m512, b: __m512) -> __m512i {
+        if !BF16 {
+            let (a, b) = (self.half_bits::<BF16>(a), self.half_bits::<BF16>(b));
+            // SAFETY: the token proves AVX-512F. The first vector's values in the low half.
+            return unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b) };
+        }
+        if BF16_INSN {
+            // SAFETY: `BF16_INSN` tokens prove AVX512-BF16 and BW (and are entered with them
+            // enabled). `vcvtne2ps2bf16` rounds as `f32_to_bf16_bits` except that it reads
+            // subnormal inputs as zero: a pair holding one takes the integer path below. The
+            // even values land in words 0..16 and the odd ones in 16..32; one word permutation
+            // interleaves them into the order of `load_half2`.
+            unsafe {
+                let subnormal = _mm512_fpclass_ps_mask::<0x20>(a) | _mm512_fpclass_ps_mask::<0x20>(b);
+                if subnormal == 0 {
+                    let h: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+                    let index = _mm512_set_epi16(
+                        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                        20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+                    );
+                    return _mm512_permutexvar_epi16(index, h);
+                }
+            }
+        }
+        // SAFETY: the token proves AVX-512F. The rounded bits (below 0x10000) of the even values
+        // go to the low halves of the 32-bit lanes, those of the odd values to the high halves:
+        // the order of `load_half2`.
+        unsafe {
+            let even = convert::x86::f32x16_to_bf16_u32(a);
+            let odd = convert::x86::f32x16_to_bf16_u32(b);
+            _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
+        }
+    }
     /// `v` rounded to nearest even into 16-bit values (`bf16` when `BF16`, else `f16`).
     #[inline(always)]
     fn half_bits<const BF16: bool>(self, v: __m512) -> __m256i {
@@ -602,6 +643,39 @@ fn stream_values(s: &mut [f32], values: &[f32]) {
     }
 }
 
+/// Writes `s.len()` 16-bit values of `values` (which holds at least as many) into `s` with
+/// non-temporal stores where x86 has them: 16-byte `movntdq` where `s` is 16-byte aligned and
+/// eight values remain, 4-byte `movnti` for two values where it is 4-byte aligned, and a regular
+/// 2-byte store for a single value (x86 has no 2-byte non-temporal store). Follow with `sfence`
+/// before other threads read `s`, as after every streaming store.
+#[inline(always)]
+fn stream_u16(s: &mut [u16], values: &[u16]) {
+    let n = s.len();
+    assert!(values.len() >= n);
+    let mut j = 0;
+    while j < n {
+        let p = s[j..].as_mut_ptr();
+        if j + 8 <= n && (p as usize).is_multiple_of(16) {
+            // SAFETY: SSE2 is part of x86-64; `s[j..j + 8]` and `values[j..j + 8]` are in bounds
+            // (`j + 8 <= n <= values.len()`) and `p` is 16-byte aligned (checked).
+            unsafe {
+                _mm_stream_si128(p as *mut __m128i, _mm_loadu_si128(values[j..].as_ptr() as *const __m128i))
+            };
+            j += 8;
+        } else if j + 2 <= n && (p as usize).is_multiple_of(4) {
+            // Little-endian: `values[j]` is the low half, at the lower address.
+            let pair = u32::from(values[j]) | (u32::from(values[j + 1]) << 16);
+            // SAFETY: SSE2 is part of x86-64; `s[j..j + 2]` is in bounds and `p` is 4-byte
+            // aligned (checked).
+            unsafe { _mm_stream_si32(p as *mut i32, pair as i32) };
+            j += 2;
+        } else {
+            s[j] = values[j];
+            j += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,6 +707,57 @@ mod tests {
         match Avx512::new() {
             Some(isa) => check(isa, "avx512"),
             None => println!("skipping AVX-512: not on this CPU"),
+        }
+    }
+
+    /// `stream_half_part` writes exactly the first `n <= LANES` rounded values, at every 2-byte
+    /// alignment of the output (16-byte, 4-byte and single-value stores), and nothing past them;
+    /// `stream_half2` writes the values `store_half2` writes. Both formats.
+    #[test]
+    fn streamed_16_bit_stores_write_what_regular_stores_write() {
+        fn check<I: Isa, const BF16: bool>(isa: I, name: &str) {
+            let l = I::LANES;
+            let src: Vec<f32> = (0..2 * l).map(|i| i as f32 * 1.37 - 9.1).collect();
+            let (a, b) = (isa.load(&src), isa.load(&src[l..]));
+            let mut want = vec![0u16; 2 * l];
+            isa.store_half::<BF16>(&mut want, a);
+            for offset in 0..2 * l {
+                for n in 0..=l {
+                    let mut buf = vec![0xdeadu16; 4 * l];
+                    isa.stream_half_part::<BF16>(&mut buf[offset..offset + n], a);
+                    isa.fence();
+                    for (i, &got) in buf.iter().enumerate() {
+                        let w = if (offset..offset + n).contains(&i) { want[i - offset] } else { 0xdead };
+                        assert_eq!(got, w, "{name} bf16={BF16}: offset {offset}, {n} values: value {i}");
+                    }
+                }
+            }
+            isa.store_half2::<BF16>(&mut want, a, b);
+            // A 4 * LANES-byte boundary inside a buffer of 4 pairs.
+            let mut buf = vec![0xdeadu16; 8 * l];
+            let start = (4 * l - (buf.as_ptr() as usize) % (4 * l)) % (4 * l) / 2;
+            isa.stream_half2::<BF16>(&mut buf[start..start + 2 * l], a, b);
+            isa.fence();
+            assert_eq!(&buf[start..start + 2 * l], &want[..], "{name} bf16={BF16}: stream_half2");
+            assert!(buf[..start].iter().chain(&buf[start + 2 * l..]).all(|&v| v == 0xdead));
+        }
+        match Avx2::new() {
+            Some(isa) => {
+                check::<_, true>(isa, "avx2");
+                check::<_, false>(isa, "avx2");
+            }
+            None => println!("skipping AVX2: not on this CPU"),
+        }
+        match Avx512::new() {
+            Some(isa) => {
+                check::<_, true>(isa, "avx512");
+                check::<_, false>(isa, "avx512");
+            }
+            None => println!("skipping AVX-512: not on this CPU"),
+        }
+        match Avx512Bf16::with_bf16() {
+            Some(isa) => check::<_, true>(isa, "avx512-bf16"),
+            None => println!("skipping AVX512-BF16: not on this CPU"),
         }
     }
 
