@@ -227,12 +227,53 @@ impl Isa for Avx2 {
         unsafe { _mm_storeu_si128(s.as_mut_ptr() as *mut __m128i, h) }
     }
     #[inline(always)]
+    fn load_pair_order<const BF16: bool>(self, s: &[f32]) -> (__m256, __m256) {
+        let (a, b) = (self.load(s), self.load(&s[8..]));
+        if !BF16 {
+            return (a, b);
+        }
+        // SAFETY: the token proves AVX2. Even-indexed values first, then odd ones (the order of
+        // `load_half2`): within each 128-bit half, lanes 0 and 2 (1 and 3) of `a` then of `b`;
+        // the 64-bit permutation puts `a`'s pairs before `b`'s.
+        unsafe {
+            let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+            (
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(even))),
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(odd))),
+            )
+        }
+    }
+    #[inline(always)]
+    fn load_half2<const BF16: bool>(self, s: &[u16]) -> (__m256, __m256) {
+        if !BF16 {
+            return (self.load_half::<BF16>(s), self.load_half::<BF16>(&s[8..]));
+        }
+        assert!(s.len() >= 16);
+        // SAFETY: the token proves AVX2; `s` holds at least 16 values (checked); unaligned load.
+        // Each 32-bit lane holds an even-indexed value in its low half and the next one in its
+        // high half: shifted left, the even values are `f32`; masked, the odd ones. No shuffle.
+        unsafe {
+            let v = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
+            let even = _mm256_slli_epi32::<16>(v);
+            let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xffff_0000u32 as i32));
+            (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+        }
+    }
+    #[inline(always)]
+    fn store_half2<const BF16: bool>(self, s: &mut [u16], a: __m256, b: __m256) {
+        assert!(s.len() >= 16);
+        let h = self.half2_bits::<BF16>(a, b);
+        // SAFETY: the token proves AVX; `s` holds at least 16 values (checked); unaligned store.
+        unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, h) }
+    }
+    #[inline(always)]
     fn stream_half2<const BF16: bool>(self, s: &mut [u16], a: __m256, b: __m256) {
         assert!(s.len() >= 16 && (s.as_ptr() as usize).is_multiple_of(32));
-        let (a, b) = (self.half_bits::<BF16>(a), self.half_bits::<BF16>(b));
+        let h = self.half2_bits::<BF16>(a, b);
         // SAFETY: the token proves AVX; `s` holds at least 16 values and is 32-byte aligned
-        // (both checked). The first vector's values in the low half: `store_half2`'s order.
-        unsafe { _mm256_stream_si256(s.as_mut_ptr() as *mut __m256i, _mm256_set_m128i(b, a)) }
+        // (both checked).
+        unsafe { _mm256_stream_si256(s.as_mut_ptr() as *mut __m256i, h) }
     }
     #[inline(always)]
     fn stream_half_part<const BF16: bool>(self, s: &mut [u16], v: __m256) {
@@ -244,6 +285,24 @@ impl Isa for Avx2 {
 }
 
 impl Avx2 {
+    /// The 16 16-bit values `store_half2` writes for `a` and `b`, in the order of `load_half2`:
+    /// for `bf16`, the rounded bits (below 0x10000) of `a` (the even values) in the low halves of
+    /// the 32-bit lanes and those of `b` in the high halves, no shuffle; for `f16`, `a` then `b`.
+    #[inline(always)]
+    fn half2_bits<const BF16: bool>(self, a: __m256, b: __m256) -> __m256i {
+        if BF16 {
+            // SAFETY: the token proves AVX2.
+            unsafe {
+                let even = convert::x86::f32x8_to_bf16_u32(a);
+                let odd = convert::x86::f32x8_to_bf16_u32(b);
+                _mm256_or_si256(even, _mm256_slli_epi32::<16>(odd))
+            }
+        } else {
+            let (a, b) = (self.half_bits::<BF16>(a), self.half_bits::<BF16>(b));
+            // SAFETY: the token proves AVX.
+            unsafe { _mm256_set_m128i(b, a) }
+        }
+    }
     /// `v` rounded to nearest even into 8 16-bit values (`bf16` when `BF16`, else `f16`).
     #[inline(always)]
     fn half_bits<const BF16: bool>(self, v: __m256) -> __m128i {
