@@ -152,7 +152,8 @@ pub(crate) fn affine(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u
 }
 
 /// [`affine`] writing `y` with non-temporal stores where `p` is [`Params::Runs`] and the
-/// instruction set has them (rows store the regular way): the same bits.
+/// instruction set has them (rows store the regular way): the same bits. The caller runs
+/// [`store_fence`](super::parallel::store_fence) before other threads read `y`.
 #[inline]
 pub(crate) fn affine_stream(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
     assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
@@ -202,7 +203,7 @@ fn affine_any(
 /// The fused affine pass in `bf16` (`BF16`) or `f16` on one instruction set: per run, pairs
 /// of vectors in the instruction set's order ([`Isa::load_half2`]; the parameters are the same
 /// for every value), one more vector, then a masked tail; per row, vectors of columns with
-/// their parameters. Runs are written with non-temporal stores when `stream`.
+/// their parameters. Runs are written with non-temporal stores when `stream` (unfenced).
 struct AffineKernel<'a, const BF16: bool> {
     x: Option<&'a [u16]>,
     y: &'a mut [u16],
@@ -223,9 +224,6 @@ impl<const BF16: bool> Kernel for AffineKernel<'_, BF16> {
                     let c = r % period;
                     let xr = x.map(|x| &x[r * inner..(r + 1) * inner]);
                     affine_run::<I, BF16>(isa, xr, yr, [m[c], s[c], t[c]], stream);
-                }
-                if stream {
-                    isa.fence();
                 }
             }
             Params::Lanes(m, s, t) if m.len() == 2 * l && y.len().is_multiple_of(m.len()) => {

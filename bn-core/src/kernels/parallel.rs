@@ -79,6 +79,18 @@ pub(crate) const STREAM_MIN_BYTES: usize = 14 << 20;
 /// streaming stores turn into slow partial writes (measured: S4, runs of 49, 1.1x -> 1.7x).
 pub(crate) const STREAM_MIN_RUN: usize = 256;
 
+/// Orders this thread's non-temporal stores before its later stores (`sfence` on x86-64; nothing
+/// elsewhere, where the kernels store the regular way): what a task that streamed runs before
+/// the pool's synchronization lets other threads read its output.
+#[inline]
+pub(crate) fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64.
+    unsafe {
+        core::arch::x86_64::_mm_sfence()
+    }
+}
+
 /// Whether an `f32` output of `len` values, written in contiguous runs of `run`, is streamed.
 #[inline]
 pub(crate) fn streaming(len: usize, run: usize) -> bool {
