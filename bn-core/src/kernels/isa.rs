@@ -362,30 +362,37 @@ impl Epilogue for Identity {
     }
 }
 
-/// `relu(v + residual)` (`relu(v)` without a residual).
+/// `relu(v + residual)` when `RES`, else `relu(v)` (`residual` is then empty and unread): a
+/// type per form, so that neither loop tests for the residual per vector.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Act<'a> {
-    pub residual: Option<&'a [f32]>,
+pub(crate) struct Act<'a, const RES: bool> {
+    pub residual: &'a [f32],
 }
 
-impl Epilogue for Act<'_> {
+impl<const RES: bool> Epilogue for Act<'_, RES> {
     #[inline(always)]
     fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V {
-        match self.residual {
-            Some(r) => isa.relu(isa.add(v, load_at(isa, r, pos))),
-            None => isa.relu(v),
+        if RES {
+            isa.relu(isa.add(v, load_at(isa, self.residual, pos)))
+        } else {
+            isa.relu(v)
         }
     }
     #[inline(always)]
     fn apply1(self, i: usize, v: f32) -> f32 {
-        match self.residual {
-            Some(r) => relu(v + r[i]),
-            None => relu(v),
+        if RES {
+            relu(v + self.residual[i])
+        } else {
+            relu(v)
         }
     }
     #[inline(always)]
     fn part(self, start: usize, end: usize) -> Self {
-        Act { residual: self.residual.map(|r| &r[start..end]) }
+        if RES {
+            Act { residual: &self.residual[start..end] }
+        } else {
+            self
+        }
     }
 }
 

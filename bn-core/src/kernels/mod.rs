@@ -116,12 +116,15 @@ impl Epilogue<'_> {
     }
     /// Applies the epilogue to `y` in place (after an unfused normalize).
     fn apply_to(&self, y: &mut [f32]) {
-        if *self == Epilogue::None {
-            return;
-        }
-        let act = Act { residual: self.residual() };
-        for (i, v) in y.iter_mut().enumerate() {
-            *v = act.apply1(i, *v);
+        match *self {
+            Epilogue::None => {}
+            Epilogue::Relu => y.iter_mut().for_each(|v| *v = isa::relu(*v)),
+            Epilogue::AddRelu(r) => {
+                let act = Act::<true> { residual: r };
+                for (i, v) in y.iter_mut().enumerate() {
+                    *v = act.apply1(i, *v);
+                }
+            }
         }
     }
 }
@@ -135,8 +138,12 @@ macro_rules! with_act {
                 let $act = Identity;
                 $body
             }
-            e => {
-                let $act = Act { residual: e.residual() };
+            Epilogue::Relu => {
+                let $act = Act::<false> { residual: &[] };
+                $body
+            }
+            Epilogue::AddRelu(r) => {
+                let $act = Act::<true> { residual: r };
                 $body
             }
         }
