@@ -1153,7 +1153,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
         }
         let c = [m, k1, k2, k3];
         let res = residual_of::<MASK>(&self.mask, 0..self.dx.len());
-        if self.flat && w.is_multiple_of(I::LANES) {
+        if w.is_multiple_of(I::LANES) {
             // A plain gradient has no mask patterns (and `masked` does not read them): the
             // coefficients stand in for them, and their unused loads are dead code.
             let [m, k1, k2, k3] = c;
@@ -1163,7 +1163,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
                 self.x,
                 self.dy,
                 self.dx,
-                true,
+                self.stream,
                 w,
                 [m, k1, k2, k3, f[0], f[1], f[2]],
                 #[inline(always)]
