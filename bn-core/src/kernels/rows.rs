@@ -1105,7 +1105,9 @@ fn backward_sums<S: Spec, I: Isa, const MASK: u8>(
 
 /// `dx` of the training backward over whole virtual rows (and the tail) for the gradient of
 /// kind `MASK` (`mask`: patterns of `2 W` values and the residual of these rows; `dr = g` when
-/// given); rows or flat as [`NormalizeRows`] (coefficients of length `2 W`).
+/// given; coefficients of length `2 W`): period by period ([`map2_periodic`], streamed or not)
+/// when `W` is a whole number of vectors, else row by row or, streamed, flat with a wrapped
+/// column index.
 struct DxRows<'a, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
