@@ -433,3 +433,84 @@ fn f64_layers_follow_the_same_rule() {
         assert_eq!((l.running_mean().to_vec(), l.running_var().to_vec()), before);
     }
 }
+
+/// Any positive eps, on every backend and element type, in both kernel families, at a serial and
+/// a parallel size: a zero-variance channel normalizes to beta in training and (at its running
+/// mean) in inference, and nothing is NaN: `1 / sqrt(var + eps)` with `eps = 1e-300` is 1e150,
+/// beyond f32, and an infinite scale times a zero deviation would be NaN.
+#[test]
+fn a_tiny_eps_keeps_constant_channels_at_beta() {
+    use batchnorm::half::{bf16, f16};
+    use batchnorm::{Element, Param};
+
+    fn check<E: Element>(backend: Backend, eps: f64, features: &[usize], axes: &[usize], shape: &[usize]) {
+        let at = format!("{} {backend} eps {eps:e} shape {shape:?}", E::NAME);
+        let layout = Layout::from_axes(features, axes).unwrap();
+        let mut l = BatchNorm::<E>::with_layout(layout, Config::new().eps(eps)).unwrap();
+        l.set_backend(Some(backend)).unwrap();
+        let c = l.features();
+        let p = |v: f64| <E::Param as Param>::from_f64(v);
+        let (gamma, beta): (Vec<_>, Vec<_>) = (0..c).map(|i| (p(2.0), p(0.5 + i as f64))).unzip();
+        l.update_params(&gamma, &beta).unwrap();
+        let dims = l.layout().canonical(shape).unwrap();
+        let channel = |i: usize| (i / dims.inner) % dims.channels;
+        // Channel 0 constant at 3; the others vary.
+        let x: Vec<E> = (0..dims.len())
+            .map(|i| E::from_f64(if channel(i) == 0 { 3.0 } else { (i % 7) as f64 }))
+            .collect();
+        let mut y = vec![E::from_f64(f64::NAN); x.len()];
+        l.forward_train(&x, shape, &mut y).unwrap_or_else(|e| panic!("{at}: {e}"));
+        for (i, v) in y.iter().enumerate() {
+            if channel(i) == 0 {
+                assert_eq!(v.to_f64(), 0.5, "{at}: y[{i}] of the constant channel");
+            } else {
+                assert!(v.to_f64().is_finite(), "{at}: y[{i}] = {}", v.to_f64());
+            }
+        }
+        let stats = l.running_mean().iter().chain(l.running_var());
+        assert!(stats.map(|v| v.to_f64()).all(f64::is_finite), "{at}: running statistics");
+
+        // Backward: a constant dy on the constant channel has no gradient; nothing is NaN.
+        let dy: Vec<E> = (0..dims.len())
+            .map(|i| E::from_f64(if channel(i) == 0 { 0.25 } else { (i % 5) as f64 - 2.0 }))
+            .collect();
+        let mut dx = vec![E::from_f64(f64::NAN); x.len()];
+        l.backward(&x, &dy, shape, &mut dx).unwrap();
+        assert!(dx.iter().all(|v| !v.to_f64().is_nan()), "{at}: dx has NaN");
+        let grads = l.gamma_grad().iter().chain(l.beta_grad());
+        assert!(grads.map(|v| v.to_f64()).all(f64::is_finite), "{at}: parameter gradients");
+        assert_eq!(l.gamma_grad()[0].to_f64(), 0.0, "{at}: dgamma of the constant channel");
+
+        // Inference with a zero running variance: x at the running mean gives beta.
+        let (mean, var): (Vec<_>, Vec<_>) =
+            (0..c).map(|i| (p(if i == 0 { 3.0 } else { 0.0 }), p(0.0))).unzip();
+        l.set_running_stats(&mean, &var).unwrap();
+        l.forward_eval(&x, shape, &mut y).unwrap();
+        for (i, v) in y.iter().enumerate() {
+            if channel(i) == 0 {
+                assert_eq!(v.to_f64(), 0.5, "{at}: inference y[{i}] of the constant channel");
+            }
+            assert!(!v.to_f64().is_nan(), "{at}: inference y[{i}] is NaN");
+        }
+        l.backward_eval(&x, &dy, shape, &mut dx).unwrap();
+        assert!(dx.iter().all(|v| !v.to_f64().is_nan()), "{at}: backward_eval dx has NaN");
+        assert_eq!(l.gamma_grad()[0].to_f64(), 0.0, "{at}: eval dgamma of the constant channel");
+    }
+
+    let cases: [(&[usize], &[usize], &[usize]); 4] = [
+        (&[3], &[0, 2], &[4, 3, 5]),           // planes, serial
+        (&[3], &[0], &[6, 3]),                 // rows, serial
+        (&[8], &[0, 2], &[16, 8, 1024]),       // planes, parallel
+        (&[40], &[0, 1, 2], &[8, 16, 16, 40]), // rows (NHWC), parallel
+    ];
+    for backend in Backend::available() {
+        for eps in [1e-300, 5e-324, 1e-45, 1e-30] {
+            for (features, axes, shape) in cases {
+                check::<f32>(backend, eps, features, axes, shape);
+                check::<f64>(backend, eps, features, axes, shape);
+                check::<bf16>(backend, eps, features, axes, shape);
+                check::<f16>(backend, eps, features, axes, shape);
+            }
+        }
+    }
+}

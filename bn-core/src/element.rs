@@ -27,6 +27,13 @@ pub trait Param:
     fn to_f64(self) -> f64;
     /// Rounds from `f64` to nearest.
     fn from_f64(value: f64) -> Self;
+    /// Rounds from `f64` to nearest, with a finite value beyond the type's range becoming the
+    /// largest finite value of its sign; infinities and NaN stay as they are. Scale
+    /// coefficients such as `gamma / sqrt(var + eps)` go through it: with a tiny `eps` on a
+    /// constant channel they exceed `f32`, and an infinite scale times a zero deviation would
+    /// be NaN where the layer's answer is `beta`.
+    #[doc(hidden)]
+    fn saturating_from_f64(value: f64) -> Self;
     /// Whether the value is neither infinite nor NaN.
     fn is_finite(self) -> bool;
     /// The slice as `f32` when this type is `f32` (the fast kernels' parameter type).
@@ -92,6 +99,17 @@ macro_rules! impl_float {
             #[inline(always)]
             fn from_f64(value: f64) -> Self {
                 value as $t
+            }
+            #[inline(always)]
+            fn saturating_from_f64(value: f64) -> Self {
+                // A finite value that `clamp` moves would have rounded to an infinity or to the
+                // bound itself, so finite results keep their bits. Infinities and NaN (from
+                // non-finite data) pass through.
+                if value.is_finite() {
+                    value.clamp(-(<$t>::MAX as f64), <$t>::MAX as f64) as $t
+                } else {
+                    value as $t
+                }
             }
             #[inline(always)]
             fn is_finite(self) -> bool {

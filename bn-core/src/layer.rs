@@ -526,8 +526,8 @@ impl<E: Element> BatchNorm<E> {
         }
         let coefficients = self.eval_inv_std_p.iter_mut().zip(&mut self.eval_scale);
         for (((p, scale), &s), g) in coefficients.zip(&self.eval_inv_std).zip(&self.gamma) {
-            *p = E::Param::from_f64(s);
-            *scale = E::Param::from_f64(g.to_f64() * s);
+            *p = E::Param::saturating_from_f64(s);
+            *scale = E::Param::saturating_from_f64(g.to_f64() * s);
         }
     }
 
@@ -840,8 +840,12 @@ impl<E: Element> BatchNorm<E> {
             });
         }
         let (mean, inv_std) = self.reference_statistics(x, dims, shape)?;
-        let scale =
-            self.gamma.iter().zip(&inv_std).map(|(g, s)| E::Param::from_f64(g.to_f64() * s)).collect();
+        let scale = self
+            .gamma
+            .iter()
+            .zip(&inv_std)
+            .map(|(g, s)| E::Param::saturating_from_f64(g.to_f64() * s))
+            .collect();
         let mean = mean.iter().map(|&m| E::Param::from_f64(m)).collect();
         Ok(EvalCoefficients {
             mean: Cow::Owned(mean),

@@ -736,7 +736,7 @@ fn backward_eval_of<S: Spec, const MASK: u8>(
         &mut heap[..]
     };
     for ((s, &g), &i) in scale.iter_mut().zip(gamma).zip(inv_std) {
-        *s = (g as f64 * i as f64) as f32;
+        *s = stats::saturate_f32(g as f64 * i as f64);
     }
     let (scale, sums, b) = (&*scale, (sum_dy_out, sum_dy_xhat_out), backend.usable());
     with_isa!(b, |isa| match dims.family() {

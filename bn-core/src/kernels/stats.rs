@@ -6,6 +6,17 @@
 //! an order fixed by the shape alone, never by the thread count. No raw sum of squares appears
 //! anywhere, so `|mean| >> std` loses nothing.
 
+/// `value` rounded to `f32`, with finite values beyond its range at `±f32::MAX` (infinities
+/// and NaN, which come from non-finite data, pass through): the per-channel coefficients go
+/// through it. A tiny `eps` on a
+/// constant channel makes `gamma / sqrt(var + eps)` exceed `f32`, and an infinite scale times
+/// the channel's zero deviations would be NaN where the answer is `beta`. Every value that
+/// rounds to a finite `f32` keeps its bits.
+#[inline(always)]
+pub(crate) fn saturate_f32(value: f64) -> f32 {
+    <f32 as crate::Param>::saturating_from_f64(value)
+}
+
 /// Count, mean and sum of squared deviations of a set of values (Chan et al.).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Moments {
@@ -86,7 +97,7 @@ impl Affine32 {
     pub fn train_from_inv_std(mean: f64, inv_std: f64, gamma: f32, beta: f32) -> Affine32 {
         let m = mean as f32;
         let k = gamma as f64 * inv_std;
-        Affine32 { m, s: k as f32, t: (beta as f64 + (m as f64 - mean) * k) as f32 }
+        Affine32 { m, s: saturate_f32(k), t: saturate_f32(beta as f64 + (m as f64 - mean) * k) }
     }
 }
 
@@ -109,8 +120,8 @@ impl<const L: usize> AffineGroup<L> {
             let m = mean[j] as f32;
             let k = gamma[j] as f64 * inv_std;
             out.m[j] = m;
-            out.s[j] = k as f32;
-            out.t[j] = (beta[j] as f64 + (m as f64 - mean[j]) * k) as f32;
+            out.s[j] = saturate_f32(k);
+            out.t[j] = saturate_f32(beta[j] as f64 + (m as f64 - mean[j]) * k);
         }
         out
     }
@@ -138,9 +149,14 @@ impl DxCoefficients {
     #[inline(always)]
     pub fn train(mean: f64, inv_std: f64, gamma: f32, n: f64, sum_dy: f64, sum_dy_xhat: f64) -> Self {
         let m = mean as f32;
-        let k1 = gamma as f64 * inv_std;
+        let mut k1 = gamma as f64 * inv_std;
+        if k1.is_finite() && (k1 as f32).is_infinite() {
+            // A scale beyond `f32` (a tiny `eps` on a constant channel): the coefficients of the
+            // largest finite scale, so that `k1 * dy + k3` still cancels for a constant `dy`.
+            k1 = saturate_f32(k1) as f64;
+        }
         let k2 = -k1 * inv_std * sum_dy_xhat / n;
         let k3 = -k1 * sum_dy / n + k2 * (m as f64 - mean);
-        DxCoefficients { m, k1: k1 as f32, k2: k2 as f32, k3: k3 as f32 }
+        DxCoefficients { m, k1: k1 as f32, k2: saturate_f32(k2), k3: saturate_f32(k3) }
     }
 }
