@@ -11,6 +11,8 @@
 mod checkpoint_harness;
 #[path = "../fuzz/harness/layer.rs"]
 mod layer_harness;
+#[path = "../fuzz/harness/sync.rs"]
+mod sync_harness;
 
 use std::path::PathBuf;
 
@@ -80,4 +82,15 @@ fn layer_harness_on_random_inputs() {
 fn checkpoint_harness_on_random_inputs() {
     let count = if cfg!(miri) { 8 } else { 3000 };
     replay("checkpoint", &random_inputs(2, count, 300), checkpoint_harness::run);
+}
+
+#[test]
+fn sync_saved_inputs() {
+    replay("sync", &saved_inputs("sync"), sync_harness::run);
+}
+
+#[test]
+fn sync_harness_on_random_inputs() {
+    let count = if cfg!(miri) { 4 } else { 3000 };
+    replay("sync", &random_inputs(3, count, 300), sync_harness::run);
 }

@@ -426,3 +426,194 @@ fn backward_sync_must_follow_a_synchronized_forward() {
         assert!(unchanged);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Messages from other processes are validated before anything is merged
+// ------------------------------------------------------------------------------------------------
+
+/// A group whose transport is `gather`: it receives this rank's message and returns what the
+/// "ranks" sent, so a test can deliver recorded, forged or mutated messages.
+struct Forged<F: Fn(&[f64]) -> Vec<Vec<f64>>> {
+    size: usize,
+    gather: F,
+}
+
+impl<F: Fn(&[f64]) -> Vec<Vec<f64>>> StatsGroup for Forged<F> {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_gather(&self, local: &[f64]) -> Result<Vec<Vec<f64>>, BnError> {
+        Ok((self.gather)(local))
+    }
+}
+
+/// The message `layer` sends in a synchronized forward of `x` (of `shape`), recorded through a
+/// group of one.
+fn recorded_forward(mut layer: BatchNorm, x: &[f32], shape: &[usize]) -> Vec<f64> {
+    let seen = std::cell::RefCell::new(Vec::new());
+    let group = Forged {
+        size: 1,
+        gather: |m: &[f64]| {
+            *seen.borrow_mut() = m.to_vec();
+            vec![m.to_vec()]
+        },
+    };
+    let mut y = vec![0.0; x.len()];
+    // An empty shard alone is an empty batch; its message is recorded all the same.
+    let _ = layer.forward_train_sync(x, shape, &mut y, &group);
+    seen.into_inner()
+}
+
+/// Index of the `count` field of a message, and of its payload for a shape of rank `r`.
+const COUNT_AT: usize = 4;
+fn payload_at(rank: usize) -> usize {
+    14 + rank
+}
+
+/// A forward of a 4-feature layer through `group`; returns the result and whether the layer
+/// (and its backward state) is unchanged.
+fn forward_through(group: &impl StatsGroup, shape: &[usize]) -> (Result<(), BnError>, bool) {
+    let mut bn = BatchNorm::new(shape[1], [0]).unwrap();
+    let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| (i % 5) as f32).collect();
+    let mut y = vec![0.0; x.len()];
+    let before = full_state(&bn);
+    let result = bn.forward_train_sync(&x, shape, &mut y, group);
+    let mut dx = vec![0.0; x.len()];
+    let no_forward = matches!(bn.backward(&x, &x, shape, &mut dx), Err(BnError::NoForward));
+    (result, full_state(&bn) == before && no_forward)
+}
+
+#[test]
+fn a_message_of_a_layer_with_fewer_features_is_an_error() {
+    // A well-formed message of a 1-feature layer, delivered to a 4-feature layer's forward.
+    let one = recorded_forward(BatchNorm::new(1, [0]).unwrap(), &[1.0, 2.0], &[2, 1]);
+    let group = Forged { size: 1, gather: |_: &[f64]| vec![one.clone()] };
+    let (result, unchanged) = forward_through(&group, &[2, 4]);
+    match result {
+        Err(BnError::SyncGroup(message)) => assert!(message.contains("do not match"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(unchanged);
+    // The same message as rank 1's of two: rank 1 disagrees with rank 0 (this rank).
+    let group = Forged { size: 2, gather: |m: &[f64]| vec![m.to_vec(), one.clone()] };
+    let (result, unchanged) = forward_through(&group, &[2, 4]);
+    assert!(matches!(result, Err(BnError::SyncMismatch { rank: 1, .. })), "{result:?}");
+    assert!(unchanged);
+}
+
+#[test]
+fn forged_counts_are_an_error_and_change_nothing() {
+    for count in [-1.0, 0.5, 1e300, 3.0, 5.0, f64::NAN, f64::INFINITY] {
+        // As this rank's own message and as a second rank's.
+        for size in [1, 2] {
+            let group = Forged {
+                size,
+                gather: |m: &[f64]| {
+                    let mut forged = m.to_vec();
+                    forged[COUNT_AT] = count;
+                    if size == 1 {
+                        vec![forged]
+                    } else {
+                        vec![m.to_vec(), forged]
+                    }
+                },
+            };
+            let (result, unchanged) = forward_through(&group, &[4, 2]);
+            match &result {
+                Err(BnError::SyncMismatch { rank, message }) => {
+                    assert_eq!(*rank, size - 1, "count {count}");
+                    assert!(message.contains("values per feature"), "{message}");
+                }
+                other => panic!("count {count}, size {size}: {other:?}"),
+            }
+            assert!(unchanged, "count {count}, size {size}");
+        }
+    }
+}
+
+#[test]
+fn forged_moments_are_an_error_and_change_nothing() {
+    // A negative sum of squared deviations (feature 1), and moments for an empty shard.
+    let negative = |m: &[f64]| {
+        let mut forged = m.to_vec();
+        forged[payload_at(2) + 2 + 1] = -1e6;
+        vec![m.to_vec(), forged]
+    };
+    let (result, unchanged) = forward_through(&Forged { size: 2, gather: negative }, &[4, 2]);
+    match &result {
+        Err(BnError::SyncMismatch { rank: 1, message }) => assert!(message.contains("negative"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(unchanged);
+
+    let empty = recorded_forward(BatchNorm::new(2, [0]).unwrap(), &[], &[0, 2]);
+    let forged_empty = |m: &[f64]| {
+        let mut forged = empty.clone();
+        forged[payload_at(2)] = 1e30;
+        vec![m.to_vec(), forged]
+    };
+    let (result, unchanged) = forward_through(&Forged { size: 2, gather: forged_empty }, &[4, 2]);
+    assert!(matches!(result, Err(BnError::SyncMismatch { rank: 1, .. })), "{result:?}");
+    assert!(unchanged);
+
+    // Non-finite moments are the statistics of non-finite data: NonFinite, as unsynchronized.
+    let infinite = |m: &[f64]| {
+        let mut forged = m.to_vec();
+        forged[payload_at(2)] = f64::INFINITY;
+        vec![m.to_vec(), forged]
+    };
+    let (result, unchanged) = forward_through(&Forged { size: 2, gather: infinite }, &[4, 2]);
+    assert!(matches!(result, Err(BnError::NonFinite { index: 0, .. })), "{result:?}");
+    assert!(unchanged);
+}
+
+#[test]
+fn truncated_and_mutated_messages_never_panic() {
+    // Every prefix of a real message, and every field replaced by values a hostile or buggy
+    // peer might send, as rank 1's message: an error or (for harmless values) Ok; never a
+    // panic, and after an error the layer is unchanged.
+    let x: Vec<f32> = (0..12).map(|i| (i % 5) as f32).collect();
+    let real = recorded_forward(BatchNorm::new(3, [0]).unwrap(), &x, &[4, 3]);
+    let mut variants: Vec<Vec<f64>> = (0..real.len()).map(|n| real[..n].to_vec()).collect();
+    for i in 0..real.len() {
+        for v in [-1.0, 0.0, 0.5, 2.0, 1e300, -1e300, f64::NAN, f64::INFINITY, 2f64.powi(60)] {
+            let mut m = real.clone();
+            m[i] = v;
+            variants.push(m);
+        }
+    }
+    variants.push([real.clone(), vec![0.0; 4]].concat());
+    for m in &variants {
+        let group = Forged { size: 2, gather: |mine: &[f64]| vec![mine.to_vec(), m.clone()] };
+        let (result, unchanged) = forward_through(&group, &[4, 3]);
+        if result.is_err() {
+            assert!(unchanged, "{m:?}: {result:?}");
+        }
+    }
+}
+
+#[test]
+fn forged_backward_counts_are_an_error_and_change_nothing() {
+    let mut bn = BatchNorm::new(2, [0]).unwrap();
+    let x: Vec<f32> = (0..8).map(|i| (i % 3) as f32).collect();
+    let mut y = vec![0.0; 8];
+    bn.forward_train_sync(&x, &[4, 2], &mut y, &LocalGroup).unwrap();
+    for count in [-1.0, 0.5, 3.0, 1e300] {
+        let group = Forged {
+            size: 1,
+            gather: |m: &[f64]| {
+                let mut forged = m.to_vec();
+                forged[COUNT_AT] = count;
+                vec![forged]
+            },
+        };
+        let before = full_state(&bn);
+        let mut dx = vec![0.0; 8];
+        let result = bn.backward_sync(&x, &[1.0; 8], &[4, 2], &mut dx, &group);
+        assert!(matches!(result, Err(BnError::SyncMismatch { rank: 0, .. })), "{count}: {result:?}");
+        assert!(full_state(&bn) == before, "count {count}");
+    }
+}

@@ -384,7 +384,7 @@ fn decode(rank: usize, m: &[f64]) -> Result<Message<'_>, BnError> {
         let message = String::from_utf8_lossy(&bytes).into_owned();
         return Ok(Message::Failed { message });
     }
-    if m.len() < FIXED {
+    if m[2] != STATUS_OK || m.len() < FIXED {
         return Err(malformed());
     }
     let int =
@@ -416,9 +416,72 @@ struct Gathered {
     global_shape: Vec<usize>,
 }
 
+/// `shape` with the extent of `batch_axis` set to 0: what every rank's shape must agree on.
+fn masked_shape(h: &Header) -> Vec<usize> {
+    let mut s = h.shape.clone();
+    s[h.batch_axis] = 0;
+    s
+}
+
+/// Whether two headers describe the same layer and call up to the batch axis' extent.
+fn agrees(a: &Header, b: &Header) -> bool {
+    a.channels == b.channels
+        && a.batch_axis == b.batch_axis
+        && a.first_feature_axis == b.first_feature_axis
+        && masked_shape(a) == masked_shape(b)
+        && a.config.map(f64::to_bits) == b.config.map(f64::to_bits)
+}
+
+/// The values per feature that a rank's shape holds, `None` when the shape cannot be one of a
+/// layer with `channels` features (its size overflows, or is not a multiple of `channels`).
+fn values_per_feature(shape: &[usize], channels: usize) -> Option<usize> {
+    let len = shape.iter().try_fold(1usize, |acc, &e| acc.checked_mul(e))?;
+    if channels == 0 || len % channels != 0 {
+        return None;
+    }
+    Some(len / channels)
+}
+
+/// Checks one rank's payload: its `count` is the number of values per feature its own shape
+/// holds, and a forward's partials are moments of that many values (a non-negative sum of
+/// squared deviations; zeros for an empty shard). Non-finite moments pass: they are the
+/// statistics of non-finite data, which the merged statistics report as
+/// [`BnError::NonFinite`] on every rank.
+fn check_payload(op: Op, h: &Header, payload: &[f64]) -> Result<(), String> {
+    let expected = values_per_feature(&h.shape, h.channels)
+        .ok_or_else(|| format!("sent shape {:?}, which does not hold {} features", h.shape, h.channels))?;
+    // Exact for every count below 2^53, and no shape that fits in memory has more values.
+    if h.count != expected as f64 {
+        return Err(format!(
+            "claims {} values per feature where its shape {:?} holds {expected}",
+            h.count, h.shape
+        ));
+    }
+    if payload.len() != 2 * h.channels {
+        return Err(format!("sent {} statistics for {} features", payload.len(), h.channels));
+    }
+    if op == Op::Forward {
+        let (means, m2s) = payload.split_at(h.channels);
+        for (c, (&mean, &m2)) in means.iter().zip(m2s).enumerate() {
+            if m2 < 0.0 {
+                return Err(format!("sent a negative sum of squared deviations ({m2}) for feature {c}"));
+            }
+            if expected == 0 && (mean != 0.0 || m2 != 0.0) {
+                return Err(format!(
+                    "has an empty shard but sent moments (mean {mean}, m2 {m2}) for feature {c}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The one collective of a synchronized pass: sends this rank's header and payload (or its
-/// failure), gathers everyone's, and checks that all ranks agree. Every rank reaches the same
-/// verdict from the same gathered data; a rank whose own checks failed returns its own error.
+/// failure), gathers everyone's, and checks every message before anything is merged: each
+/// rank's call agrees with rank 0's and its payload is consistent with its own header
+/// ([`check_payload`]), so every rank reaches the same verdict from the same gathered messages.
+/// Rank 0's call must also be this rank's own (else the transport did not deliver what the
+/// ranks sent). A rank whose own checks failed returns its own error.
 fn exchange<G: StatsGroup + ?Sized>(
     group: &G,
     op: Op,
@@ -435,18 +498,15 @@ fn exchange<G: StatsGroup + ?Sized>(
     }
     let messages = all.iter().enumerate().map(|(r, m)| decode(r, m)).collect::<Result<Vec<_>, _>>()?;
     // A failed rank first (in rank order), then disagreements with rank 0.
+    let mut headers: Vec<(f64, &Header, &[f64])> = Vec::with_capacity(messages.len());
     for (rank, m) in messages.iter().enumerate() {
-        if let Message::Failed { message } = m {
-            return Err(BnError::SyncMismatch { rank, message: format!("failed its checks: {message}") });
+        match m {
+            Message::Failed { message } => {
+                return Err(BnError::SyncMismatch { rank, message: format!("failed its checks: {message}") })
+            }
+            Message::Ok { op, header, payload } => headers.push((*op, header, *payload)),
         }
     }
-    let headers: Vec<(f64, &Header, &[f64])> = messages
-        .iter()
-        .map(|m| match m {
-            Message::Ok { op, header, payload } => (*op, header, *payload),
-            Message::Failed { .. } => unreachable!("failures returned above"),
-        })
-        .collect();
     let (op0, h0, _) = headers[0];
     let mut global_shape = h0.shape.clone();
     global_shape[h0.batch_axis] = 0;
@@ -458,15 +518,10 @@ fn exchange<G: StatsGroup + ?Sized>(
         if h.channels != h0.channels {
             return mismatch(format!("has {} features, rank 0 has {}", h.channels, h0.channels));
         }
-        let masked = |h: &Header| -> Vec<usize> {
-            let mut s = h.shape.clone();
-            s[h.batch_axis] = 0;
-            s
-        };
-        if h.batch_axis != h0.batch_axis
-            || h.first_feature_axis != h0.first_feature_axis
-            || masked(h) != masked(h0)
-        {
+        let same_layout = h.batch_axis == h0.batch_axis
+            && h.first_feature_axis == h0.first_feature_axis
+            && masked_shape(h) == masked_shape(h0);
+        if !same_layout {
             return mismatch(format!(
                 "passes shape {:?} (features from axis {}) and rank 0 {:?} (features from axis {}): \
                  shards may differ only in the extent of the batch axis (axis {})",
@@ -480,16 +535,26 @@ fn exchange<G: StatsGroup + ?Sized>(
                 h.config, h0.config
             ));
         }
-        if payload.len() != 2 * h.channels {
-            return Err(BnError::SyncGroup(format!(
-                "rank {rank} sent {} statistics for {} features",
-                payload.len(),
-                h.channels
-            )));
+        if let Err(message) = check_payload(op, h, payload) {
+            return mismatch(message);
         }
         global_shape[h0.batch_axis] = global_shape[h0.batch_axis].saturating_add(h.shape[h0.batch_axis]);
     }
-    debug_assert_eq!(mine.channels, h0.channels);
+    // Every rank agrees with rank 0; rank 0 must agree with this rank's own call, whose
+    // features and shape the merge indexes with.
+    if op0 != op as i32 as f64 || !agrees(h0, &mine) {
+        return Err(BnError::SyncGroup(format!(
+            "the gathered messages do not match what rank {} sent: rank 0 calls {} with {} features \
+             and shape {:?}, this rank calls {} with {} features and shape {:?}",
+            group.rank(),
+            Op::name(op0),
+            h0.channels,
+            h0.shape,
+            Op::name(op as i32 as f64),
+            mine.channels,
+            mine.shape
+        )));
+    }
     Ok(Gathered {
         counts: headers.iter().map(|(_, h, _)| h.count).collect(),
         payloads: headers.iter().map(|(_, _, p)| p.to_vec()).collect(),
@@ -586,6 +651,14 @@ impl<E: Element> BatchNorm<E> {
             scratch.mean[c] = total.mean;
             scratch.var[c] = total.variance();
         }
+        // Every partial passed `check_payload`, so Chan's merge of them cannot go negative; the
+        // running variance must never take a negative value, whatever arrived.
+        if let Some(c) = scratch.var[..c].iter().position(|&v| v < 0.0) {
+            return Err(BnError::SyncGroup(format!(
+                "the merged variance of feature {c} is negative ({})",
+                scratch.var[c]
+            )));
+        }
         let n: f64 = gathered.counts.iter().sum();
         if n == 0.0 || c == 0 {
             return Err(BnError::EmptyBatch { shape: gathered.global_shape });
@@ -644,11 +717,8 @@ impl<E: Element> BatchNorm<E> {
                 // and t absorbing that rounding.
                 let (mut m, mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
                 for i in 0..c {
-                    let (mean, inv_std) = (scratch.mean[i], scratch.inv_std[i]);
-                    let k = gamma[i] as f64 * inv_std;
-                    m[i] = mean as f32;
-                    s[i] = k as f32;
-                    t[i] = (beta[i] as f64 + (m[i] as f64 - mean) * k) as f32;
+                    (m[i], s[i], t[i]) =
+                        kernels::train_coefficients(scratch.mean[i], scratch.inv_std[i], gamma[i], beta[i]);
                 }
                 kernels::normalize_fused_helped::<Dynamic>(self.backend(), x, y, epilogue, dims, &m, &s, &t);
                 false
