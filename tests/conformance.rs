@@ -141,7 +141,7 @@ fn manifest_matches_presets() {
         let expected = match case.source.as_str() {
             "torch" => Preset::Pytorch,
             "keras" => Preset::Keras,
-            "seed" => Preset::Seed,
+            "seed" => Preset::Numpy,
             other => panic!("{}: unknown source {other}", case.name),
         };
         assert_eq!(case.preset, expected, "{}: preset of source {}", case.name, case.source);

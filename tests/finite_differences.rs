@@ -42,7 +42,7 @@ const PROBLEMS: &[Problem] = &[
 
 fn configs() -> Vec<(&'static str, Config)> {
     vec![
-        ("seed", Config::preset(Preset::Seed)),
+        ("seed", Config::preset(Preset::Numpy)),
         ("pytorch", Config::preset(Preset::Pytorch)),
         ("keras", Config::preset(Preset::Keras)),
         ("eps 0.5", Config::new().eps(0.5)),

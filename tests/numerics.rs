@@ -418,7 +418,7 @@ fn unbiased_running_variance_is_accurate() {
         let (_, var) = stats(&g, &x);
         let n = (g.len() / g.channels()) as f64;
         for b in backends() {
-            let mut l = g.layer(Config::preset(Preset::Pytorch).momentum(0.0), b);
+            let mut l = g.layer(Config::preset(Preset::Pytorch).torch_momentum(1.0), b);
             let mut y = vec![0.0; x.len()];
             l.forward_train(&x, &g.shape, &mut y).unwrap();
             for (ch, &v) in var.iter().enumerate() {

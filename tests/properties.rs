@@ -80,7 +80,7 @@ impl Opts {
 
 fn opts() -> impl Strategy<Value = Opts> {
     (
-        prop_oneof![Just(Preset::Seed), Just(Preset::Pytorch), Just(Preset::Keras)],
+        prop_oneof![Just(Preset::Numpy), Just(Preset::Pytorch), Just(Preset::Keras)],
         prop_oneof![2 => Just(None), 1 => Just(Some(1e-3)), 1 => Just(Some(0.1))],
         prop_oneof![2 => Just(None), 1 => Just(Some(0.0)), 1 => Just(Some(0.5))],
         any::<bool>(),

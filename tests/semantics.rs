@@ -183,8 +183,8 @@ fn initial_state() {
     assert_eq!(BatchNormLayer::features(&SeedExampleBn::new()), 3025);
     assert_eq!(BatchNormLayer::rank(&SeedExampleBn::new()), 3);
     // The default configuration is the seed preset.
-    assert_eq!(*runtime_nchw().config(), Config::preset(Preset::Seed));
-    assert_eq!(*Nchw3::new().config(), Config::preset(Preset::Seed));
+    assert_eq!(*runtime_nchw().config(), Config::preset(Preset::Numpy));
+    assert_eq!(*Nchw3::new().config(), Config::preset(Preset::Numpy));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -692,7 +692,7 @@ fn momentum_weights_the_old_value_and_unbiased_corrects_by_n_over_n_minus_1() {
     ];
     let (n, c) = (4usize, 2usize);
     let variants = [
-        (Config::preset(Preset::Seed), 0.9, false),
+        (Config::preset(Preset::Numpy), 0.9, false),
         (Config::preset(Preset::Pytorch), 0.9, true),
         (Config::preset(Preset::Keras), 0.99, false),
         (Config::new().momentum(0.0), 0.0, false),
@@ -749,8 +749,8 @@ fn config_momentum_conversions() {
     assert_eq!(Config::preset(Preset::Keras).get_momentum(), 0.99);
     assert_eq!(Config::preset(Preset::Keras).get_eps(), 1e-3);
     assert_eq!(Config::preset(Preset::Keras).get_running_var(), RunningVar::Biased);
-    assert_eq!(Config::new(), Config::preset(Preset::Seed));
-    assert_eq!(Config::default(), Config::preset(Preset::Seed));
+    assert_eq!(Config::new(), Config::preset(Preset::Numpy));
+    assert_eq!(Config::default(), Config::preset(Preset::Numpy));
     assert_eq!(Config::new().get_momentum(), 0.9);
     assert_eq!(Config::new().get_eps(), 1e-5);
     assert_eq!(Config::new().get_running_var(), RunningVar::Biased);
@@ -759,6 +759,42 @@ fn config_momentum_conversions() {
     // Explicit keys override the preset.
     let k = Config::preset(Preset::Keras).eps(0.5).momentum(0.25);
     assert_eq!((k.get_eps(), k.get_momentum(), k.get_running_var()), (0.5, 0.25, RunningVar::Biased));
+}
+
+#[test]
+fn the_numpy_preset_keeps_its_older_name() {
+    #[allow(deprecated)]
+    let seed = Preset::Seed;
+    assert_eq!(seed, Preset::Numpy);
+    assert_eq!(Preset::from_name("seed"), Some(Preset::Numpy));
+    assert_eq!(Preset::from_name("numpy"), Some(Preset::Numpy));
+    assert_eq!(Preset::Numpy.name(), "numpy");
+    assert_eq!(Preset::default(), Preset::Numpy);
+}
+
+/// PyTorch's `momentum=0.1` written as `momentum` under the pytorch preset would be the weight
+/// of the old value (running_mean 9 after one step of 10s where torch gives 1): refused, with a
+/// message that names `torch_momentum`; `torch_momentum(0.1)` gives torch's update.
+#[test]
+fn momentum_is_refused_with_the_pytorch_preset() {
+    let refused = Config::preset(Preset::Pytorch).momentum(0.1);
+    let err = refused.validate().unwrap_err();
+    assert!(
+        matches!(err, BnError::InvalidConfig(_)) && err.to_string().contains("torch_momentum(0.1)"),
+        "{err}"
+    );
+    let err = BatchNorm::with_config(4, [0], refused).unwrap_err();
+    assert!(err.to_string().contains("torch_momentum"), "{err}");
+    // Refused whatever follows it, and only with that preset.
+    assert!(Config::preset(Preset::Pytorch).momentum(0.9).torch_momentum(0.1).validate().is_err());
+    assert!(Config::new().momentum(0.1).validate().is_ok());
+    assert!(Config::preset(Preset::Pytorch).cumulative_momentum().validate().is_ok());
+
+    let mut bn = BatchNorm::with_config(4, [0], Config::preset(Preset::Pytorch).torch_momentum(0.1)).unwrap();
+    let x: Vec<f32> = (0..8).map(|i| if i < 4 { 9.0 } else { 11.0 }).collect();
+    let mut y = vec![0.0; 8];
+    bn.forward_train(&x, &[2, 4], &mut y).unwrap();
+    assert!((bn.running_mean()[0] - 1.0).abs() < 1e-6, "{:?}", bn.running_mean());
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ use crate::BnError;
 /// How the running variance is updated from a training batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum RunningVar {
-    /// With the biased batch variance `sum((x - mean)^2) / n` (the seed, Keras).
+    /// With the biased batch variance `sum((x - mean)^2) / n` (the NumPy class, Keras).
     #[default]
     Biased,
     /// With the unbiased batch variance `sum((x - mean)^2) / (n - 1)` (PyTorch).
@@ -50,36 +50,53 @@ impl Activation {
 
 /// Named sets of defaults matching a reference implementation.
 ///
-/// | preset | momentum | eps | running_var | matches |
+/// | preset | momentum (weight of the old value) | eps | running variance | matches |
 /// |---|---|---|---|---|
-/// | [`Preset::Seed`] (default) | 0.9 | 1e-5 | biased | the seed's NumPy class |
-/// | [`Preset::Pytorch`] | 0.9 (torch 0.1) | 1e-5 | unbiased | `torch.nn.BatchNorm*d` |
+/// | [`Preset::Numpy`] (default) | 0.9 | 1e-5 | biased | the NumPy `BatchNormalization` class this crate reproduces |
+/// | [`Preset::Pytorch`] | 0.9 (torch's `momentum=0.1`) | 1e-5 | unbiased | `torch.nn.BatchNorm*d` |
 /// | [`Preset::Keras`] | 0.99 | 1e-3 | biased | `keras.layers.BatchNormalization` |
+///
+/// `"seed"` and [`Preset::Seed`] are older names of [`Preset::Numpy`], still accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Preset {
-    /// The seed's NumPy design: momentum 0.9, eps 1e-5, biased running variance.
+    /// The NumPy `BatchNormalization` class this crate reproduces: momentum 0.9 as the weight of
+    /// the old running value, eps 1e-5, biased running variance.
     #[default]
-    Seed,
+    Numpy,
     /// PyTorch's `BatchNorm*d`: momentum 0.9 (torch's 0.1), eps 1e-5, unbiased running variance.
+    /// Give PyTorch's momentum with [`Config::torch_momentum`]; [`Config::momentum`] is refused
+    /// with this preset, so that torch's `0.1` is never read as the weight of the old value.
     Pytorch,
     /// Keras's `BatchNormalization`: momentum 0.99, eps 1e-3, biased running variance.
     Keras,
 }
 
+#[allow(non_upper_case_globals)]
 impl Preset {
-    /// The preset's name as written in the attribute (`"seed"`, `"pytorch"`, `"keras"`).
+    /// The older name of [`Preset::Numpy`].
+    #[deprecated(note = "renamed `Preset::Numpy`")]
+    pub const Seed: Preset = Preset::Numpy;
+
+    /// The preset's name as written in the attribute (`"numpy"`, `"pytorch"`, `"keras"`).
     pub const fn name(self) -> &'static str {
         match self {
-            Preset::Seed => "seed",
+            Preset::Numpy => "numpy",
             Preset::Pytorch => "pytorch",
             Preset::Keras => "keras",
         }
     }
 
-    /// Parses a preset name as written in the attribute.
+    /// Parses a preset name as written in the attribute (`"seed"` is an alias of `"numpy"`).
+    ///
+    /// ```
+    /// use batchnorm::Preset;
+    /// assert_eq!(Preset::from_name("numpy"), Some(Preset::Numpy));
+    /// assert_eq!(Preset::from_name("seed"), Some(Preset::Numpy));
+    /// assert_eq!(Preset::from_name("torch"), None);
+    /// ```
     pub fn from_name(name: &str) -> Option<Preset> {
         match name {
-            "seed" => Some(Preset::Seed),
+            "numpy" | "seed" => Some(Preset::Numpy),
             "pytorch" => Some(Preset::Pytorch),
             "keras" => Some(Preset::Keras),
             _ => None,
@@ -93,20 +110,24 @@ impl Preset {
 /// configuration can be a constant. Values are checked when a layer is built
 /// ([`Config::validate`]).
 ///
-/// **Momentum convention**: `momentum` is the weight of the *old* running value (the seed's and
-/// Keras's convention): `running = momentum * running + (1 - momentum) * batch`. PyTorch's
-/// momentum `p` is the weight of the *new* value; [`Config::torch_momentum`] converts
-/// (`momentum = 1 - p`).
+/// **Momentum convention**: `momentum` is the weight of the *old* running value (the NumPy
+/// class's and Keras's convention): `running = momentum * running + (1 - momentum) * batch`.
+/// PyTorch's momentum `p` is the weight of the *new* value; [`Config::torch_momentum`] converts
+/// (`momentum = 1 - p`). Starting from [`Preset::Pytorch`], [`Config::momentum`] is refused
+/// ([`Config::validate`] fails and no layer is built): code ported from PyTorch passes
+/// `torch_momentum(0.1)`.
 ///
 /// ```
-/// use bn_core::{Config, Preset, RunningVar};
+/// use batchnorm::{Config, Preset, RunningVar};
 ///
-/// const CFG: Config = Config::preset(Preset::Pytorch).eps(1e-3);
-/// assert_eq!(CFG.get_momentum(), 0.9);
+/// const CFG: Config = Config::preset(Preset::Pytorch).eps(1e-3).torch_momentum(0.01);
+/// assert_eq!(CFG.get_momentum(), 0.99);
 /// assert_eq!(CFG.get_running_var(), RunningVar::Unbiased);
-/// assert_eq!(Config::new().torch_momentum(0.01).get_momentum(), 0.99);
+/// assert_eq!(Config::new().momentum(0.99).get_momentum(), 0.99);
+/// // PyTorch's 0.1 given as `momentum` would be the weight of the old value: refused.
+/// assert!(Config::preset(Preset::Pytorch).momentum(0.1).validate().is_err());
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Config {
     eps: f64,
     momentum: f64,
@@ -116,6 +137,37 @@ pub struct Config {
     scale: bool,
     track_running_stats: bool,
     activation: Activation,
+    /// Built from [`Preset::Pytorch`] (not part of equality: it changes no value).
+    pytorch: bool,
+    /// [`Config::momentum`] was called on a PyTorch configuration (refused by `validate`).
+    momentum_refused: bool,
+}
+
+/// Equal when every option is: the preset a configuration started from is not compared.
+impl PartialEq for Config {
+    fn eq(&self, other: &Config) -> bool {
+        let Config {
+            eps,
+            momentum,
+            cumulative,
+            running_var,
+            center,
+            scale,
+            track_running_stats,
+            activation,
+            pytorch: _,
+            momentum_refused,
+        } = *self;
+        eps == other.eps
+            && momentum == other.momentum
+            && cumulative == other.cumulative
+            && running_var == other.running_var
+            && center == other.center
+            && scale == other.scale
+            && track_running_stats == other.track_running_stats
+            && activation == other.activation
+            && momentum_refused == other.momentum_refused
+    }
 }
 
 impl Default for Config {
@@ -125,15 +177,15 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The default configuration: the `seed` preset.
+    /// The default configuration: the `numpy` preset.
     pub const fn new() -> Config {
-        Config::preset(Preset::Seed)
+        Config::preset(Preset::Numpy)
     }
 
     /// The configuration of a preset, with `center`, `scale` and `track_running_stats` on.
     pub const fn preset(preset: Preset) -> Config {
         let (momentum, eps, running_var) = match preset {
-            Preset::Seed => (0.9, 1e-5, RunningVar::Biased),
+            Preset::Numpy => (0.9, 1e-5, RunningVar::Biased),
             Preset::Pytorch => (0.9, 1e-5, RunningVar::Unbiased),
             Preset::Keras => (0.99, 1e-3, RunningVar::Biased),
         };
@@ -146,6 +198,8 @@ impl Config {
             scale: true,
             track_running_stats: true,
             activation: Activation::Identity,
+            pytorch: matches!(preset, Preset::Pytorch),
+            momentum_refused: false,
         }
     }
 
@@ -156,9 +210,14 @@ impl Config {
     }
 
     /// Sets the momentum: the weight of the old running value, in `[0, 1)`.
+    ///
+    /// Refused on a configuration built from [`Preset::Pytorch`] ([`Config::validate`] fails):
+    /// PyTorch's `momentum` is the weight of the new value, so its `0.1` goes to
+    /// [`Config::torch_momentum`].
     pub const fn momentum(mut self, momentum: f64) -> Config {
         self.momentum = momentum;
         self.cumulative = false;
+        self.momentum_refused |= self.pytorch;
         self
     }
 
@@ -268,8 +327,17 @@ impl Config {
         self.track_running_stats
     }
 
-    /// Checks the values: `eps` positive and finite, `momentum` in `[0, 1)`.
+    /// Checks the values: `eps` positive and finite, `momentum` in `[0, 1)`, and no
+    /// [`Config::momentum`] on a [`Preset::Pytorch`] configuration.
     pub fn validate(&self) -> Result<(), BnError> {
+        if self.momentum_refused {
+            return Err(BnError::InvalidConfig(
+                "momentum is refused with the pytorch preset: it is the weight of the old running \
+                 value, while PyTorch's momentum is the weight of the new one; write \
+                 torch_momentum(0.1) for PyTorch's momentum=0.1"
+                    .to_string(),
+            ));
+        }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(BnError::InvalidConfig(format!(
                 "eps must be a positive finite number, got {}",

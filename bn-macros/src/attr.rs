@@ -50,7 +50,7 @@ impl Key {
         ),
         (Key::TorchMomentum, "torch_momentum", "`torch_momentum = 0.1` (PyTorch's momentum, in (0, 1])"),
         (Key::RunningVar, "running_var", "`running_var = \"biased\"` or `running_var = \"unbiased\"`"),
-        (Key::Preset, "preset", "`preset = \"seed\"`, `preset = \"pytorch\"` or `preset = \"keras\"`"),
+        (Key::Preset, "preset", "`preset = \"numpy\"`, `preset = \"pytorch\"` or `preset = \"keras\"`"),
         (Key::Center, "center", "`center = true` or `center = false`"),
         (Key::Scale, "scale", "`scale = true` or `scale = false`"),
         (
@@ -100,19 +100,21 @@ pub(crate) type Integers = Spanned<Vec<Spanned<u64>>>;
 /// The `preset` key's values (mirrors `bn_core::Preset`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Preset {
-    Seed,
+    Numpy,
     Pytorch,
     Keras,
 }
 
 impl Preset {
     const ALL: &'static [(Preset, &'static str)] =
-        &[(Preset::Seed, "seed"), (Preset::Pytorch, "pytorch"), (Preset::Keras, "keras")];
+        &[(Preset::Numpy, "numpy"), (Preset::Pytorch, "pytorch"), (Preset::Keras, "keras")];
+    /// The older name of `"numpy"`, still accepted (and not offered in messages).
+    const ALIAS: (Preset, &'static str) = (Preset::Numpy, "seed");
 
     /// The variant's name in `bn_core::Preset`.
     pub(crate) fn variant(self) -> &'static str {
         match self {
-            Preset::Seed => "Seed",
+            Preset::Numpy => "Numpy",
             Preset::Pytorch => "Pytorch",
             Preset::Keras => "Keras",
         }
@@ -265,7 +267,12 @@ impl Attr {
             Key::Momentum => self.momentum = momentum(cx, key, value),
             Key::TorchMomentum => self.torch_momentum = number(cx, key, value),
             Key::RunningVar => self.running_var = choice(cx, key, value, RunningVar::ALL),
-            Key::Preset => self.preset = choice(cx, key, value, Preset::ALL),
+            Key::Preset => {
+                self.preset = match string(value) {
+                    Some(lit) if lit.value() == Preset::ALIAS.1 => Some(Spanned::new(Preset::ALIAS.0, value)),
+                    _ => choice(cx, key, value, Preset::ALL),
+                }
+            }
             Key::Center => self.center = boolean(cx, key, value),
             Key::Scale => self.scale = boolean(cx, key, value),
             Key::TrackRunningStats => self.track_running_stats = boolean(cx, key, value),

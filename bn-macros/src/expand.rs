@@ -85,7 +85,7 @@ impl Statics {
     fn new(krate: &Path, attr: &Attr, layout: &Layout) -> Statics {
         let private = quote!(#krate::__private);
         let preset =
-            syn::Ident::new(attr.preset.as_ref().map_or("Seed", |p| p.value.variant()), Span::call_site());
+            syn::Ident::new(attr.preset.as_ref().map_or("Numpy", |p| p.value.variant()), Span::call_site());
         let mut config = quote!(#private::Config::preset(#private::Preset::#preset));
         let momentum = attr.momentum.as_ref().and_then(|m| match m.value {
             Momentum::Value(value) => Some(value),

@@ -42,9 +42,9 @@ use proc_macro::TokenStream;
 /// |---|---|---|
 /// | `features` | the feature extents: `64`, or `[55, 55]` for several adjacent feature axes | required |
 /// | `axes` | the reduced axes (statistics over them), non-empty and ascending: `[0, 2, 3]` | required |
-/// | `preset` | `"seed"`, `"pytorch"` or `"keras"`: the defaults of the other options | `"seed"` |
+/// | `preset` | `"numpy"`, `"pytorch"` or `"keras"`: the defaults of the other options (`"seed"` is an older name of `"numpy"`) | `"numpy"` |
 /// | `eps` | a positive finite number added to the variance | the preset's |
-/// | `momentum` | the weight of the *old* running value, in `[0, 1)` (the seed's and Keras's convention), or `"cumulative"`: a cumulative moving average (PyTorch's `momentum=None`) | the preset's |
+/// | `momentum` | the weight of the *old* running value, in `[0, 1)` (the NumPy class's and Keras's convention), or `"cumulative"`: a cumulative moving average (PyTorch's `momentum=None`); a number is refused with `preset = "pytorch"` (write `torch_momentum`) | the preset's |
 /// | `torch_momentum` | PyTorch's momentum `p` in `(0, 1]`: `momentum = 1 - p` (not with `momentum`) | |
 /// | `running_var` | `"biased"` or `"unbiased"`: the batch variance that updates the running one | the preset's |
 /// | `center` | `false`: beta fixed at 0 | `true` |

@@ -10,7 +10,7 @@ use core::fmt::Display;
 use proc_macro2::Span;
 use quote::ToTokens;
 
-use crate::attr::{Attr, Key, Momentum, Spanned};
+use crate::attr::{Attr, Key, Momentum, Preset, Spanned};
 
 /// Collects errors and combines them into one `syn::Error` (as serde's `internals/ctxt.rs`),
 /// in the order of the source: each error is tagged with the current *position* (the index of
@@ -125,6 +125,23 @@ fn check_options(cx: &Ctxt, attr: &Attr) {
                 ),
             );
         }
+    }
+    // PyTorch's momentum is the weight of the new value: `momentum = 0.1` ported from PyTorch
+    // would silently be the opposite, so the pytorch preset takes `torch_momentum` only.
+    if let (
+        Some(Spanned { value: Momentum::Value(_), tokens }),
+        Some(Spanned { value: Preset::Pytorch, .. }),
+    ) = (&attr.momentum, &attr.preset)
+    {
+        cx.set_position(attr.position(Key::Momentum));
+        cx.error_spanned_by(
+            tokens,
+            format!(
+                "`momentum` is refused with `preset = \"pytorch\"`: here it is the weight of the old \
+                 running value, in PyTorch the weight of the new one; for PyTorch's momentum={tokens} \
+                 write `torch_momentum = {tokens}`"
+            ),
+        );
     }
     if let Some(p) = &attr.torch_momentum {
         cx.set_position(attr.position(Key::TorchMomentum));
