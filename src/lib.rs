@@ -41,13 +41,47 @@
 //! # }
 //! ```
 //!
+//! The same kernels are reached two more ways. When the features and axes are known only at
+//! run time, [`BatchNorm`] takes them as values:
+//!
+//! ```
+//! use batchnorm::{BatchNorm, Config, Preset};
+//!
+//! let mut bn = BatchNorm::with_config(8, [0, 1, 2], Config::preset(Preset::Keras))?; // NHWC
+//! let x: Vec<f32> = (0..2 * 3 * 3 * 8).map(|i| (i % 5) as f32).collect();
+//! let mut y = vec![0.0; x.len()];
+//! bn.forward_train(&x, &[2, 3, 3, 8], &mut y)?;
+//! # Ok::<(), batchnorm::BnError>(())
+//! ```
+//!
+//! And [`BatchNormArrayExt`] gives every layer entry points on ndarray arrays of any memory
+//! order, returning new arrays (the ndarray it takes is re-exported as [`ndarray`]):
+//!
+//! ```
+//! use batchnorm::ndarray::Array2;
+//! use batchnorm::{BatchNorm, BatchNormArrayExt};
+//!
+//! let mut bn = BatchNorm::new(3, [0])?;
+//! let x = Array2::from_shape_fn((4, 3), |(n, c)| (n * 3 + c) as f32);
+//! let y = bn.forward_train_array(&x)?;
+//! let dx = bn.backward_array(&x, &y)?;
+//! assert_eq!(dx.dim(), (4, 3));
+//! # Ok::<(), batchnorm::BnError>(())
+//! ```
+//!
+//! Beyond these: [`checkpoint`] (safetensors in PyTorch's and Keras's names), [`fold`] (folding
+//! into the neighbouring convolution or linear layer), [`sync`] (statistics synchronized across
+//! processes), [`kernels`] (the kernels themselves) and the [`Activation`] fused after the
+//! normalization.
+//!
 //! # Layouts
 //!
 //! Slices are row-major in the order of `shape`. A layer has one or more adjacent *feature
 //! axes* (gamma has their extents) and the other axes are *reduced*: the statistics of a feature
 //! are over every value of the reduced axes. Every such layout is the canonical view
 //! `(outer, C, inner)` ([`Layout::canonical`]): NCHW is `(N, C, H*W)`, NHWC `(N*H*W, C, 1)`, NC
-//! `(N, C, 1)`, and the seed's `(96, 55, 55)` normalized over axis 0 is `(96, 3025, 1)`.
+//! `(N, C, 1)`, and the NumPy class's example `(96, 55, 55)` normalized over axis 0 is
+//! `(96, 3025, 1)`.
 //!
 //! | layout | attribute |
 //! |---|---|
@@ -59,10 +93,13 @@
 //!
 //! # Configuration
 //!
-//! A [`Preset`] (`seed`, the default; `pytorch`; `keras`) sets momentum, eps and the running
-//! variance's bias; explicit keys override it ([`Config`] is the same at run time).
-//! **`momentum` is the weight of the old running value** (the seed's and Keras's convention);
-//! PyTorch's momentum `p` is `1 - p` here, or write `torch_momentum = p`.
+//! A [`Preset`] (`numpy`, the default: the NumPy `BatchNormalization` class this crate
+//! reproduces; `pytorch`; `keras`) sets momentum, eps and the running variance's bias; explicit
+//! keys override it ([`Config`] is the same at run time).
+//! **`momentum` is the weight of the old running value** (the NumPy class's and Keras's
+//! convention); PyTorch's momentum `p` is written `torch_momentum = p`, and with
+//! `preset = "pytorch"` a plain `momentum` is refused so that a ported `0.1` cannot silently mean
+//! the opposite.
 //!
 //! # Run-time layers
 //!

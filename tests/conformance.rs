@@ -135,7 +135,7 @@ fn manifest_is_covered() {
 
 #[test]
 fn manifest_matches_presets() {
-    // The manifest's explicit values are exactly the presets of DESIGN.md's table.
+    // The manifest's explicit values are exactly the presets' (docs/ARCHITECTURE.md, "The math").
     for case in common::manifest() {
         assert_eq!(case.config(), Config::preset(case.preset), "{}: preset values", case.name);
         let expected = match case.source.as_str() {

@@ -5,7 +5,7 @@
 //! - a few hundred deterministic pseudo-random inputs per target, so that the harnesses, and
 //!   the properties they check, stay in step with the crate in every `cargo test`.
 //!
-//! Run the fuzz targets themselves with `cargo +nightly fuzz run layer` (see the README).
+//! Run the fuzz targets themselves with `cargo +nightly fuzz run layer` (see docs/RELIABILITY.md).
 
 #[path = "../fuzz/harness/checkpoint.rs"]
 mod checkpoint_harness;

@@ -1,4 +1,4 @@
-//! DESIGN.md's non-finite rule on every backend this machine runs and both kernel families
+//! The non-finite rule (docs/RELIABILITY.md) on every backend this machine runs and both kernel families
 //! (planes: NCHW; rows: NC and NHWC), at serial and parallel sizes:
 //!
 //! - a non-finite batch mean or variance (a single NaN in an otherwise normal channel, an Inf,

@@ -3,7 +3,7 @@
 //! parameters: large offsets (`|mean| / std` up to 1e4), variances next to (and far below) eps,
 //! denormal inputs and parameters, and values whose squares overflow `f32`.
 //!
-//! The bounds asserted here are the accuracy the README's "Accuracy" section documents.
+//! The bounds asserted here are the accuracy docs/RELIABILITY.md documents ("Accuracy").
 
 mod common;
 

@@ -160,7 +160,7 @@ fn setup() -> impl Strategy<Value = Setup> {
 /// `(dx, dgamma, dbeta)`.
 type Grads = (Vec<f64>, Vec<f64>, Vec<f64>);
 
-/// Batch normalization written from DESIGN.md's formulas, one element at a time.
+/// Batch normalization written from the formulas of docs/ARCHITECTURE.md, one element at a time.
 struct Oracle {
     geo: Geometry,
     eps: f64,

@@ -1,4 +1,4 @@
-//! The clarifications of DESIGN.md's public contract, one test each (or one generic check run on
+//! The clarifications of the public contract (docs/ARCHITECTURE.md), one test each (or one generic check run on
 //! both the runtime-generic layer and a `#[batch_norm]` layer).
 
 mod common;
@@ -1242,7 +1242,7 @@ fn check_inference_does_not_allocate<L: Layer>(layer: L) {
     assert_eq!(n, 0, "{layer:?}: inference allocated {n} times in 6 calls");
 }
 
-/// DESIGN.md: "no allocation per call on the inference path" (running statistics; a small
+/// The contract: "no allocation per call on the inference path" (running statistics; a small
 /// tensor, which runs serially on the calling thread).
 #[test]
 fn inference_does_not_allocate() {

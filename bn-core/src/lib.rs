@@ -8,6 +8,11 @@
 /// re-exported so that users need no direct dependency.
 pub use half;
 
+/// The ndarray whose arrays [`BatchNormArrayExt`] takes (0.17), re-exported so that a user can
+/// name the same `ArrayBase` types (`batchnorm::ndarray::Array4`) whatever else they depend on.
+#[cfg(feature = "ndarray")]
+pub use ndarray;
+
 #[cfg(feature = "safetensors")]
 pub mod checkpoint;
 mod config;

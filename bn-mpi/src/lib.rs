@@ -61,7 +61,7 @@
 //! bn.backward_sync(&x_shard, &dy, &shard_shape, &mut dx, &group)?;
 //! ```
 //!
-//! Run it with `mpirun -np 4 target/release/examples/sync_bn` (see the README).
+//! Run it with `mpirun -np 4 target/release/examples/sync_bn` (see docs/RELIABILITY.md).
 #![deny(missing_docs)]
 
 pub use bn_core::sync::{ChannelMoments, LocalGroup, StatsGroup, SyncBatchNormExt, ThreadGroup, ThreadRank};

@@ -69,14 +69,14 @@ pub(crate) const TASK_ELEMS: usize = 1 << 13;
 
 /// Outputs of at least this many bytes are written with non-temporal stores: with their input
 /// they would not stay in a 32 MiB last-level cache anyway, and skipping the read for
-/// ownership saves a third of the traffic (measured: S2 inference 1.10x -> 0.82x of a copy).
-/// 14 MiB, not half the cache: `bf16` S5 (15.6 MiB out, 31.3 MiB with its input) was faster
-/// streamed (training 0.84-0.95x, backward 0.89-0.91x of regular stores, 3 runs), `bf16` S2
-/// (12.25 MiB out) slower (inference 1.06-1.39x), on the AMD Zen 3 VM with 32 MiB of L3.
+/// ownership saves a third of the traffic. 14 MiB, not half the cache: `bf16` S5 (15.6 MiB out,
+/// 31.3 MiB with its input) is faster streamed and `bf16` S2 (12.25 MiB out) slower, on an
+/// AMD Zen 3 with 32 MiB of L3 (docs/PERFORMANCE.md).
 pub(crate) const STREAM_MIN_BYTES: usize = 14 << 20;
 
 /// Least contiguous run (values) worth streaming: shorter runs leave partial lines, which
-/// streaming stores turn into slow partial writes (measured: S4, runs of 49, 1.1x -> 1.7x).
+/// streaming stores turn into slow partial writes (S4's runs of 49 values take about 1.5x as
+/// long streamed).
 pub(crate) const STREAM_MIN_RUN: usize = 256;
 
 /// Orders this thread's non-temporal stores before its later stores (`sfence` on x86-64; nothing

@@ -1,14 +1,15 @@
-//! The seed's own example, end to end: a batch X of shape (96, 55, 55) normalized over axis 0,
-//! so every one of the 55 x 55 positions is a feature with its own gamma, beta and statistics.
+//! The example of the NumPy `BatchNormalization` class this crate reproduces, end to end: a
+//! batch X of shape (96, 55, 55) normalized over axis 0, so every one of the 55 x 55 positions is
+//! a feature with its own gamma, beta and statistics.
 //!
-//! Run it with `cargo run --release --example seed_example`.
+//! Run it with `cargo run --release --example numpy_example`.
 
 use batchnorm::{batch_norm, BnError};
 
-/// Batch normalization over the batch axis of (N, 55, 55) images, with the seed's defaults
-/// (momentum 0.9, eps 1e-5, biased running variance).
+/// Batch normalization over the batch axis of (N, 55, 55) images, with the NumPy class's
+/// defaults (the `numpy` preset: momentum 0.9, eps 1e-5, biased running variance).
 #[batch_norm(features = [55, 55], axes = [0])]
-pub struct SeedBn;
+pub struct GridBn;
 
 /// A small deterministic generator, so the example needs no extra dependency.
 struct Lcg(u64);
@@ -52,13 +53,13 @@ fn summarize(label: &str, moments: &[(f64, f64)]) {
 fn main() -> Result<(), BnError> {
     let shape = [96, 55, 55];
     let n = shape[0];
-    let features = SeedBn::FEATURES;
+    let features = GridBn::FEATURES;
     let mut rng = Lcg(42);
     let x: Vec<f32> = (0..n * features).map(|_| rng.normal(3.0, 2.0)).collect();
     let mut y = vec![0.0f32; x.len()];
 
-    let mut bn = SeedBn::new();
-    println!("SeedBn: rank {}, {} features (55 x 55), input shape {:?}", SeedBn::RANK, features, shape);
+    let mut bn = GridBn::new();
+    println!("GridBn: rank {}, {} features (55 x 55), input shape {:?}", GridBn::RANK, features, shape);
 
     // Training: normalize with the batch statistics, update the running statistics.
     bn.forward_train(&x, &shape, &mut y)?;
