@@ -128,9 +128,10 @@ struct RunArgs {
 
     /// Write one JSON record per row
     ///
-    /// Write one JSON record per row: case, shape, axes, dtype, mode,
-    /// implementation, threads, backend, median_ns, min_ns, max_ns, gbps,
-    /// copy_ratio, naive_speedup
+    /// The fields: case, shape, axes, dtype, mode, implementation, threads,
+    /// backend, median_ns, min_ns, max_ns, gbps, copy_ratio, naive_speedup,
+    /// command (the command line, as bn-bench spells it) and cpu (the CPU's
+    /// model name)
     #[arg(long, value_name = "PATH", value_parser = parse_json_path, verbatim_doc_comment)]
     json: Option<PathBuf>,
 
@@ -195,7 +196,66 @@ impl Default for Options {
     }
 }
 
+/// `value` as one shell word (quoted when it has characters a shell would read).
+fn shell_word(value: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./,=:+@%".contains(c);
+    if !value.is_empty() && value.chars().all(plain) {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\'', "'\\''"))
+    }
+}
+
 impl Options {
+    /// The command line that runs these options, spelled the same way for the same options
+    /// (the records of `--json` carry it): `bn-bench --case S1,S3 --quick --json out.json`.
+    pub fn command_line(&self) -> String {
+        let mut words = vec!["bn-bench".to_string()];
+        let mut push = |option: &str, value: Option<String>| {
+            words.push(option.to_string());
+            words.extend(value.map(|v| shell_word(&v)));
+        };
+        let join = |items: &[String], separator: &str| items.join(separator);
+        match self.cases.as_slice() {
+            [case] if case.standard_shape().is_none() => {
+                let axes: Vec<String> = case.axes.iter().map(|a| a.to_string()).collect();
+                push("--shape", Some(case.shape_string()));
+                push("--axes", Some(join(&axes, ",")));
+            }
+            cases if cases.iter().map(|c| &c.name).ne(Case::all_standard().iter().map(|c| &c.name)) => {
+                let names: Vec<String> = cases.iter().map(|c| c.name.clone()).collect();
+                push("--case", Some(join(&names, ",")));
+            }
+            _ => {}
+        }
+        if self.modes != Mode::ALL {
+            let names: Vec<String> = self.modes.iter().map(|m| m.name().to_string()).collect();
+            push("--mode", Some(join(&names, ",")));
+        }
+        if let Some(n) = self.threads {
+            push("--threads", Some(n.to_string()));
+        }
+        if let Some(backend) = &self.backend {
+            push("--backend", Some(backend.clone()));
+        }
+        if self.dtype != Dtype::F32 {
+            push("--dtype", Some(self.dtype.name().to_string()));
+        }
+        if self.quick {
+            push("--quick", None);
+        }
+        if self.epilogues {
+            push("--epilogues", None);
+        }
+        if let Some(path) = &self.json {
+            push("--json", Some(path.display().to_string()));
+        }
+        if let Some(path) = &self.plot {
+            push("--plot", Some(path.display().to_string()));
+        }
+        words.join(" ")
+    }
+
     /// The repetition settings of the options.
     pub fn settings(&self) -> Settings {
         if self.quick {
@@ -498,7 +558,7 @@ pub fn run(options: &Options, progress: bool) -> Result<RunOutput, RunError> {
         None => measure()?,
     };
     let backend = backend_name();
-    let rows = report::rows(&measurements, threads, &backend);
+    let rows = report::rows(&measurements, threads, &backend, &options.command_line());
     let mut table = report::table(&rows, &options.cases, threads, &backend);
     if let Some(note) = backend_note() {
         table = format!("note: {note}\n{table}");

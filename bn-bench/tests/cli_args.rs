@@ -92,6 +92,43 @@ fn case_selection() {
 }
 
 #[test]
+fn the_command_line_of_options_parses_back_to_them() {
+    for args in [
+        &[][..],
+        &["--case", "S3,S1", "--mode", "eval", "--quick"],
+        &["--shape", "96x55x55", "--axes", "0", "--threads", "2", "--backend", "wide"],
+        &["--dtype", "bf16", "--epilogues", "--json", "my runs/out.json", "--plot", "it's.svg"],
+    ] {
+        let options = run_options(args);
+        let line = options.command_line();
+        let words = shell_words(&line);
+        assert_eq!(words[0], "bn-bench");
+        assert_eq!(run_options(&words[1..].iter().map(String::as_str).collect::<Vec<_>>()), options, "{line}");
+    }
+}
+
+/// Splits a command line as a POSIX shell does for plain and single-quoted words.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut started) = (Vec::new(), String::new(), false, false);
+    for c in line.chars() {
+        match c {
+            '\'' => (quoted, started) = (!quoted, true),
+            ' ' if !quoted => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                }
+                started = false;
+            }
+            c => (word, started) = (word + &c.to_string(), true),
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    words
+}
+
+#[test]
 fn argument_errors_are_messages() {
     let cases: &[(&[&str], &str)] = &[
         (&["--frobnicate"], "unexpected argument '--frobnicate'"),
