@@ -13,6 +13,7 @@ use crate::backend::{backend_name, backend_note, request_backend, BACKEND_NAMES}
 use crate::bench::{Measurement, Settings, Workload};
 use crate::case::{Case, Dtype, Mode, NAMED_LAYOUTS, STANDARD_SHAPES};
 use crate::report::{self, Row};
+use crate::suite::Suite;
 
 /// The first paragraph of `--help` and the one line of `-h`-less contexts (error hints).
 const ABOUT: &str = "Batch normalization throughput, measured against a copy of the same bytes \
@@ -33,7 +34,21 @@ implementations are interleaved; each runs until it has its time budget and mini
 
   S1 NC   256x1024       axes 0         S4 NCHW 32x2048x7x7    axes 0,2,3
   S2 NCHW 32x64x56x56    axes 0,2,3     S5 NCL  64x128x1000    axes 0,2
-  S3 NHWC 32x56x56x64    axes 0,1,2     S6 NCHW 1x64x8x8       axes 0,2,3";
+  S3 NHWC 32x56x56x64    axes 0,1,2     S6 NCHW 1x64x8x8       axes 0,2,3
+
+--suite resnet50 runs the batch-norm layers of ResNet-50 at batch 50 instead, NCHW, as oneDNN's
+benchdnn lists them (inputs/bnorm/bnorm_resnet_50), each with how many of the network's 53
+layers have its shape:
+
+  R1 50x64x112x112  x1     R4 50x512x28x28   x5     R7 50x256x14x14  x12
+  R2 50x256x56x56   x4     R5 50x128x28x28   x8     R8 50x2048x7x7   x4
+  R3 50x64x56x56    x6     R6 50x1024x14x14  x7     R9 50x512x7x7    x6
+
+with the runtime-generic layer and the copy only (the macro layer needs each shape compiled in,
+and the naive baseline would take most of the run on tensors of up to 160 MB). After the table
+a summary line gives the batch-norm time of one training step (training forward + backward of
+the 53 layers, each shape weighted by its count) and of one inference pass, against the copy
+weighted the same way, and against PyTorch with --torch.";
 
 /// What `--help` says after the options.
 const AFTER_LONG_HELP: &str = "\
@@ -50,6 +65,9 @@ Examples:
   cargo run --release -p bn-bench -- --case S2,S3,S5 --dtype bf16
   cargo run --release -p bn-bench -- --shape 8x256x28x28 --layout nchw --backend avx2
   cargo run --release -p bn-bench -- --shape 96x55x55 --axes 0
+  cargo run --release -p bn-bench -- --suite resnet50 --threads 2 --json rn50.json
+  python3 bn-bench/scripts/torch_bench.py --suite resnet50 --threads 2 --json rn50-torch.json
+  cargo run --release -p bn-bench -- --suite resnet50 --threads 2 --torch rn50-torch.json
 
 Exit status: 0 on success, 2 on bad arguments, 1 when a run fails.";
 
@@ -76,11 +94,11 @@ struct Cli {
 struct RunArgs {
     /// Only these standard shapes (comma-separated: S1..S6)
     #[arg(long, alias = "cases", value_name = "S1,S3", value_parser = parse_cases)]
-    #[arg(conflicts_with = "shape")]
+    #[arg(conflicts_with_all = ["shape", "suite"])]
     case: Option<::std::vec::Vec<Case>>,
 
     /// A custom shape instead (the macro layer runs too when it is a standard one)
-    #[arg(long, value_name = "32x64x56x56", value_parser = parse_shape)]
+    #[arg(long, value_name = "32x64x56x56", value_parser = parse_shape, conflicts_with = "suite")]
     shape: Option<::std::vec::Vec<usize>>,
 
     /// Its reduced axes (the others are the feature axes, adjacent)
@@ -114,6 +132,20 @@ struct RunArgs {
     /// f32 and bf16
     #[arg(long, value_name = "NAME", value_parser = parse_dtype, verbatim_doc_comment)]
     dtype: Option<Dtype>,
+
+    /// A network's batch-norm layers instead of the standard shapes (see above)
+    ///
+    /// The runtime layer and the copy of each layer's shape, then a summary line
+    #[arg(long, value_name = "NAME", value_enum, verbatim_doc_comment)]
+    suite: Option<Suite>,
+
+    /// PyTorch's records of the same suite, for the summary line
+    ///
+    /// Written by torch_bench.py --suite NAME --json FILE; the summary line
+    /// then also gives PyTorch's time of a training step and an inference pass,
+    /// over ours
+    #[arg(long, value_name = "FILE", requires = "suite", verbatim_doc_comment)]
+    torch: Option<PathBuf>,
 
     /// Fewer repetitions (50 ms per implementation and row instead of 400 ms)
     #[arg(long)]
@@ -178,6 +210,10 @@ pub struct Options {
     pub json: Option<PathBuf>,
     /// Where to write the SVG plot.
     pub plot: Option<PathBuf>,
+    /// The suite the cases are, if any: no naive baseline, and a summary line.
+    pub suite: Option<Suite>,
+    /// PyTorch's records of the suite, for the summary line.
+    pub torch: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -192,6 +228,8 @@ impl Default for Options {
             epilogues: false,
             json: None,
             plot: None,
+            suite: None,
+            torch: None,
         }
     }
 }
@@ -217,6 +255,7 @@ impl Options {
         };
         let join = |items: &[String], separator: &str| items.join(separator);
         match self.cases.as_slice() {
+            _ if self.suite.is_some() => push("--suite", self.suite.map(|s| s.name().to_string())),
             [case] if case.standard_shape().is_none() => {
                 let axes: Vec<String> = case.axes.iter().map(|a| a.to_string()).collect();
                 push("--shape", Some(case.shape_string()));
@@ -252,6 +291,9 @@ impl Options {
         }
         if let Some(path) = &self.plot {
             push("--plot", Some(path.display().to_string()));
+        }
+        if let Some(path) = &self.torch {
+            push("--torch", Some(path.display().to_string()));
         }
         words.join(" ")
     }
@@ -402,10 +444,15 @@ impl RunArgs {
             epilogues: self.epilogues,
             json: self.json,
             plot: self.plot,
+            suite: self.suite,
+            torch: self.torch,
             ..Options::default()
         };
         if let Some(cases) = self.case {
             options.cases = cases;
+        }
+        if let Some(suite) = self.suite {
+            options.cases = suite.cases();
         }
         if let Some(shape) = self.shape {
             let rank = shape.len();
@@ -493,7 +540,7 @@ pub enum RunError {
     Layer(String),
     /// The Rayon pool could not be built.
     ThreadPool(String),
-    /// Writing the JSON or the plot failed.
+    /// Reading PyTorch's records or writing the JSON or the plot failed.
     Output(String),
 }
 
@@ -522,6 +569,14 @@ pub fn run(options: &Options, progress: bool) -> Result<RunOutput, RunError> {
     if let Some(backend) = &options.backend {
         request_backend(backend);
     }
+    // Read before measuring, so that a wrong path fails at once.
+    let torch = match &options.torch {
+        Some(path) => Some(
+            report::read_json(path)
+                .map_err(|e| RunError::Output(format!("cannot read {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let measure = || -> Result<(Vec<Measurement>, usize), RunError> {
         let threads = rayon::current_num_threads();
         let total = (options.cases.len() * options.modes.len()) as u64;
@@ -539,7 +594,8 @@ pub fn run(options: &Options, progress: bool) -> Result<RunOutput, RunError> {
         for case in &options.cases {
             for &mode in &options.modes {
                 bar.set_message(format!("{} {mode}", case.name));
-                let row = Workload::with_epilogues(case, mode, true, options.epilogues)
+                let with_naive = options.suite.is_none();
+                let row = Workload::with_epilogues(case, mode, with_naive, options.epilogues)
                     .and_then(|mut w| w.measure(&settings))
                     .map_err(|e| RunError::Layer(format!("{} {mode}: {e}", case.name)))?;
                 measurements.extend(row);
@@ -562,6 +618,10 @@ pub fn run(options: &Options, progress: bool) -> Result<RunOutput, RunError> {
     let mut table = report::table(&rows, &options.cases, threads, &backend);
     if let Some(note) = backend_note() {
         table = format!("note: {note}\n{table}");
+    }
+    if let Some(suite) = options.suite {
+        table.push_str(&crate::suite::summary(suite, &rows, "runtime", torch.as_deref()));
+        table.push('\n');
     }
     Ok(RunOutput { rows, table })
 }

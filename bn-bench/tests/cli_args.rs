@@ -92,12 +92,33 @@ fn case_selection() {
 }
 
 #[test]
+fn resnet50_suite() {
+    let o = run_options(&["--suite", "resnet50", "--quick", "--torch", "torch.json"]);
+    let names: Vec<&str> = o.cases.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8", "R9"]);
+    assert_eq!(o.cases[0].shape, [50, 64, 112, 112]);
+    assert!(o.cases.iter().all(|c| c.axes == [0, 2, 3]));
+    assert_eq!(o.suite, Some(bn_bench::suite::Suite::Resnet50));
+    assert_eq!(o.torch, Some(PathBuf::from("torch.json")));
+    for (args, expected) in [
+        (&["--suite", "resnet50", "--case", "S1"][..], "cannot be used with"),
+        (&["--suite", "resnet50", "--shape", "4x8"], "cannot be used with"),
+        (&["--suite", "resnet18"], "invalid value 'resnet18' for '--suite <NAME>'"),
+        (&["--torch", "torch.json"], "the following required arguments were not provided:\n  --suite"),
+    ] {
+        let message = usage_error(args);
+        assert!(message.contains(expected), "{args:?}: message `{message}` should contain `{expected}`");
+    }
+}
+
+#[test]
 fn the_command_line_of_options_parses_back_to_them() {
     for args in [
         &[][..],
         &["--case", "S3,S1", "--mode", "eval", "--quick"],
         &["--shape", "96x55x55", "--axes", "0", "--threads", "2", "--backend", "wide"],
         &["--dtype", "bf16", "--epilogues", "--json", "my runs/out.json", "--plot", "it's.svg"],
+        &["--suite", "resnet50", "--mode", "train,backward", "--torch", "torch.json"],
     ] {
         let options = run_options(args);
         let line = options.command_line();
@@ -107,11 +128,13 @@ fn the_command_line_of_options_parses_back_to_them() {
     }
 }
 
-/// Splits a command line as a POSIX shell does for plain and single-quoted words.
+/// Splits a command line as a POSIX shell does for plain and single-quoted words and `\'`.
 fn shell_words(line: &str) -> Vec<String> {
     let (mut words, mut word, mut quoted, mut started) = (Vec::new(), String::new(), false, false);
-    for c in line.chars() {
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
         match c {
+            '\\' if !quoted => (word, started) = (word + &chars.next().unwrap().to_string(), true),
             '\'' => (quoted, started) = (!quoted, true),
             ' ' if !quoted => {
                 if started {
