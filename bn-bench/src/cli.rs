@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::backend::{backend_name, backend_note, request_backend, BACKEND_NAMES};
 use crate::bench::{Measurement, Settings, Workload};
 use crate::case::{Case, Dtype, Mode, NAMED_LAYOUTS, STANDARD_SHAPES};
+use crate::markdown::MarkdownOptions;
 use crate::report::{self, Row};
 use crate::suite::Suite;
 
@@ -68,6 +69,7 @@ Examples:
   cargo run --release -p bn-bench -- --suite resnet50 --threads 2 --json rn50.json
   python3 bn-bench/scripts/torch_bench.py --suite resnet50 --threads 2 --json rn50-torch.json
   cargo run --release -p bn-bench -- --suite resnet50 --threads 2 --torch rn50-torch.json
+  cargo run --release -p bn-bench -- markdown --from bench.json --torch torch.json
 
 Exit status: 0 on success, 2 on bad arguments, 1 when a run fails.";
 
@@ -79,14 +81,30 @@ Exit status: 0 on success, 2 on bad arguments, 1 when a run fails.";
     long_about = LONG_ABOUT,
     after_long_help = AFTER_LONG_HELP,
     after_help = "Run `bn-bench --help` for what is measured, the columns and examples.",
-    disable_help_flag = true
+    disable_help_flag = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(flatten)]
     run: RunArgs,
+    #[command(subcommand)]
+    command: Option<SubCommand>,
     /// Print this help (-h and --help alike)
     #[arg(short = 'h', long = "help", action = ArgAction::HelpLong, global = true)]
     help: Option<bool>,
+}
+
+/// What runs instead of a benchmark.
+#[derive(Debug, clap::Subcommand)]
+enum SubCommand {
+    /// Print the Markdown performance table of a --json run (and PyTorch's beside it)
+    ///
+    /// Print the Markdown performance table of a --json run: per case, the time
+    /// of our layer in each mode, its ratio to the copy of the same run and,
+    /// with --torch, PyTorch's time over ours; a header line with the commands
+    /// and the CPU that made the records, and the summary line of a --suite run.
+    #[command(verbatim_doc_comment)]
+    Markdown(MarkdownOptions),
 }
 
 /// The options of a run.
@@ -315,6 +333,8 @@ pub enum Command {
     Help,
     /// Run the benchmark.
     Run(Options),
+    /// Print the Markdown table of recorded runs (`bn-bench markdown`).
+    Markdown(MarkdownOptions),
 }
 
 /// The largest tensor `--shape` accepts, in elements (4 GiB of f32 per buffer).
@@ -511,6 +531,9 @@ where
     let args = std::iter::once("bn-bench".to_string()).chain(args.into_iter().map(Into::into));
     let matches = command.try_get_matches_from_mut(args)?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+    if let Some(SubCommand::Markdown(options)) = cli.command {
+        return Ok(Command::Markdown(options));
+    }
     cli.run.into_options().map(Command::Run).map_err(|message| command.error(ErrorKind::ValueValidation, message))
 }
 
@@ -662,6 +685,16 @@ where
             print!("{}", help());
             0
         }
+        Ok(Command::Markdown(options)) => match crate::markdown::run(&options) {
+            Ok(table) => {
+                print!("{table}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
         Ok(Command::Run(options)) => {
             let result = run(&options, true).and_then(|out| {
                 print!("{}", out.table);

@@ -7,6 +7,8 @@
 //!   runtime-generic layer, the naive baseline and a copy of the same bytes, interleaved in one
 //!   process; a table, `--json` records and a `--plot` SVG. `--suite resnet50` measures the
 //!   batch-norm layers of ResNet-50 instead ([`suite`]), with the time of one training step.
+//! - `bn-bench markdown --from run.json [--torch torch.json]` ([`markdown`]): the Markdown
+//!   performance table of a `--json` run, with PyTorch's figures beside ours.
 //! - [`bench`](mod@bench): the measuring loop; [`report`]: the derived figures, the table and the JSON;
 //!   [`plot`]: the SVG; [`layers`]: the layers under test; [`case`]: shapes, modes,
 //!   implementations.
@@ -19,6 +21,7 @@ pub mod bench;
 pub mod case;
 pub mod cli;
 pub mod layers;
+pub mod markdown;
 pub mod naive;
 pub mod plot;
 pub mod report;

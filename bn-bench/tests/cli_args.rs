@@ -112,6 +112,25 @@ fn resnet50_suite() {
 }
 
 #[test]
+fn markdown_subcommand() {
+    use bn_bench::markdown::{LayerChoice, MarkdownOptions};
+    let parsed = parse_args(["markdown", "--from", "ours.json", "--torch", "torch.json"]);
+    let expected = MarkdownOptions {
+        from: PathBuf::from("ours.json"),
+        torch: Some(PathBuf::from("torch.json")),
+        layer: LayerChoice::Macro,
+    };
+    assert_eq!(parsed, Ok(Command::Markdown(expected)));
+    match parse_args(["markdown", "--from", "a.json", "--layer", "runtime"]) {
+        Ok(Command::Markdown(o)) => assert_eq!((o.torch, o.layer), (None, LayerChoice::Runtime)),
+        other => panic!("{other:?}"),
+    }
+    assert!(usage_error(&["markdown"]).contains("--from"));
+    assert!(usage_error(&["--quick", "markdown", "--from", "a.json"]).contains("cannot be used with"));
+    assert_eq!(bn_bench::cli::main_with_args(["markdown", "--from", "/no/such/file.json"]), 1);
+}
+
+#[test]
 fn the_command_line_of_options_parses_back_to_them() {
     for args in [
         &[][..],
@@ -155,7 +174,7 @@ fn shell_words(line: &str) -> Vec<String> {
 fn argument_errors_are_messages() {
     let cases: &[(&[&str], &str)] = &[
         (&["--frobnicate"], "unexpected argument '--frobnicate'"),
-        (&["S1"], "unexpected argument 'S1'"),
+        (&["S1"], "unrecognized subcommand 'S1'"),
         (&["--shape"], "a value is required for '--shape"),
         (&["--shape", "32x0x5"], "extents must be positive"),
         (&["--shape", "32xax5"], "`a` is not a positive integer extent"),

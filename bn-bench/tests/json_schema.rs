@@ -91,6 +91,14 @@ fn quick_run_writes_json_records_and_a_plot() {
     }
     let read = bn_bench::report::read_json(&json).expect("the records read back");
     assert_eq!(read.len(), 9);
+    let options = bn_bench::markdown::MarkdownOptions {
+        from: json.clone(),
+        torch: Some(json.clone()),
+        layer: bn_bench::markdown::LayerChoice::Macro,
+    };
+    let markdown = bn_bench::markdown::run(&options).expect("a table of the records");
+    assert!(markdown.starts_with("Measured with `bn-bench --shape 4x8x3x3"), "{markdown}");
+    assert!(markdown.contains("| custom | 4x8x3x3, axes [0, 2, 3] | runtime |"), "{markdown}");
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.contains("<svg") && svg_text.contains("bandwidth ceiling"));
     std::fs::remove_dir_all(&dir).ok();
