@@ -488,7 +488,9 @@ impl RunArgs {
                 }
                 (None, None) => match NAMED_LAYOUTS.iter().find(|(n, r, _)| *r == rank && *n != "nhwc") {
                     Some((_, _, a)) => a.to_vec(),
-                    None => return Err(format!("--shape has rank {rank}: give its reduced axes with --axes")),
+                    None => {
+                        return Err(format!("--shape has rank {rank}: give its reduced axes with --axes"))
+                    }
                 },
             };
             let mut sorted = axes.clone();
@@ -534,7 +536,10 @@ where
     if let Some(SubCommand::Markdown(options)) = cli.command {
         return Ok(Command::Markdown(options));
     }
-    cli.run.into_options().map(Command::Run).map_err(|message| command.error(ErrorKind::ValueValidation, message))
+    cli.run
+        .into_options()
+        .map(Command::Run)
+        .map_err(|message| command.error(ErrorKind::ValueValidation, message))
 }
 
 /// Parses the arguments (without the program name). `-h` and `--help` anywhere are

@@ -61,7 +61,8 @@ fn cases(rows: &[Row]) -> Vec<(&str, &[usize], &[usize])> {
 }
 
 fn find<'a>(rows: &'a [Row], shape: &[usize], axes: &[usize], mode: Mode, imp: &str) -> Option<&'a Row> {
-    rows.iter().find(|r| r.shape == shape && r.axes == axes && r.mode == mode.name() && r.implementation == imp)
+    rows.iter()
+        .find(|r| r.shape == shape && r.axes == axes && r.mode == mode.name() && r.implementation == imp)
 }
 
 /// `32x64x56x56`, with the layout's name for a standard shape or a suite layer.
@@ -79,7 +80,11 @@ fn shape_cell(name: &str, shape: &[usize], axes: &[usize]) -> String {
 }
 
 fn ratios(values: &[Option<f64>]) -> String {
-    values.iter().map(|v| v.filter(|r| r.is_finite()).map_or("-".to_string(), |r| format!("{r:.2}"))).collect::<Vec<_>>().join(" / ")
+    values
+        .iter()
+        .map(|v| v.filter(|r| r.is_finite()).map_or("-".to_string(), |r| format!("{r:.2}")))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 /// Where the records came from: their command (or a note that they do not say).
@@ -113,11 +118,8 @@ pub fn table(ours: &[Row], torch: Option<&[Row]>, layer: LayerChoice) -> String 
     );
     if let Some(torch) = torch {
         let (t_threads, t_backend) = torch.first().map_or((0, ""), |r| (r.threads, r.backend.as_str()));
-        let _ = write!(
-            s,
-            " and {} ({t_threads} thread(s), {t_backend})",
-            command_of(torch, "torch_bench.py")
-        );
+        let _ =
+            write!(s, " and {} ({t_threads} thread(s), {t_backend})", command_of(torch, "torch_bench.py"));
     }
     let _ = write!(s, " on {}", cpu_of(ours));
     if let Some(torch_cpu) = torch.and_then(|t| t.iter().map(|r| r.cpu.as_str()).find(|c| !c.is_empty())) {
@@ -137,8 +139,10 @@ pub fn table(ours: &[Row], torch: Option<&[Row]>, layer: LayerChoice) -> String 
         header.push("PyTorch / ours (train / eval / backward)");
     }
     let _ = writeln!(s, "| {} |", header.join(" | "));
-    let align: Vec<&str> =
-        header.iter().map(|h| if ["train", "eval", "backward"].contains(h) { "--:" } else { "---" }).collect();
+    let align: Vec<&str> = header
+        .iter()
+        .map(|h| if ["train", "eval", "backward"].contains(h) { "--:" } else { "---" })
+        .collect();
     let _ = writeln!(s, "|{}|", align.join("|"));
 
     for (name, shape, axes) in cases(ours) {
@@ -215,7 +219,10 @@ mod tests {
         }
         let torch = vec![row("S1", s1, a1, Mode::Train, "pytorch", 8000)];
         let text = table(&ours, Some(&torch), LayerChoice::Macro);
-        assert!(text.starts_with("Measured with `bn-bench --case S1 --json ours.json` (f32, 2 thread(s)"), "{text}");
+        assert!(
+            text.starts_with("Measured with `bn-bench --case S1 --json ours.json` (f32, 2 thread(s)"),
+            "{text}"
+        );
         assert!(text.contains("on Test CPU."), "{text}");
         assert!(
             text.contains("| S1 | NC 256x1024 | macro | 2.000 µs | 2.000 µs | 2.000 µs | 2.00 / 2.00 / 2.00 | 4.00 / - / - |"),

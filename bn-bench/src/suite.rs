@@ -145,7 +145,8 @@ pub fn summary(suite: Suite, rows: &[Row], ours: &str, torch: Option<&[Row]>) ->
     let threads = rows.first().map_or(0, |r| r.threads);
     let ours_times = pass_times(suite, rows, |r| r.implementation == ours);
     let copy = pass_times(suite, rows, |r| r.implementation == "copy");
-    let torch_times = torch.map(|t| pass_times(suite, t, |r| r.implementation == "pytorch" && r.dtype == dtype));
+    let torch_times =
+        torch.map(|t| pass_times(suite, t, |r| r.implementation == "pytorch" && r.dtype == dtype));
     let mut s = format!(
         "{} batch norm, {} layers at batch {}, {dtype}, {threads} thread(s), {ours} layer:",
         suite.title(),

@@ -143,7 +143,11 @@ fn the_command_line_of_options_parses_back_to_them() {
         let line = options.command_line();
         let words = shell_words(&line);
         assert_eq!(words[0], "bn-bench");
-        assert_eq!(run_options(&words[1..].iter().map(String::as_str).collect::<Vec<_>>()), options, "{line}");
+        assert_eq!(
+            run_options(&words[1..].iter().map(String::as_str).collect::<Vec<_>>()),
+            options,
+            "{line}"
+        );
     }
 }
 
@@ -191,7 +195,10 @@ fn argument_errors_are_messages() {
         (&["--shape", "4x8x3x3", "--axes", "0,2,x"], "`x` is not an axis index"),
         (&["--shape", "4x8x3x3", "--layout", "nc"], "--layout nc is for rank 2"),
         (&["--shape", "4x8x3x3", "--layout", "nwhc"], "not one of nchw, nhwc, nc, ncl"),
-        (&["--shape", "4x8x3x3", "--layout", "nchw", "--axes", "0,2,3"], "'--layout <NAME>' cannot be used with '--axes <0,2,3>'"),
+        (
+            &["--shape", "4x8x3x3", "--layout", "nchw", "--axes", "0,2,3"],
+            "'--layout <NAME>' cannot be used with '--axes <0,2,3>'",
+        ),
         (&["--axes", "0,2,3"], "the following required arguments were not provided:\n  --shape"),
         (&["--shape", "1x8", "--mode", "train"], "1 value per feature"),
         (&["--case", "S7"], "`S7` is not a standard shape"),

@@ -59,7 +59,10 @@ fn quick_run_writes_json_records_and_a_plot() {
         assert_eq!(row["axes"], serde_json::json!([0, 2, 3]));
         assert_eq!(row["threads"], 2);
         let command = row["command"].as_str().expect("command is a string");
-        assert!(command.starts_with("bn-bench --shape 4x8x3x3 --axes 0,2,3 --threads 2 --quick --json "), "{command}");
+        assert!(
+            command.starts_with("bn-bench --shape 4x8x3x3 --axes 0,2,3 --threads 2 --quick --json "),
+            "{command}"
+        );
         assert!(!row["cpu"].as_str().expect("cpu is a string").is_empty());
         assert!(!row["backend"].as_str().expect("backend is a string").is_empty());
         let (min, median, max) = (
