@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch's CPU batch norm on bn-bench's standard shapes, timed the way bn-bench times ours.
+"""PyTorch's CPU batch norm on bn-bench's standard shapes or suites, timed the way bn-bench times ours.
 
 Not part of the build or of CI: it needs PyTorch, which is large. Install it into a virtual
 environment outside the repository and run it next to bn-bench on the same machine:
@@ -7,6 +7,7 @@ environment outside the repository and run it next to bn-bench on the same machi
     python3 -m venv ~/torchenv && ~/torchenv/bin/pip install torch
     ~/torchenv/bin/python bn-bench/scripts/torch_bench.py            # all cases and modes
     ~/torchenv/bin/python bn-bench/scripts/torch_bench.py --case S1,S6 --json torch.json
+    ~/torchenv/bin/python bn-bench/scripts/torch_bench.py --suite resnet50 --json torch-rn50.json
 
 What is timed, per case and mode, interleaved repetition by repetition (as bn-bench does):
 - train:    torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
@@ -16,14 +17,21 @@ What is timed, per case and mode, interleaved repetition by repetition (as bn-be
             training forward: dx, dgamma, dbeta (the kernel autograd calls, without autograd);
 - copy:     dst.copy_(src) moving the bytes the mode must move (2x the tensor forward, 3x
             backward), the same yardstick as bn-bench's `x copy` column.
-S3 is NHWC: x is (32, 64, 56, 56) in torch.channels_last. Calls under 10 us are timed in batches
+S3 is NHWC: x is (32, 64, 56, 56) in torch.channels_last. --suite resnet50 runs the batch-norm
+layers of ResNet-50 at batch 50 instead (NCHW, bn-bench's R1..R9 with their counts in the network)
+and prints the time of one training step (forward + backward of the 53 layers) and of one
+inference pass, the summary bn-bench prints for its own suite run. Calls under 10 us are timed in batches
 of consecutive calls, each batch counted as its mean (warm calls, as bn-bench times S6).
---json writes bn-bench's records (a JSON array) (implementation "pytorch", and "copy" for the yardstick).
+--json writes bn-bench's records (a JSON array) (implementation "pytorch", and "copy" for the
+yardstick), with this command and the CPU's model name, for `bn-bench markdown --torch` and
+`bn-bench --suite resnet50 --torch`.
 """
 
 import argparse
 import json
 import random
+import shlex
+import sys
 import time
 
 import torch
@@ -48,6 +56,23 @@ BENCH_SHAPES = {
     "S5": ([64, 128, 1000], [0, 2]),
     "S6": ([1, 64, 8, 8], [0, 2, 3]),
 }
+# The batch-norm layers of ResNet-50 at batch 50 (oneDNN benchdnn inputs/bnorm/bnorm_resnet_50):
+# name: (NCHW shape, how many layers of the network have it), as bn-bench's --suite resnet50.
+RESNET50 = {
+    "R1": ((50, 64, 112, 112), 1),
+    "R2": ((50, 256, 56, 56), 4),
+    "R3": ((50, 64, 56, 56), 6),
+    "R4": ((50, 512, 28, 28), 5),
+    "R5": ((50, 128, 28, 28), 8),
+    "R6": ((50, 1024, 14, 14), 7),
+    "R7": ((50, 256, 14, 14), 12),
+    "R8": ((50, 2048, 7, 7), 4),
+    "R9": ((50, 512, 7, 7), 6),
+}
+for _name, (_shape, _count) in RESNET50.items():
+    CASES[_name] = (_shape, "NCHW", _shape[1])
+    BENCH_SHAPES[_name] = (list(_shape), [0, 2, 3])
+SUITES = {"resnet50": ("ResNet-50", RESNET50)}
 MODES = ("train", "eval", "backward")
 MIN_SAMPLE_S = 10e-6
 EPS = 1e-5
@@ -147,14 +172,60 @@ def fmt(seconds):
     return f"{seconds * 1e3:.3f} ms"
 
 
+def cpu_model():
+    """The CPU's model name as lscpu shows it (/proc/cpuinfo), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def suite_summary(title, layers, records):
+    """One training step (train + backward of every layer, by its count) and one inference pass."""
+    median = {(r["case"], r["mode"], r["implementation"]): r["median_ns"] for r in records}
+    parts = []
+    for what, modes in (("training step (forward + backward)", ("train", "backward")), ("inference pass", ("eval",))):
+        totals = []
+        for impl in ("pytorch", "copy"):
+            keys = [(name, mode, impl) for name in layers for mode in modes]
+            if not all(k in median for k in keys):
+                totals = None
+                break
+            totals.append(sum(layers[k[0]][1] * median[k] for k in keys) * 1e-9)
+        if totals is None:
+            parts.append(f"{what} not measured")
+        else:
+            parts.append(f"{what} {fmt(totals[0])} = {totals[0] / totals[1]:.2f}x copy ({fmt(totals[1])})")
+    count = sum(c for _, c in layers.values())
+    return f"{title} batch norm, {count} layers at batch 50, PyTorch: " + "; ".join(parts)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", default=",".join(CASES), help="comma-separated, e.g. S1,S3")
+    standard = [name for name in CASES if name.startswith("S")]
+    parser.add_argument("--case", default=None, help="comma-separated, e.g. S1,S3 (default S1..S6)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=None,
+                        help="a network's batch-norm layers instead of the standard shapes")
     parser.add_argument("--mode", default=",".join(MODES), help="train, eval, backward")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="50 ms per implementation and row")
     parser.add_argument("--json", default=None, help="write bn-bench's JSON records here")
     args = parser.parse_args()
+    if args.suite and args.case:
+        parser.error("give --case or --suite, not both")
+    if args.suite:
+        cases = list(SUITES[args.suite][1])
+    else:
+        cases = args.case.split(",") if args.case else standard
+        unknown = [name for name in cases if name not in CASES]
+        if unknown:
+            parser.error(f"not a case: {', '.join(unknown)} (S1..S6, or --suite)")
+    command = shlex.join(["torch_bench.py"] + sys.argv[1:])
+    cpu = cpu_model()
     if args.threads:
         torch.set_num_threads(args.threads)
     budget, min_reps = (0.05, 3) if args.quick else (0.4, 5)
@@ -164,7 +235,7 @@ def main():
     print(f"{'case':5} {'mode':9} {'pytorch':>12} {'copy':>12} {'x copy':>7}")
     records = []
     with torch.no_grad():
-        for name in args.case.split(","):
+        for name in cases:
             for mode in args.mode.split(","):
                 jobs, n = jobs_for(name, mode)
                 result = measure(jobs, budget, min_reps)
@@ -175,11 +246,15 @@ def main():
                 for impl, (median, lo, hi, _reps) in result.items():
                     records.append({
                         "case": name, "dtype": "f32", "shape": shape, "axes": axes, "mode": mode,
-                        "implementation": impl, "threads": threads, "backend": f"torch-{capability}",
+                        "implementation": impl, "threads": threads, "backend": f"torch-{torch.__version__}-{capability}",
                         "median_ns": round(median * 1e9), "min_ns": round(lo * 1e9),
                         "max_ns": round(hi * 1e9), "gbps": moved / median / 1e9,
                         "copy_ratio": median / copy, "naive_speedup": None,
+                        "command": command, "cpu": cpu,
                     })
+    if args.suite:
+        title, layers = SUITES[args.suite]
+        print(suite_summary(title, layers, records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

@@ -81,7 +81,8 @@ impl fmt::Display for Dtype {
 /// A tensor shape and the axes its statistics are taken over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Case {
-    /// `S1`..`S6` for a standard shape (also when given with `--shape`), `custom` otherwise.
+    /// `S1`..`S6` for a standard shape (also when given with `--shape`), a suite layer's name
+    /// (`R1`..), `custom` otherwise.
     pub name: String,
     /// The tensor shape.
     pub shape: Vec<usize>,
@@ -149,9 +150,10 @@ impl Case {
 
     /// A one-line description: `S2: 32x64x56x56 (NCHW), axes [0, 2, 3], 25.7 MB` (f32).
     pub fn describe(&self) -> String {
-        let layout = match self.standard_shape() {
-            Some(s) => format!(" ({})", s.layout),
-            None => String::new(),
+        let layout = match (self.standard_shape(), crate::suite::layer_of(&self.name, &self.shape)) {
+            (Some(s), _) => format!(" ({})", s.layout),
+            (None, Some((suite, layer))) => format!(" (NCHW, {} of {}'s layers)", layer.count, suite.title()),
+            (None, None) => String::new(),
         };
         let bytes = (self.len() * self.dtype.bytes()) as f64;
         let size =

@@ -3,12 +3,14 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::bench::Measurement;
 use crate::case::{Case, Implementation, Mode};
 
 /// One row of the report: the JSON record of `--json` (these fields exactly) and the table line.
+/// `torch_bench.py --json` writes the same records for PyTorch; reading them back
+/// ([`read_json`]) takes a `null` figure as NaN and a missing `command` or `cpu` as empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// `S1`..`S6`, or `custom`.
@@ -35,12 +37,22 @@ pub struct Row {
     pub max_ns: u64,
     /// Effective bandwidth: the bytes the mode must move at least (2x the tensor forward, 3x
     /// backward) over the median time, in GB/s (1e9 bytes per second).
+    #[serde(deserialize_with = "nan_if_null")]
     pub gbps: f64,
     /// Throughput as a fraction of the copy's: copy median / this median (1.0 = as fast as
     /// copying the same number of bytes, the memory-bandwidth limit).
+    #[serde(deserialize_with = "nan_if_null")]
     pub copy_ratio: f64,
     /// Speedup over the naive baseline: naive median / this median.
+    #[serde(deserialize_with = "nan_if_null")]
     pub naive_speedup: f64,
+    /// The command line that measured the row, so that a table made from the records can say
+    /// how to reproduce it.
+    #[serde(default)]
+    pub command: String,
+    /// The model name of the CPU that ran it (`/proc/cpuinfo`, as `lscpu` shows it).
+    #[serde(default)]
+    pub cpu: String,
     /// Speedup of the macro layer over the runtime-generic one (macro rows only; not in JSON).
     #[serde(skip)]
     pub macro_speedup: Option<f64>,
@@ -50,13 +62,36 @@ pub struct Row {
     pub plain_ratio: Option<f64>,
 }
 
+/// JSON has no NaN: serde_json writes a NaN figure (a ratio without its reference row) as
+/// `null`, and `torch_bench.py` writes `null` for the figures it has none of.
+fn nan_if_null<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
+/// The model name of this machine's CPU as `lscpu` shows it (the first `model name` of
+/// `/proc/cpuinfo`), or `unknown CPU`.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
 /// Bytes a mode moves at least on a case.
 pub fn traffic_bytes(case: &Case, mode: Mode) -> u64 {
     (case.len() * case.dtype.bytes() * mode.traffic_factor()) as u64
 }
 
-/// Derives the rows of the report from the measurements.
-pub fn rows(measurements: &[Measurement], threads: usize, backend: &str) -> Vec<Row> {
+/// Derives the rows of the report from the measurements; `command` is the command line that
+/// made them (see [`Row::command`]).
+pub fn rows(measurements: &[Measurement], threads: usize, backend: &str, command: &str) -> Vec<Row> {
+    let cpu = cpu_model();
     let median = |m: &Measurement, imp: Implementation| {
         measurements
             .iter()
@@ -90,6 +125,8 @@ pub fn rows(measurements: &[Measurement], threads: usize, backend: &str) -> Vec<
                 // Our time over the copy's: 1.10x is 10% slower than moving the bytes.
                 copy_ratio: median(m, Implementation::Copy).map_or(f64::NAN, |copy| t / copy),
                 naive_speedup: ratio(Implementation::Naive),
+                command: command.to_string(),
+                cpu: cpu.clone(),
                 macro_speedup,
                 plain_ratio,
             }
@@ -214,4 +251,10 @@ pub fn table(rows: &[Row], cases: &[Case], threads: usize, backend: &str) -> Str
 pub fn write_json(path: &Path, rows: &[Row]) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(rows).map_err(std::io::Error::other)?;
     std::fs::write(path, text + "\n")
+}
+
+/// Reads the records [`write_json`] (or `torch_bench.py --json`) wrote.
+pub fn read_json(path: &Path) -> std::io::Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path)?;
+    serde_json::from_str(&text).map_err(std::io::Error::other)
 }

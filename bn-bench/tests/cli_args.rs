@@ -1,5 +1,5 @@
 //! Argument parsing of the `bn-bench` command: what it accepts, and that everything else is a
-//! clear message with exit code 2 (never a panic).
+//! clear message (clap's, with the usage) and exit code 2 (never a panic).
 
 use std::path::PathBuf;
 
@@ -35,7 +35,7 @@ fn no_arguments_run_every_standard_shape_and_mode() {
 fn help() {
     assert_eq!(parse_args(["--help"]), Ok(Command::Help));
     assert_eq!(parse_args(["--quick", "-h"]), Ok(Command::Help));
-    assert!(bn_bench::cli::HELP.contains("Examples:"));
+    assert!(bn_bench::cli::help().contains("Examples:"));
 }
 
 #[test]
@@ -92,11 +92,94 @@ fn case_selection() {
 }
 
 #[test]
+fn resnet50_suite() {
+    let o = run_options(&["--suite", "resnet50", "--quick", "--torch", "torch.json"]);
+    let names: Vec<&str> = o.cases.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8", "R9"]);
+    assert_eq!(o.cases[0].shape, [50, 64, 112, 112]);
+    assert!(o.cases.iter().all(|c| c.axes == [0, 2, 3]));
+    assert_eq!(o.suite, Some(bn_bench::suite::Suite::Resnet50));
+    assert_eq!(o.torch, Some(PathBuf::from("torch.json")));
+    for (args, expected) in [
+        (&["--suite", "resnet50", "--case", "S1"][..], "cannot be used with"),
+        (&["--suite", "resnet50", "--shape", "4x8"], "cannot be used with"),
+        (&["--suite", "resnet18"], "invalid value 'resnet18' for '--suite <NAME>'"),
+        (&["--torch", "torch.json"], "the following required arguments were not provided:\n  --suite"),
+    ] {
+        let message = usage_error(args);
+        assert!(message.contains(expected), "{args:?}: message `{message}` should contain `{expected}`");
+    }
+}
+
+#[test]
+fn markdown_subcommand() {
+    use bn_bench::markdown::{LayerChoice, MarkdownOptions};
+    let parsed = parse_args(["markdown", "--from", "ours.json", "--torch", "torch.json"]);
+    let expected = MarkdownOptions {
+        from: PathBuf::from("ours.json"),
+        torch: Some(PathBuf::from("torch.json")),
+        layer: LayerChoice::Macro,
+    };
+    assert_eq!(parsed, Ok(Command::Markdown(expected)));
+    match parse_args(["markdown", "--from", "a.json", "--layer", "runtime"]) {
+        Ok(Command::Markdown(o)) => assert_eq!((o.torch, o.layer), (None, LayerChoice::Runtime)),
+        other => panic!("{other:?}"),
+    }
+    assert!(usage_error(&["markdown"]).contains("--from"));
+    assert!(usage_error(&["--quick", "markdown", "--from", "a.json"]).contains("cannot be used with"));
+    assert_eq!(bn_bench::cli::main_with_args(["markdown", "--from", "/no/such/file.json"]), 1);
+}
+
+#[test]
+fn the_command_line_of_options_parses_back_to_them() {
+    for args in [
+        &[][..],
+        &["--case", "S3,S1", "--mode", "eval", "--quick"],
+        &["--shape", "96x55x55", "--axes", "0", "--threads", "2", "--backend", "wide"],
+        &["--dtype", "bf16", "--epilogues", "--json", "my runs/out.json", "--plot", "it's.svg"],
+        &["--suite", "resnet50", "--mode", "train,backward", "--torch", "torch.json"],
+    ] {
+        let options = run_options(args);
+        let line = options.command_line();
+        let words = shell_words(&line);
+        assert_eq!(words[0], "bn-bench");
+        assert_eq!(
+            run_options(&words[1..].iter().map(String::as_str).collect::<Vec<_>>()),
+            options,
+            "{line}"
+        );
+    }
+}
+
+/// Splits a command line as a POSIX shell does for plain and single-quoted words and `\'`.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut started) = (Vec::new(), String::new(), false, false);
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if !quoted => (word, started) = (word + &chars.next().unwrap().to_string(), true),
+            '\'' => (quoted, started) = (!quoted, true),
+            ' ' if !quoted => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                }
+                started = false;
+            }
+            c => (word, started) = (word + &c.to_string(), true),
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    words
+}
+
+#[test]
 fn argument_errors_are_messages() {
     let cases: &[(&[&str], &str)] = &[
-        (&["--frobnicate"], "unknown option `--frobnicate`"),
-        (&["S1"], "unexpected argument `S1`"),
-        (&["--shape"], "--shape needs a value"),
+        (&["--frobnicate"], "unexpected argument '--frobnicate'"),
+        (&["S1"], "unrecognized subcommand 'S1'"),
+        (&["--shape"], "a value is required for '--shape"),
         (&["--shape", "32x0x5"], "extents must be positive"),
         (&["--shape", "32xax5"], "`a` is not a positive integer extent"),
         (&["--shape", "32x-1"], "is not a positive integer extent"),
@@ -112,21 +195,24 @@ fn argument_errors_are_messages() {
         (&["--shape", "4x8x3x3", "--axes", "0,2,x"], "`x` is not an axis index"),
         (&["--shape", "4x8x3x3", "--layout", "nc"], "--layout nc is for rank 2"),
         (&["--shape", "4x8x3x3", "--layout", "nwhc"], "not one of nchw, nhwc, nc, ncl"),
-        (&["--shape", "4x8x3x3", "--layout", "nchw", "--axes", "0,2,3"], "not both"),
-        (&["--axes", "0,2,3"], "give the shape too"),
+        (
+            &["--shape", "4x8x3x3", "--layout", "nchw", "--axes", "0,2,3"],
+            "'--layout <NAME>' cannot be used with '--axes <0,2,3>'",
+        ),
+        (&["--axes", "0,2,3"], "the following required arguments were not provided:\n  --shape"),
         (&["--shape", "1x8", "--mode", "train"], "1 value per feature"),
         (&["--case", "S7"], "`S7` is not a standard shape"),
-        (&["--case", "S1", "--shape", "4x8"], "give --case or --shape, not both"),
+        (&["--case", "S1", "--shape", "4x8"], "'--case <S1,S3>' cannot be used with '--shape"),
         (&["--mode", "inference"], "`inference` is not train, eval or backward"),
-        (&["--mode", ""], "--mode needs a value"),
+        (&["--mode", ""], "for '--mode <LIST>': needs a value"),
         (&["--threads", "0"], "not a thread count"),
         (&["--threads", "two"], "not a thread count"),
         (&["--backend", "neon"], "not one of scalar, wide, avx2, avx512"),
         (&["--plot", "out.png"], "ending in .svg"),
-        (&["--json", ""], "--json needs a path"),
-        (&["--quick", "--quick"], "--quick is given twice"),
-        (&["--quick=yes"], "--quick takes no value"),
-        (&["--threads", "2", "--threads=3"], "--threads is given twice"),
+        (&["--json", ""], "for '--json <PATH>': needs a path"),
+        (&["--quick", "--quick"], "the argument '--quick' cannot be used multiple times"),
+        (&["--quick=yes"], "unexpected value 'yes' for '--quick'"),
+        (&["--threads", "2", "--threads=3"], "the argument '--threads <N>' cannot be used multiple times"),
     ];
     for (args, expected) in cases {
         let message = usage_error(args);

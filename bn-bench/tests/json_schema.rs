@@ -43,6 +43,8 @@ fn quick_run_writes_json_records_and_a_plot() {
         "gbps",
         "copy_ratio",
         "naive_speedup",
+        "command",
+        "cpu",
     ];
     let mut seen = Vec::new();
     for row in rows {
@@ -56,6 +58,12 @@ fn quick_run_writes_json_records_and_a_plot() {
         assert_eq!(row["shape"], serde_json::json!([4, 8, 3, 3]));
         assert_eq!(row["axes"], serde_json::json!([0, 2, 3]));
         assert_eq!(row["threads"], 2);
+        let command = row["command"].as_str().expect("command is a string");
+        assert!(
+            command.starts_with("bn-bench --shape 4x8x3x3 --axes 0,2,3 --threads 2 --quick --json "),
+            "{command}"
+        );
+        assert!(!row["cpu"].as_str().expect("cpu is a string").is_empty());
         assert!(!row["backend"].as_str().expect("backend is a string").is_empty());
         let (min, median, max) = (
             row["min_ns"].as_u64().unwrap(),
@@ -84,6 +92,16 @@ fn quick_run_writes_json_records_and_a_plot() {
             );
         }
     }
+    let read = bn_bench::report::read_json(&json).expect("the records read back");
+    assert_eq!(read.len(), 9);
+    let options = bn_bench::markdown::MarkdownOptions {
+        from: json.clone(),
+        torch: Some(json.clone()),
+        layer: bn_bench::markdown::LayerChoice::Macro,
+    };
+    let markdown = bn_bench::markdown::run(&options).expect("a table of the records");
+    assert!(markdown.starts_with("Measured with `bn-bench --shape 4x8x3x3"), "{markdown}");
+    assert!(markdown.contains("| custom | 4x8x3x3, axes [0, 2, 3] | runtime |"), "{markdown}");
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.contains("<svg") && svg_text.contains("bandwidth ceiling"));
     std::fs::remove_dir_all(&dir).ok();
