@@ -1,7 +1,7 @@
 //! Which SIMD backend the layers run, as the table and the JSON report it.
 //!
 //! bn-core selects its kernels once per process; `BN_BACKEND=scalar|wide|avx2|avx512` forces one
-//! (DESIGN.md, "Kernels"). `--backend` sets that variable before the first layer runs.
+//! (docs/ARCHITECTURE.md, "Backends and dispatch"). `--backend` sets that variable before the first layer runs.
 //!
 //! This crate does not decide anything about backends: it asks bn-core which one runs.
 

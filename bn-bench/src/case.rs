@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-/// One of the standard shapes of DESIGN.md (f32).
+/// One of the standard shapes (f32; docs/PERFORMANCE.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StandardShape {
     /// `S1` .. `S6`.
@@ -15,7 +15,7 @@ pub struct StandardShape {
     pub axes: &'static [usize],
 }
 
-/// The standard shapes S1..S6 of DESIGN.md.
+/// The standard shapes S1..S6 (docs/PERFORMANCE.md).
 pub const STANDARD_SHAPES: [StandardShape; 6] = [
     StandardShape { name: "S1", layout: "NC", shape: &[256, 1024], axes: &[0] },
     StandardShape { name: "S2", layout: "NCHW", shape: &[32, 64, 56, 56], axes: &[0, 2, 3] },

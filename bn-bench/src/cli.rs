@@ -23,7 +23,7 @@ const ABOUT: &str = "Batch normalization throughput, measured against a copy of 
 /// What `--help` says before the options.
 const LONG_ABOUT: &str = "\
 bn-bench: batch normalization throughput, measured against a copy of the same bytes (the
-memory-bandwidth limit) and the naive ndarray port of the seed's NumPy code, in one process.
+memory-bandwidth limit) and the naive ndarray port of the NumPy reference class, in one process.
 
 With no arguments it runs the standard shapes S1..S6 (f32) in every mode (train = training
 forward, eval = inference forward, backward = backward of the training forward) with every

@@ -1,6 +1,6 @@
 //! `bn-bench`: the measuring instrument of the `batchnorm` workspace.
 //!
-//! - [`naive`]: the naive baseline, the seed's NumPy batch normalization ported operation by
+//! - [`naive`]: the naive baseline, the NumPy reference `BatchNormalization` ported operation by
 //!   operation to ndarray; the speedups the project quotes are over it.
 //! - [`cli`]: the `bn-bench` command (`cargo run --release -p bn-bench -- --help`): every mode of
 //!   the standard shapes S1..S6 (or a custom shape) with the `#[batch_norm]` layer, the

@@ -1,7 +1,7 @@
-//! The naive baseline: the seed's NumPy `BatchNormalization`, ported operation by operation to
+//! The naive baseline: the NumPy reference `BatchNormalization` class, ported operation by operation to
 //! ndarray.
 //!
-//! Every NumPy expression of the seed becomes one ndarray expression that allocates its result,
+//! Every NumPy expression of that class becomes one ndarray expression that allocates its result,
 //! as NumPy does: statistics with `mean_axis` / `var_axis` over the reduced axes, then
 //! broadcasting `gamma * (x - mean) / sqrt(var + eps) + beta` with the parameters and statistics
 //! reshaped to broadcast over the feature axes. Nothing is fused, reused or vectorized by hand:
@@ -9,12 +9,12 @@
 //! straightforward algorithm a user would otherwise write.
 //!
 //! It works for any layout: the feature axes may sit anywhere and there may be several of them
-//! (the seed's own example normalizes `(96, 55, 55)` over axis 0 with `(55, 55)` parameters).
-//! Momentum is the weight of the old running value (the seed's and Keras's convention).
+//! (the class's own example normalizes `(96, 55, 55)` over axis 0 with `(55, 55)` parameters).
+//! Momentum is the weight of the old running value (the NumPy class's and Keras's convention).
 
 use ndarray::{Array1, ArrayD, ArrayViewD, Axis, CowArray, Ix2, IxDyn};
 
-/// What the seed's `forward(training=True)` keeps for `backward`.
+/// What the NumPy class's `forward(training=True)` keeps for `backward`.
 #[derive(Debug, Clone)]
 struct Cache {
     /// `(x - mean) / std`, the full tensor.
@@ -25,7 +25,7 @@ struct Cache {
     gamma: ArrayD<f32>,
 }
 
-/// The seed's batch normalization written with ndarray broadcasting (f32, like the benchmarks).
+/// The NumPy class's batch normalization written with ndarray broadcasting (f32, like the benchmarks).
 #[derive(Debug, Clone)]
 pub struct NaiveBatchNorm {
     rank: usize,
@@ -66,7 +66,7 @@ impl NaiveBatchNorm {
     /// statistics over `reduced_axes`; gamma 1, beta 0, running mean 0, running variance 1.
     ///
     /// `momentum` is the weight of the old running value; `unbiased` updates the running
-    /// variance with `var * n / (n - 1)` (PyTorch) instead of the biased `var` (seed, Keras).
+    /// variance with `var * n / (n - 1)` (PyTorch) instead of the biased `var` (the NumPy class, Keras).
     pub fn new(
         shape: &[usize],
         reduced_axes: &[usize],
@@ -150,7 +150,7 @@ impl NaiveBatchNorm {
         &self.dbeta
     }
 
-    /// The seed's `update_params`: gamma and beta as flat slices in row-major feature order.
+    /// The NumPy class's `update_params`: gamma and beta as flat slices in row-major feature order.
     /// Returns `false` (and changes nothing) when a length is wrong.
     pub fn update_params(&mut self, gamma: &[f32], beta: &[f32]) -> bool {
         match (self.feature_array(gamma), self.feature_array(beta)) {
@@ -241,7 +241,7 @@ impl NaiveBatchNorm {
         }
     }
 
-    /// The seed's `forward(X, training=True)`: normalizes with the batch statistics, updates the
+    /// The NumPy class's `forward(X, training=True)`: normalizes with the batch statistics, updates the
     /// running statistics with momentum and caches what `backward` needs.
     ///
     /// Panics when `x` does not have the layer's rank and feature extents (it is a baseline, not
@@ -268,7 +268,7 @@ impl NaiveBatchNorm {
         out
     }
 
-    /// The seed's `forward(X, training=False)`: normalizes with the running statistics.
+    /// The NumPy class's `forward(X, training=False)`: normalizes with the running statistics.
     ///
     /// Panics when `x` does not have the layer's rank and feature extents.
     pub fn forward_eval(&self, x: ArrayViewD<'_, f32>) -> ArrayD<f32> {
