@@ -8,6 +8,7 @@
 /// re-exported so that users need no direct dependency.
 pub use half;
 
+mod alloc;
 #[cfg(feature = "safetensors")]
 pub mod checkpoint;
 mod config;
@@ -33,6 +34,6 @@ pub use element::{Element, Param};
 pub use error::BnError;
 pub use kernels::Backend;
 pub use layer::{BatchNorm, Features};
-pub use layout::{Canonical, Family, Layout};
+pub use layout::{Canonical, Family, Layout, MAX_FEATURES};
 pub use sync::{StatsGroup, SyncBatchNormExt};
 pub use traits::BatchNormLayer;
