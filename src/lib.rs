@@ -124,6 +124,13 @@
 //! is `Err(BnError::NonFinite { .. })` and leaves the running statistics untouched. Nothing
 //! panics on user input.
 //!
+//! A layer has at most [`MAX_FEATURES`] (2^31) features: more is a compile error of
+//! `#[batch_norm]` and an error of the run-time constructors. Buffers sized by input are
+//! allocated fallibly: `BatchNorm::new` and a generated layer's `try_new()` return
+//! [`BnError::Allocation`] when the state does not fit in memory (a generated layer's `new()`
+//! aborts then, as `Vec` does), and [`checkpoint`] loads a [`BnError::Checkpoint`] naming the
+//! tensor.
+//!
 //! # Threads
 //!
 //! Kernels run on the caller's current Rayon pool: wrap calls in `ThreadPool::install` to choose

@@ -443,6 +443,72 @@ fn the_error_for_a_wrong_prefix_lists_what_the_file_has() {
     );
 }
 
+/// A safetensors file written by hand: the header (a JSON object) as given, then `data`.
+fn forged(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// Files whose headers claim a huge number of features (over `MAX_FEATURES`, over what any
+/// machine holds, or overflowing `usize`), with little or no data: loading them is an error,
+/// with nothing of the claimed size allocated, and the layer is unchanged. Into a runtime layer
+/// and a generated one, and as a file on disk.
+#[test]
+fn forged_headers_claiming_huge_feature_counts_are_errors() {
+    let over = batchnorm::MAX_FEATURES + 1;
+    let shapes = [
+        (format!("[{over}]"), 64),
+        ("[1099511627776]".to_owned(), 64),
+        (format!("[1, {over}]"), 0),
+        ("[4294967296, 4294967296, 4294967296]".to_owned(), 64),
+        // No values at all, so safetensors accepts the data's length.
+        (format!("[{over}, 0]"), 0),
+        ("[0, 4611686018427387904, 4611686018427387904]".to_owned(), 0),
+    ];
+    let dir = scratch("forged");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (shape, bytes)) in shapes.iter().enumerate() {
+        let tensors: Vec<String> = ["weight", "bias", "running_mean", "running_var"]
+            .iter()
+            .map(|name| format!(r#""{name}":{{"dtype":"F32","shape":{shape},"data_offsets":[0,{bytes}]}}"#))
+            .collect();
+        let file = forged(&format!("{{{}}}", tensors.join(",")), &vec![0; *bytes]);
+        let mut runtime = BatchNorm::with_config(16, [0, 2, 3], Config::preset(Preset::Pytorch)).unwrap();
+        let mut generated = Bn1::new();
+        let before = (full(&runtime), full(&generated));
+        let r = checkpoint::load_state_from_bytes(&mut runtime, &file, "", Naming::pytorch());
+        assert!(
+            matches!(r, Err(BnError::Checkpoint { .. } | BnError::CheckpointFile(_))),
+            "shape {shape}: {r:?}"
+        );
+        let r = checkpoint::load_state_from_bytes(&mut generated, &file, "", Naming::pytorch());
+        assert!(
+            matches!(r, Err(BnError::Checkpoint { .. } | BnError::CheckpointFile(_))),
+            "shape {shape}: {r:?}"
+        );
+        let path = dir.join(format!("{i}.safetensors"));
+        std::fs::write(&path, &file).unwrap();
+        let r = checkpoint::load_state_from_file(&mut runtime, &path, "", Naming::pytorch());
+        assert!(r.is_err(), "shape {shape}: {r:?}");
+        assert_eq!((full(&runtime), full(&generated)), before, "shape {shape}: the layers are unchanged");
+    }
+    // A shape the checks of safetensors accept (no values) reaches the layer's own: the error
+    // names the tensor and the shape it claims.
+    let file =
+        forged(&format!(r#"{{"weight":{{"dtype":"F32","shape":[{over},0],"data_offsets":[0,0]}}}}"#), &[]);
+    let err = checkpoint::load_state_from_bytes(&mut Bn1::new(), &file, "", Naming::pytorch()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "checkpoint tensor `weight`: expected shape [16] (one value per feature), found shape [{over}, 0] \
+             (0 values)"
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Cumulative moving average
 // ------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 //! Extreme shapes: extents of 1 everywhere, one huge axis, C = 1, C = 65536, rank 8 (and more),
-//! and element counts at the edge of `usize` (checked arithmetic, exercised through
-//! `Layout::canonical` and the layer's errors without allocating the tensor). The shapes that
+//! element counts at the edge of `usize` (checked arithmetic, exercised through
+//! `Layout::canonical` and the layer's errors without allocating the tensor), feature counts at
+//! and over `MAX_FEATURES`, and layers whose state cannot be allocated (in a child process under
+//! a limited address space). The shapes that
 //! are run are run on every backend this machine has, against an `f64` reference.
 
 mod common;
 
-use batchnorm::{Backend, BatchNorm, BnError, Canonical, Config, Family, Layout};
+use batchnorm::{batch_norm, Backend, BatchNorm, BnError, Canonical, Config, Family, Layout, MAX_FEATURES};
 use common::{full_state, Rng};
 
 /// The reference: per-channel biased statistics and the normalized output (gamma 1, beta 0).
@@ -285,5 +287,109 @@ fn mismatched_ranks_and_extents() {
             matches!(l.forward_eval(&[], &shape, &mut none), Err(BnError::FeatureMismatch { .. })),
             "{shape:?}"
         );
+    }
+}
+
+/// `MAX_FEATURES` (2^31) is enforced by every constructor before anything is allocated: one
+/// feature more is `InvalidLayout`, and the message states the limit.
+#[test]
+fn more_than_max_features_is_an_error() {
+    assert_eq!(MAX_FEATURES, 1 << 31);
+    // At the limit the layout exists (the layer's state, 176 GiB, is not built here).
+    assert_eq!(Layout::from_axes(&[MAX_FEATURES], &[0]).unwrap().channels(), MAX_FEATURES);
+    assert_eq!(Layout::new(3, 1, &[65536, 32768]).unwrap().channels(), MAX_FEATURES);
+    let over: [&[usize]; 5] =
+        [&[MAX_FEATURES + 1], &[65536, 32769], &[1 << 40], &[2, 1 << 30, 2], &[3, MAX_FEATURES]];
+    for features in over {
+        let limit = |r: Result<(), BnError>| match r {
+            Err(BnError::InvalidLayout(message)) => {
+                message.contains("2147483648") && message.contains("MAX_FEATURES")
+            }
+            _ => false,
+        };
+        let axes: Vec<usize> = (features.len()..features.len() + 2).collect();
+        assert!(limit(Layout::from_axes(features, &axes).map(drop)), "{features:?}: Layout::from_axes");
+        assert!(limit(Layout::new(features.len() + 1, 0, features).map(drop)), "{features:?}: Layout::new");
+        assert!(limit(BatchNorm::new(features, [0]).map(drop)), "{features:?}: BatchNorm::new");
+        assert!(
+            limit(BatchNorm::with_config(features, &axes, Config::new()).map(drop)),
+            "{features:?}: BatchNorm::with_config"
+        );
+    }
+}
+
+/// A generated layer whose state (2^30 features: 88 GiB) a 4 GB address space cannot hold.
+#[batch_norm(features = 1073741824, axes = [0])]
+struct WideBn;
+
+/// What the child process of [`state_that_cannot_be_allocated_is_an_error`] does: its role.
+const CHILD: &str = "BN_EXTREME_SHAPES_CHILD";
+
+/// Runs this test binary's test `name` in a child process whose address space is limited to
+/// 4 GB (`ulimit -v 4000000`), with [`CHILD`] set to `role`.
+#[cfg(unix)]
+fn run_limited(name: &str, role: &str) -> std::process::Output {
+    let exe = std::env::current_exe().expect("the path of the test binary");
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -v 4000000 && exec "$0" "$@""#)
+        .arg(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, role)
+        .output()
+        .expect("sh runs the test binary")
+}
+
+/// A layer whose state cannot be allocated is `BnError::Allocation` from every fallible
+/// constructor (runtime layers of both parameter types, a generated layer's `try_new`), and the
+/// process goes on; a generated layer's `new()` aborts as `Vec` does. Run in child processes
+/// under a 4 GB address space, where the state of 2^28 `f32` features (22 GiB, 1 GiB per
+/// parameter buffer) fails part way through its buffers, and larger ones at the first buffer
+/// (each GiB written takes seconds in a debug build, so only the first case fills that much).
+#[test]
+fn state_that_cannot_be_allocated_is_an_error() {
+    const NAME: &str = "state_that_cannot_be_allocated_is_an_error";
+    let allocation = |r: Result<(), BnError>| matches!(r, Err(BnError::Allocation { .. }));
+    match std::env::var(CHILD).as_deref() {
+        Ok("try") => {
+            let wide = 1usize << 28;
+            assert!(allocation(BatchNorm::new(wide, [0]).map(drop)), "BatchNorm::new");
+            assert!(allocation(BatchNorm::new([1 << 15, 1 << 15], [0, 3]).map(drop)), "two extents");
+            let layout = Layout::from_axes(&[wide << 1], &[0]).unwrap();
+            assert!(allocation(BatchNorm::<f64>::with_layout(layout, Config::new()).map(drop)), "f64");
+            let err = WideBn::try_new().map(drop).unwrap_err();
+            assert!(allocation(Err(err.clone())), "WideBn::try_new: {err:?}");
+            assert!(err.to_string().starts_with("cannot allocate the layer's "), "{err}");
+            // The buffers of the failed attempts were freed: an ordinary layer is built.
+            let mut small = BatchNorm::new(1 << 20, [0]).unwrap();
+            let mut y = vec![0.0; 2 << 20];
+            small.forward_train(&vec![1.0; 2 << 20], &[2, 1 << 20], &mut y).unwrap();
+            println!("child: every constructor returned BnError::Allocation");
+            return;
+        }
+        Ok("abort") => {
+            let _ = WideBn::new();
+            println!("child: WideBn::new() returned");
+            return;
+        }
+        _ => {}
+    }
+    if cfg!(miri) || !cfg!(unix) {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        let out = run_limited(NAME, "try");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && stdout.contains("child: every constructor returned BnError::Allocation"),
+            "the child failed ({:?}):\n{stdout}\n{stderr}",
+            out.status
+        );
+        let out = run_limited(NAME, "abort");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.signal(), Some(6), "new() aborts (SIGABRT):\n{stdout}\n{stderr}");
+        assert!(stderr.contains("memory allocation of"), "{stderr}");
     }
 }

@@ -47,6 +47,10 @@ pub struct MiddleBn;
 #[derive(Clone, Debug)]
 pub struct RenamedBn;
 
+/// An `f64` layer.
+#[batch_norm(features = 3, axes = [0, 2], dtype = "f64")]
+pub struct DoubleBn;
+
 /// A small deterministic generator (xorshift64*), so the test needs no extra dependency.
 struct Rng(u64);
 
@@ -163,6 +167,18 @@ fn new_is_default_and_fresh() {
     assert_eq!(new.gamma_grad(), &[0.0; 20]);
     assert_eq!(new.beta_grad(), &[0.0; 20]);
     assert_eq!(new.num_batches_tracked(), 0);
+}
+
+#[test]
+fn try_new_is_new() {
+    let (new, tried) = (GridBn::new(), GridBn::try_new().expect("20 features can be allocated"));
+    assert_eq!(state(&new), state(&tried));
+    assert_eq!(new.config(), tried.config());
+    assert_eq!(new.layout(), tried.layout());
+    assert_eq!(new.num_batches_tracked(), tried.num_batches_tracked());
+    let f64_layer = DoubleBn::try_new().unwrap();
+    assert_eq!(f64_layer.running_var(), DoubleBn::new().running_var());
+    assert_eq!(f64_layer.gamma(), &[1.0f64; 3]);
 }
 
 #[test]

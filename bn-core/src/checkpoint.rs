@@ -25,7 +25,9 @@
 //!
 //! - **dtype**: `F32` into `f32` layers; `F64` or `F32` (widened exactly) into `f64` layers. Other
 //!   dtypes are rejected (an `F64` tensor is not rounded into an `f32` layer).
-//! - **shape**: the feature extents (`[55, 55]`) or the flat feature count (`[3025]`).
+//! - **shape**: the feature extents (`[55, 55]`) or the flat feature count (`[3025]`). The values
+//!   are allocated (fallibly) only once the shape is the layer's, so a header that claims a huge
+//!   tensor is an error, not an allocation of its size.
 //! - **values**: finite, and variances `>= 0`; with `scale = false` a stored gamma must be all 1,
 //!   with `center = false` a stored beta all 0 (so a checkpoint with a learned beta does not load
 //!   silently into a layer that would ignore it).
@@ -96,6 +98,7 @@ pub use safetensors;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors, View};
 
+use crate::alloc::{try_to_vec, try_vec_with_capacity};
 use crate::{BatchNormLayer, BnError, Param};
 
 /// The names of a layer's tensors in a checkpoint, after the prefix: a convention such as
@@ -344,7 +347,10 @@ fn read_state<L: BatchNormLayer + ?Sized>(
 /// Sets what [`read_state`] checked. The setters cannot fail on checked values; if one does
 /// anyway, what was set is restored, so the layer is unchanged after an error.
 fn apply<L: BatchNormLayer + ?Sized>(layer: &mut L, state: Loaded<L::Param>) -> Result<(), BnError> {
-    let old_params = (layer.gamma().to_vec(), layer.beta().to_vec());
+    let copy = |values: &[L::Param], name: &str| {
+        try_to_vec(values, "a copy of the layer's value").map_err(|e| checkpoint_error(name, e.to_string()))
+    };
+    let old_params = (copy(layer.gamma(), &state.param_names.0)?, copy(layer.beta(), &state.param_names.1)?);
     if state.gamma.is_some() || state.beta.is_some() {
         let gamma = state.gamma.as_deref().unwrap_or(&old_params.0);
         let beta = state.beta.as_deref().unwrap_or(&old_params.1);
@@ -414,21 +420,20 @@ impl Expected {
                 format!("expected shape {}, found shape {shape:?} ({count} values)", self.describe()),
             ));
         }
-        let values: Vec<P> = view
-            .data()
-            .chunks_exact(width)
-            .map(|b| match b {
-                &[b0, b1, b2, b3] => P::from_f64(f64::from(f32::from_le_bytes([b0, b1, b2, b3]))),
-                _ => P::from_f64(f64::from_le_bytes(b.try_into().unwrap_or([0; 8]))),
-            })
-            .collect();
-        if values.len() != self.channels {
-            // safetensors checks that the data fits the shape; this is defence in depth.
+        if view.data().len() != self.channels.saturating_mul(width) {
+            // safetensors checks that the data fits the shape; this is defence in depth, and the
+            // values are allocated only once their count is known to be the layer's.
             return Err(checkpoint_error(
                 name,
                 format!("expected {} values, found {} bytes of {dtype:?}", self.channels, view.data().len()),
             ));
         }
+        let mut values: Vec<P> = try_vec_with_capacity(self.channels, "the values")
+            .map_err(|e| checkpoint_error(name, e.to_string()))?;
+        values.extend(view.data().chunks_exact(width).map(|b| match b {
+            &[b0, b1, b2, b3] => P::from_f64(f64::from(f32::from_le_bytes([b0, b1, b2, b3]))),
+            _ => P::from_f64(f64::from_le_bytes(b.try_into().unwrap_or([0; 8]))),
+        }));
         if let Some(index) = values.iter().position(|v| !v.is_finite()) {
             return Err(checkpoint_error(
                 name,
@@ -556,7 +561,8 @@ impl StateDict {
     ///
     /// # Errors
     ///
-    /// [`BnError::Checkpoint`] when a name is already in the dictionary (nothing is added then).
+    /// [`BnError::Checkpoint`] when a name is already in the dictionary or a tensor's bytes
+    /// cannot be allocated (nothing is added then).
     pub fn insert_layer<L: BatchNormLayer + ?Sized>(
         &mut self,
         layer: &L,
@@ -566,18 +572,21 @@ impl StateDict {
         let config = layer.config();
         let shape = layer.layout().features().to_vec();
         let mut new: Vec<(String, Tensor)> = Vec::with_capacity(5);
-        let mut add = |name: &str, values: &[L::Param]| {
-            new.push((format!("{prefix}{name}"), param_tensor(shape.clone(), values)));
+        let mut add = |name: &str, values: &[L::Param]| -> Result<(), BnError> {
+            let name = format!("{prefix}{name}");
+            let tensor = param_tensor(&name, shape.clone(), values)?;
+            new.push((name, tensor));
+            Ok(())
         };
         if config.get_scale() {
-            add(naming.weight, layer.gamma());
+            add(naming.weight, layer.gamma())?;
         }
         if config.get_center() {
-            add(naming.bias, layer.beta());
+            add(naming.bias, layer.beta())?;
         }
         if config.get_track_running_stats() {
-            add(naming.running_mean, layer.running_mean());
-            add(naming.running_var, layer.running_var());
+            add(naming.running_mean, layer.running_mean())?;
+            add(naming.running_var, layer.running_var())?;
             if let Some(counter) = naming.num_batches_tracked {
                 let name = format!("{prefix}{counter}");
                 let batches = layer.num_batches_tracked();
@@ -606,8 +615,8 @@ impl StateDict {
     ///
     /// # Errors
     ///
-    /// [`BnError::Checkpoint`] when the name is already in the dictionary or `values` does not
-    /// hold the product of `shape` values.
+    /// [`BnError::Checkpoint`] when the name is already in the dictionary, `values` does not
+    /// hold the product of `shape` values, or the tensor's bytes cannot be allocated.
     pub fn insert_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), BnError> {
         self.insert_values(name, shape, values)
     }
@@ -632,7 +641,7 @@ impl StateDict {
                 format!("shape {shape:?} does not describe the {} values given", values.len()),
             ));
         }
-        self.tensors.insert(name.to_owned(), param_tensor(shape.to_vec(), values));
+        self.tensors.insert(name.to_owned(), param_tensor(name, shape.to_vec(), values)?);
         Ok(())
     }
 
@@ -678,15 +687,19 @@ impl StateDict {
     }
 }
 
-/// A tensor of parameters in their own dtype (`F32` for `f32`, `F64` for `f64`).
-fn param_tensor<P: Param>(shape: Vec<usize>, values: &[P]) -> Tensor {
+/// A tensor of parameters in their own dtype (`F32` for `f32`, `F64` for `f64`), named `name`
+/// in the error when its bytes cannot be allocated.
+fn param_tensor<P: Param>(name: &str, shape: Vec<usize>, values: &[P]) -> Result<Tensor, BnError> {
+    let width = core::mem::size_of::<P>();
+    let mut data: Vec<u8> = try_vec_with_capacity(values.len().saturating_mul(width), "the tensor's bytes")
+        .map_err(|e| checkpoint_error(name, e.to_string()))?;
     if param_is_f64::<P>() {
-        let data = values.iter().flat_map(|v| v.to_f64().to_le_bytes()).collect();
-        Tensor { dtype: Dtype::F64, shape, data }
+        data.extend(values.iter().flat_map(|v| v.to_f64().to_le_bytes()));
+        Ok(Tensor { dtype: Dtype::F64, shape, data })
     } else {
         // Exact: an f32 widened to f64 and back.
-        let data = values.iter().flat_map(|v| (v.to_f64() as f32).to_le_bytes()).collect();
-        Tensor { dtype: Dtype::F32, shape, data }
+        data.extend(values.iter().flat_map(|v| (v.to_f64() as f32).to_le_bytes()));
+        Ok(Tensor { dtype: Dtype::F32, shape, data })
     }
 }
 

@@ -150,6 +150,20 @@ pub enum BnError {
         shape: Vec<usize>,
     },
 
+    /// A buffer sized by input (a feature count, a checkpoint's tensor, a peer's message) that
+    /// cannot be allocated: the allocator refused, or its size in bytes does not fit in `isize`.
+    /// Such buffers are allocated fallibly, so this is an error and not the abort an ordinary
+    /// `Vec` allocation would cause. Nothing was changed.
+    #[error("cannot allocate {what}: {len} values of {elem_size} bytes each")]
+    Allocation {
+        /// What the buffer was for.
+        what: String,
+        /// The number of values asked for.
+        len: usize,
+        /// The size of one value in bytes.
+        elem_size: usize,
+    },
+
     /// A configuration value out of its range (eps, momentum).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

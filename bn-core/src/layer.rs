@@ -7,6 +7,7 @@ use core::fmt;
 
 use std::borrow::Cow;
 
+use crate::alloc::try_filled_vec;
 use crate::kernels::reference::{self, Affine};
 use crate::kernels::{self, Backend};
 use crate::mixed;
@@ -192,11 +193,22 @@ impl BatchNorm<f32> {
     /// `features` is one extent (`64`) or several adjacent ones (`[55, 55]`); `axes` are the
     /// reduced axes, non-empty and ascending, which together with the feature axes cover
     /// `0..rank` exactly once. For another element type use [`BatchNorm::with_layout`].
+    ///
+    /// # Errors
+    ///
+    /// [`BnError::InvalidLayout`] when `features` and `axes` do not describe a layout or name
+    /// more than [`MAX_FEATURES`](crate::MAX_FEATURES) features, [`BnError::ShapeOverflow`] when
+    /// the product of the extents overflows, [`BnError::Allocation`] when the layer's state
+    /// cannot be allocated.
     pub fn new(features: impl Into<Features>, axes: impl AsRef<[usize]>) -> Result<Self, BnError> {
         Self::with_config(features, axes, Config::new())
     }
 
     /// An `f32` layer with the given configuration (see [`BatchNorm::new`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`BatchNorm::new`], and [`BnError::InvalidConfig`] for an invalid configuration.
     pub fn with_config(
         features: impl Into<Features>,
         axes: impl AsRef<[usize]>,
@@ -217,49 +229,48 @@ impl<E: Element> BatchNorm<E> {
     /// assert_eq!(bn.gamma(), &[1.0f64; 16]);
     /// # Ok::<(), bn_core::BnError>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`BnError::InvalidConfig`] for an invalid configuration, [`BnError::Allocation`] when the
+    /// state (16 buffers of one value per feature) cannot be allocated: every buffer is
+    /// allocated fallibly, so a feature count this machine cannot hold is an error, not an abort.
     pub fn with_layout(layout: Layout, config: Config) -> Result<Self, BnError> {
         config.validate()?;
         let c = layout.channels();
-        // The feature count is user input: a count whose buffers cannot exist is an error, not
-        // the "capacity overflow" panic of `vec!` (the widest buffer holds f64s).
-        let mut probe: Vec<f64> = Vec::new();
-        if probe.try_reserve_exact(c).is_err() {
-            return Err(BnError::InvalidLayout(format!(
-                "the state of {c} features (extents {:?}) cannot be allocated",
-                layout.features()
-            )));
-        }
-        drop(probe);
-        let p = |v: E::Param| vec![v; c];
+        // The feature count is user input: every per-feature buffer is allocated fallibly, so a
+        // state this machine cannot hold is an error, not an abort.
+        let p = |v: E::Param, what: &str| try_filled_vec(v, c, what);
+        let f = |what: &str| try_filled_vec(0.0f64, c, what);
         let mut bn = BatchNorm {
             layout,
             config,
-            gamma: p(E::Param::ONE),
-            beta: p(E::Param::ZERO),
-            running_mean: p(E::Param::ZERO),
-            running_var: p(E::Param::ONE),
-            eval_inv_std: vec![0.0; c],
-            eval_inv_std_p: p(E::Param::ZERO),
-            eval_scale: p(E::Param::ZERO),
+            gamma: p(E::Param::ONE, "the layer's gamma")?,
+            beta: p(E::Param::ZERO, "the layer's beta")?,
+            running_mean: p(E::Param::ZERO, "the layer's running mean")?,
+            running_var: p(E::Param::ONE, "the layer's running variance")?,
+            eval_inv_std: f("the layer's inference scale")?,
+            eval_inv_std_p: p(E::Param::ZERO, "the layer's inference scale")?,
+            eval_scale: p(E::Param::ZERO, "the layer's inference scale")?,
             backend: None,
-            gamma_grad: p(E::Param::ZERO),
-            beta_grad: p(E::Param::ZERO),
+            gamma_grad: p(E::Param::ZERO, "the layer's gamma gradient")?,
+            beta_grad: p(E::Param::ZERO, "the layer's beta gradient")?,
             num_batches_tracked: 0,
             saved: Saved {
                 valid: false,
                 shape: Vec::new(),
                 count: 0.0,
-                mean: vec![0.0; c],
-                inv_std: vec![0.0; c],
-                gamma: p(E::Param::ONE),
-                beta: p(E::Param::ZERO),
+                mean: f("the layer's saved statistics")?,
+                inv_std: f("the layer's saved statistics")?,
+                gamma: p(E::Param::ONE, "the layer's saved statistics")?,
+                beta: p(E::Param::ZERO, "the layer's saved statistics")?,
                 backend: Backend::Scalar,
                 reference_y: true,
             },
             scratch: Scratch {
-                mean: vec![0.0; c],
-                var: vec![0.0; c],
-                inv_std: vec![0.0; c],
+                mean: f("the layer's working buffers")?,
+                var: f("the layer's working buffers")?,
+                inv_std: f("the layer's working buffers")?,
                 coefficients: Vec::new(),
             },
             grad: Vec::new(),
@@ -268,12 +279,32 @@ impl<E: Element> BatchNorm<E> {
         Ok(bn)
     }
 
-    /// Used by `#[batch_norm]` expansions, whose layout and configuration were checked at
-    /// compile time.
+    /// Used by the `try_new()` of `#[batch_norm]` expansions, whose layout and configuration
+    /// were checked at compile time: the only error left is [`BnError::Allocation`].
+    #[doc(hidden)]
+    pub fn __try_from_static(
+        rank: usize,
+        first_feature_axis: usize,
+        features: &[usize],
+        config: Config,
+    ) -> Result<Self, BnError> {
+        Self::with_layout(Layout::new(rank, first_feature_axis, features)?, config)
+    }
+
+    /// Used by the `new()` of `#[batch_norm]` expansions: as
+    /// [`__try_from_static`](Self::__try_from_static), but a state that cannot be allocated goes
+    /// to the allocation error handler (by default a message and an abort), as it does for `Vec`.
     #[doc(hidden)]
     pub fn __from_static(rank: usize, first_feature_axis: usize, features: &[usize], config: Config) -> Self {
-        match Layout::new(rank, first_feature_axis, features).and_then(|l| Self::with_layout(l, config)) {
+        match Self::__try_from_static(rank, first_feature_axis, features, config) {
             Ok(bn) => bn,
+            Err(BnError::Allocation { len, elem_size, .. }) => {
+                match std::alloc::Layout::array::<u8>(len.saturating_mul(elem_size)) {
+                    Ok(bytes) => std::alloc::handle_alloc_error(bytes),
+                    // `Vec`'s message for a byte count that does not fit in `isize`.
+                    Err(_) => panic!("capacity overflow"),
+                }
+            }
             // The attribute was validated by the macro; reaching this is a bug in the expansion.
             Err(e) => panic!("#[batch_norm] expansion built an invalid layer: {e}"),
         }

@@ -7,6 +7,19 @@
 
 use crate::BnError;
 
+/// The largest number of features a layer may have (the product of its feature extents):
+/// 2^31 = 2 147 483 648, on every target (it fits in a 32-bit `usize` too).
+///
+/// A layer keeps 16 buffers of one value per feature (parameters, running statistics, the
+/// statistics saved for `backward`, gradients and working buffers): 88 bytes per feature for
+/// `f32` parameters, 128 for `f64`, so a layer at the limit holds 176 GiB (`f32`) or 256 GiB
+/// (`f64`). The limit turns feature counts whose state no machine can hold into an error before
+/// anything is allocated, at compile time (`#[batch_norm]`, a compile error on the extent) and
+/// at run time ([`Layout::new`] and [`Layout::from_axes`], so `BatchNorm::new` and every other
+/// constructor: [`BnError::InvalidLayout`]). Below the limit the state is allocated fallibly: a
+/// state this machine cannot hold is [`BnError::Allocation`], not an abort.
+pub const MAX_FEATURES: usize = 1 << 31;
+
 /// The two kernel families of the canonical view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
@@ -81,7 +94,8 @@ impl Layout {
     ///
     /// The reduced axes must be non-empty and strictly ascending; together with the feature axes
     /// (as many as `features` has extents) they must cover `0..rank` exactly once, and the
-    /// feature axes must be adjacent. Every feature extent must be positive.
+    /// feature axes must be adjacent. Every feature extent must be positive, and their product
+    /// at most [`MAX_FEATURES`].
     pub fn from_axes(features: &[usize], axes: &[usize]) -> Result<Layout, BnError> {
         let invalid = |msg: String| Err(BnError::InvalidLayout(msg));
         if features.is_empty() {
@@ -117,6 +131,9 @@ impl Layout {
     }
 
     /// A layout from its rank, its first feature axis and the feature extents.
+    ///
+    /// The product of the extents must fit in `usize` ([`BnError::ShapeOverflow`]) and be at
+    /// most [`MAX_FEATURES`] ([`BnError::InvalidLayout`]).
     pub fn new(rank: usize, first_feature_axis: usize, features: &[usize]) -> Result<Layout, BnError> {
         if features.is_empty() || features.contains(&0) {
             return Err(BnError::InvalidLayout(format!(
@@ -133,6 +150,12 @@ impl Layout {
             .iter()
             .try_fold(1usize, |acc, &f| acc.checked_mul(f))
             .ok_or_else(|| BnError::ShapeOverflow { shape: features.to_vec() })?;
+        if channels > MAX_FEATURES {
+            return Err(BnError::InvalidLayout(format!(
+                "{channels} features (the product of the extents {features:?}) exceed the limit of \
+                 {MAX_FEATURES} (2^31, `MAX_FEATURES`)"
+            )));
+        }
         Ok(Layout { rank, first_feature_axis, features: features.to_vec(), channels })
     }
 

@@ -13,6 +13,8 @@ pub use half;
 #[cfg(feature = "ndarray")]
 pub use ndarray;
 
+
+mod alloc;
 #[cfg(feature = "safetensors")]
 pub mod checkpoint;
 mod config;
@@ -38,6 +40,6 @@ pub use element::{Element, Param};
 pub use error::BnError;
 pub use kernels::Backend;
 pub use layer::{BatchNorm, Features};
-pub use layout::{Canonical, Family, Layout};
+pub use layout::{Canonical, Family, Layout, MAX_FEATURES};
 pub use sync::{StatsGroup, SyncBatchNormExt};
 pub use traits::BatchNormLayer;

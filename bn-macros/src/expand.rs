@@ -75,8 +75,9 @@ pub(crate) struct Statics {
     inner: Literal,
     /// The checks of the `spatial` extents (empty without the key).
     spatial_check: TokenStream,
-    /// The body of `new()`.
+    /// The bodies of `new()` and `try_new()`.
     construct: TokenStream,
+    try_construct: TokenStream,
     doc_features: String,
     doc_rank: String,
 }
@@ -124,10 +125,16 @@ impl Statics {
         }
         let rank = Literal::usize_unsuffixed(layout.rank);
         let first = Literal::usize_unsuffixed(layout.first_feature_axis);
-        let extents = layout.features.iter().map(|&f| Literal::u64_unsuffixed(f));
+        let extents: Vec<Literal> = layout.features.iter().map(|&f| Literal::u64_unsuffixed(f)).collect();
         let construct = quote! {
             const CONFIG: #private::Config = #config;
             Self { __bn: #private::BatchNorm::__from_static(#rank, #first, &[#(#extents),*], CONFIG) }
+        };
+        let try_construct = quote! {
+            const CONFIG: #private::Config = #config;
+            ::core::result::Result::Ok(Self {
+                __bn: #private::BatchNorm::__try_from_static(#rank, #first, &[#(#extents),*], CONFIG)?,
+            })
         };
         let feature_axes = layout.feature_axes();
         let inner = layout.static_inner().and_then(|i| usize::try_from(i).ok()).unwrap_or(0);
@@ -155,6 +162,7 @@ impl Statics {
             inner: Literal::usize_unsuffixed(inner),
             spatial_check,
             construct,
+            try_construct,
             doc_features: format!(
                 "The number of features, {}: the product of the feature extents {:?} (the length of \
                  `gamma()` and of the other parameters and statistics).",
@@ -190,9 +198,10 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
         None => (&zero, &zero, &zero),
     };
     let spatial_check = statics.map(|s| s.spatial_check.clone()).unwrap_or_default();
-    let construct = match statics {
-        Some(s) => s.construct.clone(),
-        None => quote!(::core::unreachable!("the #[batch_norm] attribute of this layer has errors")),
+    let unreachable = quote!(::core::unreachable!("the #[batch_norm] attribute of this layer has errors"));
+    let (construct, try_construct) = match statics {
+        Some(s) => (s.construct.clone(), s.try_construct.clone()),
+        None => (unreachable.clone(), unreachable),
     };
     let doc_features = statics.map_or("The number of features.", |s| &s.doc_features);
     let doc_rank = statics.map_or("The rank of the tensors the layer takes.", |s| &s.doc_rank);
@@ -230,9 +239,23 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
 
                 /// A new layer: gamma 1, beta 0, running mean 0, running variance 1, with the
                 /// options of the attribute (see [`config`](Self::config)). Also [`Default`].
+                ///
+                /// The state (16 buffers of [`FEATURES`](Self::FEATURES) values) is allocated as
+                /// `Vec` allocates: when the allocator refuses, the process aborts.
+                /// [`try_new`](Self::try_new) returns an error instead.
                 #[must_use]
                 pub fn new() -> Self {
                     #construct
+                }
+
+                /// A new layer, as [`new`](Self::new), allocated fallibly.
+                ///
+                /// # Errors
+                ///
+                /// `BnError::Allocation` when the layer's state cannot be allocated (nothing
+                /// else can fail: the attribute was checked at compile time).
+                pub fn try_new() -> ::core::result::Result<Self, #private::BnError> {
+                    #try_construct
                 }
 
                 /// Training forward: normalizes `x` with its batch statistics into `y`, updates

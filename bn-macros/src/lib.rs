@@ -66,7 +66,8 @@ use proc_macro::TokenStream;
 /// The struct gets private state (build it with `new()`) and:
 ///
 /// - the consts `FEATURES` (the product of the feature extents) and `RANK`;
-/// - `new()`, `forward_train`, `forward_eval`, `forward_eval_inplace`, `backward`,
+/// - `new()` (which aborts when the state cannot be allocated, as `Vec` does), `try_new()` (which
+///   returns `BnError::Allocation` instead), `forward_train`, `forward_eval`, `forward_eval_inplace`, `backward`,
 ///   `backward_eval`, `gamma`, `beta`, `running_mean`, `running_var`, `gamma_grad`, `beta_grad`,
 ///   `update_params`, `set_running_stats`, `num_batches_tracked`, `set_num_batches_tracked`,
 ///   `forward_train_add_relu`, `forward_eval_add_relu`, `backward_add_relu`,
@@ -84,7 +85,9 @@ use proc_macro::TokenStream;
 /// allowed, every error in one build: a missing `features` or `axes`, a zero extent, an axis
 /// repeated, out of range or out of order, feature axes that are not adjacent, an `eps` or
 /// momentum out of range, both momentum keys, an unknown key or value, a key given twice, a value
-/// of the wrong kind, and an item other than a non-generic unit struct.
+/// of the wrong kind, more features than `batchnorm::MAX_FEATURES` (2^31), `spatial` extents
+/// whose product with the number of features overflows `usize`, and an item other than a
+/// non-generic unit struct.
 #[proc_macro_attribute]
 pub fn batch_norm(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::batch_norm(args.into(), item.into()).into()

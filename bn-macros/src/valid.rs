@@ -97,6 +97,15 @@ impl Layout {
     }
 }
 
+/// The largest number of features a layer may have: `bn_core::MAX_FEATURES` (2^31), which this
+/// crate cannot name (the runtime depends on nothing of the macro's, and the macro on nothing of
+/// the runtime's). `tests/ui-pass/expansion.rs` builds a layer at the limit and compares its
+/// `FEATURES` with `batchnorm::MAX_FEATURES`; `tests/ui/features_over_limit.rs` holds the errors.
+const MAX_FEATURES: u64 = 1 << 31;
+
+/// How the messages state the limit.
+const LIMIT: &str = "the limit is 2147483648 features (2^31, `batchnorm::MAX_FEATURES`)";
+
 /// Checks the attribute; returns the layout when it is valid. Every problem goes to `cx`.
 pub(crate) fn validate(cx: &Ctxt, attr: &Attr) -> Option<Layout> {
     check_options(cx, attr);
@@ -198,7 +207,7 @@ fn check_layout(cx: &Ctxt, attr: &Attr) -> Option<Layout> {
     let spatial = match &attr.spatial {
         Some(spatial) => {
             cx.set_position(attr.position(Key::Spatial));
-            check_spatial(cx, spatial, &axes)?
+            check_spatial(cx, spatial, &axes, channels)?
         }
         None => Vec::new(),
     };
@@ -206,8 +215,14 @@ fn check_layout(cx: &Ctxt, attr: &Attr) -> Option<Layout> {
 }
 
 /// Checks `spatial` against the reduced axes: one positive extent per reduced axis after the
-/// first. Returns the (axis, extent) pairs.
-fn check_spatial(cx: &Ctxt, spatial: &Spanned<Vec<Spanned<u64>>>, axes: &[u64]) -> Option<Vec<(usize, u64)>> {
+/// first, whose product with the `channels` features fits in `usize` (else no tensor of the
+/// layer has an element count). Returns the (axis, extent) pairs.
+fn check_spatial(
+    cx: &Ctxt,
+    spatial: &Spanned<Vec<Spanned<u64>>>,
+    axes: &[u64],
+    channels: u64,
+) -> Option<Vec<(usize, u64)>> {
     let later: Vec<u64> = axes[1..].to_vec();
     if later.is_empty() {
         cx.error_spanned_by(
@@ -242,7 +257,28 @@ fn check_spatial(cx: &Ctxt, spatial: &Spanned<Vec<Spanned<u64>>>, axes: &[u64]) 
             ok = false;
         }
     }
-    ok.then(|| later.iter().zip(&spatial.value).map(|(&a, e)| (a as usize, e.value)).collect())
+    if !ok {
+        return None;
+    }
+    let extents: Vec<u64> = spatial.value.iter().map(|e| e.value).collect();
+    let elements = extents
+        .iter()
+        .try_fold(channels, |acc, &e| acc.checked_mul(e))
+        .filter(|&n| usize::try_from(n).is_ok());
+    if elements.is_none() {
+        cx.error_spanned_by(
+            &spatial.tokens,
+            format!(
+                "`spatial` is too large: the elements of a tensor of this layer per index of axis {} \
+                 ({channels} {} x the `spatial` extents {}) overflow usize",
+                axes[0],
+                plural(channels as usize, "feature", "features"),
+                extents.iter().map(u64::to_string).collect::<Vec<_>>().join(" x "),
+            ),
+        );
+        return None;
+    }
+    Some(later.iter().zip(&spatial.value).map(|(&a, e)| (a as usize, e.value)).collect())
 }
 
 /// The extents and their product when they are valid.
@@ -264,16 +300,41 @@ fn check_features(cx: &Ctxt, features: &Spanned<Vec<Spanned<u64>>>) -> Option<(V
     if !ok {
         return None;
     }
+    // An extent over the limit is the offending token; otherwise their product is.
+    let single = features.value.len() == 1;
+    for extent in &features.value {
+        if extent.value > MAX_FEATURES {
+            let message = if single {
+                format!("{} features are too many: {LIMIT}", extent.value)
+            } else {
+                format!("the feature extent {} is too large: {LIMIT}", extent.value)
+            };
+            cx.error_spanned_by(&extent.tokens, message);
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
     let extents: Vec<u64> = features.value.iter().map(|f| f.value).collect();
     let channels =
         extents.iter().try_fold(1u64, |acc, &f| acc.checked_mul(f)).filter(|&c| usize::try_from(c).is_ok());
     let Some(channels) = channels else {
         cx.error_spanned_by(
             &features.tokens,
-            format!("the number of features (the product of the extents {extents:?}) overflows usize"),
+            format!(
+                "the number of features (the product of the extents {extents:?}) overflows usize; {LIMIT}"
+            ),
         );
         return None;
     };
+    if channels > MAX_FEATURES {
+        cx.error_spanned_by(
+            &features.tokens,
+            format!("{channels} features (the product of the extents {extents:?}) are too many: {LIMIT}"),
+        );
+        return None;
+    }
     Some((extents, channels))
 }
 

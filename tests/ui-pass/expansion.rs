@@ -47,6 +47,10 @@ macro_rules! layer {
 }
 layer!(MacroBn, 8, 1e-4);
 
+/// The most features a layer may have (`new()` is not called: its state is 176 GiB).
+#[batch_norm(features = [65536, 32768], axes = [0])]
+pub struct AtTheLimit;
+
 fn features<L: BatchNormLayer>(layer: &L) -> usize {
     layer.features()
 }
@@ -61,6 +65,7 @@ fn main() {
     let mut y = [0.0f32; 12];
     local.forward_train(&x, &[2, 3, 2], &mut y).unwrap();
     assert_eq!(MacroBn::FEATURES, 8);
+    assert_eq!(AtTheLimit::FEATURES, batchnorm::MAX_FEATURES);
     in_a_function();
 }
 
