@@ -11,7 +11,7 @@ use crate::{BatchNormLayer, BnError};
 /// methods avoid those allocations.
 ///
 /// ```
-/// use bn_core::{BatchNorm, BatchNormArrayExt};
+/// use batchnorm::{BatchNorm, BatchNormArrayExt};
 /// use ndarray::Array2;
 ///
 /// let mut bn = BatchNorm::new(3, [0])?;
@@ -19,7 +19,7 @@ use crate::{BatchNormLayer, BnError};
 /// let y = bn.forward_train_array(&x)?;
 /// assert_eq!(y.shape(), &[4, 3]);
 /// assert!(y.column(0).sum().abs() < 1e-5);
-/// # Ok::<(), bn_core::BnError>(())
+/// # Ok::<(), batchnorm::BnError>(())
 /// ```
 pub trait BatchNormArrayExt: BatchNormLayer {
     /// [`forward_train`](BatchNormLayer::forward_train) on an array.

@@ -46,8 +46,8 @@
 //! so saving and loading round-trips bit for bit.
 //!
 //! ```
-//! use bn_core::checkpoint::{self, Naming, StateDict};
-//! use bn_core::{BatchNorm, Config, Preset};
+//! use batchnorm::checkpoint::{self, Naming, StateDict};
+//! use batchnorm::{BatchNorm, Config, Preset};
 //!
 //! // Train a PyTorch-like layer on one batch ...
 //! let config = Config::preset(Preset::Pytorch);
@@ -85,7 +85,7 @@
 //!     "checkpoint tensor `weight`: expected shape [3] (one value per feature), found shape [4] (4 values)"
 //! );
 //! assert_eq!(loaded.running_var(), trained.running_var());
-//! # Ok::<(), bn_core::BnError>(())
+//! # Ok::<(), batchnorm::BnError>(())
 //! ```
 
 use std::borrow::Cow;
@@ -105,7 +105,7 @@ use crate::{BatchNormLayer, BnError, Param};
 /// PyTorch's `state_dict` ([`Naming::pytorch`]) or Keras's ([`Naming::keras`]), or your own.
 ///
 /// ```
-/// use bn_core::checkpoint::Naming;
+/// use batchnorm::checkpoint::Naming;
 ///
 /// assert_eq!(Naming::pytorch().running_var(), "running_var");
 /// assert_eq!(Naming::keras().num_batches_tracked(), None);
@@ -242,10 +242,22 @@ pub fn load_state_from_file<L: BatchNormLayer + ?Sized>(
     naming: Naming<'_>,
 ) -> Result<(), BnError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path)
-        .map_err(|e| BnError::CheckpointFile(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = read_file(path)?;
     let tensors = parse(&bytes, &path.display().to_string())?;
     load_state(layer, &tensors, prefix, naming)
+}
+
+/// The whole file at `path`, its buffer allocated fallibly (a file is as large as it likes).
+fn read_file(path: &Path) -> Result<Vec<u8>, BnError> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| BnError::CheckpointFile(format!("cannot read {}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let mut bytes = try_vec_with_capacity(len, "the file's bytes")
+        .map_err(|e| BnError::CheckpointFile(format!("cannot read {}: {e}", path.display())))?;
+    file.read_to_end(&mut bytes).map_err(cannot)?;
+    Ok(bytes)
 }
 
 fn parse<'a>(bytes: &'a [u8], what: &str) -> Result<SafeTensors<'a>, BnError> {
@@ -264,10 +276,38 @@ struct Loaded<P> {
     param_names: (String, String),
 }
 
+/// Named tensors a layer's state is read from: a parsed file or a [`StateDict`].
+trait Tensors {
+    /// The tensor of that name.
+    fn view(&self, name: &str) -> Option<TensorView<'_>>;
+    /// Every tensor's name.
+    fn tensor_names(&self) -> Vec<&str>;
+}
+
+impl Tensors for SafeTensors<'_> {
+    fn view(&self, name: &str) -> Option<TensorView<'_>> {
+        self.tensor(name).ok()
+    }
+    fn tensor_names(&self) -> Vec<&str> {
+        self.names()
+    }
+}
+
+impl Tensors for StateDict {
+    fn view(&self, name: &str) -> Option<TensorView<'_>> {
+        // A dictionary's tensors were checked when they were inserted or parsed.
+        let t = self.tensors.get(name)?;
+        TensorView::new(t.dtype, t.shape.clone(), &t.data).ok()
+    }
+    fn tensor_names(&self) -> Vec<&str> {
+        self.names().collect()
+    }
+}
+
 /// Finds and checks every tensor of the layer's state without touching the layer.
-fn read_state<L: BatchNormLayer + ?Sized>(
+fn read_state<L: BatchNormLayer + ?Sized, T: Tensors + ?Sized>(
     layer: &L,
-    tensors: &SafeTensors<'_>,
+    tensors: &T,
     prefix: &str,
     naming: Naming<'_>,
 ) -> Result<Loaded<L::Param>, BnError> {
@@ -275,10 +315,10 @@ fn read_state<L: BatchNormLayer + ?Sized>(
     let expected = Expected::of(layer);
     let name = |n: &str| format!("{prefix}{n}");
     let find = |full: &str, required: bool, why: &str| -> Result<Option<TensorView<'_>>, BnError> {
-        match tensors.tensor(full) {
-            Ok(view) => Ok(Some(view)),
-            Err(_) if !required => Ok(None),
-            Err(_) => Err(checkpoint_error(
+        match tensors.view(full) {
+            Some(view) => Ok(Some(view)),
+            None if !required => Ok(None),
+            None => Err(checkpoint_error(
                 full,
                 format!(
                     "missing: the file has no tensor of that name ({why}){}",
@@ -489,9 +529,8 @@ fn checkpoint_error(tensor: &str, message: impl Into<String>) -> BnError {
 }
 
 /// For a missing tensor: the names under the prefix, which show a wrong prefix or naming.
-fn similar_names(tensors: &SafeTensors<'_>, prefix: &str) -> String {
-    let mut names: Vec<&str> =
-        tensors.names().into_iter().map(String::as_str).filter(|n| n.starts_with(prefix)).collect();
+fn similar_names<T: Tensors + ?Sized>(tensors: &T, prefix: &str) -> String {
+    let mut names: Vec<&str> = tensors.tensor_names().into_iter().filter(|n| n.starts_with(prefix)).collect();
     if names.is_empty() {
         return format!("; no tensor name starts with `{prefix}`");
     }
@@ -528,12 +567,15 @@ impl View for &Tensor {
     }
 }
 
-/// Named tensors to write into one safetensors file: the state of one or several layers, and
-/// other tensors of the model if you like.
+/// Named tensors of one safetensors file: the state of one or several layers, and other tensors
+/// of the model if you like. Saving and loading mirror each other: layers go in with
+/// [`insert_layer`](Self::insert_layer) and come out with [`load_layer`](Self::load_layer), each
+/// under its prefix; the file is written with [`to_bytes`](Self::to_bytes) /
+/// [`save`](Self::save) and read with [`from_bytes`](Self::from_bytes) / [`load`](Self::load).
 ///
 /// ```
-/// use bn_core::checkpoint::{Naming, StateDict};
-/// use bn_core::BatchNorm;
+/// use batchnorm::checkpoint::{Naming, StateDict};
+/// use batchnorm::BatchNorm;
 ///
 /// let (bn1, bn2) = (BatchNorm::new(16, [0, 2, 3])?, BatchNorm::new(24, [0])?);
 /// let mut dict = StateDict::new();
@@ -542,8 +584,16 @@ impl View for &Tensor {
 /// dict.insert_layer(&bn2, "8.", Naming::pytorch())?;
 /// assert_eq!(dict.len(), 11);
 /// let bytes = dict.to_bytes()?;
-/// # let _ = bytes;
-/// # Ok::<(), bn_core::BnError>(())
+///
+/// // Back: the same tensors, and each layer by its prefix.
+/// let loaded = StateDict::from_bytes(&bytes)?;
+/// assert_eq!(loaded, dict);
+/// let mut bn = BatchNorm::new(24, [0])?;
+/// loaded.load_layer(&mut bn, "8.", Naming::pytorch())?;
+/// // A wrong prefix is an error that shows the names there are; the layer is unchanged.
+/// let err = loaded.load_layer(&mut bn, "9.", Naming::pytorch()).unwrap_err();
+/// assert!(err.to_string().contains("no tensor name starts with `9.`"), "{err}");
+/// # Ok::<(), batchnorm::BnError>(())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StateDict {
@@ -645,6 +695,57 @@ impl StateDict {
         Ok(())
     }
 
+    /// Parses a safetensors file (`bytes`) into a dictionary of all its tensors.
+    ///
+    /// # Errors
+    ///
+    /// [`BnError::CheckpointFile`] when `bytes` is not a safetensors file or its tensors cannot
+    /// be allocated.
+    pub fn from_bytes(bytes: &[u8]) -> Result<StateDict, BnError> {
+        Self::parsed(bytes, "the bytes")
+    }
+
+    /// Reads the safetensors file at `path` into a dictionary of all its tensors.
+    ///
+    /// # Errors
+    ///
+    /// [`BnError::CheckpointFile`] when the file cannot be read, is not a safetensors file, or
+    /// its contents cannot be allocated.
+    pub fn load(path: impl AsRef<Path>) -> Result<StateDict, BnError> {
+        let path = path.as_ref();
+        let bytes = read_file(path)?;
+        Self::parsed(&bytes, &path.display().to_string())
+    }
+
+    fn parsed(bytes: &[u8], what: &str) -> Result<StateDict, BnError> {
+        let file = parse(bytes, what)?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in file.tensors() {
+            let data = try_to_vec(view.data(), "a tensor's bytes")
+                .map_err(|e| BnError::CheckpointFile(format!("{what}: tensor `{name}`: {e}")))?;
+            tensors.insert(name, Tensor { dtype: view.dtype(), shape: view.shape().to_vec(), data });
+        }
+        Ok(StateDict { tensors })
+    }
+
+    /// Loads a layer's state from the tensors under `prefix`, as [`load_state`] does from a
+    /// parsed file (the same rules; see the [module docs](self)).
+    ///
+    /// # Errors
+    ///
+    /// [`BnError::Checkpoint`], naming the tensor, when a tensor the layer needs is missing or
+    /// has a dtype, shape or value the layer cannot take. Nothing is set unless everything
+    /// loads.
+    pub fn load_layer<L: BatchNormLayer + ?Sized>(
+        &self,
+        layer: &mut L,
+        prefix: &str,
+        naming: Naming<'_>,
+    ) -> Result<(), BnError> {
+        let state = read_state(layer, self, prefix, naming)?;
+        apply(layer, state)
+    }
+
     /// The names of the tensors, in sorted order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
@@ -671,7 +772,7 @@ impl StateDict {
     ///
     /// [`BnError::CheckpointFile`] if safetensors cannot serialize the tensors.
     pub fn to_bytes(&self) -> Result<Vec<u8>, BnError> {
-        safetensors::serialize(self.tensors.iter(), &None)
+        safetensors::serialize(self.tensors.iter(), None)
             .map_err(|e| BnError::CheckpointFile(format!("cannot serialize the tensors: {e}")))
     }
 
@@ -682,7 +783,7 @@ impl StateDict {
     /// [`BnError::CheckpointFile`] when the file cannot be written.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), BnError> {
         let path = path.as_ref();
-        safetensors::serialize_to_file(self.tensors.iter(), &None, path)
+        safetensors::serialize_to_file(self.tensors.iter(), None, path)
             .map_err(|e| BnError::CheckpointFile(format!("cannot write {}: {e}", path.display())))
     }
 }

@@ -235,7 +235,7 @@ impl Config {
     /// ([`BatchNorm::num_batches_tracked`](crate::BatchNorm::num_batches_tracked) counts them).
     ///
     /// ```
-    /// use bn_core::Config;
+    /// use batchnorm::Config;
     /// assert!(Config::new().cumulative_momentum().get_cumulative_momentum());
     /// assert!(!Config::new().cumulative_momentum().momentum(0.9).get_cumulative_momentum());
     /// ```
@@ -272,14 +272,14 @@ impl Config {
     /// Fuses an activation into the forward passes (see [`Activation`]).
     ///
     /// ```
-    /// use bn_core::{Activation, BatchNorm, Config};
+    /// use batchnorm::{Activation, BatchNorm, Config};
     ///
     /// let mut bn = BatchNorm::with_config(1, [0], Config::new().activation(Activation::Relu))?;
     /// let mut y = [0.0f32; 4];
     /// bn.forward_train(&[1.0, 2.0, 3.0, 4.0], &[4, 1], &mut y)?;
     /// assert_eq!(&y[..2], &[0.0, 0.0]);
     /// assert!(y[2] > 0.0 && y[3] > y[2]);
-    /// # Ok::<(), bn_core::BnError>(())
+    /// # Ok::<(), batchnorm::BnError>(())
     /// ```
     pub const fn activation(mut self, activation: Activation) -> Config {
         self.activation = activation;

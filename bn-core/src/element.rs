@@ -49,7 +49,7 @@ pub trait Param:
 /// kernels compute in `f32` (PyTorch's mixed precision).
 ///
 /// ```
-/// use bn_core::Element;
+/// use batchnorm::Element;
 /// assert_eq!(<half::bf16 as Element>::NAME, "bf16");
 /// let param: <half::f16 as Element>::Param = 1.5f32;
 /// assert_eq!(half::f16::from_f64(0.1).to_f64(), 0.0999755859375);

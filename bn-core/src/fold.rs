@@ -20,7 +20,7 @@
 //! written: after an `Err` the weights are unchanged.
 //!
 //! ```
-//! use bn_core::{fold, BatchNorm, BnError};
+//! use batchnorm::{fold, BatchNorm, BnError};
 //!
 //! // A linear layer 3 -> 2 followed by a batch norm of its 2 outputs.
 //! let mut bn = BatchNorm::new(2, [0])?;

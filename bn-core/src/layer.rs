@@ -130,7 +130,7 @@ pub(crate) struct Scratch {
 /// has the same methods (also through the trait [`BatchNormLayer`](crate::BatchNormLayer)).
 ///
 /// ```
-/// use bn_core::{BatchNorm, Config, Preset};
+/// use batchnorm::{BatchNorm, Config, Preset};
 ///
 /// // NCHW with 3 channels, normalized over N, H and W, with PyTorch's defaults.
 /// let mut bn = BatchNorm::with_config(3, [0, 2, 3], Config::preset(Preset::Pytorch))?;
@@ -146,7 +146,7 @@ pub(crate) struct Scratch {
 /// let mut dx = vec![0.0; 24];
 /// bn.backward(&x, &dy, &shape, &mut dx)?;
 /// assert_eq!(bn.beta_grad(), &[8.0, 8.0, 8.0]);
-/// # Ok::<(), bn_core::BnError>(())
+/// # Ok::<(), batchnorm::BnError>(())
 /// ```
 #[derive(Clone)]
 pub struct BatchNorm<E: Element = f32> {
@@ -224,10 +224,10 @@ impl<E: Element> BatchNorm<E> {
     /// mean 0, running variance 1.
     ///
     /// ```
-    /// use bn_core::{BatchNorm, Config, Layout};
+    /// use batchnorm::{BatchNorm, Config, Layout};
     /// let bn = BatchNorm::<f64>::with_layout(Layout::from_axes(&[16], &[0])?, Config::new())?;
     /// assert_eq!(bn.gamma(), &[1.0f64; 16]);
-    /// # Ok::<(), bn_core::BnError>(())
+    /// # Ok::<(), batchnorm::BnError>(())
     /// ```
     ///
     /// # Errors
@@ -411,7 +411,7 @@ impl<E: Element> BatchNorm<E> {
     /// Differentiate it with [`backward_add_relu`](Self::backward_add_relu).
     ///
     /// ```
-    /// use bn_core::BatchNorm;
+    /// use batchnorm::BatchNorm;
     ///
     /// let mut bn = BatchNorm::new(1, [0])?;
     /// let (x, residual) = ([1.0f32, 2.0, 3.0, 4.0], [0.5f32, 0.5, -5.0, 0.0]);
@@ -425,7 +425,7 @@ impl<E: Element> BatchNorm<E> {
     /// let (mut dx, mut dresidual) = ([0.0f32; 4], [0.0f32; 4]);
     /// bn.backward_add_relu(&x, &residual, &dy, &[4, 1], &mut dx, &mut dresidual)?;
     /// assert_eq!(dresidual, [0.0, 1.0, 0.0, 1.0]); // dy where the output is positive
-    /// # Ok::<(), bn_core::BnError>(())
+    /// # Ok::<(), batchnorm::BnError>(())
     /// ```
     pub fn forward_train_add_relu(
         &mut self,
@@ -530,11 +530,11 @@ impl<E: Element> BatchNorm<E> {
     /// `BN_BACKEND`). A backend this machine lacks is an error and changes nothing.
     ///
     /// ```
-    /// use bn_core::{kernels::Backend, BatchNorm};
+    /// use batchnorm::{kernels::Backend, BatchNorm};
     /// let mut bn = BatchNorm::new(8, [0])?;
     /// bn.set_backend(Some(Backend::Scalar))?; // the f64 reference kernels
     /// assert_eq!(bn.backend(), Backend::Scalar);
-    /// # Ok::<(), bn_core::BnError>(())
+    /// # Ok::<(), batchnorm::BnError>(())
     /// ```
     pub fn set_backend(&mut self, backend: Option<Backend>) -> Result<(), BnError> {
         if let Some(b) = backend.filter(|b| !b.is_available()) {

@@ -73,7 +73,7 @@ impl Canonical {
 /// A layer's layout: its rank, where its feature axes start and their extents.
 ///
 /// ```
-/// use bn_core::{Layout, Canonical};
+/// use batchnorm::{Layout, Canonical};
 ///
 /// // NCHW normalized over axes [0, 2, 3]
 /// let layout = Layout::from_axes(&[64], &[0, 2, 3]).unwrap();

@@ -13,7 +13,6 @@ pub use half;
 #[cfg(feature = "ndarray")]
 pub use ndarray;
 
-
 mod alloc;
 #[cfg(feature = "safetensors")]
 pub mod checkpoint;

@@ -31,8 +31,8 @@
 //! (an MPI communicator) in the `bn-mpi` crate.
 //!
 //! ```
-//! use bn_core::sync::{SyncBatchNormExt, ThreadGroup};
-//! use bn_core::BatchNorm;
+//! use batchnorm::sync::{SyncBatchNormExt, ThreadGroup};
+//! use batchnorm::BatchNorm;
 //!
 //! // Two ranks, each with a shard of a (4, 2) batch: rows 0..3 and 3..4.
 //! let x = [1.0f32, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0];
@@ -69,7 +69,7 @@ use crate::{BatchNorm, BatchNormLayer, BnError, Canonical, Element, Param, Runni
 /// partial statistics a rank contributes. [`merge`](Self::merge) is Chan's parallel formula.
 ///
 /// ```
-/// use bn_core::sync::ChannelMoments;
+/// use batchnorm::sync::ChannelMoments;
 /// let a = ChannelMoments::of(&[1.0, 2.0]);
 /// let b = ChannelMoments::of(&[3.0, 4.0, 5.0]);
 /// let all = a.merge(b);
@@ -127,11 +127,11 @@ impl ChannelMoments {
 /// a group never waits for a rank that gave up.
 ///
 /// ```
-/// use bn_core::sync::{LocalGroup, StatsGroup};
+/// use batchnorm::sync::{LocalGroup, StatsGroup};
 /// let group = LocalGroup;
 /// assert_eq!((group.rank(), group.size()), (0, 1));
 /// assert_eq!(group.all_gather(&[1.0, 2.0])?, vec![vec![1.0, 2.0]]);
-/// # Ok::<(), bn_core::BnError>(())
+/// # Ok::<(), batchnorm::BnError>(())
 /// ```
 pub trait StatsGroup {
     /// This rank's index, in `0..size()`.
@@ -158,13 +158,13 @@ impl<G: StatsGroup + ?Sized> StatsGroup for &G {
 /// The group of one process: synchronized calls give the unsynchronized results (to rounding).
 ///
 /// ```
-/// use bn_core::sync::LocalGroup;
-/// use bn_core::BatchNorm;
+/// use batchnorm::sync::LocalGroup;
+/// use batchnorm::BatchNorm;
 /// let mut bn = BatchNorm::new(1, [0])?;
 /// let mut y = [0.0; 2];
 /// bn.forward_train_sync(&[1.0, 3.0], &[2, 1], &mut y, &LocalGroup)?;
 /// assert!((y[0] + 1.0).abs() < 1e-4 && (y[1] - 1.0).abs() < 1e-4);
-/// # Ok::<(), bn_core::BnError>(())
+/// # Ok::<(), batchnorm::BnError>(())
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LocalGroup;
@@ -189,7 +189,7 @@ impl StatsGroup for LocalGroup {
 /// [`BnError::SyncGroup`] from their next collective instead of waiting forever.
 ///
 /// ```
-/// use bn_core::sync::{StatsGroup, ThreadGroup};
+/// use batchnorm::sync::{StatsGroup, ThreadGroup};
 /// let gathered: Vec<_> = std::thread::scope(|s| {
 ///     let handles: Vec<_> = ThreadGroup::new(3)
 ///         .into_iter()
@@ -603,14 +603,14 @@ impl<E: Element> BatchNorm<E> {
     /// unchanged, on every rank.
     ///
     /// ```
-    /// use bn_core::sync::LocalGroup;
-    /// use bn_core::BatchNorm;
+    /// use batchnorm::sync::LocalGroup;
+    /// use batchnorm::BatchNorm;
     /// let mut bn = BatchNorm::new(2, [0])?;
     /// let (x, mut y) = ([1.0, 10.0, 3.0, 30.0], [0.0; 4]);
     /// bn.forward_train_sync(&x, &[2, 2], &mut y, &LocalGroup)?;
     /// assert_eq!(bn.num_batches_tracked(), 1);
     /// assert!((bn.running_mean()[1] - 2.0).abs() < 1e-6); // 0.9 * 0 + 0.1 * 20
-    /// # Ok::<(), bn_core::BnError>(())
+    /// # Ok::<(), batchnorm::BnError>(())
     /// ```
     pub fn forward_train_sync<G: StatsGroup + ?Sized>(
         &mut self,
@@ -748,15 +748,15 @@ impl<E: Element> BatchNorm<E> {
     /// and [`BnError::SyncGroup`]. After an `Err` the layer is unchanged.
     ///
     /// ```
-    /// use bn_core::sync::LocalGroup;
-    /// use bn_core::BatchNorm;
+    /// use batchnorm::sync::LocalGroup;
+    /// use batchnorm::BatchNorm;
     /// let mut bn = BatchNorm::new(1, [0])?;
     /// let (x, mut y, mut dx) = ([1.0, 3.0], [0.0; 2], [0.0; 2]);
     /// bn.forward_train_sync(&x, &[2, 1], &mut y, &LocalGroup)?;
     /// bn.backward_sync(&x, &[1.0, 1.0], &[2, 1], &mut dx, &LocalGroup)?;
     /// assert_eq!(bn.beta_grad(), &[2.0]);
     /// assert!(dx.iter().all(|d| d.abs() < 1e-6)); // a constant dy has no gradient through x
-    /// # Ok::<(), bn_core::BnError>(())
+    /// # Ok::<(), batchnorm::BnError>(())
     /// ```
     pub fn backward_sync<G: StatsGroup + ?Sized>(
         &mut self,
@@ -900,8 +900,8 @@ fn p32<P: Param>(values: &[P]) -> Option<&[f32]> {
 /// [`BatchNorm::backward_sync`].
 ///
 /// ```
-/// use bn_core::sync::{LocalGroup, SyncBatchNormExt};
-/// use bn_core::{BatchNorm, BatchNormLayer};
+/// use batchnorm::sync::{LocalGroup, SyncBatchNormExt};
+/// use batchnorm::{BatchNorm, BatchNormLayer};
 ///
 /// fn step<L: BatchNormLayer<Elem = f32>>(layer: &mut L, x: &[f32], shape: &[usize]) -> Vec<f32> {
 ///     let mut y = vec![0.0; x.len()];
@@ -910,7 +910,7 @@ fn p32<P: Param>(values: &[P]) -> Option<&[f32]> {
 /// }
 /// let mut bn = BatchNorm::new(1, [0])?;
 /// assert!(step(&mut bn, &[0.0, 2.0], &[2, 1])[1] > 0.99);
-/// # Ok::<(), bn_core::BnError>(())
+/// # Ok::<(), batchnorm::BnError>(())
 /// ```
 pub trait SyncBatchNormExt: BatchNormLayer {
     /// See [`BatchNorm::forward_train_sync`].

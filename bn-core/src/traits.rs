@@ -9,7 +9,7 @@ use crate::{BatchNorm, BnError, Config, Element, Layout};
 /// The layers also have these methods as inherent methods, so calling them needs no import.
 ///
 /// ```
-/// use bn_core::{BatchNorm, BatchNormLayer};
+/// use batchnorm::{BatchNorm, BatchNormLayer};
 ///
 /// fn normalize_batch<L: BatchNormLayer<Elem = f32>>(layer: &mut L, x: &[f32], shape: &[usize]) -> Vec<f32> {
 ///     let mut y = vec![0.0; x.len()];
@@ -19,7 +19,7 @@ use crate::{BatchNorm, BnError, Config, Element, Layout};
 /// let mut bn = BatchNorm::new(2, [0])?;
 /// let y = normalize_batch(&mut bn, &[1.0, 10.0, 3.0, 30.0], &[2, 2]);
 /// assert!((y[0] + 1.0).abs() < 1e-4 && (y[2] - 1.0).abs() < 1e-4);
-/// # Ok::<(), bn_core::BnError>(())
+/// # Ok::<(), batchnorm::BnError>(())
 /// ```
 pub trait BatchNormLayer {
     /// The element type of the data tensors.

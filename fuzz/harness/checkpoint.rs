@@ -355,7 +355,7 @@ fn run_typed<E: Element>(inp: &mut Input) {
                 }
                 tensors.push((full, tensor(inp, &features, counter)));
             }
-            let mut bytes = match safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), &None) {
+            let mut bytes = match safetensors::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), None) {
                 Ok(b) => b,
                 Err(_) => return,
             };

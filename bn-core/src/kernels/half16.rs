@@ -281,9 +281,9 @@ fn with_scratch<R>(f: impl FnOnce(&mut TaskScratch) -> R) -> R {
 /// `dims.channels` values.
 ///
 /// ```
-/// use bn_core::kernels::{half16, Backend, HalfFormat};
-/// use bn_core::half::bf16;
-/// use bn_core::Canonical;
+/// use batchnorm::kernels::{half16, Backend, HalfFormat};
+/// use batchnorm::half::bf16;
+/// use batchnorm::Canonical;
 ///
 /// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
 /// let x: Vec<u16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
@@ -387,9 +387,9 @@ fn normalize_block(
 /// [`normalize`] in place: bit-identical to it.
 ///
 /// ```
-/// use bn_core::kernels::{half16, Backend, HalfFormat};
-/// use bn_core::half::f16;
-/// use bn_core::Canonical;
+/// use batchnorm::kernels::{half16, Backend, HalfFormat};
+/// use batchnorm::half::f16;
+/// use batchnorm::Canonical;
 ///
 /// let dims = Canonical { outer: 1, channels: 2, inner: 1 };
 /// let mut xy = [f16::from_f32(1.0).to_bits(), f16::from_f32(-1.0).to_bits()];
@@ -428,9 +428,9 @@ pub fn normalize_inplace(
 /// `dims.per_channel()` must be at least 1.
 ///
 /// ```
-/// use bn_core::kernels::{half16, Backend, HalfFormat};
-/// use bn_core::half::bf16;
-/// use bn_core::Canonical;
+/// use batchnorm::kernels::{half16, Backend, HalfFormat};
+/// use batchnorm::half::bf16;
+/// use batchnorm::Canonical;
 ///
 /// let dims = Canonical { outer: 4, channels: 1, inner: 1 };
 /// let x: Vec<u16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
@@ -505,9 +505,9 @@ pub fn batch_stats(
 /// with finite statistics may have been written.
 ///
 /// ```
-/// use bn_core::kernels::{half16, Backend, HalfFormat};
-/// use bn_core::half::bf16;
-/// use bn_core::Canonical;
+/// use batchnorm::kernels::{half16, Backend, HalfFormat};
+/// use batchnorm::half::bf16;
+/// use batchnorm::Canonical;
 ///
 /// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
 /// let x: Vec<u16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
@@ -653,9 +653,9 @@ fn forward_train_channels(
 /// `dx = gamma * inv_std * (dy - sum_dy / n - xhat * sum_dy_xhat / n)`, `n = outer * inner`.
 ///
 /// ```
-/// use bn_core::kernels::{half16, Backend, HalfFormat};
-/// use bn_core::half::f16;
-/// use bn_core::Canonical;
+/// use batchnorm::kernels::{half16, Backend, HalfFormat};
+/// use batchnorm::half::f16;
+/// use batchnorm::Canonical;
 ///
 /// let dims = Canonical { outer: 2, channels: 1, inner: 1 };
 /// let bits = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v).to_bits()).collect::<Vec<u16>>();
@@ -964,9 +964,9 @@ fn backward_direct(
 /// `mean` and `inv_std`, and `dx = dy * gamma * inv_std`, in one pass.
 ///
 /// ```
-/// use bn_core::kernels::{half16, Backend, HalfFormat};
-/// use bn_core::half::bf16;
-/// use bn_core::Canonical;
+/// use batchnorm::kernels::{half16, Backend, HalfFormat};
+/// use batchnorm::half::bf16;
+/// use batchnorm::Canonical;
 ///
 /// let dims = Canonical { outer: 2, channels: 1, inner: 1 };
 /// let bits = |v: &[f32]| v.iter().map(|&v| bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();

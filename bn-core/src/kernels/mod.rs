@@ -158,8 +158,8 @@ macro_rules! with_act {
 /// finite, `y` is unspecified. `Backend::Scalar` runs the `f64` reference kernels.
 ///
 /// ```
-/// use bn_core::kernels::{self, Backend};
-/// use bn_core::{spec::Dynamic, Canonical};
+/// use batchnorm::kernels::{self, Backend};
+/// use batchnorm::{spec::Dynamic, Canonical};
 ///
 /// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
 /// let (x, mut y) = ([1.0, 2.0, 3.0, 4.0], [0.0; 4]);
@@ -186,8 +186,8 @@ pub fn forward_train<S: Spec>(
 /// `y = relu(bn(x) + residual)`. The statistics are those of `x` alone.
 ///
 /// ```
-/// use bn_core::kernels::{self, Backend, Epilogue};
-/// use bn_core::{spec::Dynamic, Canonical};
+/// use batchnorm::kernels::{self, Backend, Epilogue};
+/// use batchnorm::{spec::Dynamic, Canonical};
 ///
 /// let dims = Canonical { outer: 4, channels: 1, inner: 1 };
 /// let (x, mut y) = ([1.0, 2.0, 3.0, 4.0], [0.0; 4]);
@@ -493,8 +493,8 @@ impl FusedRelu<'_> {
 /// given (the gradient of the residual), else nowhere. `Backend::Scalar` runs that composition.
 ///
 /// ```
-/// use bn_core::kernels::{self, Backend, FusedRelu};
-/// use bn_core::{spec::Dynamic, Canonical};
+/// use batchnorm::kernels::{self, Backend, FusedRelu};
+/// use batchnorm::{spec::Dynamic, Canonical};
 ///
 /// let dims = Canonical { outer: 4, channels: 1, inner: 1 };
 /// let (x, dy) = ([-1.0, 0.5, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]);
@@ -759,8 +759,8 @@ fn backward_eval_of<S: Spec, const MASK: u8>(
 /// no values per channel gives NaN. `Backend::Scalar` runs [`reference::batch_stats`].
 ///
 /// ```
-/// use bn_core::kernels::{self, Backend};
-/// use bn_core::{spec::Dynamic, Canonical};
+/// use batchnorm::kernels::{self, Backend};
+/// use batchnorm::{spec::Dynamic, Canonical};
 ///
 /// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
 /// let (mut mean, mut var) = ([0.0], [0.0]);
@@ -812,8 +812,8 @@ pub fn batch_stats<S: Spec>(
 /// hold `dims.channels`. `Backend::Scalar` runs [`reference::backward_sums`].
 ///
 /// ```
-/// use bn_core::kernels::{self, Backend};
-/// use bn_core::{spec::Dynamic, Canonical};
+/// use batchnorm::kernels::{self, Backend};
+/// use batchnorm::{spec::Dynamic, Canonical};
 ///
 /// let dims = Canonical { outer: 2, channels: 1, inner: 2 };
 /// let (x, dy) = ([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, -1.0]);
@@ -884,8 +884,8 @@ pub fn backward_sums<S: Spec>(
 /// slices hold `dims.channels`. `Backend::Scalar` computes in `f64`.
 ///
 /// ```
-/// use bn_core::kernels::{self, Backend};
-/// use bn_core::{spec::Dynamic, Canonical};
+/// use batchnorm::kernels::{self, Backend};
+/// use batchnorm::{spec::Dynamic, Canonical};
 ///
 /// let dims = Canonical { outer: 1, channels: 1, inner: 2 };
 /// let mut dx = [0.0; 2];

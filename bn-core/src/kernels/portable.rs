@@ -2,7 +2,7 @@
 //! compiled (SSE2 on a default x86-64 build, NEON on aarch64, AVX2 or AVX-512 under
 //! `-C target-cpu=native`). No run-time detection: it runs everywhere.
 
-use wide::{f32x8, CmpGt, CmpLt};
+use wide::f32x8;
 
 use super::isa::{Isa, Kernel};
 
@@ -41,11 +41,11 @@ impl Isa for Wide {
     }
     #[inline(always)]
     fn relu(self, v: f32x8) -> f32x8 {
-        v.cmp_lt(f32x8::ZERO).blend(f32x8::ZERO, v)
+        v.simd_lt(f32x8::ZERO).select(f32x8::ZERO, v)
     }
     #[inline(always)]
     fn pass_positive(self, v: f32x8, g: f32x8) -> f32x8 {
-        v.cmp_gt(f32x8::ZERO) & g
+        v.simd_gt(f32x8::ZERO) & g
     }
     #[inline(always)]
     fn load(self, s: &[f32]) -> f32x8 {
@@ -54,7 +54,7 @@ impl Isa for Wide {
     }
     #[inline(always)]
     fn store(self, s: &mut [f32], v: f32x8) {
-        s[..8].copy_from_slice(v.as_array_ref());
+        s[..8].copy_from_slice(v.as_array());
     }
     #[inline(always)]
     fn load_tail(self, s: &[f32]) -> f32x8 {
