@@ -72,7 +72,8 @@ impl Opts {
             c = c.eps(e);
         }
         if let Some(m) = self.momentum {
-            c = c.momentum(m);
+            // PyTorch's preset takes the momentum in PyTorch's spelling (exact for m = 0, 0.5).
+            c = if self.preset == Preset::Pytorch { c.torch_momentum(1.0 - m) } else { c.momentum(m) };
         }
         c
     }

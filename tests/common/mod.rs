@@ -56,7 +56,13 @@ impl Case {
 
     /// The configuration: the preset with the manifest's explicit values on top.
     pub fn config(&self) -> Config {
-        Config::preset(self.preset).momentum(self.momentum).eps(self.eps).running_var(self.running_var)
+        // The manifest's momentum is the weight of the old value; PyTorch's preset takes it in
+        // PyTorch's own spelling (`1 - (1 - m)` is exactly `m` for `m` in [0.5, 1]).
+        let config = match self.preset {
+            Preset::Pytorch => Config::preset(self.preset).torch_momentum(1.0 - self.momentum),
+            _ => Config::preset(self.preset).momentum(self.momentum),
+        };
+        config.eps(self.eps).running_var(self.running_var)
     }
 
     /// The runtime-generic layer described by the case.
