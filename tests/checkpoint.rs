@@ -199,12 +199,11 @@ fn a_state_dict_loads_back_what_it_saved() {
     assert_eq!(StateDict::from_bytes(&state_dict_bytes()).unwrap(), dict);
     let tensors = SafeTensors::deserialize(&state_dict_bytes()).unwrap().tensors().len();
     assert_eq!(tensors, dict.len());
-    for (prefix, mut a, mut b) in [("1.", Bn1::new(), Bn1::new())] {
-        dict.load_layer(&mut a, prefix, Naming::pytorch()).unwrap();
-        checkpoint::load_state_from_bytes(&mut b, &state_dict_bytes(), prefix, Naming::pytorch()).unwrap();
-        assert_eq!(full(&a), full(&b));
-        assert_eq!(a.num_batches_tracked(), 5);
-    }
+    let (mut a, mut b) = (Bn1::new(), Bn1::new());
+    dict.load_layer(&mut a, "1.", Naming::pytorch()).unwrap();
+    checkpoint::load_state_from_bytes(&mut b, &state_dict_bytes(), "1.", Naming::pytorch()).unwrap();
+    assert_eq!(full(&a), full(&b));
+    assert_eq!(a.num_batches_tracked(), 5);
     let mut bn3 = Bn3::new();
     dict.load_layer(&mut bn3, "8.", Naming::pytorch()).unwrap();
     assert_eq!(bn3.running_var(), Tensors::load(STATE_DICT).get("8.running_var"));
