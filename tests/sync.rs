@@ -470,7 +470,7 @@ fn recorded_forward(mut layer: BatchNorm, x: &[f32], shape: &[usize]) -> Vec<f64
 /// Index of the `count` field of a message, and of its payload for a shape of rank `r`.
 const COUNT_AT: usize = 4;
 fn payload_at(rank: usize) -> usize {
-    14 + rank
+    15 + rank
 }
 
 /// A forward of a 4-feature layer through `group`; returns the result and whether the layer
@@ -502,6 +502,36 @@ fn a_message_of_a_layer_with_fewer_features_is_an_error() {
     let (result, unchanged) = forward_through(&group, &[2, 4]);
     assert!(matches!(result, Err(BnError::SyncMismatch { rank: 1, .. })), "{result:?}");
     assert!(unchanged);
+}
+
+#[test]
+fn ranks_of_another_element_type_are_an_error_on_every_rank() {
+    let results = on_ranks(2, |rank| {
+        let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let shape = [4, 2];
+        if rank.rank() == 1 {
+            let layout = Layout::from_axes(&[2], &[0]).unwrap();
+            let mut bn = BatchNorm::<f64>::with_layout(layout, Config::new()).unwrap();
+            let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let mut y = vec![0.0; 8];
+            let before = full_state(&bn);
+            (bn.forward_train_sync(&x, &shape, &mut y, &rank), full_state(&bn) == before)
+        } else {
+            let mut bn = BatchNorm::new(2, [0]).unwrap();
+            let mut y = vec![0.0; 8];
+            let before = full_state(&bn);
+            (bn.forward_train_sync(&x, &shape, &mut y, &rank), full_state(&bn) == before)
+        }
+    });
+    for (r, (result, unchanged)) in results.iter().enumerate() {
+        match result {
+            Err(BnError::SyncMismatch { rank: 1, message }) => {
+                assert!(message.contains("f64") && message.contains("f32"), "{message}")
+            }
+            other => panic!("rank {r}: {other:?}"),
+        }
+        assert!(unchanged, "rank {r} changed");
+    }
 }
 
 #[test]

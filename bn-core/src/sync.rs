@@ -339,18 +339,36 @@ struct Header {
     /// The axis along which shards may differ.
     batch_axis: usize,
     first_feature_axis: usize,
+    /// The layer's element type ([`dtype_code`]).
+    dtype: f64,
     /// eps, momentum (-1: cumulative), running_var, center, scale, track_running_stats.
     config: [f64; 6],
 }
 
+/// The element type of a layer as a message value.
+fn dtype_code(name: &str) -> f64 {
+    match name {
+        "f32" => 1.0,
+        "f64" => 2.0,
+        "bf16" => 3.0,
+        "f16" => 4.0,
+        _ => 0.0,
+    }
+}
+
+/// The element type a message value names.
+fn dtype_name(code: f64) -> &'static str {
+    ["an unknown type", "f32", "f64", "bf16", "f16"].get(code as usize).copied().unwrap_or("an unknown type")
+}
+
 /// `[MAGIC, op, status, ...]`: `status` OK then `channels, count, batch_axis, first_feature_axis,
-/// config (6), rank r, shape (r), payload`; failed then the error message as bytes.
+/// dtype, config (6), rank r, shape (r), payload`; failed then the error message as bytes.
 fn encode(op: Op, local: &Result<(Header, Vec<f64>), BnError>) -> Vec<f64> {
     let mut m = vec![MAGIC, op as i32 as f64];
     match local {
         Ok((h, payload)) => {
             m.push(STATUS_OK);
-            m.extend([h.channels as f64, h.count, h.batch_axis as f64, h.first_feature_axis as f64]);
+            m.extend([h.channels as f64, h.count, h.batch_axis as f64, h.first_feature_axis as f64, h.dtype]);
             m.extend(h.config);
             m.push(h.shape.len() as f64);
             m.extend(h.shape.iter().map(|&e| e as f64));
@@ -371,7 +389,7 @@ enum Message<'a> {
 }
 
 /// Values before the shape in an OK message.
-const FIXED: usize = 3 + 4 + 6 + 1;
+const FIXED: usize = 3 + 5 + 6 + 1;
 
 fn decode(rank: usize, m: &[f64]) -> Result<Message<'_>, BnError> {
     let malformed =
@@ -397,7 +415,8 @@ fn decode(rank: usize, m: &[f64]) -> Result<Message<'_>, BnError> {
         count: m[4],
         batch_axis: int(m[5]).ok_or_else(malformed)?,
         first_feature_axis: int(m[6]).ok_or_else(malformed)?,
-        config: m[7..13].try_into().map_err(|_| malformed())?,
+        dtype: m[7],
+        config: m[8..14].try_into().map_err(|_| malformed())?,
         shape: shape.ok_or_else(malformed)?,
     };
     if header.batch_axis >= header.shape.len() {
@@ -428,6 +447,7 @@ fn agrees(a: &Header, b: &Header) -> bool {
     a.channels == b.channels
         && a.batch_axis == b.batch_axis
         && a.first_feature_axis == b.first_feature_axis
+        && a.dtype.to_bits() == b.dtype.to_bits()
         && masked_shape(a) == masked_shape(b)
         && a.config.map(f64::to_bits) == b.config.map(f64::to_bits)
 }
@@ -518,6 +538,13 @@ fn exchange<G: StatsGroup + ?Sized>(
         if h.channels != h0.channels {
             return mismatch(format!("has {} features, rank 0 has {}", h.channels, h0.channels));
         }
+        if h.dtype.to_bits() != h0.dtype.to_bits() {
+            return mismatch(format!(
+                "has a layer of {}, rank 0 of {}",
+                dtype_name(h.dtype),
+                dtype_name(h0.dtype)
+            ));
+        }
         let same_layout = h.batch_axis == h0.batch_axis
             && h.first_feature_axis == h0.first_feature_axis
             && masked_shape(h) == masked_shape(h0);
@@ -578,6 +605,7 @@ impl<E: Element> BatchNorm<E> {
             shape: shape.to_vec(),
             batch_axis: self.layout().reduced_axes()[0],
             first_feature_axis: self.layout().feature_axes().start,
+            dtype: dtype_code(E::NAME),
             config: [
                 c.get_eps(),
                 momentum,
