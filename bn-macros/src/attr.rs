@@ -15,7 +15,7 @@ use syn::parse::{ParseStream, Parser};
 use syn::punctuated::Punctuated;
 use syn::{Attribute, Expr, Fields, Ident, Item, Lit, LitStr, Meta, Path, Token, UnOp, Visibility};
 
-use crate::valid::Ctxt;
+use crate::ctxt::Ctxt;
 
 /// The keys of the attribute.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

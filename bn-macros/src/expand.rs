@@ -11,8 +11,9 @@ use syn::ext::IdentExt;
 use syn::Path;
 
 use crate::attr::{self, Attr, Momentum, Shell, Target};
+use crate::ctxt::Ctxt;
 use crate::fallback;
-use crate::valid::{self, Ctxt, Layout};
+use crate::valid::{self, Layout};
 
 /// `#[batch_norm(args)] item`.
 pub(crate) fn batch_norm(args: TokenStream, item: TokenStream) -> TokenStream {

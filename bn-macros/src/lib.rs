@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 mod attr;
+mod ctxt;
 mod expand;
 mod fallback;
 mod valid;
