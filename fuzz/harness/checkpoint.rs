@@ -12,7 +12,7 @@
 //!   names one of the offending tensors;
 //! - after an `Err` the layer is bit-for-bit unchanged; after `Ok` it holds the file's values.
 //!
-//! The same file is compiled into the fuzz target and into `tests/fuzz_regressions.rs`.
+//! The same file is compiled into the fuzz target and into `tests/integration/fuzz_regressions.rs`.
 #![allow(dead_code)]
 
 use std::borrow::Cow;

@@ -22,7 +22,7 @@
 //! features; shapes with more elements are only called with small (mismatched) buffers.
 //!
 //! The same file is compiled into the fuzz target (`fuzz/fuzz_targets/layer.rs`) and into the
-//! regression test `tests/fuzz_regressions.rs`, so it uses nothing but `bn_core` and `std`.
+//! regression test `tests/integration/fuzz_regressions.rs`, so it uses nothing but `bn_core` and `std`.
 #![allow(dead_code)]
 
 use bn_core::{Backend, BatchNorm, BnError, Config, Element, Layout, Param, RunningVar, MAX_FEATURES};

@@ -8,7 +8,7 @@
 //! - after an `Err` the layer is bit-for-bit unchanged;
 //! - after `Ok` the running statistics are finite and the running variance is not negative.
 //!
-//! The same file is compiled into the fuzz target and into `tests/fuzz_regressions.rs`.
+//! The same file is compiled into the fuzz target and into `tests/integration/fuzz_regressions.rs`.
 #![allow(dead_code)]
 
 use std::cell::RefCell;

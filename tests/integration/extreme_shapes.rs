@@ -5,7 +5,7 @@
 //! a limited address space). The shapes that
 //! are run are run on every backend this machine has, against an `f64` reference.
 
-mod common;
+use crate::common;
 
 use batchnorm::{batch_norm, Backend, BatchNorm, BnError, Canonical, Config, Family, Layout, MAX_FEATURES};
 use common::{full_state, Rng};
@@ -330,11 +330,16 @@ const CHILD: &str = "BN_EXTREME_SHAPES_CHILD";
 #[cfg(unix)]
 fn run_limited(name: &str, role: &str) -> std::process::Output {
     let exe = std::env::current_exe().expect("the path of the test binary");
+    // The test's full name: this module's path within the test crate, then `name`.
+    let name = match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::{name}"),
+        None => name.to_string(),
+    };
     std::process::Command::new("sh")
         .arg("-c")
         .arg(r#"ulimit -v 4000000 && exec "$0" "$@""#)
         .arg(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .args([&name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD, role)
         .output()
         .expect("sh runs the test binary")

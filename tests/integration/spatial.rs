@@ -4,7 +4,7 @@
 //! constant: its results must equal the runtime-generic layer's bit for bit, and a shape with
 //! other extents is an error that leaves the layer unchanged.
 
-mod common;
+use crate::common;
 
 use batchnorm::{batch_norm, BatchNorm, BatchNormLayer, BnError};
 use common::Rng;

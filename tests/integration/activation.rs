@@ -5,7 +5,7 @@
 //! add) applied afterwards, and the plain backward of `dy` masked with `y > 0`. The `f64` layer's
 //! residual backward is also checked against finite differences.
 
-mod common;
+use crate::common;
 
 use batchnorm::{batch_norm, Activation, Backend, BatchNorm, BatchNormLayer, BnError, Config};
 use common::Rng;

@@ -10,7 +10,7 @@ use bn_core::kernels::{self, reference, Backend, FusedRelu};
 use bn_core::spec::Dynamic;
 use bn_core::Canonical;
 
-mod common;
+use crate::common;
 use common::{fast_backends, Rng};
 
 /// Planes with the fused schedule (many small channels), the split one (few or large channels),

@@ -3,7 +3,7 @@
 //! (validation before writing, `NonFinite`, empty batches, `NoForward`, NaN propagation) for
 //! `bf16` and `f16` layers as for `f32` ones, on every backend this machine runs.
 
-mod common;
+use crate::common;
 
 use batchnorm::half::{bf16, f16};
 use batchnorm::{batch_norm, Backend, BatchNorm, BatchNormLayer, BnError, Config, Element, Layout};

@@ -1,7 +1,7 @@
 //! The clarifications of the public contract (docs/ARCHITECTURE.md), one test each (or one generic check run on
 //! both the runtime-generic layer and a `#[batch_norm]` layer).
 
-mod common;
+use crate::common;
 
 use batchnorm::{
     batch_norm, BatchNorm, BatchNormArrayExt, BatchNormLayer, BnError, Config, Layout, Preset, RunningVar,

@@ -8,7 +8,7 @@ use bn_core::half::{bf16, f16};
 use bn_core::kernels::Backend;
 use bn_core::{BatchNorm, Config, Element, Layout};
 
-mod common;
+use crate::common;
 use common::{backends, Rng};
 
 /// `(outer, C, inner)` shapes of both families with odd tails, and the three block kinds of the

@@ -3,7 +3,7 @@
 //! and gradients of one process on the concatenated batch, bit-identical state on every rank,
 //! and an error on every rank (never a hang) when ranks disagree or one of them fails.
 
-mod common;
+use crate::common;
 
 use batchnorm::sync::{LocalGroup, StatsGroup, SyncBatchNormExt, ThreadGroup, ThreadRank};
 use batchnorm::{batch_norm, Activation, BatchNorm, BnError, Config, Element, Layout, Param, Preset};

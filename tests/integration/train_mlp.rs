@@ -6,10 +6,10 @@
 //! of `TrainConfig::default()`.
 
 #[allow(dead_code)] // `main` and the data set's accessors are for the example.
-#[path = "../examples/train_mlp.rs"]
-mod train_mlp;
+#[path = "../../examples/train_mlp.rs"]
+mod example;
 
-use train_mlp::{train, TrainConfig};
+use example::{train, TrainConfig};
 
 #[test]
 fn mlp_with_batch_norm_learns_two_spirals() {
@@ -45,7 +45,7 @@ fn training_is_deterministic() {
     let config = TrainConfig { epochs: 2, ..TrainConfig::default() };
     let a = train(&config).expect("trains");
     let b = train(&config).expect("trains");
-    let bits = |r: &train_mlp::Report| {
+    let bits = |r: &example::Report| {
         let mut v: Vec<u32> =
             r.epochs.iter().flat_map(|e| [e.loss.to_bits(), e.accuracy.to_bits()]).collect();
         v.extend([r.train_accuracy.to_bits(), r.test_loss.to_bits(), r.test_accuracy.to_bits()]);

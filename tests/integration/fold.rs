@@ -4,7 +4,7 @@
 //! BatchNorm2d(32), ReLU, Flatten, Linear(2048,24), BatchNorm1d(24))`, and on random following
 //! linear layers.
 
-mod common;
+use crate::common;
 
 use batchnorm::checkpoint::{self, Naming};
 use batchnorm::fold::{self, ScaleShift};

@@ -5,7 +5,7 @@
 //! fresh clone of the layer, so running statistics and saved state never leak between
 //! evaluations.
 
-mod common;
+use crate::common;
 
 use batchnorm::{BatchNorm, Config, Layout, Preset};
 use common::{assert_close_shaped, Rng, Tol};

@@ -9,7 +9,7 @@
 //!   (or, through a channel's sums, the channel) they reach, and nowhere else;
 //! - nothing hangs: every check runs under a watchdog.
 
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! into `#[batch_norm]` layers, save/load round trips, every kind of bad tensor, and the
 //! cumulative moving average (PyTorch's `momentum=None`) continued across a checkpoint.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -8,7 +8,7 @@ use bn_core::kernels::{self, reference, Backend};
 use bn_core::spec::{Dynamic, Spec};
 use bn_core::Canonical;
 
-mod common;
+use crate::common;
 use common::{fast_backends, Rng};
 
 /// Extents that exercise every tail: 1, below/at/above one and two vectors, odd, and large.

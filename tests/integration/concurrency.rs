@@ -4,7 +4,7 @@
 //! from inside `par_iter`) without deadlock, and runs on the caller's pool rather than starting
 //! Rayon's global one (no oversubscription).
 
-mod common;
+use crate::common;
 
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -237,8 +237,13 @@ fn kernels_do_not_start_the_global_pool() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
+    // The child test's full name: this module's path within the test crate, then its own.
+    let child = match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::global_pool_child"),
+        None => "global_pool_child".to_string(),
+    };
     let out = std::process::Command::new(exe)
-        .args(["--exact", "global_pool_child", "--include-ignored", "--test-threads=1", "--nocapture"])
+        .args(["--exact", &child, "--include-ignored", "--test-threads=1", "--nocapture"])
         .env("BN_GLOBAL_POOL_CHILD", "1")
         .output()
         .unwrap();

@@ -7,11 +7,11 @@
 //!
 //! Run the fuzz targets themselves with `cargo +nightly fuzz run layer` (see docs/RELIABILITY.md).
 
-#[path = "../fuzz/harness/checkpoint.rs"]
+#[path = "../../fuzz/harness/checkpoint.rs"]
 mod checkpoint_harness;
-#[path = "../fuzz/harness/layer.rs"]
+#[path = "../../fuzz/harness/layer.rs"]
 mod layer_harness;
-#[path = "../fuzz/harness/sync.rs"]
+#[path = "../../fuzz/harness/sync.rs"]
 mod sync_harness;
 
 use std::path::PathBuf;

@@ -7,7 +7,7 @@
 //! inference must be bit-identical to the out-of-place one, and results must be bit-identical in
 //! Rayon pools of 1, 2 and 3 threads.
 
-mod common;
+use crate::common;
 
 use batchnorm::{BatchNorm, BnError, Config, Preset, RunningVar};
 use common::{assert_bits_eq, assert_close_shaped, full_state, Rng, Tol, FWD, GRAD};

@@ -5,7 +5,7 @@
 //!
 //! The bounds asserted here are the accuracy docs/RELIABILITY.md documents ("Accuracy").
 
-mod common;
+use crate::common;
 
 use batchnorm::{Backend, BatchNorm, Config, Preset};
 use common::Rng;

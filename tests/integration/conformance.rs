@@ -6,7 +6,7 @@
 //! from the manifest) and through a `#[batch_norm(...)]` layer declared for it below; both are
 //! driven by one generic checker over `BatchNormLayer`.
 
-mod common;
+use crate::common;
 
 use batchnorm::{batch_norm, BatchNorm, BatchNormLayer, Config, Preset, RunningVar};
 use common::{assert_bits_eq, assert_close_shaped, Case, Tensors, FWD, GRAD};

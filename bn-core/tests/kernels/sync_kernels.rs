@@ -8,7 +8,7 @@ use bn_core::kernels::{self, reference, Backend};
 use bn_core::spec::Dynamic;
 use bn_core::Canonical;
 
-mod common;
+use crate::common;
 use common::{fast_backends, Rng};
 
 /// Both families, tails, several blocks and chunks, and enough values for the pool.
