@@ -139,14 +139,33 @@ fn masked_shape(h: &Header) -> Vec<usize> {
     s
 }
 
-/// Whether two headers describe the same layer and call up to the batch axis' extent.
-fn agrees(a: &Header, b: &Header) -> bool {
-    a.channels == b.channels
-        && a.batch_axis == b.batch_axis
-        && a.first_feature_axis == b.first_feature_axis
-        && a.dtype.to_bits() == b.dtype.to_bits()
-        && masked_shape(a) == masked_shape(b)
-        && a.config.map(f64::to_bits) == b.config.map(f64::to_bits)
+/// How the call `h` differs from rank 0's `h0` (features, element type, shape up to the batch
+/// axis' extent, configuration), said from `h`'s side; `None` when they agree.
+fn disagreement(h: &Header, h0: &Header) -> Option<String> {
+    if h.channels != h0.channels {
+        return Some(format!("has {} features, rank 0 has {}", h.channels, h0.channels));
+    }
+    if h.dtype.to_bits() != h0.dtype.to_bits() {
+        return Some(format!("has a layer of {}, rank 0 of {}", dtype_name(h.dtype), dtype_name(h0.dtype)));
+    }
+    let same_layout = h.batch_axis == h0.batch_axis
+        && h.first_feature_axis == h0.first_feature_axis
+        && masked_shape(h) == masked_shape(h0);
+    if !same_layout {
+        return Some(format!(
+            "passes shape {:?} (features from axis {}) and rank 0 {:?} (features from axis {}): \
+             shards may differ only in the extent of the batch axis (axis {})",
+            h.shape, h.first_feature_axis, h0.shape, h0.first_feature_axis, h0.batch_axis
+        ));
+    }
+    if h.config.map(f64::to_bits) != h0.config.map(f64::to_bits) {
+        return Some(format!(
+            "has another configuration than rank 0 (eps, momentum, running_var, center, scale, \
+             track_running_stats: {:?} vs {:?})",
+            h.config, h0.config
+        ));
+    }
+    None
 }
 
 /// The values per feature that a rank's shape holds, `None` when the shape cannot be one of a
@@ -232,32 +251,8 @@ pub(super) fn exchange<G: StatsGroup + ?Sized>(
         if op_r != op0 {
             return mismatch(format!("calls {} while rank 0 calls {}", Op::name(op_r), Op::name(op0)));
         }
-        if h.channels != h0.channels {
-            return mismatch(format!("has {} features, rank 0 has {}", h.channels, h0.channels));
-        }
-        if h.dtype.to_bits() != h0.dtype.to_bits() {
-            return mismatch(format!(
-                "has a layer of {}, rank 0 of {}",
-                dtype_name(h.dtype),
-                dtype_name(h0.dtype)
-            ));
-        }
-        let same_layout = h.batch_axis == h0.batch_axis
-            && h.first_feature_axis == h0.first_feature_axis
-            && masked_shape(h) == masked_shape(h0);
-        if !same_layout {
-            return mismatch(format!(
-                "passes shape {:?} (features from axis {}) and rank 0 {:?} (features from axis {}): \
-                 shards may differ only in the extent of the batch axis (axis {})",
-                h.shape, h.first_feature_axis, h0.shape, h0.first_feature_axis, h0.batch_axis
-            ));
-        }
-        if h.config.map(f64::to_bits) != h0.config.map(f64::to_bits) {
-            return mismatch(format!(
-                "has another configuration than rank 0 (eps, momentum, running_var, center, scale, \
-                 track_running_stats: {:?} vs {:?})",
-                h.config, h0.config
-            ));
+        if let Some(message) = disagreement(h, h0) {
+            return mismatch(message);
         }
         if let Err(message) = check_payload(op, h, payload) {
             return mismatch(message);
@@ -266,7 +261,7 @@ pub(super) fn exchange<G: StatsGroup + ?Sized>(
     }
     // Every rank agrees with rank 0; rank 0 must agree with this rank's own call, whose
     // features and shape the merge indexes with.
-    if op0 != op as i32 as f64 || !agrees(h0, &mine) {
+    if op0 != op as i32 as f64 || disagreement(h0, &mine).is_some() {
         return Err(BnError::SyncGroup(format!(
             "the gathered messages do not match what rank {} sent: rank 0 calls {} with {} features \
              and shape {:?}, this rank calls {} with {} features and shape {:?}",
