@@ -187,24 +187,10 @@ mod tests {
 
     fn row(case: &str, shape: &[usize], axes: &[usize], mode: Mode, imp: &str, median_ns: u64) -> Row {
         Row {
-            case: case.into(),
-            shape: shape.to_vec(),
-            axes: axes.to_vec(),
-            dtype: "f32".into(),
-            mode: mode.name().into(),
-            implementation: imp.into(),
-            threads: 2,
-            backend: "avx2".into(),
-            median_ns,
-            min_ns: median_ns,
-            max_ns: median_ns,
-            gbps: 1.0,
             copy_ratio: median_ns as f64 / 1000.0,
-            naive_speedup: f64::NAN,
             command: "bn-bench --case S1 --json ours.json".into(),
             cpu: "Test CPU".into(),
-            macro_speedup: None,
-            plain_ratio: None,
+            ..Row::for_test(case, shape, axes, mode.name(), imp, median_ns)
         }
     }
 

@@ -62,6 +62,42 @@ pub struct Row {
     pub plain_ratio: Option<f64>,
 }
 
+#[cfg(test)]
+impl Row {
+    /// A row for unit tests: one call of `median_ns` (min and max alike), `f32` on 2 threads of
+    /// AVX2, the ratios neutral (copy 1, naive NaN, none of the in-memory ones), no command or
+    /// CPU; a test sets what it checks on top.
+    pub(crate) fn for_test(
+        case: &str,
+        shape: &[usize],
+        axes: &[usize],
+        mode: &str,
+        implementation: &str,
+        median_ns: u64,
+    ) -> Row {
+        Row {
+            case: case.into(),
+            shape: shape.to_vec(),
+            axes: axes.to_vec(),
+            dtype: "f32".into(),
+            mode: mode.into(),
+            implementation: implementation.into(),
+            threads: 2,
+            backend: "avx2".into(),
+            median_ns,
+            min_ns: median_ns,
+            max_ns: median_ns,
+            gbps: 1.0,
+            copy_ratio: 1.0,
+            naive_speedup: f64::NAN,
+            command: String::new(),
+            cpu: String::new(),
+            macro_speedup: None,
+            plain_ratio: None,
+        }
+    }
+}
+
 /// JSON has no NaN: serde_json writes a NaN figure (a ratio without its reference row) as
 /// `null`, and `torch_bench.py` writes `null` for the figures it has none of.
 fn nan_if_null<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {

@@ -185,26 +185,7 @@ mod tests {
     use super::*;
 
     fn row(shape: [usize; 4], mode: Mode, implementation: &str, median_ns: u64) -> Row {
-        Row {
-            case: String::new(),
-            shape: shape.to_vec(),
-            axes: SUITE_AXES.to_vec(),
-            dtype: "f32".into(),
-            mode: mode.name().into(),
-            implementation: implementation.into(),
-            threads: 2,
-            backend: "avx2".into(),
-            median_ns,
-            min_ns: median_ns,
-            max_ns: median_ns,
-            gbps: 1.0,
-            copy_ratio: 1.0,
-            naive_speedup: f64::NAN,
-            command: String::new(),
-            cpu: String::new(),
-            macro_speedup: None,
-            plain_ratio: None,
-        }
+        Row::for_test("", &shape, &SUITE_AXES, mode.name(), implementation, median_ns)
     }
 
     #[test]
