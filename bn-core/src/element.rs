@@ -2,10 +2,7 @@
 
 use core::fmt::Debug;
 
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-
-use crate::kernels::HalfFormat;
 
 mod sealed {
     pub trait Sealed {}
@@ -36,9 +33,6 @@ pub trait Param:
     fn saturating_from_f64(value: f64) -> Self;
     /// Whether the value is neither infinite nor NaN.
     fn is_finite(self) -> bool;
-    /// The slice as `f32` when this type is `f32` (the fast kernels' parameter type).
-    #[doc(hidden)]
-    fn slice_as_f32(values: &[Self]) -> Option<&[f32]>;
 }
 
 /// The element type of the data tensors (`x`, `y`, `dy`, `dx`): `f32`, `f64`, or the 16-bit
@@ -60,35 +54,17 @@ pub trait Element: sealed::Sealed + Copy + Default + Debug + PartialEq + Send + 
     type Param: Param;
     /// The name used by the `dtype` key of the attribute.
     const NAME: &'static str;
+    /// The kernels of each pass for this type (see `route.rs`).
+    #[doc(hidden)]
+    type Route: route::Route<Self>;
     /// Widens to `f64` (exact).
     fn to_f64(self) -> f64;
     /// Rounds from `f64` to nearest.
     fn from_f64(value: f64) -> Self;
-    /// The slice as `f32` when this type is `f32` (the element type of the fast kernels).
-    #[doc(hidden)]
-    fn slice_as_f32(values: &[Self]) -> Option<&[f32]>;
-    /// The slice as `f32` when this type is `f32`.
-    #[doc(hidden)]
-    fn slice_as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
-    /// The 16-bit storage format, for `bf16` and `f16` (their kernels widen to `f32`).
-    #[doc(hidden)]
-    const HALF: Option<HalfFormat> = None;
-    /// The slice's bits when this type is a 16-bit format ([`Element::HALF`]).
-    #[doc(hidden)]
-    #[inline(always)]
-    fn slice_as_bits(_values: &[Self]) -> Option<&[u16]> {
-        None
-    }
-    /// The slice's bits when this type is a 16-bit format ([`Element::HALF`]).
-    #[doc(hidden)]
-    #[inline(always)]
-    fn slice_as_bits_mut(_values: &mut [Self]) -> Option<&mut [u16]> {
-        None
-    }
 }
 
 macro_rules! impl_float {
-    ($t:ty, $name:literal, |$v:ident| $as_f32:expr, |$m:ident| $as_f32_mut:expr) => {
+    ($t:ty, $name:literal, $route:ty) => {
         impl Param for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -115,14 +91,11 @@ macro_rules! impl_float {
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
-            #[inline(always)]
-            fn slice_as_f32($v: &[Self]) -> Option<&[f32]> {
-                $as_f32
-            }
         }
 
         impl Element for $t {
             type Param = $t;
+            type Route = $route;
             const NAME: &'static str = $name;
             #[inline(always)]
             fn to_f64(self) -> f64 {
@@ -132,27 +105,19 @@ macro_rules! impl_float {
             fn from_f64(value: f64) -> Self {
                 value as $t
             }
-            #[inline(always)]
-            fn slice_as_f32($v: &[Self]) -> Option<&[f32]> {
-                $as_f32
-            }
-            #[inline(always)]
-            fn slice_as_f32_mut($m: &mut [Self]) -> Option<&mut [f32]> {
-                $as_f32_mut
-            }
         }
     };
 }
 
-impl_float!(f32, "f32", |v| Some(v), |v| Some(v));
-impl_float!(f64, "f64", |_v| None, |_v| None);
+impl_float!(f32, "f32", route::Fast32);
+impl_float!(f64, "f64", route::Reference);
 
 macro_rules! impl_half {
-    ($t:ty, $name:literal, $format:expr) => {
+    ($t:ty, $name:literal) => {
         impl Element for $t {
             type Param = f32;
+            type Route = route::Half16;
             const NAME: &'static str = $name;
-            const HALF: Option<HalfFormat> = Some($format);
             #[inline(always)]
             fn to_f64(self) -> f64 {
                 <$t>::to_f64(self)
@@ -161,25 +126,281 @@ macro_rules! impl_half {
             fn from_f64(value: f64) -> Self {
                 <$t>::from_f64(value)
             }
-            #[inline(always)]
-            fn slice_as_f32(_values: &[Self]) -> Option<&[f32]> {
-                None
-            }
-            #[inline(always)]
-            fn slice_as_f32_mut(_values: &mut [Self]) -> Option<&mut [f32]> {
-                None
-            }
-            #[inline(always)]
-            fn slice_as_bits(values: &[Self]) -> Option<&[u16]> {
-                Some(values.reinterpret_cast())
-            }
-            #[inline(always)]
-            fn slice_as_bits_mut(values: &mut [Self]) -> Option<&mut [u16]> {
-                Some(values.reinterpret_cast_mut())
-            }
         }
     };
 }
 
-impl_half!(bf16, "bf16", HalfFormat::Bf16);
-impl_half!(f16, "f16", HalfFormat::F16);
+impl_half!(bf16, "bf16");
+impl_half!(f16, "f16");
+
+/// The contract of a route: which kernels run each pass for an element type
+/// ([`Element::Route`]). Its implementations are in `route.rs`.
+pub mod route {
+    use super::Element;
+    use crate::kernels::Backend;
+    use crate::spec::Spec;
+    use crate::Canonical;
+
+    /// What follows the normalization in one call: the layer's activation or the residual form.
+    #[derive(Clone, Copy)]
+    pub enum Tail<'r, E> {
+        /// The normalized value.
+        Plain,
+        /// `relu(y)`.
+        Relu,
+        /// `relu(round(y + residual))`.
+        AddRelu(&'r [E]),
+    }
+
+    impl<'r, E: Element> Tail<'r, E> {
+        /// The residual of the residual form.
+        pub fn residual(self) -> Option<&'r [E]> {
+            match self {
+                Tail::AddRelu(r) => Some(r),
+                _ => None,
+            }
+        }
+
+        /// Applies the tail to `y` after an unfused normalize, in the element type: `relu(y)` or
+        /// `relu(round(y + r))`, as the fast kernels' epilogue computes it.
+        pub fn apply(self, y: &mut [E]) {
+            let relu = |v: f64| if v < 0.0 { 0.0 } else { v };
+            match self {
+                Tail::Plain => {}
+                Tail::Relu => y.iter_mut().for_each(|v| *v = E::from_f64(relu(v.to_f64()))),
+                Tail::AddRelu(r) => {
+                    for (v, r) in y.iter_mut().zip(r) {
+                        *v = E::from_f64(relu(E::from_f64(v.to_f64() + r.to_f64()).to_f64()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a route's training forward wrote besides the statistics.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum TrainedY {
+        /// Nothing: `y` is normalized by the reference once the statistics are checked.
+        Pending,
+        /// `y`, with the tail applied or (`tail_done: false`) still to apply. `reference_y`: `y`
+        /// was computed with the reference formula (what a fused ReLU's backward recomputes).
+        Written { tail_done: bool, reference_y: bool },
+    }
+
+    /// The per-feature transform of inference: the mean, `1 / sqrt(var + eps)` and the scale
+    /// `gamma / sqrt(var + eps)` (rounded to the parameter type and saturated).
+    #[derive(Clone, Copy)]
+    pub struct Frozen<'a, P> {
+        /// The mean subtracted.
+        pub mean: &'a [P],
+        /// `1 / sqrt(var + eps)`, exact in `f64` (the reference's).
+        pub inv_std: &'a [f64],
+        /// `gamma / sqrt(var + eps)` in the parameter type (the fast kernels').
+        pub scale: &'a [P],
+    }
+
+    /// A training forward's statistics and parameters, as its backward takes them back.
+    #[derive(Clone, Copy)]
+    pub struct Trained<'a, P> {
+        /// The batch mean.
+        pub mean: &'a [f64],
+        /// `1 / sqrt(var + eps)` of the biased batch variance.
+        pub inv_std: &'a [f64],
+        /// The gamma the forward used.
+        pub gamma: &'a [P],
+        /// The beta the forward used.
+        pub beta: &'a [P],
+        /// The backend the forward ran on.
+        pub backend: Backend,
+        /// Whether `y` was computed with the reference formula.
+        pub reference_y: bool,
+    }
+
+    /// The kernels of each pass for the element type `E`. Its implementations, one per
+    /// kind of kernel, are in `route.rs`: the `f64` reference, the fast `f32` kernels, the 16-bit
+    /// kernels. Every method writes all
+    /// of its outputs (`sum_dy`/`sum_dy_xhat`: the per-feature sums of `dy` and `dy * xhat`).
+    #[allow(clippy::too_many_arguments)]
+    pub trait Route<E: Element> {
+        /// The batch mean and biased variance of `x`, and (when the route fuses the two) `y`.
+        fn forward_train<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            y: &mut [E],
+            tail: Tail<'_, E>,
+            dims: Canonical,
+            gamma: &[E::Param],
+            beta: &[E::Param],
+            eps: f64,
+            mean: &mut [f64],
+            var: &mut [f64],
+        ) -> TrainedY;
+
+        /// `tail(normalize(x))` with a frozen transform.
+        fn normalize<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            y: &mut [E],
+            tail: Tail<'_, E>,
+            dims: Canonical,
+            k: Frozen<'_, E::Param>,
+            gamma: &[E::Param],
+            beta: &[E::Param],
+        );
+
+        /// [`Route::normalize`] in place.
+        fn normalize_inplace<S: Spec>(
+            backend: Backend,
+            xy: &mut [E],
+            tail: Tail<'_, E>,
+            dims: Canonical,
+            k: Frozen<'_, E::Param>,
+            gamma: &[E::Param],
+            beta: &[E::Param],
+        );
+
+        /// `out = dy` where the pre-activation of [`Route::normalize`] (plus `residual`) is
+        /// positive, else 0, recomputed with the same arithmetic.
+        fn eval_mask<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dy: &[E],
+            residual: Option<&[E]>,
+            out: &mut [E],
+            dims: Canonical,
+            k: Frozen<'_, E::Param>,
+            gamma: &[E::Param],
+            beta: &[E::Param],
+        );
+
+        /// `out = dy` where the pre-activation of the training forward `t` (plus `residual`) was
+        /// positive, else 0, recomputed with that forward's arithmetic. `coefficients`: a
+        /// reusable buffer.
+        fn train_mask<S: Spec>(
+            x: &[E],
+            dy: &[E],
+            residual: Option<&[E]>,
+            out: &mut [E],
+            dims: Canonical,
+            t: Trained<'_, E::Param>,
+            coefficients: &mut Vec<f32>,
+        );
+
+        /// The training backward: `dx` and the sums, with the forward's statistics.
+        fn backward<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dy: &[E],
+            dx: &mut [E],
+            dims: Canonical,
+            mean: &[f64],
+            inv_std: &[f64],
+            gamma: &[E::Param],
+            sum_dy: &mut [f64],
+            sum_dy_xhat: &mut [f64],
+        );
+
+        /// The backward of inference with frozen statistics (`inv_std_p`: `1 / sqrt(var + eps)` in
+        /// the parameter type).
+        fn backward_eval<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dy: &[E],
+            dx: &mut [E],
+            dims: Canonical,
+            k: Frozen<'_, E::Param>,
+            inv_std_p: &[E::Param],
+            gamma: &[E::Param],
+            sum_dy: &mut [f64],
+            sum_dy_xhat: &mut [f64],
+        );
+
+        /// The training backward behind a fused ReLU in one pass (the mask recomputed inside the
+        /// kernels), writing the masked gradient into `dresidual` when given; `false` (nothing
+        /// written) where the route has no such kernel or `t` was not computed by it on `backend`.
+        fn backward_relu<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dy: &[E],
+            residual: Option<&[E]>,
+            dresidual: Option<&mut [E]>,
+            dx: &mut [E],
+            dims: Canonical,
+            t: Trained<'_, E::Param>,
+            coefficients: &mut Vec<f32>,
+            sum_dy: &mut [f64],
+            sum_dy_xhat: &mut [f64],
+        ) -> bool;
+
+        /// [`Route::backward_relu`] for [`Route::backward_eval`].
+        fn backward_eval_relu<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dy: &[E],
+            residual: Option<&[E]>,
+            dresidual: Option<&mut [E]>,
+            dx: &mut [E],
+            dims: Canonical,
+            k: Frozen<'_, E::Param>,
+            inv_std_p: &[E::Param],
+            gamma: &[E::Param],
+            beta: &[E::Param],
+            sum_dy: &mut [f64],
+            sum_dy_xhat: &mut [f64],
+        ) -> bool;
+
+        /// The batch mean and biased variance of a shard (synchronized statistics): finite when
+        /// the reference's are.
+        fn batch_stats(backend: Backend, x: &[E], dims: Canonical, mean: &mut [f64], var: &mut [f64]);
+
+        /// `tail(normalize(x))` with a training forward's statistics computed elsewhere (the
+        /// group's); returns whether `y` was computed with the reference formula.
+        fn normalize_trained<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            y: &mut [E],
+            tail: Tail<'_, E>,
+            dims: Canonical,
+            mean: &[f64],
+            inv_std: &[f64],
+            gamma: &[E::Param],
+            beta: &[E::Param],
+        ) -> bool;
+
+        /// The sums of a shard's training backward (synchronized statistics).
+        fn backward_sums<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dy: &[E],
+            dims: Canonical,
+            mean: &[f64],
+            inv_std: &[f64],
+            sum_dy: &mut [f64],
+            sum_dy_xhat: &mut [f64],
+        );
+
+        /// The training backward's `dx` given the sums of a batch of `n` values per feature.
+        fn backward_dx<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dy: &[E],
+            dx: &mut [E],
+            dims: Canonical,
+            n: f64,
+            mean: &[f64],
+            inv_std: &[f64],
+            gamma: &[E::Param],
+            sum_dy: &[f64],
+            sum_dy_xhat: &[f64],
+        );
+    }
+
+    /// The `f64` reference for every pass: the route of `f64` (implemented in `route.rs`).
+    pub enum Reference {}
+
+    /// The fast `f32` kernels: the route of `f32`.
+    pub enum Fast32 {}
+
+    /// The 16-bit kernels (blocks widened to `f32`): the route of `bf16` and `f16`.
+    pub enum Half16 {}
+}

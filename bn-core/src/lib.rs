@@ -23,7 +23,8 @@ pub mod fold;
 pub mod kernels;
 mod layer;
 mod layout;
-mod mixed;
+pub mod ops;
+mod route;
 #[doc(hidden)]
 pub mod spec;
 pub mod sync;

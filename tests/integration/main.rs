@@ -18,6 +18,7 @@ mod fuzz_regressions;
 pub mod macro_api;
 mod nonfinite;
 mod numerics;
+mod ops;
 mod properties;
 mod semantics;
 mod spatial;

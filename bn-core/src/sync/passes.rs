@@ -1,42 +1,20 @@
 //! The synchronized passes of the layer: the local partials, one exchange, the merge in rank
 //! order, then the layer's own kernels with the global statistics.
+//!
+//! They see a layer only through its stateless passes ([`BatchNormOps`]), its parameters and
+//! its saved statistics, and change it only through `train_step` and `backward_step`, which
+//! commit a step when it succeeds and leave the layer unchanged when it fails.
 
 use super::group::StatsGroup;
 use super::moments::ChannelMoments;
 use super::wire::{dtype_code, exchange, Header, Op};
-use crate::kernels::{self, reference};
-use crate::layer::{Scratch, Tail};
+use crate::element::route::{Route, Tail};
+use crate::ops::backward::{mask_buffer, Buffers, Saved};
+use crate::ops::{BatchNormOps, BatchStats};
 use crate::spec::Dynamic;
-use crate::{BatchNorm, BatchNormLayer, BnError, Canonical, Element, Param, RunningVar};
+use crate::{BatchNorm, BatchNormLayer, BnError, Canonical, Element, RunningVar};
 
 impl<E: Element> BatchNorm<E> {
-    /// This layer's handshake for a call with `shape` (already validated) of `dims`.
-    fn sync_header(&self, shape: &[usize], dims: Canonical) -> Header {
-        let c = &self.config;
-        let momentum = if c.get_cumulative_momentum() { -1.0 } else { c.get_momentum() };
-        let running_var = match c.get_running_var() {
-            RunningVar::Biased => 0.0,
-            RunningVar::Unbiased => 1.0,
-        };
-        let flag = |b: bool| if b { 1.0 } else { 0.0 };
-        Header {
-            channels: dims.channels,
-            count: dims.per_channel() as f64,
-            shape: shape.to_vec(),
-            batch_axis: self.layout().reduced_axes()[0],
-            first_feature_axis: self.layout().feature_axes().start,
-            dtype: dtype_code(E::NAME),
-            config: [
-                c.get_eps(),
-                momentum,
-                running_var,
-                flag(c.get_center()),
-                flag(c.get_scale()),
-                flag(c.get_track_running_stats()),
-            ],
-        }
-    }
-
     /// Synchronized training forward: normalizes this rank's shard `x` (of shape `shape`) with
     /// the statistics of the whole group's batch, into `y`; updates the running statistics from
     /// them (the unbiased correction uses the global count) and saves them for
@@ -67,122 +45,9 @@ impl<E: Element> BatchNorm<E> {
         y: &mut [E],
         group: &G,
     ) -> Result<(), BnError> {
-        let mut scratch = core::mem::take(&mut self.scratch);
-        let result = self.forward_train_sync_with(x, shape, y, group, &mut scratch);
-        self.scratch = scratch;
-        result
-    }
-
-    fn forward_train_sync_with<G: StatsGroup + ?Sized>(
-        &mut self,
-        x: &[E],
-        shape: &[usize],
-        y: &mut [E],
-        group: &G,
-        scratch: &mut Scratch,
-    ) -> Result<(), BnError> {
-        let checked = self.check(shape, &[("x", x.len()), ("y", y.len())]);
-        let local = checked.map(|dims| {
-            let payload = self.local_moments(x, dims, scratch);
-            (self.sync_header(shape, dims), payload)
-        });
-        let gathered = exchange(group, Op::Forward, local)?;
-        // The exchange returned this rank's own error if its checks failed.
-        let dims = self.layout().canonical(shape)?;
-        let c = dims.channels;
-        // Rank order, on every rank: bit-identical results.
-        for c in 0..c {
-            let mut total = ChannelMoments::EMPTY;
-            for (count, p) in gathered.counts.iter().zip(&gathered.payloads) {
-                total = total.merge(ChannelMoments { count: *count, mean: p[c], m2: p[c + p.len() / 2] });
-            }
-            scratch.mean[c] = total.mean;
-            scratch.var[c] = total.variance();
-        }
-        // Every partial passed `check_payload`, so Chan's merge of them cannot go negative; the
-        // running variance must never take a negative value, whatever arrived.
-        if let Some(c) = scratch.var[..c].iter().position(|&v| v < 0.0) {
-            return Err(BnError::SyncGroup(format!(
-                "the merged variance of feature {c} is negative ({})",
-                scratch.var[c]
-            )));
-        }
-        let n: f64 = gathered.counts.iter().sum();
-        if n == 0.0 || c == 0 {
-            return Err(BnError::EmptyBatch { shape: gathered.global_shape });
-        }
-        if n < 2.0 {
-            return Err(BnError::TooFewValues { shape: gathered.global_shape });
-        }
-        let track = self.config.get_track_running_stats();
-        self.check_statistics_of(c, n, &scratch.mean, &scratch.var, &mut scratch.inv_std, track)?;
-        // Validated: from here on nothing fails.
-        let reference_y = if dims.is_empty() { false } else { self.normalize_shard(x, y, dims, scratch) };
-        self.commit_train(scratch, n, shape, self.backend(), reference_y);
-        Ok(())
-    }
-
-    /// The local partials: `[mean (C), m2 (C)]` of this shard (zeros when it is empty), with the
-    /// mean and variance left in `scratch`.
-    fn local_moments(&self, x: &[E], dims: Canonical, scratch: &mut Scratch) -> Vec<f64> {
-        let c = dims.channels;
-        let n = dims.per_channel();
-        let (mean, var) = (&mut scratch.mean[..c], &mut scratch.var[..c]);
-        if n == 0 {
-            mean.fill(0.0);
-            var.fill(0.0);
-        } else {
-            match E::slice_as_f32(x) {
-                Some(x32) => {
-                    kernels::batch_stats::<Dynamic>(self.backend(), x32, dims, mean, var);
-                    // The fast kernels sum squared deviations in f32 within a block, which can
-                    // overflow where the variance fits: the f64 reference decides (as in
-                    // `forward_train`).
-                    if mean.iter().chain(var.iter()).any(|v| !v.is_finite()) {
-                        reference::batch_stats(x, dims, mean, var);
-                    }
-                }
-                None => reference::batch_stats(x, dims, mean, var),
-            }
-        }
-        let mut payload = Vec::with_capacity(2 * c);
-        payload.extend_from_slice(mean);
-        payload.extend(var.iter().map(|v| v * n as f64));
-        payload
-    }
-
-    /// `y` of the shard with the global statistics in `scratch`, and the layer's activation.
-    /// Returns whether the reference kernels' formula computed it (else the fast kernels' with
-    /// [`kernels::train_coefficients`], which a fused ReLU's backward recomputes).
-    fn normalize_shard(&self, x: &[E], y: &mut [E], dims: Canonical, scratch: &Scratch) -> bool {
-        let c = dims.channels;
-        let p32 = E::Param::slice_as_f32;
-        let tail = self.activation_tail();
-        match (E::slice_as_f32(x), E::slice_as_f32_mut(y), p32(&self.gamma), p32(&self.beta), tail.epilogue())
-        {
-            (Some(x), Some(y), Some(gamma), Some(beta), Some(epilogue)) => {
-                // The fast kernels' transform: y = (x - m) * s + t, m the mean rounded to f32
-                // and t absorbing that rounding.
-                let (mut m, mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
-                for i in 0..c {
-                    (m[i], s[i], t[i]) =
-                        kernels::train_coefficients(scratch.mean[i], scratch.inv_std[i], gamma[i], beta[i]);
-                }
-                kernels::normalize_fused_helped::<Dynamic>(self.backend(), x, y, epilogue, dims, &m, &s, &t);
-                false
-            }
-            _ => {
-                let affine = reference::Affine {
-                    mean: &scratch.mean[..c],
-                    inv_std: &scratch.inv_std[..c],
-                    gamma: &self.gamma,
-                    beta: &self.beta,
-                };
-                reference::normalize(x, y, dims, affine);
-                tail.apply(y);
-                true
-            }
-        }
+        self.train_step(|ops, gamma, beta, stats| {
+            forward_train_sync(ops, gamma, beta, x, shape, y, group, stats)
+        })
     }
 
     /// Synchronized backward of the last [`forward_train_sync`](Self::forward_train_sync):
@@ -214,133 +79,228 @@ impl<E: Element> BatchNorm<E> {
         dx: &mut [E],
         group: &G,
     ) -> Result<(), BnError> {
-        let mut grad = core::mem::take(&mut self.grad);
-        let result = self.backward_sync_with(x, dy, shape, dx, group, &mut grad);
-        self.grad = grad;
-        result
-    }
-
-    /// [`backward_sync`](Self::backward_sync), with the layer's buffer for a fused ReLU's
-    /// masked gradient taken out.
-    fn backward_sync_with<G: StatsGroup + ?Sized>(
-        &mut self,
-        x: &[E],
-        dy: &[E],
-        shape: &[usize],
-        dx: &mut [E],
-        group: &G,
-        grad: &mut Vec<E>,
-    ) -> Result<(), BnError> {
-        let checked =
-            self.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())]).and_then(|dims| {
-                if !self.saved.valid {
-                    return Err(BnError::NoForward);
-                }
-                if self.saved.shape != shape {
-                    return Err(BnError::BackwardShape {
-                        expected: self.saved.shape.clone(),
-                        got: shape.to_vec(),
-                    });
-                }
-                Ok(dims)
-            });
-        // With a fused ReLU, the gradient that reaches the normalization is dy masked by the
-        // forward's y > 0 (recomputed from x with that forward's arithmetic).
-        let tail = self.activation_tail();
-        let dy: &[E] = match (&checked, tail) {
-            (Ok(dims), Tail::Relu) => {
-                let masked = Self::mask_buffer(grad, None, dims.len());
-                let mut coefficients = Vec::new();
-                self.train_mask::<Dynamic>(x, dy, masked, *dims, tail, &mut coefficients);
-                masked
-            }
-            _ => dy,
-        };
-        let local = checked.map(|dims| (self.sync_header(shape, dims), self.local_sums(x, dy, dims)));
-        let gathered = exchange(group, Op::Backward, local)?;
-        // The exchange returned this rank's own error if its checks failed.
-        let dims = self.layout().canonical(shape)?;
-        let c = dims.channels;
-        let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
-        for p in &gathered.payloads {
-            for i in 0..c {
-                sum_dy[i] += p[i];
-                sum_dy_xhat[i] += p[c + i];
-            }
-        }
-        let n: f64 = gathered.counts.iter().sum();
-        if n != self.saved.count {
-            return Err(BnError::SyncMismatch {
-                rank: group.rank(),
-                message: format!(
-                    "differentiates a forward of {} values per feature but the group's batch has {n}: \
-                     backward_sync must follow forward_train_sync over the same group",
-                    self.saved.count
-                ),
-            });
-        }
-        // Validated: from here on nothing fails.
-        if !dims.is_empty() {
-            let saved = &self.saved;
-            match (E::slice_as_f32(x), E::slice_as_f32(dy), E::slice_as_f32_mut(dx), p32(&saved.gamma)) {
-                (Some(x), Some(dy), Some(dx), Some(gamma)) => kernels::backward_dx::<Dynamic>(
-                    self.backend(),
-                    x,
-                    dy,
-                    dx,
-                    dims,
-                    n,
-                    &saved.mean,
-                    &saved.inv_std,
-                    gamma,
-                    &sum_dy,
-                    &sum_dy_xhat,
-                ),
-                _ => reference::backward_train_dx_with_count(
-                    x,
-                    dy,
-                    dx,
-                    dims,
-                    n,
-                    &saved.mean,
-                    &saved.inv_std,
-                    &saved.gamma,
-                    &sum_dy,
-                    &sum_dy_xhat,
-                ),
-            }
-        }
-        self.store_grads(&sum_dy, &sum_dy_xhat);
-        Ok(())
-    }
-
-    /// The local backward sums `[sum(dy) (C), sum(dy * xhat) (C)]` with the saved statistics.
-    fn local_sums(&self, x: &[E], dy: &[E], dims: Canonical) -> Vec<f64> {
-        let c = dims.channels;
-        let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
-        if !dims.is_empty() {
-            let (mean, inv_std) = (&self.saved.mean, &self.saved.inv_std);
-            match (E::slice_as_f32(x), E::slice_as_f32(dy)) {
-                (Some(x), Some(dy)) => kernels::backward_sums::<Dynamic>(
-                    self.backend(),
-                    x,
-                    dy,
-                    dims,
-                    mean,
-                    inv_std,
-                    &mut sum_dy,
-                    &mut sum_dy_xhat,
-                ),
-                _ => reference::backward_sums(x, dy, dims, mean, inv_std, &mut sum_dy, &mut sum_dy_xhat),
-            }
-        }
-        sum_dy.extend(sum_dy_xhat);
-        sum_dy
+        self.backward_step(|ops, saved, sums, buffers| {
+            backward_sync(ops, saved, x, dy, shape, dx, group, sums, buffers)
+        })
     }
 }
 
-fn p32<P: Param>(values: &[P]) -> Option<&[f32]> {
-    P::slice_as_f32(values)
+/// The header of this rank's message: what every rank must agree on.
+fn sync_header<E: Element>(ops: &BatchNormOps<E>, shape: &[usize], dims: Canonical) -> Header {
+    let c = ops.config();
+    let momentum = if c.get_cumulative_momentum() { -1.0 } else { c.get_momentum() };
+    let running_var = match c.get_running_var() {
+        RunningVar::Biased => 0.0,
+        RunningVar::Unbiased => 1.0,
+    };
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    Header {
+        channels: dims.channels,
+        count: dims.per_channel() as f64,
+        shape: shape.to_vec(),
+        batch_axis: ops.layout().reduced_axes()[0],
+        first_feature_axis: ops.layout().feature_axes().start,
+        dtype: dtype_code(E::NAME),
+        config: [
+            c.get_eps(),
+            momentum,
+            running_var,
+            flag(c.get_center()),
+            flag(c.get_scale()),
+            flag(c.get_track_running_stats()),
+        ],
+    }
+}
+
+/// The synchronized training forward into `stats` (see [`BatchNorm::forward_train_sync`]).
+#[allow(clippy::too_many_arguments)]
+fn forward_train_sync<E: Element, G: StatsGroup + ?Sized>(
+    ops: &BatchNormOps<E>,
+    gamma: &[E::Param],
+    beta: &[E::Param],
+    x: &[E],
+    shape: &[usize],
+    y: &mut [E],
+    group: &G,
+    stats: &mut BatchStats,
+) -> Result<(), BnError> {
+    let checked = ops.check(shape, &[("x", x.len()), ("y", y.len())]);
+    let local = checked.map(|dims| {
+        let payload = local_moments(ops, x, dims, stats);
+        (sync_header(ops, shape, dims), payload)
+    });
+    let gathered = exchange(group, Op::Forward, local)?;
+    // The exchange returned this rank's own error if its checks failed.
+    let dims = ops.layout().canonical(shape)?;
+    let c = dims.channels;
+    // Rank order, on every rank: bit-identical results.
+    for c in 0..c {
+        let mut total = ChannelMoments::EMPTY;
+        for (count, p) in gathered.counts.iter().zip(&gathered.payloads) {
+            total = total.merge(ChannelMoments { count: *count, mean: p[c], m2: p[c + p.len() / 2] });
+        }
+        stats.mean[c] = total.mean;
+        stats.var[c] = total.variance();
+    }
+    // Every partial passed `check_payload`, so Chan's merge of them cannot go negative; the
+    // running variance must never take a negative value, whatever arrived.
+    if let Some(c) = stats.var[..c].iter().position(|&v| v < 0.0) {
+        return Err(BnError::SyncGroup(format!(
+            "the merged variance of feature {c} is negative ({})",
+            stats.var[c]
+        )));
+    }
+    let n: f64 = gathered.counts.iter().sum();
+    if n == 0.0 || c == 0 {
+        return Err(BnError::EmptyBatch { shape: gathered.global_shape });
+    }
+    if n < 2.0 {
+        return Err(BnError::TooFewValues { shape: gathered.global_shape });
+    }
+    let track = ops.config().get_track_running_stats();
+    ops.check_statistics_of(c, n, &stats.mean, &stats.var, &mut stats.inv_std, track)?;
+    // Validated: from here on nothing fails.
+    let backend = ops.backend();
+    let tail = ops.activation_tail();
+    let (mean, inv_std) = (&stats.mean, &stats.inv_std);
+    let reference_y = !dims.is_empty()
+        && E::Route::normalize_trained::<Dynamic>(backend, x, y, tail, dims, mean, inv_std, gamma, beta);
+    stats.shape.clear();
+    stats.shape.extend_from_slice(shape);
+    stats.count = n;
+    stats.backend = backend;
+    stats.reference_y = reference_y;
+    Ok(())
+}
+
+/// This rank's message payload: the mean and the sum of squared deviations of each feature
+/// (zeros for an empty shard), computed into `stats.mean` and `stats.var`.
+fn local_moments<E: Element>(
+    ops: &BatchNormOps<E>,
+    x: &[E],
+    dims: Canonical,
+    stats: &mut BatchStats,
+) -> Vec<f64> {
+    let c = dims.channels;
+    let n = dims.per_channel();
+    let (mean, var) = (&mut stats.mean[..c], &mut stats.var[..c]);
+    if n == 0 {
+        mean.fill(0.0);
+        var.fill(0.0);
+    } else {
+        E::Route::batch_stats(ops.backend(), x, dims, mean, var);
+    }
+    let mut payload = Vec::with_capacity(2 * c);
+    payload.extend_from_slice(mean);
+    payload.extend(var.iter().map(|v| v * n as f64));
+    payload
+}
+
+/// The synchronized backward: `dx` and the group's sums into `sums.mean` and `sums.var` (see
+/// [`BatchNorm::backward_sync`]).
+#[allow(clippy::too_many_arguments)]
+fn backward_sync<E: Element, G: StatsGroup + ?Sized>(
+    ops: &BatchNormOps<E>,
+    saved: Option<Saved<'_, E::Param>>,
+    x: &[E],
+    dy: &[E],
+    shape: &[usize],
+    dx: &mut [E],
+    group: &G,
+    sums: &mut BatchStats,
+    buffers: &mut Buffers<E>,
+) -> Result<(), BnError> {
+    let checked = ops.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())]).and_then(|dims| {
+        let saved = saved.ok_or(BnError::NoForward)?;
+        if saved.stats.shape != shape {
+            return Err(BnError::BackwardShape { expected: saved.stats.shape.clone(), got: shape.to_vec() });
+        }
+        Ok((dims, saved))
+    });
+    // With a fused ReLU, the gradient that reaches the normalization is dy masked by the
+    // forward's y > 0 (recomputed from x with that forward's arithmetic).
+    let dy: &[E] = match (&checked, ops.activation_tail()) {
+        (Ok((dims, saved)), Tail::Relu) => {
+            let masked = mask_buffer(&mut buffers.grad, None, dims.len());
+            let coefficients = &mut buffers.coefficients;
+            E::Route::train_mask::<Dynamic>(x, dy, None, masked, *dims, saved.trained(), coefficients);
+            masked
+        }
+        _ => dy,
+    };
+    let local =
+        checked.map(|(dims, saved)| (sync_header(ops, shape, dims), local_sums(ops, x, dy, dims, saved)));
+    let gathered = exchange(group, Op::Backward, local)?;
+    // The exchange returned this rank's own error if its checks failed.
+    let dims = ops.layout().canonical(shape)?;
+    let saved = saved.ok_or(BnError::NoForward)?;
+    let c = dims.channels;
+    let (sum_dy, sum_dy_xhat) = (&mut sums.mean[..c], &mut sums.var[..c]);
+    sum_dy.fill(0.0);
+    sum_dy_xhat.fill(0.0);
+    for p in &gathered.payloads {
+        for i in 0..c {
+            sum_dy[i] += p[i];
+            sum_dy_xhat[i] += p[c + i];
+        }
+    }
+    let n: f64 = gathered.counts.iter().sum();
+    if n != saved.stats.count {
+        return Err(BnError::SyncMismatch {
+            rank: group.rank(),
+            message: format!(
+                "differentiates a forward of {} values per feature but the group's batch has {n}: \
+                 backward_sync must follow forward_train_sync over the same group",
+                saved.stats.count
+            ),
+        });
+    }
+    // Validated: from here on nothing fails.
+    if !dims.is_empty() {
+        let (mean, inv_std) = (&saved.stats.mean, &saved.stats.inv_std);
+        let backend = ops.backend();
+        E::Route::backward_dx::<Dynamic>(
+            backend,
+            x,
+            dy,
+            dx,
+            dims,
+            n,
+            mean,
+            inv_std,
+            saved.gamma,
+            sum_dy,
+            sum_dy_xhat,
+        );
+    }
+    Ok(())
+}
+
+/// This rank's backward payload: the sums of `dy` and `dy * xhat` of each feature.
+fn local_sums<E: Element>(
+    ops: &BatchNormOps<E>,
+    x: &[E],
+    dy: &[E],
+    dims: Canonical,
+    saved: Saved<'_, E::Param>,
+) -> Vec<f64> {
+    let c = dims.channels;
+    let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
+    if !dims.is_empty() {
+        let (mean, inv_std) = (&saved.stats.mean, &saved.stats.inv_std);
+        E::Route::backward_sums::<Dynamic>(
+            ops.backend(),
+            x,
+            dy,
+            dims,
+            mean,
+            inv_std,
+            &mut sum_dy,
+            &mut sum_dy_xhat,
+        );
+    }
+    sum_dy.extend(sum_dy_xhat);
+    sum_dy
 }
 
 /// Synchronized training for every layer: the `#[batch_norm]` layers and [`BatchNorm`] (through
