@@ -1,4 +1,4 @@
-//! The whole pipeline (parse, validate, expand) and the code generation.
+//! The code generation of a valid attribute.
 //!
 //! The generated layer is a struct wrapping the runtime-generic `BatchNorm` and calling its
 //! `*_spec` entry points with a hidden type whose `Spec` constants are what the attribute fixes
@@ -10,35 +10,11 @@ use quote::quote;
 use syn::ext::IdentExt;
 use syn::Path;
 
-use crate::attr::{self, Attr, Momentum, Shell, Target};
-use crate::ctxt::Ctxt;
-use crate::fallback;
-use crate::valid::{self, Layout};
-
-/// `#[batch_norm(args)] item`.
-pub(crate) fn batch_norm(args: TokenStream, item: TokenStream) -> TokenStream {
-    let cx = Ctxt::new();
-    let attr = Attr::from_args(&cx, args);
-    let target = Target::from_syn(&cx, item);
-    let layout = valid::validate(&cx, &attr);
-    let krate = krate(&attr);
-    let dtype = Dtype::of(&attr, &krate);
-    match (cx.check(), &target, layout) {
-        (Ok(()), Target::Struct(shell), Some(layout)) => {
-            let statics = Statics::new(&krate, &attr, &layout);
-            layer(shell, &krate, &dtype, Some(&statics))
-        }
-        (Err(errors), target, _) => fallback::expand(target, &krate, &dtype, errors),
-        // Every path that leaves no layout reports an error; this is a bug in the macro.
-        (Ok(()), target, _) => {
-            let error = syn::Error::new(Span::call_site(), "internal error in #[batch_norm]: no layout");
-            fallback::expand(target, &krate, &dtype, error)
-        }
-    }
-}
+use crate::attr::{self, Attr, Momentum, Shell};
+use crate::valid::Layout;
 
 /// The path of the facade crate in generated code: `::batchnorm` or `crate = "..."`.
-fn krate(attr: &Attr) -> Path {
+pub(crate) fn krate(attr: &Attr) -> Path {
     match &attr.krate {
         Some(krate) => krate.value.clone(),
         None => syn::parse_quote!(::batchnorm),
@@ -84,7 +60,7 @@ pub(crate) struct Statics {
 }
 
 impl Statics {
-    fn new(krate: &Path, attr: &Attr, layout: &Layout) -> Statics {
+    pub(crate) fn new(krate: &Path, attr: &Attr, layout: &Layout) -> Statics {
         let private = quote!(#krate::__private);
         let preset =
             syn::Ident::new(attr.preset.as_ref().map_or("Numpy", |p| p.value.variant()), Span::call_site());
@@ -206,6 +182,7 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
     };
     let doc_features = statics.map_or("The number of features.", |s| &s.doc_features);
     let doc_rank = statics.map_or("The rank of the tensors the layer takes.", |s| &s.doc_rank);
+    let (inherent_passes, trait_passes) = crate::passes::methods(ident, elem, &result);
 
     quote! {
         #(#attrs)*
@@ -259,160 +236,7 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                     #try_construct
                 }
 
-                /// Training forward: normalizes `x` with its batch statistics into `y`, updates
-                /// the running statistics and saves what [`backward`](Self::backward) needs.
-                ///
-                /// `x` and `y` are row-major in the order of `shape`, which has rank
-                /// [`RANK`](Self::RANK) and the layer's feature extents.
-                ///
-                /// # Errors
-                ///
-                /// A wrong shape or buffer length, an empty batch, fewer than 2 values per
-                /// feature, or a non-finite batch mean or variance. After an error the layer is
-                /// unchanged.
-                #[inline]
-                pub fn forward_train(&mut self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.forward_train_spec::<__Spec>(x, shape, y)
-                }
-
-                /// Inference forward: normalizes `x` into `y` with the running statistics (with
-                /// the batch statistics when `track_running_stats` is off). An empty batch is a
-                /// no-op.
-                ///
-                /// # Errors
-                ///
-                /// A wrong shape or buffer length (or, with `track_running_stats` off, what
-                /// [`forward_train`](Self::forward_train) rejects).
-                #[inline]
-                pub fn forward_eval(&self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.forward_eval_spec::<__Spec>(x, shape, y)
-                }
-
-                /// [`forward_eval`](Self::forward_eval) in place, bit-identical to it.
-                ///
-                /// # Errors
-                ///
-                /// As [`forward_eval`](Self::forward_eval).
-                #[inline]
-                pub fn forward_eval_inplace(&self, xy: &mut [#elem], shape: &[usize]) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.forward_eval_inplace_spec::<__Spec>(xy, shape)
-                }
-
-                /// Backward of the last [`forward_train`](Self::forward_train), with the gamma
-                /// and statistics saved by it: writes `dx` and overwrites
-                /// [`gamma_grad`](Self::gamma_grad) and [`beta_grad`](Self::beta_grad).
-                ///
-                /// # Errors
-                ///
-                /// No training forward yet, a `shape` other than that forward's, or a wrong
-                /// buffer length.
-                #[inline]
-                pub fn backward(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.backward_spec::<__Spec>(x, dy, shape, dx)
-                }
-
-                /// Backward of [`forward_eval`](Self::forward_eval) (frozen statistics, as in
-                /// fine-tuning): `dx = dy * gamma / sqrt(running_var + eps)`; overwrites
-                /// [`gamma_grad`](Self::gamma_grad) and [`beta_grad`](Self::beta_grad).
-                ///
-                /// # Errors
-                ///
-                /// A wrong shape or buffer length.
-                #[inline]
-                pub fn backward_eval(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.backward_eval_spec::<__Spec>(x, dy, shape, dx)
-                }
-
-                /// Training forward of a ResNet block's tail, fused:
-                /// `y = relu(bn(x) + residual)` in one pass (the layer's own activation is not
-                /// applied). See `BatchNorm::forward_train_add_relu`.
-                ///
-                /// # Errors
-                ///
-                /// As [`forward_train`](Self::forward_train), and a wrong residual length.
-                #[inline]
-                pub fn forward_train_add_relu(
-                    &mut self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    shape: &[usize],
-                    y: &mut [#elem],
-                ) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.forward_train_add_relu_spec::<__Spec>(x, residual, shape, y)
-                }
-
-                /// Inference forward of a ResNet block's tail, fused:
-                /// `y = relu(bn(x) + residual)`, one pass.
-                ///
-                /// # Errors
-                ///
-                /// As [`forward_eval`](Self::forward_eval), and a wrong residual length.
-                #[inline]
-                pub fn forward_eval_add_relu(
-                    &self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    shape: &[usize],
-                    y: &mut [#elem],
-                ) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.forward_eval_add_relu_spec::<__Spec>(x, residual, shape, y)
-                }
-
-                /// Backward of [`forward_train_add_relu`](Self::forward_train_add_relu): writes
-                /// `dresidual = dy * (y > 0)` and `dx`; overwrites the parameter gradients.
-                ///
-                /// # Errors
-                ///
-                /// As [`backward`](Self::backward), and wrong residual lengths.
-                #[inline]
-                pub fn backward_add_relu(
-                    &mut self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    dy: &[#elem],
-                    shape: &[usize],
-                    dx: &mut [#elem],
-                    dresidual: &mut [#elem],
-                ) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.backward_add_relu_spec::<__Spec>(x, residual, dy, shape, dx, dresidual)
-                }
-
-                /// Backward of [`forward_eval_add_relu`](Self::forward_eval_add_relu) (frozen
-                /// statistics): writes `dresidual = dy * (y > 0)` and `dx`.
-                ///
-                /// # Errors
-                ///
-                /// As [`backward_eval`](Self::backward_eval), and wrong residual lengths.
-                #[inline]
-                pub fn backward_eval_add_relu(
-                    &mut self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    dy: &[#elem],
-                    shape: &[usize],
-                    dx: &mut [#elem],
-                    dresidual: &mut [#elem],
-                ) -> #result {
-                    Self::__check_spatial(shape)?;
-
-                    self.__bn.backward_eval_add_relu_spec::<__Spec>(x, residual, dy, shape, dx, dresidual)
-                }
+                #inherent_passes
 
                 /// The scale parameter, one value per feature.
                 #[inline]
@@ -571,70 +395,7 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                 fn set_num_batches_tracked(&mut self, batches: u64) {
                     #ident::set_num_batches_tracked(self, batches)
                 }
-                #[inline]
-                fn forward_train(&mut self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
-                    #ident::forward_train(self, x, shape, y)
-                }
-                #[inline]
-                fn forward_eval(&self, x: &[#elem], shape: &[usize], y: &mut [#elem]) -> #result {
-                    #ident::forward_eval(self, x, shape, y)
-                }
-                #[inline]
-                fn forward_eval_inplace(&self, xy: &mut [#elem], shape: &[usize]) -> #result {
-                    #ident::forward_eval_inplace(self, xy, shape)
-                }
-                #[inline]
-                fn backward(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
-                    #ident::backward(self, x, dy, shape, dx)
-                }
-                #[inline]
-                fn backward_eval(&mut self, x: &[#elem], dy: &[#elem], shape: &[usize], dx: &mut [#elem]) -> #result {
-                    #ident::backward_eval(self, x, dy, shape, dx)
-                }
-                #[inline]
-                fn forward_train_add_relu(
-                    &mut self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    shape: &[usize],
-                    y: &mut [#elem],
-                ) -> #result {
-                    #ident::forward_train_add_relu(self, x, residual, shape, y)
-                }
-                #[inline]
-                fn forward_eval_add_relu(
-                    &self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    shape: &[usize],
-                    y: &mut [#elem],
-                ) -> #result {
-                    #ident::forward_eval_add_relu(self, x, residual, shape, y)
-                }
-                #[inline]
-                fn backward_add_relu(
-                    &mut self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    dy: &[#elem],
-                    shape: &[usize],
-                    dx: &mut [#elem],
-                    dresidual: &mut [#elem],
-                ) -> #result {
-                    #ident::backward_add_relu(self, x, residual, dy, shape, dx, dresidual)
-                }
-                #[inline]
-                fn backward_eval_add_relu(
-                    &mut self,
-                    x: &[#elem],
-                    residual: &[#elem],
-                    dy: &[#elem],
-                    shape: &[usize],
-                    dx: &mut [#elem],
-                    dresidual: &mut [#elem],
-                ) -> #result {
-                    #ident::backward_eval_add_relu(self, x, residual, dy, shape, dx, dresidual)
-                }
+                #trait_passes
                 #[inline]
                 fn gamma(&self) -> &[#param] {
                     #ident::gamma(self)

@@ -14,9 +14,14 @@ mod attr;
 mod ctxt;
 mod expand;
 mod fallback;
+mod passes;
 mod valid;
 
 use proc_macro::TokenStream;
+use proc_macro2::TokenStream as TokenStream2;
+
+use attr::{Attr, Target};
+use ctxt::Ctxt;
 
 /// Compiles a batch-normalization layer for a fixed layout into a unit struct.
 ///
@@ -91,5 +96,29 @@ use proc_macro::TokenStream;
 /// non-generic unit struct.
 #[proc_macro_attribute]
 pub fn batch_norm(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::batch_norm(args.into(), item.into()).into()
+    pipeline(args.into(), item.into()).into()
+}
+
+/// `#[batch_norm(args)] item`: parse (`attr.rs`), validate (`valid.rs`), then expand the layer
+/// (`expand.rs`) or, when there are errors, the errors and a stand-in (`fallback.rs`).
+fn pipeline(args: TokenStream2, item: TokenStream2) -> TokenStream2 {
+    let cx = Ctxt::new();
+    let attr = Attr::from_args(&cx, args);
+    let target = Target::from_syn(&cx, item);
+    let layout = valid::validate(&cx, &attr);
+    let krate = expand::krate(&attr);
+    let dtype = expand::Dtype::of(&attr, &krate);
+    match (cx.check(), &target, layout) {
+        (Ok(()), Target::Struct(shell), Some(layout)) => {
+            let statics = expand::Statics::new(&krate, &attr, &layout);
+            expand::layer(shell, &krate, &dtype, Some(&statics))
+        }
+        (Err(errors), target, _) => fallback::expand(target, &krate, &dtype, errors),
+        // Every path that leaves no layout reports an error; this is a bug in the macro.
+        (Ok(()), target, _) => {
+            let error =
+                syn::Error::new(proc_macro2::Span::call_site(), "internal error in #[batch_norm]: no layout");
+            fallback::expand(target, &krate, &dtype, error)
+        }
+    }
 }
