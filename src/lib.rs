@@ -147,6 +147,7 @@ pub mod __private {
     pub use bn_core::spec::{Dynamic, Spec};
     pub use bn_core::{
         Activation, BatchNorm, BatchNormLayer, BnError, Config, Element, Layout, Preset, RunningVar,
+        StatsGroup,
     };
 }
 

@@ -351,7 +351,13 @@ pub mod route {
 
         /// The batch mean and biased variance of a shard (synchronized statistics): finite when
         /// the reference's are.
-        fn batch_stats(backend: Backend, x: &[E], dims: Canonical, mean: &mut [f64], var: &mut [f64]);
+        fn batch_stats<S: Spec>(
+            backend: Backend,
+            x: &[E],
+            dims: Canonical,
+            mean: &mut [f64],
+            var: &mut [f64],
+        );
 
         /// `tail(normalize(x))` with a training forward's statistics computed elsewhere (the
         /// group's); returns whether `y` was computed with the reference formula.

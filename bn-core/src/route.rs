@@ -176,7 +176,7 @@ impl<E: Element> Route<E> for Reference {
         false
     }
 
-    fn batch_stats(_backend: Backend, x: &[E], dims: Canonical, mean: &mut [f64], var: &mut [f64]) {
+    fn batch_stats<S: Spec>(_backend: Backend, x: &[E], dims: Canonical, mean: &mut [f64], var: &mut [f64]) {
         reference::batch_stats(x, dims, mean, var);
     }
 
@@ -421,8 +421,8 @@ impl Route<f32> for Fast32 {
     }
 
     #[inline]
-    fn batch_stats(backend: Backend, x: &[f32], dims: Canonical, mean: &mut [f64], var: &mut [f64]) {
-        kernels::batch_stats::<crate::spec::Dynamic>(backend, x, dims, mean, var);
+    fn batch_stats<S: Spec>(backend: Backend, x: &[f32], dims: Canonical, mean: &mut [f64], var: &mut [f64]) {
+        kernels::batch_stats::<S>(backend, x, dims, mean, var);
         // The fast kernels sum squared deviations in f32 within a block, which can overflow
         // where the variance fits: the f64 reference decides (as in the training forward).
         if mean.iter().chain(var.iter()).any(|v| !v.is_finite()) {
@@ -727,8 +727,8 @@ impl<E: HalfBits> Route<E> for Half16 {
         false
     }
 
-    fn batch_stats(backend: Backend, x: &[E], dims: Canonical, mean: &mut [f64], var: &mut [f64]) {
-        Reference::batch_stats(backend, x, dims, mean, var)
+    fn batch_stats<S: Spec>(backend: Backend, x: &[E], dims: Canonical, mean: &mut [f64], var: &mut [f64]) {
+        Reference::batch_stats::<S>(backend, x, dims, mean, var)
     }
 
     fn normalize_trained<S: Spec>(

@@ -11,6 +11,14 @@ pub trait Spec {
     /// Product of the extents after the feature axes, when every one of them is static
     /// (1 when the feature axes are last); 0 when unknown.
     const INNER: usize;
+
+    /// The checks of a shape this spec adds to the layout's (a generated layer's `spatial`
+    /// extents), so that [`specialize`] may replace the shape's values by the constants.
+    #[inline(always)]
+    fn check_shape(shape: &[usize]) -> Result<(), crate::BnError> {
+        let _ = shape;
+        Ok(())
+    }
 }
 
 /// The spec of the runtime-generic layer: nothing is known at compile time.

@@ -1,6 +1,6 @@
 //! The trait every layer implements: the `#[batch_norm]` layers and [`BatchNorm`](crate::BatchNorm).
 
-use crate::{BatchNorm, BnError, Config, Element, Layout};
+use crate::{BatchNorm, BnError, Config, Element, Layout, StatsGroup};
 
 /// The methods of a batch-normalization layer, implemented by every `#[batch_norm]` layer and by
 /// the runtime-generic [`BatchNorm`]. Code generic over layers (a model, a benchmark, a
@@ -138,6 +138,33 @@ pub trait BatchNormLayer {
     fn update_params(&mut self, gamma: &[Self::Param], beta: &[Self::Param]) -> Result<(), BnError>;
     /// Sets the running statistics (see [`BatchNorm::set_running_stats`]).
     fn set_running_stats(&mut self, mean: &[Self::Param], var: &[Self::Param]) -> Result<(), BnError>;
+
+    /// [`SyncBatchNormExt::forward_train_sync`](crate::SyncBatchNormExt::forward_train_sync),
+    /// which a `#[batch_norm]` layer runs with its compile-time shape.
+    #[doc(hidden)]
+    fn __forward_train_sync(
+        &mut self,
+        x: &[Self::Elem],
+        shape: &[usize],
+        y: &mut [Self::Elem],
+        group: &dyn StatsGroup,
+    ) -> Result<(), BnError> {
+        self.as_batch_norm_mut().forward_train_sync(x, shape, y, group)
+    }
+
+    /// [`SyncBatchNormExt::backward_sync`](crate::SyncBatchNormExt::backward_sync), as
+    /// [`__forward_train_sync`](Self::__forward_train_sync).
+    #[doc(hidden)]
+    fn __backward_sync(
+        &mut self,
+        x: &[Self::Elem],
+        dy: &[Self::Elem],
+        shape: &[usize],
+        dx: &mut [Self::Elem],
+        group: &dyn StatsGroup,
+    ) -> Result<(), BnError> {
+        self.as_batch_norm_mut().backward_sync(x, dy, shape, dx, group)
+    }
 }
 
 impl<E: Element> BatchNormLayer for BatchNorm<E> {

@@ -182,7 +182,7 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
     };
     let doc_features = statics.map_or("The number of features.", |s| &s.doc_features);
     let doc_rank = statics.map_or("The rank of the tensors the layer takes.", |s| &s.doc_rank);
-    let (inherent_passes, trait_passes) = crate::passes::methods(ident, elem, &result);
+    let (inherent_passes, trait_passes) = crate::passes::methods(ident, &private, elem, &result);
 
     quote! {
         #(#attrs)*
@@ -198,17 +198,17 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
             impl #private::Spec for __Spec {
                 const CHANNELS: usize = #features;
                 const INNER: usize = #inner;
-            }
 
-            impl #ident {
                 /// The shape checks the attribute's `spatial` key adds (none without it).
                 #[inline(always)]
                 #[allow(unused_variables)]
-                fn __check_spatial(shape: &[usize]) -> #result {
+                fn check_shape(shape: &[usize]) -> #result {
                     #spatial_check
                     ::core::result::Result::Ok(())
                 }
+            }
 
+            impl #ident {
                 #[doc = #doc_features]
                 pub const FEATURES: usize = #features;
 
@@ -396,6 +396,27 @@ pub(crate) fn layer(shell: &Shell, krate: &Path, dtype: &Dtype, statics: Option<
                     #ident::set_num_batches_tracked(self, batches)
                 }
                 #trait_passes
+                #[inline]
+                fn __forward_train_sync(
+                    &mut self,
+                    x: &[#elem],
+                    shape: &[usize],
+                    y: &mut [#elem],
+                    group: &dyn #private::StatsGroup,
+                ) -> #result {
+                    self.__bn.forward_train_sync_spec::<__Spec, dyn #private::StatsGroup>(x, shape, y, group)
+                }
+                #[inline]
+                fn __backward_sync(
+                    &mut self,
+                    x: &[#elem],
+                    dy: &[#elem],
+                    shape: &[usize],
+                    dx: &mut [#elem],
+                    group: &dyn #private::StatsGroup,
+                ) -> #result {
+                    self.__bn.backward_sync_spec::<__Spec, dyn #private::StatsGroup>(x, dy, shape, dx, group)
+                }
                 #[inline]
                 fn gamma(&self) -> &[#param] {
                     #ident::gamma(self)

@@ -120,9 +120,14 @@ const PASSES: &[Pass] = &[
 ];
 
 /// The generated methods of every pass: `(inherent, trait)`, the inherent ones for `impl Layer`,
-/// the others for `impl BatchNormLayer for Layer`. `elem` is the element type, `result` the
-/// return type, `ident` the layer.
-pub(crate) fn methods(ident: &Ident, elem: &TokenStream, result: &TokenStream) -> (TokenStream, TokenStream) {
+/// the others for `impl BatchNormLayer for Layer`. `ident` is the layer, `private` the facade's
+/// hidden module, `elem` the element type, `result` the return type.
+pub(crate) fn methods(
+    ident: &Ident,
+    private: &TokenStream,
+    elem: &TokenStream,
+    result: &TokenStream,
+) -> (TokenStream, TokenStream) {
     let mut inherent = TokenStream::new();
     let mut trait_methods = TokenStream::new();
     for pass in PASSES {
@@ -157,7 +162,7 @@ pub(crate) fn methods(ident: &Ident, elem: &TokenStream, result: &TokenStream) -
             #[doc = #doc]
             #[inline]
             pub fn #name(#params) -> #result {
-                Self::__check_spatial(shape)?;
+                <__Spec as #private::Spec>::check_shape(shape)?;
 
                 self.__bn.#spec::<__Spec>(#(#args),*)
             }

@@ -251,6 +251,47 @@ fn macro_layers_synchronize_through_the_extension_trait() {
     assert_close("beta_grad", &f32s(&results[0].2.beta_grad), full.beta_grad(), FWD);
 }
 
+#[batch_norm(features = 3, axes = [0, 2, 3], spatial = [2, 5])]
+struct SpatialBn;
+
+/// A layer with `spatial` extents synchronizes with its compile-time shape: the synchronized
+/// passes check those extents as its other passes do (on every rank, through the exchange),
+/// and on one rank they give its unsynchronized results bit for bit.
+#[test]
+fn macro_layers_with_spatial_extents_check_them_when_synchronized() {
+    let mut rng = Rng::new(91);
+    let shape = [4, 3, 2, 5];
+    let x: Vec<f32> = rng.vec(4 * 3 * 2 * 5, -2.0, 3.0);
+    let dy: Vec<f32> = rng.vec(x.len(), -1.0, 1.0);
+    let (mut a, mut b) = (SpatialBn::new(), SpatialBn::new());
+    let (mut ya, mut yb, mut dxa, mut dxb) =
+        (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+    a.forward_train(&x, &shape, &mut ya).unwrap();
+    a.backward(&x, &dy, &shape, &mut dxa).unwrap();
+    b.forward_train_sync(&x, &shape, &mut yb, &LocalGroup).unwrap();
+    b.backward_sync(&x, &dy, &shape, &mut dxb, &LocalGroup).unwrap();
+    assert_eq!(common::ebits(&yb), common::ebits(&ya), "y");
+    assert_eq!(common::ebits(&dxb), common::ebits(&dxa), "dx");
+    assert_eq!(common::state(&b), common::state(&a));
+
+    let results = on_ranks(2, |rank| {
+        // Rank 1's shard has the layer's feature extent but not its spatial extents.
+        let shape = if rank.rank() == 0 { [2, 3, 2, 5] } else { [1, 3, 5, 2] };
+        let x = vec![1.0f32; shape.iter().product()];
+        let mut bn = SpatialBn::new();
+        let before = common::state(&bn);
+        let result = bn.forward_train_sync(&x, &shape, &mut vec![0.0; x.len()], &rank);
+        (result, common::state(&bn) == before)
+    });
+    assert!(
+        matches!(results[1].0, Err(BnError::SpatialMismatch { axis: 2, expected: 2, got: 5, .. })),
+        "{:?}",
+        results[1].0
+    );
+    assert!(matches!(results[0].0, Err(BnError::SyncMismatch { rank: 1, .. })), "{:?}", results[0].0);
+    assert!(results.iter().all(|(_, unchanged)| *unchanged), "no rank changed");
+}
+
 /// Every rank's result of a forward where `layer(r)`, `shape(r)` and `x(r)` are rank `r`'s, with
 /// each rank's state before and after.
 fn forward_all(

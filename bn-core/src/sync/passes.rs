@@ -11,7 +11,7 @@ use super::wire::{dtype_code, exchange, Header, Op};
 use crate::element::route::{Route, Tail};
 use crate::ops::backward::{mask_buffer, Buffers, Saved};
 use crate::ops::{BatchNormOps, BatchStats};
-use crate::spec::Dynamic;
+use crate::spec::{specialize, Dynamic, Spec};
 use crate::{BatchNorm, BatchNormLayer, BnError, Canonical, Element, RunningVar};
 
 impl<E: Element> BatchNorm<E> {
@@ -45,8 +45,20 @@ impl<E: Element> BatchNorm<E> {
         y: &mut [E],
         group: &G,
     ) -> Result<(), BnError> {
+        self.forward_train_sync_spec::<Dynamic, G>(x, shape, y, group)
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    pub fn forward_train_sync_spec<S: Spec, G: StatsGroup + ?Sized>(
+        &mut self,
+        x: &[E],
+        shape: &[usize],
+        y: &mut [E],
+        group: &G,
+    ) -> Result<(), BnError> {
         self.train_step(|ops, gamma, beta, stats| {
-            forward_train_sync(ops, gamma, beta, x, shape, y, group, stats)
+            forward_train_sync::<S, E, G>(ops, gamma, beta, x, shape, y, group, stats)
         })
     }
 
@@ -79,8 +91,21 @@ impl<E: Element> BatchNorm<E> {
         dx: &mut [E],
         group: &G,
     ) -> Result<(), BnError> {
+        self.backward_sync_spec::<Dynamic, G>(x, dy, shape, dx, group)
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    pub fn backward_sync_spec<S: Spec, G: StatsGroup + ?Sized>(
+        &mut self,
+        x: &[E],
+        dy: &[E],
+        shape: &[usize],
+        dx: &mut [E],
+        group: &G,
+    ) -> Result<(), BnError> {
         self.backward_step(|ops, saved, sums, buffers| {
-            backward_sync(ops, saved, x, dy, shape, dx, group, sums, buffers)
+            backward_sync::<S, E, G>(ops, saved, x, dy, shape, dx, group, sums, buffers)
         })
     }
 }
@@ -114,7 +139,7 @@ fn sync_header<E: Element>(ops: &BatchNormOps<E>, shape: &[usize], dims: Canonic
 
 /// The synchronized training forward into `stats` (see [`BatchNorm::forward_train_sync`]).
 #[allow(clippy::too_many_arguments)]
-fn forward_train_sync<E: Element, G: StatsGroup + ?Sized>(
+fn forward_train_sync<S: Spec, E: Element, G: StatsGroup + ?Sized>(
     ops: &BatchNormOps<E>,
     gamma: &[E::Param],
     beta: &[E::Param],
@@ -125,13 +150,14 @@ fn forward_train_sync<E: Element, G: StatsGroup + ?Sized>(
     stats: &mut BatchStats,
 ) -> Result<(), BnError> {
     let checked = ops.check(shape, &[("x", x.len()), ("y", y.len())]);
+    let checked = checked.and_then(|dims| S::check_shape(shape).map(|()| specialize::<S>(dims)));
     let local = checked.map(|dims| {
-        let payload = local_moments(ops, x, dims, stats);
+        let payload = local_moments::<S, E>(ops, x, dims, stats);
         (sync_header(ops, shape, dims), payload)
     });
     let gathered = exchange(group, Op::Forward, local)?;
     // The exchange returned this rank's own error if its checks failed.
-    let dims = ops.layout().canonical(shape)?;
+    let dims = specialize::<S>(ops.layout().canonical(shape)?);
     let c = dims.channels;
     // Rank order, on every rank: bit-identical results.
     for c in 0..c {
@@ -164,7 +190,7 @@ fn forward_train_sync<E: Element, G: StatsGroup + ?Sized>(
     let tail = ops.activation_tail();
     let (mean, inv_std) = (&stats.mean, &stats.inv_std);
     let reference_y = !dims.is_empty()
-        && E::Route::normalize_trained::<Dynamic>(backend, x, y, tail, dims, mean, inv_std, gamma, beta);
+        && E::Route::normalize_trained::<S>(backend, x, y, tail, dims, mean, inv_std, gamma, beta);
     stats.shape.clear();
     stats.shape.extend_from_slice(shape);
     stats.count = n;
@@ -175,7 +201,7 @@ fn forward_train_sync<E: Element, G: StatsGroup + ?Sized>(
 
 /// This rank's message payload: the mean and the sum of squared deviations of each feature
 /// (zeros for an empty shard), computed into `stats.mean` and `stats.var`.
-fn local_moments<E: Element>(
+fn local_moments<S: Spec, E: Element>(
     ops: &BatchNormOps<E>,
     x: &[E],
     dims: Canonical,
@@ -188,7 +214,7 @@ fn local_moments<E: Element>(
         mean.fill(0.0);
         var.fill(0.0);
     } else {
-        E::Route::batch_stats(ops.backend(), x, dims, mean, var);
+        E::Route::batch_stats::<S>(ops.backend(), x, dims, mean, var);
     }
     let mut payload = Vec::with_capacity(2 * c);
     payload.extend_from_slice(mean);
@@ -199,7 +225,7 @@ fn local_moments<E: Element>(
 /// The synchronized backward: `dx` and the group's sums into `sums.mean` and `sums.var` (see
 /// [`BatchNorm::backward_sync`]).
 #[allow(clippy::too_many_arguments)]
-fn backward_sync<E: Element, G: StatsGroup + ?Sized>(
+fn backward_sync<S: Spec, E: Element, G: StatsGroup + ?Sized>(
     ops: &BatchNormOps<E>,
     saved: Option<Saved<'_, E::Param>>,
     x: &[E],
@@ -211,6 +237,8 @@ fn backward_sync<E: Element, G: StatsGroup + ?Sized>(
     buffers: &mut Buffers<E>,
 ) -> Result<(), BnError> {
     let checked = ops.check(shape, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())]).and_then(|dims| {
+        S::check_shape(shape)?;
+        let dims = specialize::<S>(dims);
         let saved = saved.ok_or(BnError::NoForward)?;
         if saved.stats.shape != shape {
             return Err(BnError::BackwardShape { expected: saved.stats.shape.clone(), got: shape.to_vec() });
@@ -223,16 +251,16 @@ fn backward_sync<E: Element, G: StatsGroup + ?Sized>(
         (Ok((dims, saved)), Tail::Relu) => {
             let masked = mask_buffer(&mut buffers.grad, None, dims.len());
             let coefficients = &mut buffers.coefficients;
-            E::Route::train_mask::<Dynamic>(x, dy, None, masked, *dims, saved.trained(), coefficients);
+            E::Route::train_mask::<S>(x, dy, None, masked, *dims, saved.trained(), coefficients);
             masked
         }
         _ => dy,
     };
-    let local =
-        checked.map(|(dims, saved)| (sync_header(ops, shape, dims), local_sums(ops, x, dy, dims, saved)));
+    let local = checked
+        .map(|(dims, saved)| (sync_header(ops, shape, dims), local_sums::<S, E>(ops, x, dy, dims, saved)));
     let gathered = exchange(group, Op::Backward, local)?;
     // The exchange returned this rank's own error if its checks failed.
-    let dims = ops.layout().canonical(shape)?;
+    let dims = specialize::<S>(ops.layout().canonical(shape)?);
     let saved = saved.ok_or(BnError::NoForward)?;
     let c = dims.channels;
     let (sum_dy, sum_dy_xhat) = (&mut sums.mean[..c], &mut sums.var[..c]);
@@ -259,7 +287,7 @@ fn backward_sync<E: Element, G: StatsGroup + ?Sized>(
     if !dims.is_empty() {
         let (mean, inv_std) = (&saved.stats.mean, &saved.stats.inv_std);
         let backend = ops.backend();
-        E::Route::backward_dx::<Dynamic>(
+        E::Route::backward_dx::<S>(
             backend,
             x,
             dy,
@@ -277,7 +305,7 @@ fn backward_sync<E: Element, G: StatsGroup + ?Sized>(
 }
 
 /// This rank's backward payload: the sums of `dy` and `dy * xhat` of each feature.
-fn local_sums<E: Element>(
+fn local_sums<S: Spec, E: Element>(
     ops: &BatchNormOps<E>,
     x: &[E],
     dy: &[E],
@@ -288,7 +316,7 @@ fn local_sums<E: Element>(
     let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
     if !dims.is_empty() {
         let (mean, inv_std) = (&saved.stats.mean, &saved.stats.inv_std);
-        E::Route::backward_sums::<Dynamic>(
+        E::Route::backward_sums::<S>(
             ops.backend(),
             x,
             dy,
@@ -349,7 +377,7 @@ impl<L: BatchNormLayer + ?Sized> SyncBatchNormExt for L {
         y: &mut [Self::Elem],
         group: &G,
     ) -> Result<(), BnError> {
-        self.as_batch_norm_mut().forward_train_sync(x, shape, y, group)
+        self.__forward_train_sync(x, shape, y, &group)
     }
 
     fn backward_sync<G: StatsGroup + ?Sized>(
@@ -360,6 +388,6 @@ impl<L: BatchNormLayer + ?Sized> SyncBatchNormExt for L {
         dx: &mut [Self::Elem],
         group: &G,
     ) -> Result<(), BnError> {
-        self.as_batch_norm_mut().backward_sync(x, dy, shape, dx, group)
+        self.__backward_sync(x, dy, shape, dx, &group)
     }
 }
