@@ -34,29 +34,18 @@
 use core::cell::RefCell;
 
 use super::convert::{
-    affine, affine_inplace, affine_run, affine_stream, has_affine, narrow, put_half, put_half2, run_simd,
-    widen, Params,
+    affine, affine_inplace, affine_run, affine_stream, has_affine, narrow, put_half, put_half2, widen, Params,
 };
-use super::isa::{half_to_f32, Isa, Kernel};
+use super::simd::bits::{half_to_f32, HalfFormat};
+use super::simd::{with_isa, Isa, Kernel};
 use super::parallel::{
     for_each_task, part, store_fence, streaming_bytes, task_count, use_pool, without_alloc, SharedMut,
     TASK_ELEMS,
 };
-use super::portable::Wide;
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use super::Backend;
 use crate::spec::Dynamic;
 use crate::Canonical;
-
-/// A 16-bit storage format of the data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HalfFormat {
-    /// bfloat16 ([`half::bf16`]): 8 exponent bits (the range of `f32`), 8 significant bits.
-    Bf16,
-    /// IEEE 754 binary16 ([`half::f16`]): 5 exponent bits (largest finite value 65504),
-    /// 11 significant bits.
-    F16,
-}
 
 /// Values per block of the elementwise passes: three 16 KiB `f32` buffers on the stack stay in
 /// L1 with the block's 16-bit input and output.
@@ -1080,9 +1069,11 @@ const DIRECT_MIN_RUN: usize = 32;
 /// conversions where the CPU has them: the same bits), `Wide` where the backend's is missing.
 #[inline]
 fn run_kernel<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> K::Output {
-    match run_simd(backend, format, kernel) {
-        Ok(out) => out,
-        Err(kernel) => Wide.vectorize(kernel),
+    match format {
+        HalfFormat::Bf16 => with_isa!(backend.usable(), bf16, |isa| isa.vectorize(kernel), else {
+            super::simd::portable::Wide.vectorize(kernel)
+        }),
+        HalfFormat::F16 => with_isa!(backend.usable(), |isa| isa.vectorize(kernel)),
     }
 }
 
@@ -1760,7 +1751,7 @@ mod tests {
         // (the kernels pick those for bf16 where the CPU has them).
         let mut runs: Vec<(Backend, bool)> = Backend::available().into_iter().map(|b| (b, false)).collect();
         #[cfg(target_arch = "x86_64")]
-        if super::super::x86::Avx512::with_bf16().is_some() {
+        if super::super::simd::x86::Avx512::with_bf16().is_some() {
             runs.push((Backend::Avx512, true));
         } else {
             println!("no AVX512-BF16: the bf16 conversion instructions are not tested here");
@@ -1773,7 +1764,7 @@ mod tests {
                 match (format, plain_avx512) {
                     (HalfFormat::F16, true) => continue,
                     #[cfg(target_arch = "x86_64")]
-                    (HalfFormat::Bf16, true) => super::super::x86::Avx512::new()
+                    (HalfFormat::Bf16, true) => super::super::simd::x86::Avx512::new()
                         .expect("AVX-512F")
                         .vectorize(RoundTrip::<true> { values: &values, bits: b, back: k }),
                     (HalfFormat::Bf16, _) => {

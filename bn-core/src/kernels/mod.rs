@@ -35,53 +35,22 @@
 pub mod half16;
 pub mod reference;
 
-mod backend;
 mod convert;
 mod isa;
 mod parallel;
 mod planes;
-mod portable;
 mod rows;
+mod simd;
 pub(crate) mod stats;
-#[cfg(target_arch = "x86_64")]
-mod x86;
 
-pub use backend::{Backend, ParseBackendError, BACKEND_ENV};
-pub use half16::HalfFormat;
+pub use simd::backend::{Backend, ParseBackendError, BACKEND_ENV};
+pub use simd::bits::HalfFormat;
 
 use crate::spec::{specialize, Spec};
 use crate::{Canonical, Family};
-use isa::{Act, Epilogue as _, Identity, InPlace, Io, Isa as _, MaskGrad, MaskParams, Serial, Split};
+use isa::{Act, Epilogue as _, Identity, InPlace, Io, MaskGrad, MaskParams, Split};
 use isa::{ADD_RELU, PLAIN, RELU};
-use portable::Wide;
-
-/// Runs `$body` with `$isa` bound to the token of `$backend` (which must not be `Scalar`).
-macro_rules! with_isa {
-    ($backend:expr, |$isa:ident| $body:expr) => {
-        match $backend {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => match x86::Avx512::new() {
-                Some($isa) => $body,
-                None => {
-                    let $isa = Wide;
-                    $body
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 => match x86::Avx2::new() {
-                Some($isa) => $body,
-                None => {
-                    let $isa = Wide;
-                    $body
-                }
-            },
-            _ => {
-                let $isa = Wide;
-                $body
-            }
-        }
-    };
-}
+use simd::{with_isa, Isa as _, Serial};
 
 /// Runs `f` compiled for `backend`'s instruction set, so that its loops are vectorized for it
 /// (the layers' per-feature bookkeeping: square roots and divisions of `C` statistics).
@@ -118,7 +87,7 @@ impl Epilogue<'_> {
     fn apply_to(&self, y: &mut [f32]) {
         match *self {
             Epilogue::None => {}
-            Epilogue::Relu => y.iter_mut().for_each(|v| *v = isa::relu(*v)),
+            Epilogue::Relu => y.iter_mut().for_each(|v| *v = simd::relu(*v)),
             Epilogue::AddRelu(r) => {
                 let act = Act::<true> { residual: r };
                 for (i, v) in y.iter_mut().enumerate() {

@@ -19,12 +19,11 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{
-    load_at, map, map2, masked, Epilogue, Io, Isa, Kernel, MaskParams, Pos, Split, ADD_RELU, PLAIN,
-};
+use super::isa::{load_at, map, map2, masked, Epilogue, Io, MaskParams, Pos, Split, ADD_RELU, PLAIN};
 use super::parallel::{
     for_each_chunk_mut, for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS,
 };
+use super::simd::{Isa, Kernel};
 use super::stats::{sum_dy_xhat, Affine32, AffineGroup, DxCoefficients, Moments};
 use crate::spec::{specialize, Spec};
 use crate::Canonical;

@@ -21,11 +21,12 @@ use core::marker::PhantomData;
 use core::ops::Range;
 
 use super::isa::{
-    load_at, map, map2, map2_periodic, map_params, map_periodic, masked, Io, Isa, Kernel, MaskParams, Pos,
-    Serial, ADD_RELU, PLAIN, RELU,
+    load_at, map, map2, map2_periodic, map_params, map_periodic, masked, Io, MaskParams, Pos, ADD_RELU, PLAIN,
+    RELU,
 };
 use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::planes::{affine, dx_train, for_each_chunk3, residual_of};
+use super::simd::{Isa, Kernel, Serial};
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use crate::spec::{specialize, Spec};
 use crate::Canonical;

@@ -8,8 +8,8 @@
 use core::arch::x86_64::*;
 
 use super::backend::{has_avx2, has_avx512};
-use super::convert;
-use super::isa::{Isa, Kernel};
+use super::bits;
+use super::{Isa, Kernel};
 
 /// AVX2 + FMA + F16C: 8-lane `__m256` vectors.
 #[derive(Debug, Clone, Copy)]
@@ -293,8 +293,8 @@ impl Avx2 {
         if BF16 {
             // SAFETY: the token proves AVX2.
             unsafe {
-                let even = convert::x86::f32x8_to_bf16_u32(a);
-                let odd = convert::x86::f32x8_to_bf16_u32(b);
+                let even = bits::x86::f32x8_to_bf16_u32(a);
+                let odd = bits::x86::f32x8_to_bf16_u32(b);
                 _mm256_or_si256(even, _mm256_slli_epi32::<16>(odd))
             }
         } else {
@@ -311,7 +311,7 @@ impl Avx2 {
             // the saturating pack is exact; the permutation gathers the two 64-bit halves
             // holding lanes 0-3 and 4-7.
             unsafe {
-                let b = convert::x86::f32x8_to_bf16_u32(v);
+                let b = bits::x86::f32x8_to_bf16_u32(v);
                 let packed = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(b, b));
                 _mm256_castsi256_si128(packed)
             }
@@ -478,7 +478,7 @@ where
         unsafe {
             let h = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
             if BF16 {
-                convert::x86::bf16x16_to_f32(h)
+                bits::x86::bf16x16_to_f32(h)
             } else {
                 _mm512_cvtph_ps(h)
             }
@@ -554,7 +554,7 @@ where
         // SAFETY: the token proves AVX-512F and AVX2.
         unsafe {
             if BF16 {
-                convert::x86::bf16x16_to_f32(h)
+                bits::x86::bf16x16_to_f32(h)
             } else {
                 _mm512_cvtph_ps(h)
             }
@@ -618,8 +618,8 @@ impl<const BF16_INSN: bool> Avx512<BF16_INSN> {
         // go to the low halves of the 32-bit lanes, those of the odd values to the high halves:
         // the order of `load_half2`.
         unsafe {
-            let even = convert::x86::f32x16_to_bf16_u32(a);
-            let odd = convert::x86::f32x16_to_bf16_u32(b);
+            let even = bits::x86::f32x16_to_bf16_u32(a);
+            let odd = bits::x86::f32x16_to_bf16_u32(b);
             _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
         }
     }
@@ -633,7 +633,7 @@ impl<const BF16_INSN: bool> Avx512<BF16_INSN> {
             if BF16 && BF16_INSN && _mm512_fpclass_ps_mask::<0x20>(v) == 0 {
                 core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v))
             } else if BF16 {
-                _mm512_cvtepi32_epi16(convert::x86::f32x16_to_bf16_u32(v))
+                _mm512_cvtepi32_epi16(bits::x86::f32x16_to_bf16_u32(v))
             } else {
                 _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
             }
