@@ -97,7 +97,9 @@ fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> b
 #[inline]
 pub(crate) fn run_simd<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> Result<K::Output, K> {
     match format {
-        HalfFormat::Bf16 => with_isa!(backend.usable(), bf16, |isa| Ok(isa.vectorize(kernel)), else Err(kernel)),
+        HalfFormat::Bf16 => {
+            with_isa!(backend.usable(), bf16, |isa| Ok(isa.vectorize(kernel)), else Err(kernel))
+        }
         HalfFormat::F16 => with_isa!(backend.usable(), |isa| Ok(isa.vectorize(kernel)), else Err(kernel)),
     }
 }

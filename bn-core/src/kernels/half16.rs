@@ -36,12 +36,12 @@ use core::cell::RefCell;
 use super::convert::{
     affine, affine_inplace, affine_run, affine_stream, has_affine, narrow, put_half, put_half2, widen, Params,
 };
-use super::simd::bits::{half_to_f32, HalfFormat};
-use super::simd::{with_isa, Isa, Kernel};
 use super::parallel::{
     for_each_task, part, store_fence, streaming_bytes, task_count, use_pool, without_alloc, SharedMut,
     TASK_ELEMS,
 };
+use super::simd::bits::{half_to_f32, HalfFormat};
+use super::simd::{with_isa, Isa, Kernel};
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
 use super::Backend;
 use crate::spec::Dynamic;

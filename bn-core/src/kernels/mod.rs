@@ -36,20 +36,24 @@ pub mod half16;
 pub mod reference;
 
 mod convert;
-mod isa;
+mod epilogue;
+mod loops;
 mod parallel;
 mod planes;
 mod rows;
 mod simd;
 pub(crate) mod stats;
+mod vector;
 
 pub use simd::backend::{Backend, ParseBackendError, BACKEND_ENV};
 pub use simd::bits::HalfFormat;
 
 use crate::spec::{specialize, Spec};
 use crate::{Canonical, Family};
-use isa::{Act, Epilogue as _, Identity, InPlace, Io, MaskGrad, MaskParams, Split};
-use isa::{ADD_RELU, PLAIN, RELU};
+pub use epilogue::{Epilogue, FusedRelu};
+
+use epilogue::{with_act, MaskGrad, MaskParams, ADD_RELU, PLAIN, RELU};
+use loops::{InPlace, Io, Split};
 use simd::{with_isa, Isa as _, Serial};
 
 /// Runs `f` compiled for `backend`'s instruction set, so that its loops are vectorized for it
@@ -60,63 +64,6 @@ use simd::{with_isa, Isa as _, Serial};
 #[inline]
 pub(crate) fn vectorized<R>(backend: Backend, f: impl FnOnce() -> R) -> R {
     with_isa!(backend.usable(), |isa| isa.vectorize(Serial(f)))
-}
-
-/// What the forward kernels do to each output value before storing it: fused into the same
-/// pass, so an activation costs no extra traffic.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub enum Epilogue<'a> {
-    /// Store the normalized value.
-    #[default]
-    None,
-    /// `relu(y)`: `0` where `y < 0`, else `y` (NaN passes through, as in PyTorch).
-    Relu,
-    /// `relu(y + residual[i])` (a ResNet block's tail); the slice holds one value per element.
-    AddRelu(&'a [f32]),
-}
-
-impl Epilogue<'_> {
-    /// The residual slice, if any.
-    fn residual(&self) -> Option<&[f32]> {
-        match *self {
-            Epilogue::AddRelu(r) => Some(r),
-            _ => None,
-        }
-    }
-    /// Applies the epilogue to `y` in place (after an unfused normalize).
-    fn apply_to(&self, y: &mut [f32]) {
-        match *self {
-            Epilogue::None => {}
-            Epilogue::Relu => y.iter_mut().for_each(|v| *v = simd::relu(*v)),
-            Epilogue::AddRelu(r) => {
-                let act = Act::<true> { residual: r };
-                for (i, v) in y.iter_mut().enumerate() {
-                    *v = act.apply1(i, *v);
-                }
-            }
-        }
-    }
-}
-
-/// Runs `$body` with `$act` bound to the internal epilogue of `$epilogue` (a type per kind, so
-/// the plain path stays free of branches).
-macro_rules! with_act {
-    ($epilogue:expr, |$act:ident| $body:expr) => {
-        match $epilogue {
-            Epilogue::None => {
-                let $act = Identity;
-                $body
-            }
-            Epilogue::Relu => {
-                let $act = Act::<false> { residual: &[] };
-                $body
-            }
-            Epilogue::AddRelu(r) => {
-                let $act = Act::<true> { residual: r };
-                $body
-            }
-        }
-    };
 }
 
 /// Training forward, fused: per-channel batch mean and biased variance into `mean_out` and
@@ -419,40 +366,6 @@ pub fn backward<S: Spec>(
         sum_dy_out,
         sum_dy_xhat_out,
     )
-}
-
-/// The ReLU a layer fused into its forward, as the backward behind it needs it: the forward's
-/// per-channel transform `(x - mean) * scale + shift` (for a training forward of the fast
-/// kernels, the coefficients [`train_coefficients`] gives; in inference, those the forward
-/// used) and the residual the forward added before the ReLU, if any. Its gradient is `dy`
-/// where that pre-activation was positive, else `0` ([`relu_grad`]).
-#[derive(Debug, Clone, Copy)]
-pub struct FusedRelu<'a> {
-    /// Per-channel `mean` of the forward's transform.
-    pub mean: &'a [f32],
-    /// Per-channel `scale`.
-    pub scale: &'a [f32],
-    /// Per-channel `shift`.
-    pub shift: &'a [f32],
-    /// The residual of `relu(bn(x) + residual)` (`dims.len()` values), if the forward had one.
-    pub residual: Option<&'a [f32]>,
-}
-
-impl FusedRelu<'_> {
-    fn check(&self, dims: Canonical) {
-        let c = dims.channels;
-        assert!(
-            self.mean.len() == c && self.scale.len() == c && self.shift.len() == c,
-            "the ReLU's transform must hold dims.channels values"
-        );
-        if let Some(r) = self.residual {
-            assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
-        }
-    }
-
-    fn mask(&self) -> MaskParams<'_> {
-        MaskParams { m: self.mean, s: self.scale, t: self.shift, residual: self.residual.unwrap_or(&[]) }
-    }
 }
 
 /// [`backward`] of the gradient behind a fused ReLU: with `g` = [`relu_grad`]'s output for

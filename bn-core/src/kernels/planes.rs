@@ -19,12 +19,12 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{load_at, map, map2, masked, Epilogue, Io, MaskParams, Pos, Split, ADD_RELU, PLAIN};
-use super::parallel::{
-    for_each_chunk_mut, for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS,
-};
+use super::epilogue::{masked, residual_of, Apply, MaskParams, ADD_RELU, PLAIN};
+use super::loops::{for_each_chunk3, map, map2, Io, Split};
+use super::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::simd::{Isa, Kernel};
 use super::stats::{sum_dy_xhat, Affine32, AffineGroup, DxCoefficients, Moments};
+use super::vector::{affine, dx_train, load_at, Pos};
 use crate::spec::{specialize, Spec};
 use crate::Canonical;
 
@@ -345,16 +345,6 @@ fn mask_of<I: Isa, const MASK: u8>(isa: I, mask: &MaskParams<'_>, c: usize) -> [
     }
 }
 
-/// The residual's values `r` (empty unless `MASK` is [`ADD_RELU`]).
-#[inline(always)]
-pub(crate) fn residual_of<'a, const MASK: u8>(mask: &MaskParams<'a>, r: Range<usize>) -> &'a [f32] {
-    if MASK == ADD_RELU {
-        &mask.residual[r]
-    } else {
-        &[]
-    }
-}
-
 /// Two-pass moments of one block of channel `c`.
 #[inline(always)]
 fn block_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, blk: Block) -> Moments {
@@ -486,18 +476,6 @@ fn chunk_backward_sums<I: Isa, const MASK: u8>(
         sum_xm += reduce32(isa, sxm);
     }
     (sum_dy, sum_xm)
-}
-
-/// `y = (x - m) * s + t`, the one formula of every normalize path.
-#[inline(always)]
-pub(crate) fn affine<I: Isa>(isa: I, x: I::V, m: I::V, s: I::V, t: I::V) -> I::V {
-    isa.mul_add(isa.sub(x, m), s, t)
-}
-
-/// `dx = k1 * dy + (k2 * (x - m) + k3)`, the one formula of every training `dx` path.
-#[inline(always)]
-pub(crate) fn dx_train<I: Isa>(isa: I, x: I::V, dy: I::V, m: I::V, k1: I::V, k2: I::V, k3: I::V) -> I::V {
-    isa.mul_add(k1, dy, isa.mul_add(k2, isa.sub(x, m), k3))
 }
 
 /// [`dx_train`] of the gradient of kind `MASK` (see [`masked`]) for `dy` at position `p` of a
@@ -661,7 +639,7 @@ struct TrainFused<'a, 'y, S, A> {
     _spec: PhantomData<S>,
 }
 
-impl<S: Spec, A: Epilogue> Kernel for TrainFused<'_, '_, S, A> {
+impl<S: Spec, A: Apply> Kernel for TrainFused<'_, '_, S, A> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
@@ -742,7 +720,7 @@ impl<S: Spec> Kernel for ChunkMoments<'_, S> {
 
 /// Training forward of the planes family.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_train<S: Spec, I: Isa, A: Epilogue>(
+pub(crate) fn forward_train<S: Spec, I: Isa, A: Apply>(
     isa: I,
     x: &[f32],
     y: &mut [f32],
@@ -1012,19 +990,6 @@ pub(crate) fn backward<S: Spec, I: Isa, const MASK: u8>(
             );
         }
     }
-}
-
-/// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of three slices.
-pub(crate) fn for_each_chunk3(
-    parallel: bool,
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    chunk: usize,
-    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
-) {
-    assert!(x.len() == dx.len() && dy.len() == dx.len());
-    for_each_chunk_mut(parallel, dx, chunk, |k, r, dx| f(k, &x[r.clone()], &dy[r], dx));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,14 +20,12 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::isa::{
-    load_at, map, map2, map2_periodic, map_params, map_periodic, masked, Io, MaskParams, Pos, ADD_RELU, PLAIN,
-    RELU,
-};
+use super::epilogue::{masked, residual_of, Apply, MaskParams, ADD_RELU, PLAIN, RELU};
+use super::loops::{for_each_chunk3, map, map2, map2_periodic, map_params, map_periodic, Io, Split};
 use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
-use super::planes::{affine, dx_train, for_each_chunk3, residual_of};
 use super::simd::{Isa, Kernel, Serial};
 use super::stats::{sum_dy_xhat, Affine32, DxCoefficients, Moments};
+use super::vector::{affine, dx_train, load_at, Pos};
 use crate::spec::{specialize, Spec};
 use crate::Canonical;
 
@@ -639,7 +637,7 @@ pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
 
 /// Training forward of the rows family.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_train<S: Spec, I: Isa, A: super::isa::Epilogue>(
+pub(crate) fn forward_train<S: Spec, I: Isa, A: Apply>(
     isa: I,
     x: &[f32],
     y: &mut [f32],
@@ -672,7 +670,7 @@ pub(crate) fn forward_train<S: Spec, I: Isa, A: super::isa::Epilogue>(
             }
         },
     ));
-    normalize_rows::<S, I, _>(isa, super::isa::Split { x, y, act }, dims, [m, s, t]);
+    normalize_rows::<S, I, _>(isa, Split { x, y, act }, dims, [m, s, t]);
 }
 
 // ---------------------------------------------------------------------------------------------

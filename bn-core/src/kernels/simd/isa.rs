@@ -194,7 +194,6 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
 /// The most lanes of any instruction set (the stack arrays of the default 16-bit loads).
 const MAX_LANES: usize = 16;
 
-
 /// The scalar ReLU every instruction set matches bit for bit: `0` where `v < 0`, else `v`.
 #[inline(always)]
 pub(crate) fn relu(v: f32) -> f32 {

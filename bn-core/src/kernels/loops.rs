@@ -1,8 +1,10 @@
-//! The shared loops of the kernel bodies: inputs and outputs ([`Io`]), what follows the
-//! computed value ([`Epilogue`]), and the vector walks over them.
+//! The shared loops of the kernel bodies: inputs and outputs read and written in step
+//! ([`Io`]: two slices, or one in place), and the vector walks over them.
 
+use super::epilogue::{Apply, Identity};
 use super::parallel::for_each_chunk_mut;
-use super::simd::{pass_positive, relu, Isa};
+use super::simd::Isa;
+use super::vector::{load_params, Pos};
 
 /// Reads `x` and writes `y` in step, the same positions: either two slices or one in place.
 ///
@@ -81,144 +83,6 @@ pub(crate) trait Io: Send + Sized {
     fn misalignment<I: Isa>(&self) -> usize;
 }
 
-/// What happens to a computed output vector before it is stored: nothing ([`Identity`]), a
-/// ReLU with an optional residual added first ([`Act`]), or the ReLU's gradient mask applied
-/// to `dy` ([`MaskGrad`]). Holds slices aligned with the output; `part` cuts them as the
-/// output is cut, so that position `pos` of a segment is position `pos` of its slices.
-pub(crate) trait Epilogue: Copy + Send + Sync {
-    /// The vector to store for the computed `v` at `pos` of the current segment.
-    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V;
-    /// The same for one value at index `i`.
-    fn apply1(self, i: usize, v: f32) -> f32;
-    /// The epilogue of the values `start..end`.
-    fn part(self, start: usize, end: usize) -> Self;
-}
-
-/// Stores the computed values.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Identity;
-
-impl Epilogue for Identity {
-    #[inline(always)]
-    fn apply<I: Isa>(self, _isa: I, _pos: Pos, v: I::V) -> I::V {
-        v
-    }
-    #[inline(always)]
-    fn apply1(self, _i: usize, v: f32) -> f32 {
-        v
-    }
-    #[inline(always)]
-    fn part(self, _start: usize, _end: usize) -> Self {
-        self
-    }
-}
-
-/// `relu(v + residual)` when `RES`, else `relu(v)` (`residual` is then empty and unread): a
-/// type per form, so that neither loop tests for the residual per vector.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Act<'a, const RES: bool> {
-    pub residual: &'a [f32],
-}
-
-impl<const RES: bool> Epilogue for Act<'_, RES> {
-    #[inline(always)]
-    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V {
-        if RES {
-            isa.relu(isa.add(v, load_at(isa, self.residual, pos)))
-        } else {
-            isa.relu(v)
-        }
-    }
-    #[inline(always)]
-    fn apply1(self, i: usize, v: f32) -> f32 {
-        if RES {
-            relu(v + self.residual[i])
-        } else {
-            relu(v)
-        }
-    }
-    #[inline(always)]
-    fn part(self, start: usize, end: usize) -> Self {
-        if RES {
-            Act { residual: &self.residual[start..end] }
-        } else {
-            self
-        }
-    }
-}
-
-/// `dy` where `v (+ residual) > 0`, else 0: with `v` the forward's pre-activation (recomputed
-/// by the same arithmetic), the gradient that reaches the normalization.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MaskGrad<'a> {
-    pub dy: &'a [f32],
-    pub residual: Option<&'a [f32]>,
-}
-
-impl Epilogue for MaskGrad<'_> {
-    #[inline(always)]
-    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V {
-        let v = match self.residual {
-            Some(r) => isa.add(v, load_at(isa, r, pos)),
-            None => v,
-        };
-        isa.pass_positive(v, load_at(isa, self.dy, pos))
-    }
-    #[inline(always)]
-    fn apply1(self, i: usize, v: f32) -> f32 {
-        let v = match self.residual {
-            Some(r) => v + r[i],
-            None => v,
-        };
-        pass_positive(v, self.dy[i])
-    }
-    #[inline(always)]
-    fn part(self, start: usize, end: usize) -> Self {
-        MaskGrad { dy: &self.dy[start..end], residual: self.residual.map(|r| &r[start..end]) }
-    }
-}
-
-/// Which gradient a backward kernel differentiates (a const parameter of its body): `dy`
-/// itself ([`PLAIN`]), or, behind a fused ReLU, `dy` where the forward's pre-activation was
-/// positive ([`RELU`]: `(x - m) * s + t`; [`ADD_RELU`]: plus the residual). The masked kernels
-/// recompute the pre-activation from `x` with the forward's arithmetic as they read `dy`, so no
-/// mask is stored and no pass is added.
-pub(crate) const PLAIN: u8 = 0;
-/// See [`PLAIN`].
-pub(crate) const RELU: u8 = 1;
-/// See [`PLAIN`].
-pub(crate) const ADD_RELU: u8 = 2;
-
-/// The forward's transform behind a fused ReLU, for the masked backward kernels: per-channel
-/// (planes) or per-virtual-column (rows) `m, s, t`, and the residual tensor (empty without one).
-/// Empty slices for [`PLAIN`] kernels, which never read them.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct MaskParams<'a> {
-    pub m: &'a [f32],
-    pub s: &'a [f32],
-    pub t: &'a [f32],
-    pub residual: &'a [f32],
-}
-
-/// The gradient of kind `MASK` (see [`PLAIN`]) for the vectors `x` and `dy`: `a` holds the
-/// forward's `m, s, t` there, `r` loads the residual's vector (called for [`ADD_RELU`] only).
-/// The same arithmetic as the forward's `relu((x - m) * s + t (+ r))` and [`MaskGrad`].
-#[inline(always)]
-pub(crate) fn masked<I: Isa, const MASK: u8>(
-    isa: I,
-    x: I::V,
-    dy: I::V,
-    a: [I::V; 3],
-    r: impl FnOnce() -> I::V,
-) -> I::V {
-    if MASK == PLAIN {
-        return dy;
-    }
-    let v = super::planes::affine(isa, x, a[0], a[1], a[2]);
-    let v = if MASK == ADD_RELU { isa.add(v, r()) } else { v };
-    isa.pass_positive(v, dy)
-}
-
 /// Separate input and output slices of the same length, and the output's epilogue.
 pub(crate) struct Split<'a, A = Identity> {
     pub x: &'a [f32],
@@ -229,7 +93,7 @@ pub(crate) struct Split<'a, A = Identity> {
 /// One slice read and overwritten, and the output's epilogue.
 pub(crate) struct InPlace<'a, A = Identity>(pub &'a mut [f32], pub A);
 
-impl<'a, A: Epilogue> Io for Split<'a, A> {
+impl<'a, A: Apply> Io for Split<'a, A> {
     const STREAM: bool = true;
     type Part<'b>
         = Split<'b, A>
@@ -340,7 +204,7 @@ impl<'a, A: Epilogue> Io for Split<'a, A> {
     }
 }
 
-impl<'a, A: Epilogue> Io for InPlace<'a, A> {
+impl<'a, A: Apply> Io for InPlace<'a, A> {
     const STREAM: bool = false;
     type Part<'b>
         = InPlace<'b, A>
@@ -428,7 +292,7 @@ impl<'a, A: Epilogue> Io for InPlace<'a, A> {
 }
 
 /// `out[i] = f(pos, in[i])` over `io`, one vector at a time (masked tail); `f` gets the position
-/// of the vector so that per-column parameters can be loaded there ([`load_at`]).
+/// of the vector so that per-column parameters can be loaded there ([`load_at`](super::vector::load_at)).
 ///
 /// With `stream` (ignored for in-place outputs) the full vectors are written with non-temporal
 /// stores: a partial vector first, up to the output's first `4 * LANES`-byte boundary. The values
@@ -540,46 +404,6 @@ pub(crate) fn map_periodic<I: Isa, T: Io, const P: usize>(
             v[k] = isa.load_tail(&shifted[k][full..rest]);
         }
         io.map_partial(isa, start + full, n, stream, &mut |_, x| f(v, x));
-    }
-}
-
-/// The vectors of `params` at `i`, without bounds checks: a loop over whole vectors that
-/// sliced each of an array of parameter slices kept a check per parameter and vector (LLVM does
-/// not track the lengths of an array of slices: the rows ReLU `dx` pass would keep seven checks
-/// per vector).
-///
-/// # Safety
-/// Every slice of `params` holds at least `i + I::LANES` values.
-#[inline(always)]
-#[allow(clippy::needless_range_loop)]
-pub(crate) unsafe fn load_params<I: Isa, const P: usize>(
-    isa: I,
-    params: &[&[f32]; P],
-    i: usize,
-) -> [I::V; P] {
-    let mut v = [isa.zero(); P];
-    for k in 0..P {
-        debug_assert!(params[k].len() >= i + I::LANES);
-        // SAFETY: `i..i + LANES` lies in `params[k]` (the caller's contract).
-        v[k] = isa.load(unsafe { params[k].get_unchecked(i..i + I::LANES) });
-    }
-    v
-}
-
-/// Where a vector sits in a segment: offset `i` and `n` valid lanes (`LANES` except in the tail).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Pos {
-    pub i: usize,
-    pub n: usize,
-}
-
-/// Loads the lanes of `params` at `pos` (per-column parameters of a row); zeros past the tail.
-#[inline(always)]
-pub(crate) fn load_at<I: Isa>(isa: I, params: &[f32], pos: Pos) -> I::V {
-    if pos.n == I::LANES {
-        isa.load(&params[pos.i..])
-    } else {
-        isa.load_tail(&params[pos.i..pos.i + pos.n])
     }
 }
 
@@ -734,4 +558,17 @@ pub(crate) fn map2<I: Isa>(
         let v = f(pos, isa.load_tail(&x[full..]), isa.load_tail(&dy[full..]));
         store_partial(isa, &mut dx[full..], v, stream);
     }
+}
+
+/// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of three slices.
+pub(crate) fn for_each_chunk3(
+    parallel: bool,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    chunk: usize,
+    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
+) {
+    assert!(x.len() == dx.len() && dy.len() == dx.len());
+    for_each_chunk_mut(parallel, dx, chunk, |k, r, dx| f(k, &x[r.clone()], &dy[r], dx));
 }
