@@ -19,10 +19,10 @@
 //!
 //! - inference ([`normalize`]): one pass over the blocks, in parallel; buffers on the stack, no
 //!   allocation.
-//! - training ([`forward_train`]): the statistics of each block ([`kernels::forward_train`] on
+//! - training ([`forward_train`]): the statistics of each block ([`kernels::forward_train`](super::forward_train) on
 //!   the block), merged per channel with Chan's formula in `f64` in a fixed order; then the
 //!   inference pass with the training transform.
-//! - backward ([`backward`]): the sums of each block ([`kernels::backward_eval`] with the saved
+//! - backward ([`backward`]): the sums of each block ([`kernels::backward_eval`](super::backward_eval) with the saved
 //!   mean and a unit scale), added in a fixed order; then `dx = k1 * dy + k2 * (x - m) + k3`
 //!   per block. [`backward_eval`] is one pass (the block's `dx` and sums together).
 //!
@@ -368,7 +368,7 @@ fn normalize_block(
         let buf = &mut buf[..blk.len()];
         widen(backend, format, x.unwrap_or(out), buf);
         let (m, s, t) = (&mean[ch.clone()], &scale[ch.clone()], &shift[ch]);
-        super::normalize_inplace::<Dynamic>(backend, buf, blk.dims, m, s, t);
+        super::forward::normalize_inplace::<Dynamic>(backend, buf, blk.dims, m, s, t);
         narrow(backend, format, buf, out);
     }
 }
@@ -473,7 +473,13 @@ pub fn batch_stats(
             }
             s.sized(len, bc);
             widen(backend, format, &x[blk.range()], &mut s.a[..len]);
-            super::batch_stats::<Dynamic>(backend, &s.a[..len], blk.dims, &mut s.p[..bc], &mut s.q[..bc]);
+            super::forward::batch_stats::<Dynamic>(
+                backend,
+                &s.a[..len],
+                blk.dims,
+                &mut s.p[..bc],
+                &mut s.q[..bc],
+            );
             let n = blk.dims.per_channel() as f64;
             for (k, m) in partial.iter_mut().enumerate() {
                 *m = m.merge(Moments { n, mean: s.p[k], m2: s.q[k] * n });
@@ -723,7 +729,7 @@ pub fn backward(
             widen(backend, format, &x[r.clone()], &mut s.a[..len]);
             widen(backend, format, &dy[r], &mut s.b[..len]);
             let ch = blk.channels();
-            super::backward_sums::<Dynamic>(
+            super::backward::backward_sums::<Dynamic>(
                 backend,
                 &s.a[..len],
                 &s.b[..len],
@@ -767,7 +773,7 @@ pub fn backward(
             narrow(backend, format, xb, unsafe { dx.slice(blk.start, len) });
             return;
         }
-        super::backward_dx::<Dynamic>(
+        super::backward::backward_dx::<Dynamic>(
             backend,
             xb,
             dyb,
@@ -1002,7 +1008,7 @@ pub fn backward_eval(
             widen(backend, format, &x[r.clone()], &mut s.a[..len]);
             widen(backend, format, &dy[r], &mut s.b[..len]);
             let ch = blk.channels();
-            super::backward_eval::<Dynamic>(
+            super::backward::backward_eval::<Dynamic>(
                 backend,
                 &s.a[..len],
                 &s.b[..len],

@@ -66,3 +66,13 @@ macro_rules! with_isa {
     };
 }
 pub(crate) use with_isa;
+
+/// Runs `f` compiled for `backend`'s instruction set, so that its loops are vectorized for it
+/// (the layers' per-feature bookkeeping: square roots and divisions of `C` statistics).
+/// `Scalar` and `Wide` run it as it is. Mark the closure `#[inline(always)]`. The results are
+/// those of the plain code: vectorizing changes no rounding (Rust contracts nothing into fused
+/// multiply-adds).
+#[inline]
+pub(crate) fn vectorized<R>(backend: backend::Backend, f: impl FnOnce() -> R) -> R {
+    with_isa!(backend.usable(), |isa| isa.vectorize(Serial(f)))
+}
