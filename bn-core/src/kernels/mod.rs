@@ -36,7 +36,6 @@ pub mod half16;
 pub mod reference;
 
 mod backward;
-mod convert;
 mod epilogue;
 mod forward;
 mod loops;

@@ -18,9 +18,9 @@
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
-use super::simd::bits::{bf16_bits_to_f32, f32_to_bf16_bits, HalfFormat};
-use super::simd::{with_isa, Isa, Kernel};
-use super::Backend;
+use crate::kernels::simd::bits::{bf16_bits_to_f32, f32_to_bf16_bits, HalfFormat};
+use crate::kernels::simd::{with_isa, Isa, Kernel};
+use crate::kernels::Backend;
 
 /// `dst = f32(src)` (`dst.len() == src.len()`).
 #[inline]
@@ -135,7 +135,7 @@ pub(crate) fn affine(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u
 
 /// [`affine`] writing `y` with non-temporal stores where `p` is [`Params::Runs`] and the
 /// instruction set has them (rows store the regular way): the same bits. The caller runs
-/// [`store_fence`](super::parallel::store_fence) before other threads read `y`.
+/// [`store_fence`](crate::kernels::parallel::store_fence) before other threads read `y`.
 #[inline]
 pub(crate) fn affine_stream(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
     assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
