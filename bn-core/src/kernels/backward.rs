@@ -5,7 +5,7 @@
 
 use super::epilogue::{FusedRelu, MaskParams, ADD_RELU, PLAIN, RELU};
 use super::forward::relu_grad;
-use super::simd::with_isa;
+use super::simd::{with_isa, Isa};
 use super::{planes, reference, rows, stats, Backend};
 use crate::spec::{specialize, Spec};
 use crate::{Canonical, Family};
@@ -174,14 +174,155 @@ fn backward_of<S: Spec, const MASK: u8>(
     sum_dy_xhat_out: &mut [f64],
 ) {
     let (sums, b) = ((sum_dy_out, sum_dy_xhat_out), backend.usable());
-    with_isa!(b, |isa| match dims.family() {
-        Family::Planes => planes::backward::<S, _, MASK>(
-            isa, x, dy, mask, dr, dx, dims, mean, inv_std, gamma, sums.0, sums.1
-        ),
-        Family::Rows => {
-            rows::backward::<S, _, MASK>(isa, x, dy, mask, dr, dx, dims, mean, inv_std, gamma, sums.0, sums.1)
+    with_isa!(b, |isa| {
+        if matches!(dims.family(), Family::Planes) && planes::fuses_backward(dims) {
+            planes::backward_fused::<S, _, MASK>(
+                isa, x, dy, mask, dr, dx, dims, mean, inv_std, gamma, sums.0, sums.1,
+            )
+        } else {
+            backward_split::<S, _, MASK>(isa, x, dy, mask, dr, dx, dims, mean, inv_std, gamma, sums.0, sums.1)
         }
     })
+}
+
+/// The split schedule of the training backward, either family: the two reductions (writing the
+/// masked gradient when wanted), then the `dx` pass (the pieces the synchronized backward runs
+/// with the group's sums in between), which reads that gradient back where it was written.
+#[allow(clippy::too_many_arguments)]
+fn backward_split<S: Spec, I: Isa, const MASK: u8>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
+    dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let sums = (sum_dy_out, sum_dy_xhat_out);
+    let n = dims.per_channel() as f64;
+    match dr {
+        Some(dr) => {
+            train_backward_sums::<S, I, MASK>(
+                isa,
+                x,
+                dy,
+                mask,
+                Some(&mut *dr),
+                dims,
+                mean,
+                inv_std,
+                sums.0,
+                sums.1,
+            );
+            let (no_mask, dr) = (MaskParams::default(), &*dr);
+            train_backward_dx::<S, I, PLAIN>(
+                isa, x, dr, no_mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+            );
+        }
+        None => {
+            train_backward_sums::<S, I, MASK>(isa, x, dy, mask, None, dims, mean, inv_std, sums.0, sums.1);
+            train_backward_dx::<S, I, MASK>(
+                isa, x, dy, mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+            );
+        }
+    }
+}
+
+/// The two reductions of the training backward by the family of `dims`: `sum(g)` and
+/// `sum(g * xhat)` per channel, `g` the gradient of kind `MASK`.
+#[allow(clippy::too_many_arguments)]
+fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    mask: MaskParams<'_>,
+    dr: Option<&mut [f32]>,
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    match dims.family() {
+        Family::Planes => planes::train_backward_sums::<S, I, MASK>(
+            isa,
+            x,
+            dy,
+            mask,
+            dr,
+            dims,
+            mean,
+            inv_std,
+            sum_dy_out,
+            sum_dy_xhat_out,
+        ),
+        Family::Rows => rows::train_backward_sums::<S, I, MASK>(
+            isa,
+            x,
+            dy,
+            mask,
+            dr,
+            dims,
+            mean,
+            inv_std,
+            sum_dy_out,
+            sum_dy_xhat_out,
+        ),
+    }
+}
+
+/// The `dx` pass of the training backward by the family of `dims`, from given sums over `n`
+/// values, for the gradient of kind `MASK`.
+#[allow(clippy::too_many_arguments)]
+fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
+    isa: I,
+    x: &[f32],
+    dy: &[f32],
+    mask: MaskParams<'_>,
+    dx: &mut [f32],
+    dims: Canonical,
+    n: f64,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy: &[f64],
+    sum_dy_xhat: &[f64],
+) {
+    match dims.family() {
+        Family::Planes => planes::train_backward_dx::<S, I, MASK>(
+            isa,
+            x,
+            dy,
+            mask,
+            dx,
+            dims,
+            n,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy,
+            sum_dy_xhat,
+        ),
+        Family::Rows => rows::train_backward_dx::<S, I, MASK>(
+            isa,
+            x,
+            dy,
+            mask,
+            dx,
+            dims,
+            n,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy,
+            sum_dy_xhat,
+        ),
+    }
 }
 
 /// Backward with frozen statistics (of the inference forward): the same sums with the given
@@ -363,32 +504,19 @@ pub fn backward_sums<S: Spec>(
     match backend.usable() {
         Backend::Scalar => reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out),
         b => {
-            with_isa!(b, |isa| match dims.family() {
-                Family::Planes => planes::train_backward_sums::<S, _, PLAIN>(
-                    isa,
-                    x,
-                    dy,
-                    MaskParams::default(),
-                    None,
-                    dims,
-                    mean,
-                    inv_std,
-                    sum_dy_out,
-                    sum_dy_xhat_out
-                ),
-                Family::Rows => rows::train_backward_sums::<S, _, PLAIN>(
-                    isa,
-                    x,
-                    dy,
-                    MaskParams::default(),
-                    None,
-                    dims,
-                    mean,
-                    inv_std,
-                    sum_dy_out,
-                    sum_dy_xhat_out
-                ),
-            })
+            let no_mask = MaskParams::default();
+            with_isa!(b, |isa| train_backward_sums::<S, _, PLAIN>(
+                isa,
+                x,
+                dy,
+                no_mask,
+                None,
+                dims,
+                mean,
+                inv_std,
+                sum_dy_out,
+                sum_dy_xhat_out
+            ))
         }
     }
 }
@@ -448,36 +576,21 @@ pub fn backward_dx<S: Spec>(
             sum_dy_xhat,
         ),
         b => {
-            with_isa!(b, |isa| match dims.family() {
-                Family::Planes => planes::train_backward_dx::<S, _, PLAIN>(
-                    isa,
-                    x,
-                    dy,
-                    MaskParams::default(),
-                    dx,
-                    dims,
-                    n,
-                    mean,
-                    inv_std,
-                    gamma,
-                    sum_dy,
-                    sum_dy_xhat
-                ),
-                Family::Rows => rows::train_backward_dx::<S, _, PLAIN>(
-                    isa,
-                    x,
-                    dy,
-                    MaskParams::default(),
-                    dx,
-                    dims,
-                    n,
-                    mean,
-                    inv_std,
-                    gamma,
-                    sum_dy,
-                    sum_dy_xhat
-                ),
-            })
+            let no_mask = MaskParams::default();
+            with_isa!(b, |isa| train_backward_dx::<S, _, PLAIN>(
+                isa,
+                x,
+                dy,
+                no_mask,
+                dx,
+                dims,
+                n,
+                mean,
+                inv_std,
+                gamma,
+                sum_dy,
+                sum_dy_xhat
+            ))
         }
     }
 }

@@ -908,10 +908,21 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackwardSums<'_, '_, S, MASK> {
     }
 }
 
-/// Training backward of the planes family, of the gradient of kind `MASK` (with its `mask`;
-/// `dr` receives that gradient when given).
+/// Whether the training backward of `dims` runs the fused schedule ([`backward_fused`]): the
+/// slab of `x` and `dy` fits [`FUSE_BYTES`] and there are channels enough to share out. Else it
+/// runs the split schedule: [`train_backward_sums`], then [`train_backward_dx`].
+pub(crate) fn fuses_backward(dims: Canonical) -> bool {
+    let g = Geometry::new(dims);
+    let parallel = use_pool(3 * dims.len());
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    2 * g.slab_bytes() <= FUSE_BYTES && dims.channels >= 2 * threads
+}
+
+/// Training backward of the planes family by the fused schedule (where [`fuses_backward`]), of
+/// the gradient of kind `MASK` (with its `mask`; `dr` receives that gradient when given): a
+/// task owns whole channels, their sums then their `dx` while the slab is in cache.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<S: Spec, I: Isa, const MASK: u8>(
+pub(crate) fn backward_fused<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
@@ -925,71 +936,35 @@ pub(crate) fn backward<S: Spec, I: Isa, const MASK: u8>(
     sum_dy_out: &mut [f64],
     sum_dy_xhat_out: &mut [f64],
 ) {
-    let g = Geometry::new(dims);
     let parallel = use_pool(3 * dims.len());
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let stats = BackwardStats { mean, inv_std, gamma };
     let stream = streaming(dims.len(), dims.inner);
-    if 2 * g.slab_bytes() <= FUSE_BYTES && dims.channels >= 2 * threads {
-        let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
-        let dxs = SharedMut::new(dx);
-        let drs = dr.map(SharedMut::new);
-        let dr = drs.as_ref();
-        let (sdy, sdxh) = (SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
-        for_each_task(parallel, tasks, |k| {
-            let channels = part(dims.channels, tasks, k);
-            let len = channels.len();
-            // SAFETY: the channel ranges of distinct tasks are disjoint.
-            let (sum_dy, sum_dy_xhat) =
-                unsafe { (sdy.slice(channels.start, len), sdxh.slice(channels.start, len)) };
-            isa.vectorize(BackwardFused::<S, MASK> {
-                x,
-                dy,
-                dx: &dxs,
-                mask,
-                dr,
-                dims,
-                channels,
-                stats,
-                sum_dy,
-                sum_dy_xhat,
-                stream,
-                _spec: PhantomData,
-            });
+    let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
+    let dxs = SharedMut::new(dx);
+    let drs = dr.map(SharedMut::new);
+    let dr = drs.as_ref();
+    let (sdy, sdxh) = (SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
+    for_each_task(parallel, tasks, |k| {
+        let channels = part(dims.channels, tasks, k);
+        let len = channels.len();
+        // SAFETY: the channel ranges of distinct tasks are disjoint.
+        let (sum_dy, sum_dy_xhat) =
+            unsafe { (sdy.slice(channels.start, len), sdxh.slice(channels.start, len)) };
+        isa.vectorize(BackwardFused::<S, MASK> {
+            x,
+            dy,
+            dx: &dxs,
+            mask,
+            dr,
+            dims,
+            channels,
+            stats,
+            sum_dy,
+            sum_dy_xhat,
+            stream,
+            _spec: PhantomData,
         });
-        return;
-    }
-    // Split: the two reductions (writing the masked gradient when wanted), then the `dx` pass
-    // (the pieces the synchronized backward runs with the group's sums in between), which reads
-    // that gradient back where it was written.
-    let sums = (sum_dy_out, sum_dy_xhat_out);
-    let n = dims.per_channel() as f64;
-    match dr {
-        Some(dr) => {
-            train_backward_sums::<S, I, MASK>(
-                isa,
-                x,
-                dy,
-                mask,
-                Some(&mut *dr),
-                dims,
-                mean,
-                inv_std,
-                sums.0,
-                sums.1,
-            );
-            let (no_mask, dr) = (MaskParams::default(), &*dr);
-            train_backward_dx::<S, I, PLAIN>(
-                isa, x, dr, no_mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
-            );
-        }
-        None => {
-            train_backward_sums::<S, I, MASK>(isa, x, dy, mask, None, dims, mean, inv_std, sums.0, sums.1);
-            train_backward_dx::<S, I, MASK>(
-                isa, x, dy, mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
-            );
-        }
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

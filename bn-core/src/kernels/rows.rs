@@ -1218,56 +1218,6 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
     }
 }
 
-/// Training backward of the rows family, of the gradient of kind `MASK` (per-channel `mask`;
-/// `dr` receives that gradient when given).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<S: Spec, I: Isa, const MASK: u8>(
-    isa: I,
-    x: &[f32],
-    dy: &[f32],
-    mask: MaskParams<'_>,
-    dr: Option<&mut [f32]>,
-    dx: &mut [f32],
-    dims: Canonical,
-    mean: &[f64],
-    inv_std: &[f64],
-    gamma: &[f32],
-    sum_dy_out: &mut [f64],
-    sum_dy_xhat_out: &mut [f64],
-) {
-    // The two reductions (writing the masked gradient when wanted), then the `dx` pass (the
-    // pieces the synchronized backward runs with the group's sums in between), which reads that
-    // gradient back where it was written.
-    let sums = (sum_dy_out, sum_dy_xhat_out);
-    let n = dims.per_channel() as f64;
-    match dr {
-        Some(dr) => {
-            train_backward_sums::<S, I, MASK>(
-                isa,
-                x,
-                dy,
-                mask,
-                Some(&mut *dr),
-                dims,
-                mean,
-                inv_std,
-                sums.0,
-                sums.1,
-            );
-            let (no_mask, dr) = (MaskParams::default(), &*dr);
-            train_backward_dx::<S, I, PLAIN>(
-                isa, x, dr, no_mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
-            );
-        }
-        None => {
-            train_backward_sums::<S, I, MASK>(isa, x, dy, mask, None, dims, mean, inv_std, sums.0, sums.1);
-            train_backward_dx::<S, I, MASK>(
-                isa, x, dy, mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
-            );
-        }
-    }
-}
-
 /// Backward with frozen statistics of the rows family, one pass, of the gradient of kind `MASK`
 /// (see [`backward`]). `scale[c] = f32(gamma * inv_std)`.
 #[allow(clippy::too_many_arguments)]
