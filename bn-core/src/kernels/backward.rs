@@ -3,7 +3,7 @@
 //! checks of each pass, then the scalar reference on `Backend::Scalar`, else the instruction
 //! set of the backend and the layout family of the shape ([`planes`] or [`rows`]).
 
-use super::epilogue::{FusedRelu, MaskParams, ADD_RELU, PLAIN, RELU};
+use super::epilogue::{FusedRelu, ADD_RELU, NONE, RELU};
 use super::forward::relu_grad;
 use super::simd::{with_isa, Isa};
 use super::{planes, reference, rows, stats, Backend};
@@ -40,8 +40,8 @@ pub fn backward<S: Spec>(
         reference::backward_train_dx(x, dy, dx, dims, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
         return;
     }
-    let mask = MaskParams::default();
-    backward_of::<S, PLAIN>(
+    let mask = FusedRelu::default();
+    backward_of::<S, NONE>(
         backend,
         x,
         dy,
@@ -104,7 +104,7 @@ pub fn backward_relu<S: Spec>(
         let g = masked_gradient(backend, x, dy, relu, dg, &mut scratch, dims);
         return backward::<S>(backend, x, g, dx, dims, mean, inv_std, gamma, sum_dy_out, sum_dy_xhat_out);
     }
-    let (mask, sums) = (relu.mask(), (sum_dy_out, sum_dy_xhat_out));
+    let (mask, sums) = (relu, (sum_dy_out, sum_dy_xhat_out));
     match relu.residual {
         None => {
             backward_of::<S, RELU>(backend, x, dy, mask, dg, dx, dims, mean, inv_std, gamma, sums.0, sums.1)
@@ -163,7 +163,7 @@ fn backward_of<S: Spec, const MASK: u8>(
     backend: Backend,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
@@ -193,7 +193,7 @@ fn backward_split<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
@@ -219,8 +219,8 @@ fn backward_split<S: Spec, I: Isa, const MASK: u8>(
                 sums.0,
                 sums.1,
             );
-            let (no_mask, dr) = (MaskParams::default(), &*dr);
-            train_backward_dx::<S, I, PLAIN>(
+            let (no_mask, dr) = (FusedRelu::default(), &*dr);
+            train_backward_dx::<S, I, NONE>(
                 isa, x, dr, no_mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
             );
         }
@@ -240,7 +240,7 @@ fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dims: Canonical,
     mean: &[f64],
@@ -283,7 +283,7 @@ fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dx: &mut [f32],
     dims: Canonical,
     n: f64,
@@ -353,8 +353,8 @@ pub fn backward_eval<S: Spec>(
         reference::backward_eval_dx(dy, dx, dims, &inv_std, gamma);
         return;
     }
-    let mask = MaskParams::default();
-    backward_eval_of::<S, PLAIN>(
+    let mask = FusedRelu::default();
+    backward_eval_of::<S, NONE>(
         backend,
         x,
         dy,
@@ -410,7 +410,7 @@ pub fn backward_eval_relu<S: Spec>(
             sum_dy_xhat_out,
         );
     }
-    let (mask, sums) = (relu.mask(), (sum_dy_out, sum_dy_xhat_out));
+    let (mask, sums) = (relu, (sum_dy_out, sum_dy_xhat_out));
     match relu.residual {
         None => backward_eval_of::<S, RELU>(
             backend, x, dy, mask, dg, dx, dims, mean, inv_std, gamma, sums.0, sums.1,
@@ -428,7 +428,7 @@ fn backward_eval_of<S: Spec, const MASK: u8>(
     backend: Backend,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
@@ -504,8 +504,8 @@ pub fn backward_sums<S: Spec>(
     match backend.usable() {
         Backend::Scalar => reference::backward_sums(x, dy, dims, mean, inv_std, sum_dy_out, sum_dy_xhat_out),
         b => {
-            let no_mask = MaskParams::default();
-            with_isa!(b, |isa| train_backward_sums::<S, _, PLAIN>(
+            let no_mask = FusedRelu::default();
+            with_isa!(b, |isa| train_backward_sums::<S, _, NONE>(
                 isa,
                 x,
                 dy,
@@ -576,8 +576,8 @@ pub fn backward_dx<S: Spec>(
             sum_dy_xhat,
         ),
         b => {
-            let no_mask = MaskParams::default();
-            with_isa!(b, |isa| train_backward_dx::<S, _, PLAIN>(
+            let no_mask = FusedRelu::default();
+            with_isa!(b, |isa| train_backward_dx::<S, _, NONE>(
                 isa,
                 x,
                 dy,

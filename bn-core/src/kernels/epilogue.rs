@@ -1,7 +1,7 @@
 //! What follows the normalize: the [`Epilogue`] of the forward kernels (nothing, a ReLU, a
 //! residual added and a ReLU), its forms in the kernel bodies ([`Apply`]), and, for the
-//! backward behind a fused ReLU, the forward's transform ([`FusedRelu`], [`MaskParams`]) and
-//! the gradient's kind ([`PLAIN`], [`RELU`], [`ADD_RELU`]).
+//! backward behind a fused ReLU, the forward's transform ([`FusedRelu`]) and the gradient's kind
+//! ([`NONE`], [`RELU`], [`ADD_RELU`]).
 
 use core::ops::Range;
 
@@ -72,7 +72,11 @@ pub(crate) use with_act;
 /// kernels, the coefficients [`train_coefficients`] gives; in inference, those the forward
 /// used) and the residual the forward added before the ReLU, if any. Its gradient is `dy`
 /// where that pre-activation was positive, else `0` ([`relu_grad`]).
-#[derive(Debug, Clone, Copy)]
+///
+/// The backward kernels take the same type, with the transform per virtual column in the rows
+/// family, and its default (empty slices, no residual) for a gradient of kind [`NONE`], which
+/// never reads it.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct FusedRelu<'a> {
     /// Per-channel `mean` of the forward's transform.
     pub mean: &'a [f32],
@@ -94,10 +98,6 @@ impl FusedRelu<'_> {
         if let Some(r) = self.residual {
             assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
         }
-    }
-
-    pub(crate) fn mask(&self) -> MaskParams<'_> {
-        MaskParams { m: self.mean, s: self.scale, t: self.shift, residual: self.residual.unwrap_or(&[]) }
     }
 }
 
@@ -199,29 +199,19 @@ impl Apply for MaskGrad<'_> {
     }
 }
 
-/// Which gradient a backward kernel differentiates (a const parameter of its body): `dy`
-/// itself ([`PLAIN`]), or, behind a fused ReLU, `dy` where the forward's pre-activation was
-/// positive ([`RELU`]: `(x - m) * s + t`; [`ADD_RELU`]: plus the residual). The masked kernels
+/// Which gradient a backward kernel differentiates (a const parameter of its body), named after
+/// the forward's [`Epilogue`]: `dy` itself ([`NONE`]), or, behind a fused ReLU, `dy` where the
+/// forward's pre-activation was positive ([`RELU`]: `(x - m) * s + t`; [`ADD_RELU`]: plus the
+/// residual). The masked kernels
 /// recompute the pre-activation from `x` with the forward's arithmetic as they read `dy`, so no
 /// mask is stored and no pass is added.
-pub(crate) const PLAIN: u8 = 0;
-/// See [`PLAIN`].
+pub(crate) const NONE: u8 = 0;
+/// See [`NONE`].
 pub(crate) const RELU: u8 = 1;
-/// See [`PLAIN`].
+/// See [`NONE`].
 pub(crate) const ADD_RELU: u8 = 2;
 
-/// The forward's transform behind a fused ReLU, for the masked backward kernels: per-channel
-/// (planes) or per-virtual-column (rows) `m, s, t`, and the residual tensor (empty without one).
-/// Empty slices for [`PLAIN`] kernels, which never read them.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct MaskParams<'a> {
-    pub m: &'a [f32],
-    pub s: &'a [f32],
-    pub t: &'a [f32],
-    pub residual: &'a [f32],
-}
-
-/// The gradient of kind `MASK` (see [`PLAIN`]) for the vectors `x` and `dy`: `a` holds the
+/// The gradient of kind `MASK` (see [`NONE`]) for the vectors `x` and `dy`: `a` holds the
 /// forward's `m, s, t` there, `r` loads the residual's vector (called for [`ADD_RELU`] only).
 /// The same arithmetic as the forward's `relu((x - m) * s + t (+ r))` and [`MaskGrad`].
 #[inline(always)]
@@ -232,7 +222,7 @@ pub(crate) fn masked<I: Isa, const MASK: u8>(
     a: [I::V; 3],
     r: impl FnOnce() -> I::V,
 ) -> I::V {
-    if MASK == PLAIN {
+    if MASK == NONE {
         return dy;
     }
     let v = affine(isa, x, a[0], a[1], a[2]);
@@ -242,9 +232,9 @@ pub(crate) fn masked<I: Isa, const MASK: u8>(
 
 /// The residual's values `r` (empty unless `MASK` is [`ADD_RELU`]).
 #[inline(always)]
-pub(crate) fn residual_of<'a, const MASK: u8>(mask: &MaskParams<'a>, r: Range<usize>) -> &'a [f32] {
+pub(crate) fn residual_of<'a, const MASK: u8>(mask: &FusedRelu<'a>, r: Range<usize>) -> &'a [f32] {
     if MASK == ADD_RELU {
-        &mask.residual[r]
+        &mask.residual.unwrap_or(&[])[r]
     } else {
         &[]
     }

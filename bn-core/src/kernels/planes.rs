@@ -19,7 +19,7 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::epilogue::{masked, residual_of, Apply, MaskParams, ADD_RELU, PLAIN};
+use super::epilogue::{masked, residual_of, Apply, FusedRelu, ADD_RELU, NONE};
 use super::loops::{for_each_chunk3, map, map2, Io, Split};
 use super::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::simd::{Isa, Kernel};
@@ -256,7 +256,7 @@ fn accumulate_backward<I: Isa, const MASK: u8>(
         assert_eq!(x.len(), res.len());
     }
     if let Some(o) = &out {
-        assert!(MASK != PLAIN && o.len() == x.len());
+        assert!(MASK != NONE && o.len() == x.len());
     }
     let l = I::LANES;
     let n = x.len();
@@ -274,7 +274,7 @@ fn accumulate_backward<I: Isa, const MASK: u8>(
                 #[inline(always)]
                 || isa.load(&res[r.clone()]),
             );
-            if let (false, Some(o)) = (MASK == PLAIN, out.as_deref_mut()) {
+            if let (false, Some(o)) = (MASK == NONE, out.as_deref_mut()) {
                 isa.store(&mut o[r], g);
             }
             sdy[k] = isa.add(sdy[k], g);
@@ -294,7 +294,7 @@ fn accumulate_backward<I: Isa, const MASK: u8>(
                 #[inline(always)]
                 || isa.load(&res[i..i + l]),
             );
-            if let (false, Some(o)) = (MASK == PLAIN, out.as_deref_mut()) {
+            if let (false, Some(o)) = (MASK == NONE, out.as_deref_mut()) {
                 isa.store(&mut o[i..i + l], g);
             }
             sdy[k] = isa.add(sdy[k], g);
@@ -314,7 +314,7 @@ fn accumulate_backward<I: Isa, const MASK: u8>(
             #[inline(always)]
             || isa.load_tail(&res[i..]),
         );
-        if let (false, Some(o)) = (MASK == PLAIN, out) {
+        if let (false, Some(o)) = (MASK == NONE, out) {
             isa.store_tail(&mut o[i..], g);
         }
         sdy[3] = isa.add(sdy[3], g);
@@ -335,13 +335,13 @@ fn prefetch_inputs<I: Isa, const MASK: u8>(isa: I, inputs: [&[f32]; 3], at: usiz
     }
 }
 
-/// The forward's transform of channel `c` as vectors (zeros for a [`PLAIN`] kernel).
+/// The forward's transform of channel `c` as vectors (zeros for a [`NONE`] kernel).
 #[inline(always)]
-fn mask_of<I: Isa, const MASK: u8>(isa: I, mask: &MaskParams<'_>, c: usize) -> [I::V; 3] {
-    if MASK == PLAIN {
+fn mask_of<I: Isa, const MASK: u8>(isa: I, mask: &FusedRelu<'_>, c: usize) -> [I::V; 3] {
+    if MASK == NONE {
         [isa.zero(); 3]
     } else {
-        [isa.splat(mask.m[c]), isa.splat(mask.s[c]), isa.splat(mask.t[c])]
+        [isa.splat(mask.mean[c]), isa.splat(mask.scale[c]), isa.splat(mask.shift[c])]
     }
 }
 
@@ -447,7 +447,7 @@ fn chunk_backward_sums<I: Isa, const MASK: u8>(
     g: &Geometry,
     x: &[f32],
     dy: &[f32],
-    mask: &MaskParams<'_>,
+    mask: &FusedRelu<'_>,
     dr: Option<&SharedMut<'_, f32>>,
     c: usize,
     k: usize,
@@ -463,7 +463,7 @@ fn chunk_backward_sums<I: Isa, const MASK: u8>(
             let s = g.run_start(o, c);
             let r = s + blk.i0..s + blk.i1;
             let (x, dy, res) = (&x[r.clone()], &dy[r.clone()], residual_of::<MASK>(mask, r.clone()));
-            let out = match dr.filter(|_| MASK != PLAIN) {
+            let out = match dr.filter(|_| MASK != NONE) {
                 // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only the
                 // caller processes; it is released before the next piece is taken.
                 Some(d) => Some(unsafe { d.slice(r.start, r.len()) }),
@@ -579,7 +579,7 @@ struct DxRuns<'a, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a mut [f32],
-    mask: MaskParams<'a>,
+    mask: FusedRelu<'a>,
     first_run: usize,
     dims: Canonical,
     coefficients: &'a [DxCoefficients],
@@ -788,7 +788,7 @@ struct BackwardFused<'a, 'o, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a SharedMut<'o, f32>,
-    mask: MaskParams<'a>,
+    mask: FusedRelu<'a>,
     dr: Option<&'a SharedMut<'o, f32>>,
     dims: Canonical,
     channels: Range<usize>,
@@ -847,7 +847,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                         #[inline(always)]
                         |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, [m, k1, k2, k3]),
                     );
-                    if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
+                    if let (false, Some(dr)) = (MASK == NONE, self.dr) {
                         // SAFETY: as for `dx` (the same run of another output).
                         let dr = unsafe { dr.slice(r.start, inner) };
                         map2(
@@ -884,7 +884,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
 struct ChunkBackwardSums<'a, 'o, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
-    mask: MaskParams<'a>,
+    mask: FusedRelu<'a>,
     dr: Option<&'a SharedMut<'o, f32>>,
     dims: Canonical,
     mean: &'a [f64],
@@ -926,7 +926,7 @@ pub(crate) fn backward_fused<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
@@ -976,7 +976,7 @@ struct BackwardEvalChunks<'a, 'o, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a SharedMut<'o, f32>,
-    mask: MaskParams<'a>,
+    mask: FusedRelu<'a>,
     dr: Option<&'a SharedMut<'o, f32>>,
     dims: Canonical,
     mean: &'a [f32],
@@ -1011,7 +1011,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardEvalChunks<'_, '_, S, MASK> {
                     // this task processes; pieces of distinct chunks are disjoint (for `dx` and
                     // for `dr`, each borrowed once at a time).
                     let dx = unsafe { self.dx.slice(r.start, r.len()) };
-                    if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
+                    if let (false, Some(dr)) = (MASK == NONE, self.dr) {
                         // SAFETY: as above.
                         let g = unsafe { dr.slice(r.start, r.len()) };
                         let (sums, out) = ((&mut sdy, &mut sxm), Some(&mut *g));
@@ -1068,7 +1068,7 @@ pub(crate) fn backward_eval<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
@@ -1169,7 +1169,7 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dims: Canonical,
     mean: &[f64],
@@ -1220,7 +1220,7 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dx: &mut [f32],
     dims: Canonical,
     n: f64,
@@ -1243,7 +1243,7 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
         let first_run = k * runs_per_task;
         let coefficients = &coefficients;
         let r = k * chunk..k * chunk + dx.len();
-        let mask = MaskParams { residual: residual_of::<MASK>(&mask, r), ..mask };
+        let mask = FusedRelu { residual: Some(residual_of::<MASK>(&mask, r)), ..mask };
         isa.vectorize(DxRuns::<S, MASK> {
             x,
             dy,

@@ -20,7 +20,7 @@
 use core::marker::PhantomData;
 use core::ops::Range;
 
-use super::epilogue::{masked, residual_of, Apply, MaskParams, ADD_RELU, PLAIN, RELU};
+use super::epilogue::{masked, residual_of, Apply, FusedRelu, ADD_RELU, NONE, RELU};
 use super::loops::{for_each_chunk3, map, map2, map2_periodic, map_params, map_periodic, Io, Split};
 use super::parallel::{for_each_task, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
 use super::simd::{Isa, Kernel, Serial};
@@ -676,41 +676,41 @@ pub(crate) fn forward_train<S: Spec, I: Isa, A: Apply>(
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-/// The forward's transform behind a fused ReLU (per-channel `mask.m, s, t`) as per-virtual-column
+/// The forward's transform behind a fused ReLU (per-channel `mask.mean, scale, shift`) as per-virtual-column
 /// patterns of `len` values (whole periods), built in `buf`; the residual is kept. Nothing for a
-/// [`PLAIN`] kernel.
+/// [`NONE`] kernel.
 fn mask_patterns<'a, const MASK: u8>(
-    mask: MaskParams<'a>,
+    mask: FusedRelu<'a>,
     c: usize,
     len: usize,
     buf: &'a mut Vec<f32>,
-) -> MaskParams<'a> {
-    if MASK == PLAIN {
-        return MaskParams::default();
+) -> FusedRelu<'a> {
+    if MASK == NONE {
+        return FusedRelu::default();
     }
     buf.resize(3 * len, 0.0);
     let (m, rest) = buf.split_at_mut(len);
     let (s, t) = rest.split_at_mut(len);
-    for (out, per_channel) in [(&mut *m, mask.m), (&mut *s, mask.s), (&mut *t, mask.t)] {
+    for (out, per_channel) in [(&mut *m, mask.mean), (&mut *s, mask.scale), (&mut *t, mask.shift)] {
         pattern(len, c, out, |j| per_channel[j]);
     }
-    MaskParams { m, s, t, residual: mask.residual }
+    FusedRelu { mean: m, scale: s, shift: t, residual: mask.residual }
 }
 
 /// The patterns' columns `cols` (the tile's parameters).
 #[inline(always)]
-fn mask_cols<'a>(mask: &MaskParams<'a>, cols: Range<usize>) -> [&'a [f32]; 3] {
-    if mask.m.is_empty() {
+fn mask_cols<'a>(mask: &FusedRelu<'a>, cols: Range<usize>) -> [&'a [f32]; 3] {
+    if mask.mean.is_empty() {
         [&[]; 3]
     } else {
-        [&mask.m[cols.clone()], &mask.s[cols.clone()], &mask.t[cols]]
+        [&mask.mean[cols.clone()], &mask.scale[cols.clone()], &mask.shift[cols]]
     }
 }
 
-/// The forward's transform at `pos` of patterns `f` as vectors (zeros for a [`PLAIN`] kernel).
+/// The forward's transform at `pos` of patterns `f` as vectors (zeros for a [`NONE`] kernel).
 #[inline(always)]
 fn mask_at<I: Isa, const MASK: u8>(isa: I, f: [&[f32]; 3], pos: Pos) -> [I::V; 3] {
-    if MASK == PLAIN {
+    if MASK == NONE {
         [isa.zero(); 3]
     } else {
         [load_at(isa, f[0], pos), load_at(isa, f[1], pos), load_at(isa, f[2], pos)]
@@ -725,7 +725,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: &MaskParams<'_>,
+    mask: &FusedRelu<'_>,
     w: usize,
     rows: Range<usize>,
     cols: Range<usize>,
@@ -738,7 +738,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
     let m = &m[cols.clone()];
     let (sdy, sxm) = (&mut buf.a, &mut buf.b);
     // Masked lanes of `dy` (and of a masked gradient) are zero, so their products vanish.
-    if MASK == PLAIN {
+    if MASK == NONE {
         column_sums!(
             isa,
             2,
@@ -792,7 +792,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
             3,
             4,
             2,
-            [x, dy, mask.residual],
+            [x, dy, mask.residual.unwrap_or(&[])],
             w,
             rows,
             cols.clone(),
@@ -862,7 +862,7 @@ fn write_masked<I: Isa, const MASK: u8>(
 struct ChunkBackward<'a, 's, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
-    mask: MaskParams<'a>,
+    mask: FusedRelu<'a>,
     dims: Canonical,
     m: &'a [f32],
     tasks: Range<usize>,
@@ -879,7 +879,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
     fn run<I: Isa>(self, isa: I) {
         let g = Geometry::new(specialize::<S>(self.dims));
         let mut buf = TileBuf::new();
-        if let (false, Some(dr)) = (MASK == PLAIN, self.dr) {
+        if let (false, Some(dr)) = (MASK == NONE, self.dr) {
             let f = mask_cols(&self.mask, 0..g.w);
             for p in self.tasks.clone() {
                 let rows = g.chunk(p);
@@ -904,9 +904,9 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
                         // SAFETY: task `(p, t)`'s sums: chunk `p` is this task's only.
                         let (sum_dy, sum_xm) =
                             unsafe { (self.sum_dy.slice(at, cols.len()), self.sum_xm.slice(at, cols.len())) };
-                        let no_mask = MaskParams::default();
+                        let no_mask = FusedRelu::default();
                         let (rows, m) = (local.clone(), self.m);
-                        tile_backward_sums::<I, PLAIN>(
+                        tile_backward_sums::<I, NONE>(
                             isa, x, gr, &no_mask, g.w, rows, cols, m, &mut buf, sum_dy, sum_xm,
                         );
                     }
@@ -1004,7 +1004,7 @@ fn backward_sums<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dims: Canonical,
     parallel: bool,
     m: &[f32],
@@ -1051,7 +1051,7 @@ fn backward_sums<S: Spec, I: Isa, const MASK: u8>(
     }
     // The tail's gradient (its columns start at 0), then its `dx` and `dr`.
     let mut masked_tail = Vec::new();
-    let g_tail: &[f32] = if MASK == PLAIN {
+    let g_tail: &[f32] = if MASK == NONE {
         &dy[tail..]
     } else {
         masked_tail.resize(g.len - tail, 0.0);
@@ -1111,7 +1111,7 @@ struct DxRows<'a, S, const MASK: u8> {
     x: &'a [f32],
     dy: &'a [f32],
     dx: &'a mut [f32],
-    mask: MaskParams<'a>,
+    mask: FusedRelu<'a>,
     dims: Canonical,
     coefficients: [&'a [f32]; 4],
     flat: bool,
@@ -1125,7 +1125,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
     fn run<I: Isa>(self, isa: I) {
         let w = virtual_width(specialize::<S>(self.dims).channels);
         let [m, k1, k2, k3] = self.coefficients;
-        let f = [self.mask.m, self.mask.s, self.mask.t];
+        let f = [self.mask.mean, self.mask.scale, self.mask.shift];
         /// `dx` at pattern position `p` (data position `pos` of the segment whose residual is
         /// `res`).
         #[inline(always)]
@@ -1158,7 +1158,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
             // A plain gradient has no mask patterns (and `masked` does not read them): the
             // coefficients stand in for them, and their unused loads are dead code.
             let [m, k1, k2, k3] = c;
-            let f = if MASK == PLAIN { [m, m, m] } else { f };
+            let f = if MASK == NONE { [m, m, m] } else { f };
             map2_periodic(
                 isa,
                 self.x,
@@ -1225,7 +1225,7 @@ pub(crate) fn backward_eval<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
     dims: Canonical,
@@ -1273,7 +1273,7 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dims: Canonical,
     mean: &[f64],
@@ -1302,7 +1302,7 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
     dy: &[f32],
-    mask: MaskParams<'_>,
+    mask: FusedRelu<'_>,
     dx: &mut [f32],
     dims: Canonical,
     n: f64,
@@ -1339,7 +1339,7 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     let chunk = rows_per_task * w;
     for_each_chunk3(parallel, x, dy, dx, chunk, |k, x, dy, dx| {
         let r = k * chunk..k * chunk + dx.len();
-        let mask = MaskParams { residual: residual_of::<MASK>(&mask, r), ..mask };
+        let mask = FusedRelu { residual: Some(residual_of::<MASK>(&mask, r)), ..mask };
         isa.vectorize(DxRows::<S, MASK> {
             x,
             dy,
