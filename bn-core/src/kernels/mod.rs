@@ -31,6 +31,26 @@
 //!   spawning. Training and backward allocate at most a few per-channel arrays, never anything
 //!   the size of the tensor, plus, from outside the pool, the helpers' job (two small objects per
 //!   parallel phase).
+//!
+//! # Layers
+//!
+//! Each module imports only from the layers below it; this one, at the top, re-exports and
+//! dispatches downward.
+//!
+//! - `simd/`: the `Isa` contract and `Kernel`, the backends
+//!   (`portable.rs`: `wide`; `x86/`: AVX2, AVX-512), their detection ([`Backend`],
+//!   `backend.rs`), the one selector from a backend to a token (`with_isa!`), and the 16-bit
+//!   formats' bit conversions (`bits.rs`, [`HalfFormat`]).
+//! - The shared pieces: `vector.rs` (positions, parameter loads, the normalize and `dx`
+//!   formulas), `epilogue.rs` (what follows the normalize: [`Epilogue`], [`FusedRelu`] and their
+//!   forms in the kernel bodies), `loops.rs` (inputs and outputs, the vector walks),
+//!   `stats.rs` (moments, Chan's merge, coefficients in `f64`), `parallel.rs` (tasks on the
+//!   caller's Rayon pool); [`reference`](mod@reference) stands alone.
+//! - The layout families: `planes/` (`inner > 1`) and `rows/` (`inner == 1`), each cut into its
+//!   geometry, statistics or reductions, elementwise passes and backward.
+//! - The `f32` passes over the families: `forward.rs` and `backward.rs` (checks, the scalar
+//!   route, the instruction set, the family; the split schedule of the training backward).
+//! - [`half16`]: the 16-bit passes, as blocks over the `f32` passes and direct kernels.
 
 pub mod half16;
 pub mod reference;

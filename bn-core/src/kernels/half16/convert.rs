@@ -95,7 +95,7 @@ fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> b
 /// token with AVX512-BF16's conversions where the CPU has them: the same bits); gives the
 /// kernel back on the other backends.
 #[inline]
-pub(crate) fn run_simd<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> Result<K::Output, K> {
+fn run_simd<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> Result<K::Output, K> {
     match format {
         HalfFormat::Bf16 => {
             with_isa!(backend.usable(), bf16, |isa| Ok(isa.vectorize(kernel)), else Err(kernel))
