@@ -7,10 +7,11 @@ use super::blocks::{
 };
 use super::convert::{narrow, widen};
 use super::direct::{direct, run_kernel, BlockDx, BlockSums, ChannelDx, DIRECT_MIN_RUN};
+use crate::kernels::backward;
 use crate::kernels::parallel::{for_each_task, part, task_count, use_pool, SharedMut, TASK_ELEMS};
 use crate::kernels::simd::bits::HalfFormat;
 use crate::kernels::stats::{sum_dy_xhat, DxCoefficients};
-use crate::kernels::{backward, Backend};
+use crate::kernels::Backend;
 use crate::spec::{specialize, Dynamic, Spec};
 use crate::Canonical;
 

@@ -7,12 +7,13 @@ use super::blocks::{
 };
 use super::convert::{affine, affine_inplace, affine_stream, has_affine, narrow, widen, Params};
 use super::direct::{direct, run_kernel, BlockMoments, ChannelAffine, DIRECT_MIN_RUN};
+use crate::kernels::forward;
 use crate::kernels::parallel::{
     for_each_task, part, task_count, use_pool, without_alloc, SharedMut, TASK_ELEMS,
 };
 use crate::kernels::simd::bits::HalfFormat;
 use crate::kernels::stats::{Affine32, Moments};
-use crate::kernels::{forward, Backend};
+use crate::kernels::Backend;
 use crate::spec::{specialize, Dynamic, Spec};
 use crate::Canonical;
 
