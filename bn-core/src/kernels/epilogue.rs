@@ -69,12 +69,12 @@ pub(crate) use with_act;
 
 /// The ReLU a layer fused into its forward, as the backward behind it needs it: the forward's
 /// per-channel transform `(x - mean) * scale + shift` (for a training forward of the fast
-/// kernels, the coefficients [`train_coefficients`] gives; in inference, those the forward
+/// kernels, the coefficients [`train_coefficients`](super::train_coefficients) gives; in inference, those the forward
 /// used) and the residual the forward added before the ReLU, if any. Its gradient is `dy`
-/// where that pre-activation was positive, else `0` ([`relu_grad`]).
+/// where that pre-activation was positive, else `0` ([`relu_grad`](super::relu_grad)).
 ///
 /// The backward kernels take the same type, with the transform per virtual column in the rows
-/// family, and its default (empty slices, no residual) for a gradient of kind [`NONE`], which
+/// family, and its default (empty slices, no residual) for a gradient of kind `NONE`, which
 /// never reads it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FusedRelu<'a> {

@@ -3,7 +3,8 @@
 //! [`reference`](mod@reference) is the scalar oracle (f64 accumulation, two-pass statistics) every other path
 //! is tested against. The functions of this module are the fast `f32` paths the layers call:
 //! each takes a [`Backend`] ([`Backend::detect`] for the process-wide choice) and a
-//! [`Spec`] whose constants (channels, inner extent) become the loops' trip counts.
+//! [`Spec`](crate::spec::Spec) whose constants (channels, inner extent) become the loops' trip
+//! counts.
 //!
 //! # How the fast kernels are built
 //!

@@ -11,7 +11,7 @@
 //!
 //! The reductions and the training `dx` pass have *direct* kernels besides, generic over the
 //! instruction set like the `f32` kernels: vectors of 16-bit values are widened in registers
-//! ([`Isa::load_half`]) and `dx` rounded in registers ([`Isa::store_half`]), with no buffer and
+//! (`Isa::load_half`) and `dx` rounded in registers (`Isa::store_half`), with no buffer and
 //! no `f32` kernel call per block. They run where a block has whole vectors to work on (runs of
 //! at least 32 values, or rows of at least 16 channels); planes shapes whose channels fit in L2
 //! go further, channel by channel: the statistics (or backward sums) of a channel, then its
@@ -31,9 +31,9 @@
 //! (reused by each thread) and per-chunk, per-channel partials, never anything the size of the
 //! tensor.
 //!
-//! Files: [`blocks`] (the cut into blocks and their schedules), [`forward`] and [`backward`]
-//! (the passes), [`direct`] (the kernels that widen in registers), [`convert`] (conversions and
-//! the fused affine pass). Each pass has a form generic over the compile-time shape
+//! Files: `blocks.rs` (the cut into blocks and their schedules), `forward.rs` and `backward.rs`
+//! (the passes), `direct.rs` (the kernels that widen in registers), `convert.rs` (conversions
+//! and the fused affine pass). Each pass has a form generic over the compile-time shape
 //! ([`Spec`](crate::spec::Spec), as the `f32` kernels are: `normalize_spec::<S>`, ...) and one
 //! for run-time shapes only (`normalize`, ...), which is the former with [`Dynamic`].
 
@@ -140,7 +140,7 @@ pub fn batch_stats(
 
 /// Training forward on 16-bit data: [`batch_stats`] into `mean_out` and `var_out`, then
 /// `y = (x - mean) * gamma / sqrt(var + eps) + beta` by the [`normalize`] pass; on shapes with
-/// channels that fit in L2, channel by channel instead ([`forward_train_channels`]: `x` read
+/// channels that fit in L2, channel by channel instead (`forward_train_channels`: `x` read
 /// once). If a statistic is not finite, `y` is unspecified (as for `f32` data): the channels
 /// with finite statistics may have been written.
 ///
