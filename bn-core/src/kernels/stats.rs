@@ -14,7 +14,13 @@
 /// rounds to a finite `f32` keeps its bits.
 #[inline(always)]
 pub(crate) fn saturate_f32(value: f64) -> f32 {
-    <f32 as crate::Param>::saturating_from_f64(value)
+    // A finite value that `clamp` moves would have rounded to an infinity or to the bound
+    // itself, so finite results keep their bits.
+    if value.is_finite() {
+        value.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32
+    } else {
+        value as f32
+    }
 }
 
 /// Count, mean and sum of squared deviations of a set of values (Chan et al.).

@@ -1,257 +1,10 @@
-//! The kernel contract: what a SIMD instruction set offers the generic kernel bodies.
-//!
-//! As in matrixmultiply (`KernelAvx`, `KernelFmaAvx2`, `KernelFallback`) and pulp (`Simd`), every
-//! instruction set is a zero-sized *token* type implementing [`Isa`]; a token of a `core::arch`
-//! instruction set can only be made when the CPU has it, which is what makes its methods safe.
-//! Kernel bodies are written once, generic over `I: Isa`, as a [`Kernel`]; [`Isa::vectorize`]
-//! runs one inside a thin `#[target_feature]` wrapper so that, after inlining, the whole body is
-//! compiled for that instruction set.
+//! The shared loops of the kernel bodies: inputs and outputs read and written in step
+//! ([`Io`]: two slices, or one in place), and the vector walks over them.
 
+use super::epilogue::{Apply, Identity};
 use super::parallel::for_each_chunk_mut;
-
-/// A kernel body, generic over the instruction set. `run` must be `#[inline(always)]` (and so
-/// must everything it calls) so that it is compiled inside the `#[target_feature]` wrapper of
-/// [`Isa::vectorize`].
-pub(crate) trait Kernel {
-    /// What the kernel returns.
-    type Output;
-    /// The body.
-    fn run<I: Isa>(self, isa: I) -> Self::Output;
-}
-
-/// A serial piece of a kernel (a closure, `#[inline(always)]`), run inside the instruction
-/// set's `#[target_feature]` wrapper so that its loops are vectorized for it.
-pub(crate) struct Serial<F>(pub F);
-
-impl<R, F: FnOnce() -> R> Kernel for Serial<F> {
-    type Output = R;
-    #[inline(always)]
-    fn run<I: Isa>(self, _isa: I) -> R {
-        (self.0)()
-    }
-}
-
-/// An instruction set: `f32` vectors of `LANES` lanes and the operations the kernels need.
-///
-/// Loads and stores take slices and check their bounds (`load` needs `LANES` values, `load_tail`
-/// fewer); in the kernels' loops those checks are provable and compiled away.
-pub(crate) trait Isa: Copy + Send + Sync + 'static {
-    /// Lanes per vector.
-    const LANES: usize;
-    /// An `f32` vector.
-    type V: Copy;
-
-    /// Runs `kernel` compiled for this instruction set.
-    fn vectorize<K: Kernel>(self, kernel: K) -> K::Output;
-
-    /// All lanes `x`.
-    fn splat(self, x: f32) -> Self::V;
-    /// All lanes zero.
-    #[inline(always)]
-    fn zero(self) -> Self::V {
-        self.splat(0.0)
-    }
-    /// `a + b`.
-    fn add(self, a: Self::V, b: Self::V) -> Self::V;
-    /// `a - b`.
-    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
-    /// `a * b`.
-    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
-    /// `a * b + c`, fused where the instruction set has FMA.
-    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// ReLU, lane by lane: `0` where `v < 0`, else `v` (NaN and `-0.0` pass through, as
-    /// [`relu`] and x86's `max(0, v)`).
-    fn relu(self, v: Self::V) -> Self::V;
-    /// `g` where `v > 0`, else `0`, lane by lane (NaN in `v` gives `0`): the ReLU's gradient mask.
-    fn pass_positive(self, v: Self::V, g: Self::V) -> Self::V;
-
-    /// The first `LANES` values of `s` (panics if `s` is shorter).
-    fn load(self, s: &[f32]) -> Self::V;
-    /// Stores `v` into the first `LANES` values of `s` (panics if `s` is shorter).
-    fn store(self, s: &mut [f32], v: Self::V);
-    /// The `s.len() < LANES` values of `s` in the low lanes, zeros above.
-    fn load_tail(self, s: &[f32]) -> Self::V;
-    /// Stores the low `s.len() < LANES` lanes of `v` into `s`.
-    fn store_tail(self, s: &mut [f32], v: Self::V);
-    /// `v` with the lanes from `n` up set to zero.
-    fn zero_from(self, v: Self::V, n: usize) -> Self::V;
-    /// The sum of the lanes, in `f32`, by halving: lane `i` plus lane `i + LANES / 2`, and so
-    /// on down to one lane. The order is part of the contract: [`Isa::sums`] must match it.
-    fn sum(self, v: Self::V) -> f32;
-    /// `out[j] = self.sum(v[j])` for every `j < v.len() <= LANES`, bit for bit; instruction
-    /// sets may compute them together (a transposing reduction).
-    #[inline(always)]
-    fn sums(self, v: &[Self::V], out: &mut [f32]) {
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o = self.sum(x);
-        }
-    }
-    /// Stores `v` into the first `LANES` values of `s` with a non-temporal (streaming) store
-    /// where the instruction set has one; `s` must start on a `4 * LANES`-byte boundary (checked).
-    /// Call [`Isa::fence`] before other threads read what was streamed.
-    #[inline(always)]
-    fn stream(self, s: &mut [f32], v: Self::V) {
-        self.store(s, v)
-    }
-    /// Stores the low `s.len() < LANES` lanes of `v` into `s` with non-temporal stores where
-    /// the instruction set has them (as [`Isa::store_tail`] elsewhere): the partial vectors at
-    /// the ends of a streamed segment. A regular store there fetches the line that the
-    /// streaming stores of its other values then have to evict (runs of 1000 values starting
-    /// 16 bytes into a line: S5 inference 1.25x slower than with every store streamed).
-    /// Call [`Isa::fence`] before other threads read what was streamed.
-    #[inline(always)]
-    fn stream_tail(self, s: &mut [f32], v: Self::V) {
-        self.store_tail(s, v)
-    }
-    /// Orders streaming stores before later stores (`sfence`).
-    #[inline(always)]
-    fn fence(self) {}
-    /// Hints that the cache line holding `p` will be read soon. `p` may point anywhere: a
-    /// prefetch never faults and dereferences nothing.
-    #[inline(always)]
-    fn prefetch(self, p: *const f32) {
-        prefetch(p)
-    }
-
-    /// The first `LANES` 16-bit values of `s` (`bf16` bits when `BF16`, else `f16` bits),
-    /// widened to `f32` exactly (panics if `s` is shorter). By default lane by lane; instruction
-    /// sets with conversion instructions widen in registers.
-    #[inline(always)]
-    fn load_half<const BF16: bool>(self, s: &[u16]) -> Self::V {
-        let mut a = [0.0f32; MAX_LANES];
-        for (d, &b) in a[..Self::LANES].iter_mut().zip(&s[..Self::LANES]) {
-            *d = half_to_f32::<BF16>(b);
-        }
-        self.load(&a)
-    }
-    /// The `s.len() < LANES` 16-bit values of `s` widened into the low lanes, zeros above.
-    #[inline(always)]
-    fn load_half_tail<const BF16: bool>(self, s: &[u16]) -> Self::V {
-        assert!(s.len() < Self::LANES);
-        let mut a = [0.0f32; MAX_LANES];
-        for (d, &b) in a.iter_mut().zip(s) {
-            *d = half_to_f32::<BF16>(b);
-        }
-        self.load(&a)
-    }
-    /// Stores `v` rounded to nearest even into the first `LANES` 16-bit values of `s` (panics if
-    /// `s` is shorter): the bits of [`half::bf16::from_f32`] / [`half::f16::from_f32`] (a NaN
-    /// stays a NaN).
-    #[inline(always)]
-    fn store_half<const BF16: bool>(self, s: &mut [u16], v: Self::V) {
-        let mut a = [0.0f32; MAX_LANES];
-        self.store(&mut a, v);
-        for (d, &x) in s[..Self::LANES].iter_mut().zip(&a) {
-            *d = f32_to_half::<BF16>(x);
-        }
-    }
-    /// Stores the low `s.len() < LANES` lanes of `v`, rounded as [`Isa::store_half`].
-    #[inline(always)]
-    fn store_half_tail<const BF16: bool>(self, s: &mut [u16], v: Self::V) {
-        assert!(s.len() < Self::LANES);
-        let mut a = [0.0f32; MAX_LANES];
-        self.store(&mut a, v);
-        for (d, &x) in s.iter_mut().zip(&a) {
-            *d = f32_to_half::<BF16>(x);
-        }
-    }
-    /// `2 * LANES` values of `s` as two vectors in the order of [`Isa::load_half2`]: per-column
-    /// parameters that go with values loaded in pairs.
-    #[inline(always)]
-    fn load_pair_order<const BF16: bool>(self, s: &[f32]) -> (Self::V, Self::V) {
-        (self.load(s), self.load(&s[Self::LANES..]))
-    }
-    /// `2 * LANES` 16-bit values of `s` widened into two vectors, in an order of the
-    /// instruction set's choosing (by default the first `LANES` values, then the next): for
-    /// elementwise work and sums, where the order of the values does not matter.
-    /// [`Isa::store_half2`] stores in the same order.
-    #[inline(always)]
-    fn load_half2<const BF16: bool>(self, s: &[u16]) -> (Self::V, Self::V) {
-        (self.load_half::<BF16>(s), self.load_half::<BF16>(&s[Self::LANES..]))
-    }
-    /// Stores two vectors into `2 * LANES` 16-bit values of `s` as [`Isa::store_half`] does, in
-    /// the order of [`Isa::load_half2`].
-    #[inline(always)]
-    fn store_half2<const BF16: bool>(self, s: &mut [u16], a: Self::V, b: Self::V) {
-        self.store_half::<BF16>(s, a);
-        self.store_half::<BF16>(&mut s[Self::LANES..], b);
-    }
-    /// [`Isa::store_half2`] with a non-temporal store where the instruction set has one (the
-    /// same bits); `s` must start on a `4 * LANES`-byte boundary (checked there). Call
-    /// [`Isa::fence`] before other threads read what was streamed.
-    #[inline(always)]
-    fn stream_half2<const BF16: bool>(self, s: &mut [u16], a: Self::V, b: Self::V) {
-        self.store_half2::<BF16>(s, a, b)
-    }
-    /// The low `s.len() <= LANES` lanes of `v` rounded as [`Isa::store_half`], written with
-    /// non-temporal stores where the instruction set has them (on x86 a value alone at an odd
-    /// 2-byte position is stored the regular way: there is no 2-byte streaming store): the
-    /// partial vectors at the ends of a streamed run. Call [`Isa::fence`] before other threads
-    /// read what was streamed.
-    #[inline(always)]
-    fn stream_half_part<const BF16: bool>(self, s: &mut [u16], v: Self::V) {
-        if s.len() == Self::LANES {
-            self.store_half::<BF16>(s, v)
-        } else {
-            self.store_half_tail::<BF16>(s, v)
-        }
-    }
-}
-
-/// The most lanes of any instruction set (the stack arrays of the default 16-bit loads).
-const MAX_LANES: usize = 16;
-
-/// One 16-bit value (`bf16` bits when `BF16`, else `f16` bits) widened to `f32`, exactly.
-#[inline(always)]
-pub(crate) fn half_to_f32<const BF16: bool>(bits: u16) -> f32 {
-    if BF16 {
-        super::convert::bf16_bits_to_f32(bits)
-    } else {
-        half::f16::from_bits(bits).to_f32()
-    }
-}
-
-/// One `f32` rounded to nearest even into 16 bits (`bf16` when `BF16`, else `f16`).
-#[inline(always)]
-pub(crate) fn f32_to_half<const BF16: bool>(v: f32) -> u16 {
-    if BF16 {
-        super::convert::f32_to_bf16_bits(v)
-    } else {
-        half::f16::from_f32(v).to_bits()
-    }
-}
-
-/// The scalar ReLU every instruction set matches bit for bit: `0` where `v < 0`, else `v`.
-#[inline(always)]
-pub(crate) fn relu(v: f32) -> f32 {
-    if v < 0.0 {
-        0.0
-    } else {
-        v
-    }
-}
-
-/// The scalar [`Isa::pass_positive`]: `g` where `v > 0`, else `0`.
-#[inline(always)]
-pub(crate) fn pass_positive(v: f32, g: f32) -> f32 {
-    if v > 0.0 {
-        g
-    } else {
-        0.0
-    }
-}
-
-/// A software prefetch into all cache levels (`prefetcht0` on x86-64; nothing elsewhere).
-#[inline(always)]
-pub(crate) fn prefetch(p: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of x86-64; a prefetch reads no memory and cannot fault, whatever `p`.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
+use super::simd::Isa;
+use super::vector::{load_params, Pos};
 
 /// Reads `x` and writes `y` in step, the same positions: either two slices or one in place.
 ///
@@ -330,144 +83,6 @@ pub(crate) trait Io: Send + Sized {
     fn misalignment<I: Isa>(&self) -> usize;
 }
 
-/// What happens to a computed output vector before it is stored: nothing ([`Identity`]), a
-/// ReLU with an optional residual added first ([`Act`]), or the ReLU's gradient mask applied
-/// to `dy` ([`MaskGrad`]). Holds slices aligned with the output; `part` cuts them as the
-/// output is cut, so that position `pos` of a segment is position `pos` of its slices.
-pub(crate) trait Epilogue: Copy + Send + Sync {
-    /// The vector to store for the computed `v` at `pos` of the current segment.
-    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V;
-    /// The same for one value at index `i`.
-    fn apply1(self, i: usize, v: f32) -> f32;
-    /// The epilogue of the values `start..end`.
-    fn part(self, start: usize, end: usize) -> Self;
-}
-
-/// Stores the computed values.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Identity;
-
-impl Epilogue for Identity {
-    #[inline(always)]
-    fn apply<I: Isa>(self, _isa: I, _pos: Pos, v: I::V) -> I::V {
-        v
-    }
-    #[inline(always)]
-    fn apply1(self, _i: usize, v: f32) -> f32 {
-        v
-    }
-    #[inline(always)]
-    fn part(self, _start: usize, _end: usize) -> Self {
-        self
-    }
-}
-
-/// `relu(v + residual)` when `RES`, else `relu(v)` (`residual` is then empty and unread): a
-/// type per form, so that neither loop tests for the residual per vector.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Act<'a, const RES: bool> {
-    pub residual: &'a [f32],
-}
-
-impl<const RES: bool> Epilogue for Act<'_, RES> {
-    #[inline(always)]
-    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V {
-        if RES {
-            isa.relu(isa.add(v, load_at(isa, self.residual, pos)))
-        } else {
-            isa.relu(v)
-        }
-    }
-    #[inline(always)]
-    fn apply1(self, i: usize, v: f32) -> f32 {
-        if RES {
-            relu(v + self.residual[i])
-        } else {
-            relu(v)
-        }
-    }
-    #[inline(always)]
-    fn part(self, start: usize, end: usize) -> Self {
-        if RES {
-            Act { residual: &self.residual[start..end] }
-        } else {
-            self
-        }
-    }
-}
-
-/// `dy` where `v (+ residual) > 0`, else 0: with `v` the forward's pre-activation (recomputed
-/// by the same arithmetic), the gradient that reaches the normalization.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MaskGrad<'a> {
-    pub dy: &'a [f32],
-    pub residual: Option<&'a [f32]>,
-}
-
-impl Epilogue for MaskGrad<'_> {
-    #[inline(always)]
-    fn apply<I: Isa>(self, isa: I, pos: Pos, v: I::V) -> I::V {
-        let v = match self.residual {
-            Some(r) => isa.add(v, load_at(isa, r, pos)),
-            None => v,
-        };
-        isa.pass_positive(v, load_at(isa, self.dy, pos))
-    }
-    #[inline(always)]
-    fn apply1(self, i: usize, v: f32) -> f32 {
-        let v = match self.residual {
-            Some(r) => v + r[i],
-            None => v,
-        };
-        pass_positive(v, self.dy[i])
-    }
-    #[inline(always)]
-    fn part(self, start: usize, end: usize) -> Self {
-        MaskGrad { dy: &self.dy[start..end], residual: self.residual.map(|r| &r[start..end]) }
-    }
-}
-
-/// Which gradient a backward kernel differentiates (a const parameter of its body): `dy`
-/// itself ([`PLAIN`]), or, behind a fused ReLU, `dy` where the forward's pre-activation was
-/// positive ([`RELU`]: `(x - m) * s + t`; [`ADD_RELU`]: plus the residual). The masked kernels
-/// recompute the pre-activation from `x` with the forward's arithmetic as they read `dy`, so no
-/// mask is stored and no pass is added.
-pub(crate) const PLAIN: u8 = 0;
-/// See [`PLAIN`].
-pub(crate) const RELU: u8 = 1;
-/// See [`PLAIN`].
-pub(crate) const ADD_RELU: u8 = 2;
-
-/// The forward's transform behind a fused ReLU, for the masked backward kernels: per-channel
-/// (planes) or per-virtual-column (rows) `m, s, t`, and the residual tensor (empty without one).
-/// Empty slices for [`PLAIN`] kernels, which never read them.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct MaskParams<'a> {
-    pub m: &'a [f32],
-    pub s: &'a [f32],
-    pub t: &'a [f32],
-    pub residual: &'a [f32],
-}
-
-/// The gradient of kind `MASK` (see [`PLAIN`]) for the vectors `x` and `dy`: `a` holds the
-/// forward's `m, s, t` there, `r` loads the residual's vector (called for [`ADD_RELU`] only).
-/// The same arithmetic as the forward's `relu((x - m) * s + t (+ r))` and [`MaskGrad`].
-#[inline(always)]
-pub(crate) fn masked<I: Isa, const MASK: u8>(
-    isa: I,
-    x: I::V,
-    dy: I::V,
-    a: [I::V; 3],
-    r: impl FnOnce() -> I::V,
-) -> I::V {
-    if MASK == PLAIN {
-        return dy;
-    }
-    let v = super::planes::affine(isa, x, a[0], a[1], a[2]);
-    let v = if MASK == ADD_RELU { isa.add(v, r()) } else { v };
-    isa.pass_positive(v, dy)
-}
-
 /// Separate input and output slices of the same length, and the output's epilogue.
 pub(crate) struct Split<'a, A = Identity> {
     pub x: &'a [f32],
@@ -478,7 +93,7 @@ pub(crate) struct Split<'a, A = Identity> {
 /// One slice read and overwritten, and the output's epilogue.
 pub(crate) struct InPlace<'a, A = Identity>(pub &'a mut [f32], pub A);
 
-impl<'a, A: Epilogue> Io for Split<'a, A> {
+impl<'a, A: Apply> Io for Split<'a, A> {
     const STREAM: bool = true;
     type Part<'b>
         = Split<'b, A>
@@ -589,7 +204,7 @@ impl<'a, A: Epilogue> Io for Split<'a, A> {
     }
 }
 
-impl<'a, A: Epilogue> Io for InPlace<'a, A> {
+impl<'a, A: Apply> Io for InPlace<'a, A> {
     const STREAM: bool = false;
     type Part<'b>
         = InPlace<'b, A>
@@ -677,7 +292,7 @@ impl<'a, A: Epilogue> Io for InPlace<'a, A> {
 }
 
 /// `out[i] = f(pos, in[i])` over `io`, one vector at a time (masked tail); `f` gets the position
-/// of the vector so that per-column parameters can be loaded there ([`load_at`]).
+/// of the vector so that per-column parameters can be loaded there ([`load_at`](super::vector::load_at)).
 ///
 /// With `stream` (ignored for in-place outputs) the full vectors are written with non-temporal
 /// stores: a partial vector first, up to the output's first `4 * LANES`-byte boundary. The values
@@ -789,46 +404,6 @@ pub(crate) fn map_periodic<I: Isa, T: Io, const P: usize>(
             v[k] = isa.load_tail(&shifted[k][full..rest]);
         }
         io.map_partial(isa, start + full, n, stream, &mut |_, x| f(v, x));
-    }
-}
-
-/// The vectors of `params` at `i`, without bounds checks: a loop over whole vectors that
-/// sliced each of an array of parameter slices kept a check per parameter and vector (LLVM does
-/// not track the lengths of an array of slices: the rows ReLU `dx` pass would keep seven checks
-/// per vector).
-///
-/// # Safety
-/// Every slice of `params` holds at least `i + I::LANES` values.
-#[inline(always)]
-#[allow(clippy::needless_range_loop)]
-pub(crate) unsafe fn load_params<I: Isa, const P: usize>(
-    isa: I,
-    params: &[&[f32]; P],
-    i: usize,
-) -> [I::V; P] {
-    let mut v = [isa.zero(); P];
-    for k in 0..P {
-        debug_assert!(params[k].len() >= i + I::LANES);
-        // SAFETY: `i..i + LANES` lies in `params[k]` (the caller's contract).
-        v[k] = isa.load(unsafe { params[k].get_unchecked(i..i + I::LANES) });
-    }
-    v
-}
-
-/// Where a vector sits in a segment: offset `i` and `n` valid lanes (`LANES` except in the tail).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Pos {
-    pub i: usize,
-    pub n: usize,
-}
-
-/// Loads the lanes of `params` at `pos` (per-column parameters of a row); zeros past the tail.
-#[inline(always)]
-pub(crate) fn load_at<I: Isa>(isa: I, params: &[f32], pos: Pos) -> I::V {
-    if pos.n == I::LANES {
-        isa.load(&params[pos.i..])
-    } else {
-        isa.load_tail(&params[pos.i..pos.i + pos.n])
     }
 }
 
@@ -983,4 +558,17 @@ pub(crate) fn map2<I: Isa>(
         let v = f(pos, isa.load_tail(&x[full..]), isa.load_tail(&dy[full..]));
         store_partial(isa, &mut dx[full..], v, stream);
     }
+}
+
+/// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of three slices.
+pub(crate) fn for_each_chunk3(
+    parallel: bool,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    chunk: usize,
+    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
+) {
+    assert!(x.len() == dx.len() && dy.len() == dx.len());
+    for_each_chunk_mut(parallel, dx, chunk, |k, r, dx| f(k, &x[r.clone()], &dy[r], dx));
 }

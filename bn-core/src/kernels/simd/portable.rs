@@ -4,7 +4,7 @@
 
 use wide::f32x8;
 
-use super::isa::{Isa, Kernel};
+use super::{Isa, Kernel};
 
 /// The `wide` token: always available.
 #[derive(Debug, Clone, Copy)]

@@ -18,9 +18,9 @@
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
-use super::half16::HalfFormat;
-use super::isa::{Isa, Kernel};
-use super::Backend;
+use crate::kernels::simd::bits::{bf16_bits_to_f32, f32_to_bf16_bits, HalfFormat};
+use crate::kernels::simd::{with_isa, Isa, Kernel};
+use crate::kernels::Backend;
 
 /// `dst = f32(src)` (`dst.len() == src.len()`).
 #[inline]
@@ -93,33 +93,15 @@ fn convert_simd(backend: Backend, format: HalfFormat, convert: Convert<'_>) -> b
 
 /// Runs `kernel` on the `core::arch` instruction set of `backend` (for `bf16` on AVX-512, the
 /// token with AVX512-BF16's conversions where the CPU has them: the same bits); gives the
-/// kernel back on the other backends. The one place that picks the 16-bit kernels' token.
+/// kernel back on the other backends.
 #[inline]
-pub(crate) fn run_simd<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> Result<K::Output, K> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::x86::{Avx2, Avx512};
-        match backend.usable() {
-            Backend::Avx512 => {
-                if format == HalfFormat::Bf16 {
-                    if let Some(isa) = Avx512::with_bf16() {
-                        return Ok(isa.vectorize(kernel));
-                    }
-                }
-                if let Some(isa) = Avx512::new() {
-                    return Ok(isa.vectorize(kernel));
-                }
-            }
-            Backend::Avx2 => {
-                if let Some(isa) = Avx2::new() {
-                    return Ok(isa.vectorize(kernel));
-                }
-            }
-            _ => {}
+fn run_simd<K: Kernel>(backend: Backend, format: HalfFormat, kernel: K) -> Result<K::Output, K> {
+    match format {
+        HalfFormat::Bf16 => {
+            with_isa!(backend.usable(), bf16, |isa| Ok(isa.vectorize(kernel)), else Err(kernel))
         }
+        HalfFormat::F16 => with_isa!(backend.usable(), |isa| Ok(isa.vectorize(kernel)), else Err(kernel)),
     }
-    let _ = (backend, format);
-    Err(kernel)
 }
 
 /// The parameters of a fused affine pass: one `(m, s, t)` per run of consecutive runs of one
@@ -153,7 +135,7 @@ pub(crate) fn affine(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u
 
 /// [`affine`] writing `y` with non-temporal stores where `p` is [`Params::Runs`] and the
 /// instruction set has them (rows store the regular way): the same bits. The caller runs
-/// [`store_fence`](super::parallel::store_fence) before other threads read `y`.
+/// [`store_fence`](crate::kernels::parallel::store_fence) before other threads read `y`.
 #[inline]
 pub(crate) fn affine_stream(backend: Backend, format: HalfFormat, x: &[u16], y: &mut [u16], p: Params<'_>) {
     assert_eq!(x.len(), y.len(), "affine of slices of different lengths");
@@ -465,67 +447,6 @@ fn narrow_portable(format: HalfFormat, src: &[f32], dst: &mut [u16]) {
             let dst: &mut [f16] = dst.reinterpret_cast_mut();
             dst.convert_from_f32_slice(src);
         }
-    }
-}
-
-/// `bf16 -> f32`: exact.
-#[inline(always)]
-pub(crate) fn bf16_bits_to_f32(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
-}
-
-/// `f32 -> bf16`, to nearest even; a NaN stays a quiet NaN (as `half::bf16::from_f32`).
-#[inline(always)]
-pub(crate) fn f32_to_bf16_bits(value: f32) -> u16 {
-    let x = value.to_bits();
-    if x & 0x7fff_ffff > 0x7f80_0000 {
-        return ((x >> 16) | 0x40) as u16;
-    }
-    // Adding 0x7fff plus the lowest kept bit carries exactly when the dropped half is above
-    // one half, or equal to it with an odd kept part.
-    ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16
-}
-
-#[cfg(target_arch = "x86_64")]
-pub(super) mod x86 {
-    //! The AVX2 and AVX-512F `bf16` conversion primitives (which the instruction sets'
-    //! [`Isa::load_half`](crate::kernels::isa::Isa::load_half) family uses). Each
-    //! `#[target_feature]` function is called only by a token that proves its features.
-
-    use core::arch::x86_64::*;
-
-    /// `bf16 -> f32` of 16 lanes: widen each `u16` to `u32`, shift into the high half.
-    #[target_feature(enable = "avx512f,avx2")]
-    #[inline]
-    pub(crate) fn bf16x16_to_f32(h: __m256i) -> __m512 {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    }
-
-    /// `f32 -> bf16` bits of 16 lanes in the low 16 bits of each `u32` lane, to nearest even,
-    /// NaNs quiet (bit-identical to [`f32_to_bf16_bits`]).
-    #[target_feature(enable = "avx512f,avx2")]
-    #[inline]
-    pub(crate) fn f32x16_to_bf16_u32(v: __m512) -> __m512i {
-        let x = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-        let rounded =
-            _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
-        let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(0x40));
-        let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        _mm512_mask_blend_epi32(is_nan, rounded, nan)
-    }
-
-    /// [`f32x16_to_bf16_u32`] on 8 lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    pub(crate) fn f32x8_to_bf16_u32(v: __m256) -> __m256i {
-        let x = _mm256_castps_si256(v);
-        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
-        let rounded =
-            _mm256_srli_epi32::<16>(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))));
-        let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x40));
-        let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-        _mm256_blendv_epi8(rounded, nan, is_nan)
     }
 }
 
