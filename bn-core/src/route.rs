@@ -552,7 +552,7 @@ impl<E: HalfBits> Route<E> for Half16 {
             return Reference::forward_train::<S>(backend, x, y, tail, dims, gamma, beta, eps, mean, var);
         }
         let (x, y) = (E::bits(x), E::bits_mut(y));
-        half16::forward_train(backend, E::FORMAT, x, y, dims, gamma, beta, eps, mean, var);
+        half16::forward_train_spec::<S>(backend, E::FORMAT, x, y, dims, gamma, beta, eps, mean, var);
         // The 16-bit kernels have no epilogue: the activation is a second pass (in the format:
         // the ReLU commutes with its rounding; the residual form rounds the sum).
         TrainedY::Written { tail_done: false, reference_y: true }
@@ -572,7 +572,16 @@ impl<E: HalfBits> Route<E> for Half16 {
         if backend == Backend::Scalar {
             return Reference::normalize::<S>(backend, x, y, tail, dims, k, gamma, beta);
         }
-        half16::normalize(backend, E::FORMAT, E::bits(x), E::bits_mut(y), dims, k.mean, k.scale, beta);
+        half16::normalize_spec::<S>(
+            backend,
+            E::FORMAT,
+            E::bits(x),
+            E::bits_mut(y),
+            dims,
+            k.mean,
+            k.scale,
+            beta,
+        );
         tail.apply(y);
     }
 
@@ -589,7 +598,7 @@ impl<E: HalfBits> Route<E> for Half16 {
         if backend == Backend::Scalar {
             return Reference::normalize_inplace::<S>(backend, xy, tail, dims, k, gamma, beta);
         }
-        half16::normalize_inplace(backend, E::FORMAT, E::bits_mut(xy), dims, k.mean, k.scale, beta);
+        half16::normalize_inplace_spec::<S>(backend, E::FORMAT, E::bits_mut(xy), dims, k.mean, k.scale, beta);
         tail.apply(xy);
     }
 
@@ -621,7 +630,19 @@ impl<E: HalfBits> Route<E> for Half16 {
             );
         }
         let (x, dy, dx) = (E::bits(x), E::bits(dy), E::bits_mut(dx));
-        half16::backward(backend, E::FORMAT, x, dy, dx, dims, mean, inv_std, gamma, sum_dy, sum_dy_xhat);
+        half16::backward_spec::<S>(
+            backend,
+            E::FORMAT,
+            x,
+            dy,
+            dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy,
+            sum_dy_xhat,
+        );
     }
 
     #[inline]
@@ -652,7 +673,7 @@ impl<E: HalfBits> Route<E> for Half16 {
             );
         }
         let (x, dy, dx) = (E::bits(x), E::bits(dy), E::bits_mut(dx));
-        half16::backward_eval(
+        half16::backward_eval_spec::<S>(
             backend,
             E::FORMAT,
             x,
