@@ -442,3 +442,19 @@ fn a_small_model_trains_to_the_same_losses() {
         assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "step {step}: candle-nn {a}, ours {b}");
     }
 }
+
+#[test]
+fn sixteen_bit_training_runs_where_candle_nn_fails() {
+    for dtype in [DType::BF16, DType::F16] {
+        for param_dtype in [dtype, DType::F32] {
+            let p = pair(3, BatchNormConfig::default(), param_dtype);
+            let x = randn(&[4, 3, 5], 0.0, 1.0).to_dtype(dtype).unwrap();
+            assert!(
+                p.theirs.forward_t(&x, true).is_err(),
+                "candle-nn trains on {dtype:?} with {param_dtype:?}"
+            );
+            assert_eq!(p.ours.forward_t(&x, true).unwrap().dtype(), dtype);
+            assert_eq!(p.ours.running_mean().dtype(), param_dtype);
+        }
+    }
+}
