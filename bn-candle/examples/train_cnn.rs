@@ -1,5 +1,5 @@
 //! A small CNN with batch norm trained on generated 8x8 images of four patterns (a horizontal
-//! bar, a vertical bar, a diagonal, a square outline, each at a random place, with noise).
+//! bar, a vertical bar, a diagonal, a square outline, each at a random place, under strong uniform noise).
 //!
 //! The model is written against candle-nn; the only bn-candle line is the `batch_norm` import.
 //!
@@ -41,7 +41,7 @@ fn dataset(count: usize, seed: u64, device: &Device) -> Result<(Tensor, Tensor)>
             }
         }
         for p in image.iter_mut() {
-            *p += 0.3 * (next() as f32 - 0.5);
+            *p += 1.5 * (next() as f32 - 0.5);
         }
         labels.push(class as u32);
     }
