@@ -38,6 +38,9 @@
 //! own dtype or in f32; f32 and f64 tensors take parameters of their own dtype. A non-contiguous
 //! input is made contiguous first.
 //!
+//! The kernels run on the current Rayon pool, as candle's own convolutions do: the global pool
+//! (`RAYON_NUM_THREADS`), or candle's inside `Device::with_context`.
+//!
 //! # What falls back to candle-nn
 //!
 //! Tensors on another device (CUDA, Metal) and the training forward of a module built with

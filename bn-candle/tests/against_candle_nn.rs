@@ -458,3 +458,14 @@ fn sixteen_bit_training_runs_where_candle_nn_fails() {
         }
     }
 }
+
+#[test]
+fn the_module_is_clone_debug_send_sync_and_clones_share_state() {
+    fn assert_traits<T: Clone + std::fmt::Debug + Send + Sync>() {}
+    assert_traits::<bn_candle::BatchNorm>();
+    let p = pair(2, BatchNormConfig::default(), DType::F32);
+    let clone = p.ours.clone();
+    clone.forward_t(&randn(&[4, 2, 3], 5.0, 1.0), true).unwrap();
+    assert_eq!(state(&clone), state(&p.ours));
+    assert!(format!("{:?}", p.ours).contains("BatchNorm"));
+}
