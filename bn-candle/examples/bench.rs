@@ -141,12 +141,27 @@ fn geo_mean(values: &[f64]) -> f64 {
     (values.iter().map(|v| v.ln()).sum::<f64>() / values.len() as f64).exp()
 }
 
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// The 1-minute load average, where the system tells it (other processes skew every figure).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn main() -> Result<()> {
     let options = Options::from_args().map_err(candle_core::Error::msg)?;
     let device = Device::Cpu;
     println!(
-        "f32, {} rayon threads, times in ms (median); x = candle-nn time / ours\n",
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into())
+        "f32, {} rayon threads, times in ms (median); x = candle-nn time / ours; load average at start {}\n",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
+        load(),
     );
     println!(
         "| shape | train: candle-nn / ours | x | eval: candle-nn / ours | x | step: candle-nn / ours | x | floor | kernels | (step - floor) / kernels |"
@@ -154,6 +169,7 @@ fn main() -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let (mut train_x, mut eval_x, mut step_x, mut overhead) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut added_total, mut kernels_total) = (0.0, 0.0);
     for (name, shape) in SHAPES {
         if options.shapes.as_ref().is_some_and(|list| !list.iter().any(|s| s == name)) {
             continue;
@@ -201,16 +217,20 @@ fn main() -> Result<()> {
         eval_x.push(ratio(1));
         step_x.push(ratio(2));
         overhead.push(added);
+        added_total += ours[2] - floor;
+        kernels_total += kernels;
     }
     if !train_x.is_empty() {
         println!(
             "\ngeo-mean over {} shapes: train forward {:.1}x, eval {:.1}x, training step {:.1}x faster than candle-nn; \
-             (step - floor) / kernels {:.2}",
+             (step - floor) / kernels: median {:.2}, summed over the shapes {:.2}; load average at the end {}",
             train_x.len(),
             geo_mean(&train_x),
             geo_mean(&eval_x),
             geo_mean(&step_x),
-            geo_mean(&overhead),
+            median(&overhead),
+            added_total / kernels_total,
+            load(),
         );
     }
     Ok(())
