@@ -67,11 +67,11 @@ pub use module::BatchNorm;
 
 /// A [`BatchNorm`] of `num_features` features with its variables from `vb`: `running_mean`
 /// (initialized to 0) and `running_var` (1), and when `config.affine`, `weight` (1) and `bias`
-/// (0); as [`candle_nn::batch_norm`].
+/// (0); as [`candle_nn::batch_norm()`].
 ///
 /// # Errors
 ///
-/// As [`candle_nn::batch_norm`], and for an eps that is negative or not finite or a momentum
+/// As [`candle_nn::batch_norm()`], and for an eps that is negative or not finite or a momentum
 /// outside `[0, 1]`.
 pub fn batch_norm<C: Into<BatchNormConfig>>(
     num_features: usize,
