@@ -322,12 +322,13 @@ fn non_contiguous_input_is_normalized_as_its_values() {
     assert_close(&y_eval, &y_eval_theirs, 1e-5, "eval y");
 }
 
-/// The running statistics and the variables of `bn`, as values.
-fn state(bn: &bn_candle::BatchNorm) -> Vec<Vec<f32>> {
-    let mut out = vec![bn.running_mean().to_vec1().unwrap(), bn.running_var().to_vec1().unwrap()];
+/// The running statistics and the variables of `bn`, as bits (NaN equal to itself).
+fn state(bn: &bn_candle::BatchNorm) -> Vec<Vec<u32>> {
+    let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect();
+    let mut out = vec![bits(bn.running_mean()), bits(bn.running_var())];
     if let Some((w, b)) = bn.weight_and_bias() {
-        out.push(w.to_vec1().unwrap());
-        out.push(b.to_vec1().unwrap());
+        out.push(bits(w));
+        out.push(bits(b));
     }
     out
 }
@@ -367,6 +368,20 @@ fn errors_carry_our_messages_and_change_nothing() {
         true,
         "f32, f64",
     );
+
+    // A non-finite weight or a negative running variance: candle-nn propagates NaN.
+    let bad = pair(3, BatchNormConfig::default(), DType::F32);
+    let x = randn(&[4, 3, 2], 0.0, 1.0);
+    let (weight, _) = bad.ours.weight_and_bias().unwrap();
+    Var::from_tensor(weight).unwrap().set(&Tensor::new(&[1f32, f32::NAN, 1.0], &CPU).unwrap()).unwrap();
+    assert_error_without_change(&bad.ours, &x, true, "non-finite");
+    assert_error_without_change(&bad.ours, &x, false, "non-finite");
+    let negative = pair(3, BatchNormConfig::default(), DType::F32);
+    Var::from_tensor(negative.ours.running_var())
+        .unwrap()
+        .set(&Tensor::new(&[1f32, -1.0, 1.0], &CPU).unwrap())
+        .unwrap();
+    assert_error_without_change(&negative.ours, &x, false, "negative variance");
 
     // eps = 0 on a constant channel: candle-nn divides by zero, we refuse.
     let zero_eps = pair(2, BatchNormConfig::from(0.0), DType::F32);
