@@ -51,8 +51,9 @@
 //!
 //! Where candle-nn silently produces inf or NaN, this crate returns an error and changes
 //! nothing: a batch with a non-finite mean or variance, `eps = 0` on a channel of zero
-//! variance, a single value per channel in training, a non-finite weight, bias or running
-//! statistic, a negative running variance, parameters whose dtype does not match the input's. candle-nn's 16-bit training forward fails on a dtype mismatch; here it runs, in f32.
+//! variance, a single value per channel in training, a non-finite weight or bias, and in
+//! inference a non-finite running statistic or a negative running variance. candle-nn's 16-bit
+//! training forward fails on a dtype mismatch; here it runs, in f32.
 //! Second-order gradients (differentiating the gradients again) are not supported: the
 //! gradients are computed by the kernels, outside candle's graph.
 

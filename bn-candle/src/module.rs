@@ -167,9 +167,9 @@ impl BatchNorm {
     /// # Errors
     ///
     /// For an input of rank < 2 or with the wrong number of features at dim 1, fewer than 2
-    /// values per feature, a non-finite batch mean or variance, a dtype other than f32, f64, bf16
-    /// or f16, or parameters of another dtype (16-bit input also takes f32 parameters). Nothing
-    /// changes on error.
+    /// values per feature, a non-finite batch mean or variance, a non-finite weight or bias, a
+    /// dtype other than f32, f64, bf16 or f16, or parameters of another dtype (16-bit input also
+    /// takes f32 parameters). Nothing changes on error.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         if !x.device().is_cpu() || !self.remove_mean {
             return self.inner.forward_train(x);
