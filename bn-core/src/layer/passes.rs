@@ -31,27 +31,27 @@ impl<E: Element> BatchNorm<E> {
         result
     }
 
-    /// A backward step whose sums (`sum_dy`, `sum_dy_xhat`) `step` returns, given this layer's
-    /// passes, its last training forward and its reusable buffers: when it succeeds they become
-    /// the gradients of gamma and beta.
+    /// What the last successful training forward left for its backward, if any.
+    pub(crate) fn saved(&self) -> Option<backward::Saved<'_, E::Param>> {
+        let saved = &self.saved;
+        saved.valid.then_some(backward::Saved { stats: &saved.stats, gamma: &saved.gamma, beta: &saved.beta })
+    }
+
+    /// The stateless passes (layout, configuration, backend).
+    pub(crate) fn ops(&self) -> &BatchNormOps<E> {
+        &self.ops
+    }
+
+    /// A backward step whose sums (`sum_dy`, `sum_dy_xhat`) `step` writes into the working
+    /// statistics, given this layer (read-only) and its reusable buffers: when it succeeds they
+    /// become the gradients of gamma and beta.
     pub(crate) fn backward_step(
         &mut self,
-        step: impl FnOnce(
-            &BatchNormOps<E>,
-            Option<backward::Saved<'_, E::Param>>,
-            &mut BatchStats,
-            &mut Buffers<E>,
-        ) -> Result<(), BnError>,
+        step: impl FnOnce(&Self, &mut BatchStats, &mut Buffers<E>) -> Result<(), BnError>,
     ) -> Result<(), BnError> {
         let mut sums = core::mem::replace(&mut self.scratch, BatchStats::EMPTY);
         let mut buffers = core::mem::take(&mut self.buffers);
-        let saved = &self.saved;
-        let saved = saved.valid.then_some(backward::Saved {
-            stats: &saved.stats,
-            gamma: &saved.gamma,
-            beta: &saved.beta,
-        });
-        let result = step(&self.ops, saved, &mut sums, &mut buffers);
+        let result = step(self, &mut sums, &mut buffers);
         if result.is_ok() {
             self.ops.store_grads(&sums.mean, &sums.var, &mut self.gamma_grad, &mut self.beta_grad);
         }
@@ -122,8 +122,8 @@ impl<E: Element> BatchNorm<E> {
         tail: Tail<'_, E>,
         dresidual: Option<&mut [E]>,
     ) -> Result<(), BnError> {
-        self.backward_step(|ops, saved, sums, buffers| {
-            ops.backward_train::<S>(x, dy, shape, dx, tail, dresidual, saved, sums, buffers)
+        self.backward_step(|bn, sums, buffers| {
+            bn.ops.backward_train::<S>(x, dy, shape, dx, tail, dresidual, bn.saved(), sums, buffers)
         })
     }
 
@@ -136,29 +136,12 @@ impl<E: Element> BatchNorm<E> {
         tail: Tail<'_, E>,
         dresidual: Option<&mut [E]>,
     ) -> Result<(), BnError> {
-        let mut sums = core::mem::replace(&mut self.scratch, BatchStats::EMPTY);
-        let mut buffers = core::mem::take(&mut self.buffers);
-        let running = self.frozen().map(|k| (k, &self.running.inv_std_p[..]));
-        let (gamma, beta) = (&self.gamma, &self.beta);
-        let result = self.ops.backward_frozen::<S>(
-            x,
-            dy,
-            shape,
-            dx,
-            tail,
-            dresidual,
-            running,
-            gamma,
-            beta,
-            &mut sums,
-            &mut buffers,
-        );
-        if result.is_ok() {
-            self.ops.store_grads(&sums.mean, &sums.var, &mut self.gamma_grad, &mut self.beta_grad);
-        }
-        self.scratch = sums;
-        self.buffers = buffers;
-        result
+        self.backward_step(|bn, sums, buffers| {
+            let running = bn.frozen().map(|k| (k, &bn.running.inv_std_p[..]));
+            let (gamma, beta) = (&bn.gamma, &bn.beta);
+            bn.ops
+                .backward_frozen::<S>(x, dy, shape, dx, tail, dresidual, running, gamma, beta, sums, buffers)
+        })
     }
 
     #[doc(hidden)]

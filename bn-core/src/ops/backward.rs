@@ -1,6 +1,7 @@
 //! The backward passes: of a training forward (its batch statistics), and of inference
 //! (frozen statistics), each with the fused ReLU's mask.
 
+use super::eval::BatchCoefficients;
 use super::setup::{BatchNormOps, BatchStats};
 use crate::element::route::{Frozen, Route, Tail, Trained};
 use crate::spec::{specialize, Spec};
@@ -180,16 +181,23 @@ impl<E: Element> BatchNormOps<E> {
                 return Ok(());
             }
         }
+        // Without running statistics, inference used the batch's: computed once, for the mask
+        // and for the backward.
+        let batch = match running {
+            Some(_) => None,
+            None => Some(self.reference_statistics(x, dims, shape)?),
+        };
         let dy = match tail {
             Tail::Plain => dy,
             _ => {
-                let batch;
-                let k = match running {
-                    Some((k, _)) => k,
-                    None => {
-                        batch = self.batch_coefficients(x, dims, shape, gamma)?;
-                        batch.frozen()
+                let coefficients;
+                let k = match (running, &batch) {
+                    (Some((k, _)), _) => k,
+                    (None, Some((mean, inv_std))) => {
+                        coefficients = BatchCoefficients::of(mean, inv_std.clone(), gamma);
+                        coefficients.frozen()
                     }
+                    (None, None) => unreachable!("computed above"),
                 };
                 let masked = mask_buffer(&mut buffers.grad, dresidual, dims.len());
                 E::Route::eval_mask::<S>(backend, x, dy, residual, masked, dims, k, gamma, beta);
@@ -197,8 +205,8 @@ impl<E: Element> BatchNormOps<E> {
             }
         };
         let (sum_dy, sum_dy_xhat) = (&mut sums.mean[..], &mut sums.var[..]);
-        match running {
-            Some((k, inv_std_p)) => E::Route::backward_eval::<S>(
+        match (running, &batch) {
+            (Some((k, inv_std_p)), _) => E::Route::backward_eval::<S>(
                 backend,
                 x,
                 dy,
@@ -210,10 +218,10 @@ impl<E: Element> BatchNormOps<E> {
                 sum_dy,
                 sum_dy_xhat,
             ),
-            None => {
-                let (mean, inv_std) = self.reference_statistics(x, dims, shape)?;
-                E::Route::backward::<S>(backend, x, dy, dx, dims, &mean, &inv_std, gamma, sum_dy, sum_dy_xhat)
+            (None, Some((mean, inv_std))) => {
+                E::Route::backward::<S>(backend, x, dy, dx, dims, mean, inv_std, gamma, sum_dy, sum_dy_xhat)
             }
+            (None, None) => unreachable!("computed above"),
         }
         Ok(())
     }

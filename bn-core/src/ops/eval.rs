@@ -63,6 +63,13 @@ pub(crate) struct BatchCoefficients<P> {
 }
 
 impl<P: Param> BatchCoefficients<P> {
+    /// The transform of batch statistics `(mean, inv_std)` with `gamma`.
+    pub(crate) fn of(mean: &[f64], inv_std: Vec<f64>, gamma: &[P]) -> Self {
+        let scale = gamma.iter().zip(&inv_std).map(|(g, s)| P::saturating_from_f64(g.to_f64() * s)).collect();
+        let mean = mean.iter().map(|&m| P::from_f64(m)).collect();
+        BatchCoefficients { mean, inv_std, scale }
+    }
+
     pub(crate) fn frozen(&self) -> Frozen<'_, P> {
         Frozen { mean: &self.mean, inv_std: &self.inv_std, scale: &self.scale }
     }
@@ -79,10 +86,7 @@ impl<E: Element> BatchNormOps<E> {
         gamma: &[E::Param],
     ) -> Result<BatchCoefficients<E::Param>, BnError> {
         let (mean, inv_std) = self.reference_statistics(x, dims, shape)?;
-        let scale =
-            gamma.iter().zip(&inv_std).map(|(g, s)| E::Param::saturating_from_f64(g.to_f64() * s)).collect();
-        let mean = mean.iter().map(|&m| E::Param::from_f64(m)).collect();
-        Ok(BatchCoefficients { mean, inv_std, scale })
+        Ok(BatchCoefficients::of(&mean, inv_std, gamma))
     }
 
     /// Batch statistics computed by the reference kernel and checked: `(mean, inv_std)`.

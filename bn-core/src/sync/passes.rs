@@ -104,8 +104,8 @@ impl<E: Element> BatchNorm<E> {
         dx: &mut [E],
         group: &G,
     ) -> Result<(), BnError> {
-        self.backward_step(|ops, saved, sums, buffers| {
-            backward_sync::<S, E, G>(ops, saved, x, dy, shape, dx, group, sums, buffers)
+        self.backward_step(|bn, sums, buffers| {
+            backward_sync::<S, E, G>(bn.ops(), bn.saved(), x, dy, shape, dx, group, sums, buffers)
         })
     }
 }
