@@ -7,6 +7,9 @@
 //!   random `r`, with x, weight and bias tracked;
 //! - `floor`: the same step on `y = x` (what candle spends around any op: the loss, its
 //!   backward, the gradient buffers), so that `step - floor` is what batch norm adds;
+//! - `copy op`: the same step through a custom op that only copies (x to y forward, the output
+//!   gradient to x's backward): what candle spends on any op of this shape, so that
+//!   `copy op - floor` is the part of `step - floor` no op can avoid;
 //! - `kernels`: the kernels alone on slices (`batchnorm::ops` forward_train + backward, buffers
 //!   allocated once), which `step - floor` is compared with.
 //!
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use batchnorm::ops::BatchNormOps;
 use batchnorm::{Config, Layout, Preset};
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout as CandleLayout, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, ModuleT, VarBuilder, VarMap};
 
 const SHAPES: &[(&str, &[usize])] = &[
@@ -107,6 +110,28 @@ fn time_module(
     Ok([train, eval, step])
 }
 
+/// A custom op that copies its input forward and its output gradient backward: the cost of any
+/// op in a candle step, without batch norm's arithmetic.
+struct CopyOp;
+
+impl CustomOp1 for CopyOp {
+    fn name(&self) -> &'static str {
+        "copy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &CandleLayout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("copy: the input must be contiguous")
+        };
+        let x = &storage.as_slice::<f32>()?[start..end];
+        Ok((CpuStorage::F32(x.to_vec()), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.copy()?))
+    }
+}
+
 /// The kernels alone: forward_train and backward on slices.
 fn time_kernels(options: &Options, shape: &[usize], x: &[f32], r: &[f32]) -> Result<f64> {
     let axes: Vec<usize> = std::iter::once(0).chain(2..shape.len()).collect();
@@ -164,11 +189,11 @@ fn main() -> Result<()> {
         load(),
     );
     println!(
-        "| shape | train: candle-nn / ours | x | eval: candle-nn / ours | x | step: candle-nn / ours | x | floor | kernels | (step - floor) / kernels |"
+        "| shape | train: candle-nn / ours | x | eval: candle-nn / ours | x | step: candle-nn / ours | x | floor | copy op | kernels | (step - floor) / kernels |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    let (mut train_x, mut eval_x, mut step_x, mut overhead) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let (mut train_x, mut eval_x, mut step_x, mut overhead, mut any_op) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut added_total, mut kernels_total) = (0.0, 0.0);
     for (name, shape) in SHAPES {
         if options.shapes.as_ref().is_some_and(|list| !list.iter().any(|s| s == name)) {
@@ -193,13 +218,17 @@ fn main() -> Result<()> {
         }
         let x_var = Var::from_tensor(&x)?;
         let floor = options.median(|| (x_var.as_tensor() * &r)?.sum_all()?.backward().map(drop))?;
+        let copy_op = options.median(|| {
+            let y = x_var.as_tensor().apply_op1(CopyOp)?;
+            (y * &r)?.sum_all()?.backward().map(drop)
+        })?;
         let (xs, rs) = (x.flatten_all()?.to_vec1::<f32>()?, r.flatten_all()?.to_vec1::<f32>()?);
         let kernels = time_kernels(&options, shape, &xs, &rs)?;
         let [theirs, ours] = [times[0], times[1]];
         let ratio = |i: usize| theirs[i] / ours[i];
         let added = (ours[2] - floor) / kernels;
         println!(
-            "| {name} {shape:?} | {} / {} | {:.1} | {} / {} | {:.1} | {} / {} | {:.1} | {} | {} | {:.2} |",
+            "| {name} {shape:?} | {} / {} | {:.1} | {} / {} | {:.1} | {} / {} | {:.1} | {} | {} | {} | {:.2} |",
             ms(theirs[0]),
             ms(ours[0]),
             ratio(0),
@@ -210,6 +239,7 @@ fn main() -> Result<()> {
             ms(ours[2]),
             ratio(2),
             ms(floor),
+            ms(copy_op),
             ms(kernels),
             added,
         );
@@ -217,19 +247,22 @@ fn main() -> Result<()> {
         eval_x.push(ratio(1));
         step_x.push(ratio(2));
         overhead.push(added);
+        any_op.push((copy_op - floor) / kernels);
         added_total += ours[2] - floor;
         kernels_total += kernels;
     }
     if !train_x.is_empty() {
         println!(
             "\ngeo-mean over {} shapes: train forward {:.1}x, eval {:.1}x, training step {:.1}x faster than candle-nn; \
-             (step - floor) / kernels: median {:.2}, summed over the shapes {:.2}; load average at the end {}",
+             (step - floor) / kernels: median {:.2}, summed over the shapes {:.2}, of which a copy op's \
+             (copy op - floor) / kernels: median {:.2}; load average at the end {}",
             train_x.len(),
             geo_mean(&train_x),
             geo_mean(&eval_x),
             geo_mean(&step_x),
             median(&overhead),
             added_total / kernels_total,
+            median(&any_op),
             load(),
         );
     }

@@ -59,6 +59,7 @@
 
 #![deny(missing_docs)]
 
+mod buffer;
 mod element;
 mod module;
 mod op;
