@@ -24,6 +24,7 @@ mod elementwise;
 mod forward;
 mod geometry;
 mod reduce;
+mod span;
 
 pub(crate) use backward::{
     backward_eval, backward_fused, fuses_backward, train_backward_dx, train_backward_sums,
