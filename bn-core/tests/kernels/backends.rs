@@ -39,16 +39,19 @@ fn shapes() -> Vec<Canonical> {
     out
 }
 
-/// Every branch of the planes family's short-run rule (runs of at most 256 values, visited image
-/// by image across a tile of channels): tiles of many channels with a partial last tile, of one
-/// channel, runs of 2, 49, 196 (two blocks per channel), 256 and 257 (the first long run), two
-/// chunks per channel, and a slab too large to fuse (the split schedule).
+/// Every branch of the planes family's short-run rule (runs shorter than 256 values and at least
+/// 16 images take spans of channel tiles): tiles of many channels with a partial last tile, of
+/// one channel, runs of 2, 49 and 196, more than one block of 128 images, 15 and 16 images,
+/// runs of 255 and 256 (the first long run), and slabs too large to fuse (the split schedule).
 fn short_run_shapes() -> Vec<Canonical> {
     [
         (50, 40, 196),
+        (16, 70, 255),
         (9, 70, 256),
         (5, 33, 257),
         (50, 37, 49),
+        (15, 37, 49),
+        (16, 37, 49),
         (300, 21, 2),
         (1500, 2, 49),
         (6000, 3, 49),

@@ -7,9 +7,7 @@ use core::ops::Range;
 
 use super::elementwise::DxRuns;
 use super::geometry::{channel_groups, Geometry, FUSE_BYTES, MAX_GROUP};
-use super::reduce::{
-    accumulate_backward, chunk_backward_sums, dx_masked, group_backward_sums, mask_of, reduce32,
-};
+use super::reduce::{accumulate_backward, chunk_backward_sums, dx_masked, mask_of, reduce32};
 use super::span;
 use crate::kernels::epilogue::{masked, residual_of, FusedRelu, NONE};
 use crate::kernels::loops::{for_each_chunk3, map2};
@@ -86,31 +84,29 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
             }
             return;
         }
-        let mut vectors = [[isa.zero(); MAX_GROUP]; 2];
-        for group in channel_groups(&g, self.channels.clone(), 2) {
-            // Both sums of the whole group (image by image), then its `dx` likewise.
-            let mut m = [0.0f32; MAX_GROUP];
-            for (j, c) in group.clone().enumerate() {
-                m[j] = self.stats.mean[c] as f32;
-            }
-            let mut sums = [(0.0, 0.0); MAX_GROUP];
-            let (x, dy, mask) = (self.x, self.dy, &self.mask);
-            group_backward_sums::<I, MASK>(isa, &g, x, dy, mask, group.clone(), &m, &mut vectors, &mut sums);
-            let mut k = [[isa.zero(); 4]; MAX_GROUP];
-            let mut a = [[isa.zero(); 3]; MAX_GROUP];
+        let zero = DxCoefficients { m: 0.0, k1: 0.0, k2: 0.0, k3: 0.0 };
+        let mut coefficients = [zero; MAX_GROUP];
+        for group in channel_groups(&g, self.channels.clone()) {
             for (j, c) in group.clone().enumerate() {
                 let (mean, inv_std) = (self.stats.mean[c], self.stats.inv_std[c]);
-                let (sdy, sxm) = sums[j];
-                let sdxh = sum_dy_xhat(mean, m[j], inv_std, sdy, sxm);
+                let m = mean as f32;
+                let (mut sdy, mut sxm) = (0.0, 0.0);
+                for k in 0..g.chunks {
+                    let (x, dy, mask) = (self.x, self.dy, &self.mask);
+                    let (a, b) = chunk_backward_sums::<I, MASK>(isa, &g, x, dy, mask, None, c, k, m);
+                    sdy += a;
+                    sxm += b;
+                }
+                let sdxh = sum_dy_xhat(mean, m, inv_std, sdy, sxm);
                 self.sum_dy[c - first] = sdy;
                 self.sum_dy_xhat[c - first] = sdxh;
-                let q = DxCoefficients::train(mean, inv_std, self.stats.gamma[c], n, sdy, sdxh);
-                k[j] = [isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3)];
-                a[j] = mask_of::<I, MASK>(isa, &self.mask, c);
+                coefficients[j] = DxCoefficients::train(mean, inv_std, self.stats.gamma[c], n, sdy, sdxh);
             }
-            for o in 0..g.dims.outer {
-                for (j, c) in group.clone().enumerate() {
-                    let (k, a) = (k[j], a[j]);
+            for (j, c) in group.enumerate() {
+                let q = coefficients[j];
+                let (m, k1, k2, k3) = (isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3));
+                let a = mask_of::<I, MASK>(isa, &self.mask, c);
+                for o in 0..g.dims.outer {
                     let r = g.run_start(o, c)..g.run_start(o, c) + inner;
                     // SAFETY: run `(o, c)` belongs to channel `c`, which only this task
                     // processes; runs of distinct `(o, c)` are disjoint, and this one is released
@@ -126,7 +122,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                         self.stream,
                         true,
                         #[inline(always)]
-                        |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, k),
+                        |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, [m, k1, k2, k3]),
                     );
                     if let (false, Some(dr)) = (MASK == NONE, self.dr) {
                         // SAFETY: as for `dx` (the same run of another output).

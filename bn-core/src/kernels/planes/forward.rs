@@ -50,28 +50,31 @@ impl<S: Spec, A: Apply> Kernel for TrainFused<'_, '_, S, A> {
         let first = self.channels.start;
         // Scratch of `group_moments` (2 KiB with AVX-512), zeroed once per call, not per group.
         let mut vectors = [[isa.zero(); MAX_GROUP]; 2];
-        for group in channel_groups(&g, self.channels.clone(), 1) {
-            // The statistics of the whole group first (image by image, their dependency chains
-            // overlapping), then its transforms as vector arithmetic, then its normalize.
+        for group in channel_groups(&g, self.channels.clone()) {
+            // The statistics of the whole group first (their dependency chains overlap), then
+            // its transforms as vector arithmetic, then its normalize.
             let (mut mean, mut var) = ([0.0; MAX_GROUP], [1.0; MAX_GROUP]);
             let (mut gamma, mut beta) = ([0.0; MAX_GROUP], [0.0; MAX_GROUP]);
             let mut moments = [Moments::EMPTY; MAX_GROUP];
-            group_moments(isa, &g, self.x, group.clone(), &mut vectors, &mut moments);
+            if g.blocks == 1 {
+                group_moments(isa, &g, self.x, group.clone(), &mut vectors, &mut moments);
+            }
             for (j, c) in group.clone().enumerate() {
-                let mom = moments[j];
+                let mut mom = moments[j];
+                if g.blocks > 1 {
+                    for k in 0..g.chunks {
+                        mom = mom.merge(chunk_moments(isa, &g, self.x, c, k));
+                    }
+                }
                 (mean[j], var[j]) = (mom.mean, mom.m2 / mom.n);
                 self.mean[c - first] = mean[j];
                 self.var[c - first] = var[j];
                 (gamma[j], beta[j]) = (self.gamma[c], self.beta[c]);
             }
             let params = AffineGroup::train(&mean, &var, self.eps, &gamma, &beta);
-            let mut splat = [[isa.zero(); 3]; MAX_GROUP];
-            for (j, v) in splat.iter_mut().enumerate().take(group.len()) {
-                *v = [isa.splat(params.m[j]), isa.splat(params.s[j]), isa.splat(params.t[j])];
-            }
-            for o in 0..g.dims.outer {
-                for (j, c) in group.clone().enumerate() {
-                    let [m, s, t] = splat[j];
+            for (j, c) in group.enumerate() {
+                let (m, s, t) = (isa.splat(params.m[j]), isa.splat(params.s[j]), isa.splat(params.t[j]));
+                for o in 0..g.dims.outer {
                     let start = g.run_start(o, c);
                     // SAFETY: run `(o, c)` belongs to channel `c`, which only this task
                     // processes; runs of distinct `(o, c)` are disjoint, and this one is released

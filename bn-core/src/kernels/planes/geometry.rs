@@ -123,35 +123,11 @@ pub(super) const MAX_GROUP: usize = 16;
 /// (statistics of all, then their normalize) so that their short dependency chains overlap,
 /// while the group stays in L1.
 const GROUP_BYTES: usize = 64 << 10;
-/// Longest run (values) of the short-run schedule: runs of a few vectors, a whole image apart
-/// in a channel, are visited image by image across a tile of channels rather than channel by
-/// channel (see [`channel_groups`]).
-pub(super) const SHORT_RUN: usize = 256;
-/// Bytes of the tensors a short-run tile re-reads (`x`, and `dy` in the backward), all
-/// images: the tile stays in a 1 MiB L2 between its statistics and its elementwise pass.
-const TILE_BYTES: usize = 512 << 10;
 
-/// `channels` cut into consecutive groups (at most [`MAX_GROUP`] channels) for a pass that
-/// re-reads `tensors` tensors. A group's passes go image by image over all its channels (the
-/// runs `(o, c..c + len)` are one contiguous span), so the rule sets how much that span holds:
-/// with short runs ([`SHORT_RUN`]) a tile of [`TILE_BYTES`] over all images, so that each image's
-/// span is long enough for the hardware prefetchers; with longer runs a group of
-/// [`GROUP_BYTES`] of one tensor, so that it stays in L1. A function of the shape alone.
+/// `channels` cut into consecutive groups of [`GROUP_BYTES`] (at most [`MAX_GROUP`] channels).
 #[inline(always)]
-pub(super) fn channel_groups(
-    g: &Geometry,
-    channels: Range<usize>,
-    tensors: usize,
-) -> impl Iterator<Item = Range<usize>> {
-    let size = group_size(g, tensors);
+pub(super) fn channel_groups(g: &Geometry, channels: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let size = (GROUP_BYTES / g.slab_bytes().max(1)).clamp(1, MAX_GROUP);
     let end = channels.end;
     channels.step_by(size).map(move |c| c..(c + size).min(end))
-}
-
-/// Channels per group of [`channel_groups`].
-#[inline(always)]
-pub(super) fn group_size(g: &Geometry, tensors: usize) -> usize {
-    let slab = g.slab_bytes().max(1);
-    let budget = if g.dims.inner <= SHORT_RUN { TILE_BYTES / tensors } else { GROUP_BYTES };
-    (budget / slab).clamp(1, MAX_GROUP)
 }

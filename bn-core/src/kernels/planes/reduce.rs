@@ -221,13 +221,11 @@ fn block_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, blk: Block) 
     Moments::from_deviations(n, inv_n, m, reduce32(isa, ds), reduce32(isa, qs))
 }
 
-/// The moments of the channels `channels` (at most [`MAX_GROUP`]), computed together image by
-/// image: each block's first pass visits the runs `(o, c)` of all the channels for one `o`
-/// after another (one contiguous span per image), then its second pass likewise, and the
-/// horizontal sums of all the channels are one transposing reduction ([`Isa::sums`]). The
-/// same bits as [`chunk_moments`] merged in chunk order from [`Moments::EMPTY`] for each
-/// channel: per channel, the same accumulators see the same values in the same order. `vectors`
-/// is scratch (its contents on entry do not matter).
+/// [`block_moments`] of the channels `channels` (at most [`MAX_GROUP`]) whose values form one
+/// block each, computed together: the horizontal sums of all the channels are one transposing
+/// reduction ([`Isa::sums`]), so the short per-channel dependency chains overlap. The same bits
+/// as `block_moments` (and as [`chunk_moments`], one block being one chunk). `vectors` is
+/// scratch (its contents on entry do not matter).
 #[inline(always)]
 pub(super) fn group_moments<I: Isa>(
     isa: I,
@@ -237,119 +235,35 @@ pub(super) fn group_moments<I: Isa>(
     vectors: &mut [[I::V; MAX_GROUP]; 2],
     out: &mut [Moments; MAX_GROUP],
 ) {
-    debug_assert!(channels.len() <= MAX_GROUP);
+    debug_assert!(g.blocks == 1 && channels.len() <= MAX_GROUP);
+    let blk = g.block(0);
+    let n = blk.len() as f64;
+    let inv_n = 1.0 / n;
+    let w = isa.splat(inv_n as f32);
     let len = channels.len();
-    let ahead = g.prefetch_ahead();
-    *out = [Moments::EMPTY; MAX_GROUP];
-    for k in 0..g.chunks {
-        let mut chunk = [Moments::EMPTY; MAX_GROUP];
-        for b in g.chunk(k) {
-            let blk = g.block(b);
-            let n = blk.len() as f64;
-            let inv_n = 1.0 / n;
-            let w = isa.splat(inv_n as f32);
-            let mut acc = [[isa.zero(); 4]; MAX_GROUP];
-            for o in blk.o0..blk.o1 {
-                for (j, c) in channels.clone().enumerate() {
-                    // On a local copy: the accumulators stay in registers along the run.
-                    let mut a = acc[j];
-                    accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut a, ahead);
-                    acc[j] = a;
-                }
-            }
-            for j in 0..len {
-                vectors[0][j] = combine(isa, acc[j]);
-            }
-            let mut shift = [0.0f32; MAX_GROUP];
-            sums_of(isa, &vectors[0][..len], &mut shift[..len]);
-            let mut mv = [isa.zero(); MAX_GROUP];
-            for j in 0..len {
-                mv[j] = isa.splat(shift[j]);
-            }
-            let (mut ds, mut qs) = ([[isa.zero(); 4]; MAX_GROUP], [[isa.zero(); 4]; MAX_GROUP]);
-            for o in blk.o0..blk.o1 {
-                for (j, c) in channels.clone().enumerate() {
-                    let (mut d, mut q) = (ds[j], qs[j]);
-                    accumulate_deviations(isa, g.piece_of(x, o, c, blk), mv[j], &mut d, &mut q);
-                    (ds[j], qs[j]) = (d, q);
-                }
-            }
-            for j in 0..len {
-                vectors[0][j] = combine(isa, ds[j]);
-                vectors[1][j] = combine(isa, qs[j]);
-            }
-            let mut sums = [[0.0f32; MAX_GROUP]; 2];
-            sums_of(isa, &vectors[0][..len], &mut sums[0][..len]);
-            sums_of(isa, &vectors[1][..len], &mut sums[1][..len]);
-            for j in 0..len {
-                let block =
-                    Moments::from_deviations(n, inv_n, shift[j], sums[0][j] as f64, sums[1][j] as f64);
-                chunk[j] = chunk[j].merge(block);
-            }
-        }
-        for j in 0..len {
-            out[j] = out[j].merge(chunk[j]);
-        }
-    }
-}
-
-/// `(sum(g), sum(g * (x - m_c)))` of the channels `channels` (at most [`MAX_GROUP`]; `m[j]` is
-/// channel `channels.start + j`'s mean in `f32`), `g` the gradient of kind `MASK`, computed
-/// together image by image as [`group_moments`]: the same bits as [`chunk_backward_sums`]
-/// (without `dr`) added in chunk order from `0.0` for each channel. `vectors` is scratch.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn group_backward_sums<I: Isa, const MASK: u8>(
-    isa: I,
-    g: &Geometry,
-    x: &[f32],
-    dy: &[f32],
-    mask: &FusedRelu<'_>,
-    channels: Range<usize>,
-    m: &[f32; MAX_GROUP],
-    vectors: &mut [[I::V; MAX_GROUP]; 2],
-    out: &mut [(f64, f64); MAX_GROUP],
-) {
-    debug_assert!(channels.len() <= MAX_GROUP);
-    let len = channels.len();
-    let ahead = g.prefetch_ahead();
-    let (mut mv, mut a) = ([isa.zero(); MAX_GROUP], [[isa.zero(); 3]; MAX_GROUP]);
     for (j, c) in channels.clone().enumerate() {
-        mv[j] = isa.splat(m[j]);
-        a[j] = mask_of::<I, MASK>(isa, mask, c);
+        let mut acc = [isa.zero(); 4];
+        for o in blk.o0..blk.o1 {
+            accumulate_mean(isa, g.piece_of(x, o, c, blk), w, &mut acc, g.prefetch_ahead());
+        }
+        vectors[0][j] = combine(isa, acc);
     }
-    *out = [(0.0, 0.0); MAX_GROUP];
-    for k in 0..g.chunks {
-        let mut chunk = [(0.0f64, 0.0f64); MAX_GROUP];
-        for b in g.chunk(k) {
-            let blk = g.block(b);
-            let (mut sdy, mut sxm) = ([[isa.zero(); 4]; MAX_GROUP], [[isa.zero(); 4]; MAX_GROUP]);
-            for o in blk.o0..blk.o1 {
-                for (j, c) in channels.clone().enumerate() {
-                    let s = g.run_start(o, c);
-                    let r = s + blk.i0..s + blk.i1;
-                    let (x, dy, res) = (&x[r.clone()], &dy[r.clone()], residual_of::<MASK>(mask, r));
-                    let (mut d, mut q) = (sdy[j], sxm[j]);
-                    accumulate_backward::<I, MASK>(isa, x, dy, res, mv[j], a[j], &mut d, &mut q, ahead, None);
-                    (sdy[j], sxm[j]) = (d, q);
-                }
-            }
-            for j in 0..len {
-                vectors[0][j] = combine(isa, sdy[j]);
-                vectors[1][j] = combine(isa, sxm[j]);
-            }
-            let mut sums = [[0.0f32; MAX_GROUP]; 2];
-            sums_of(isa, &vectors[0][..len], &mut sums[0][..len]);
-            sums_of(isa, &vectors[1][..len], &mut sums[1][..len]);
-            for j in 0..len {
-                chunk[j].0 += sums[0][j] as f64;
-                chunk[j].1 += sums[1][j] as f64;
-            }
+    let mut shift = [0.0f32; MAX_GROUP];
+    sums_of(isa, &vectors[0][..len], &mut shift[..len]);
+    for (j, c) in channels.enumerate() {
+        let mv = isa.splat(shift[j]);
+        let (mut ds, mut qs) = ([isa.zero(); 4], [isa.zero(); 4]);
+        for o in blk.o0..blk.o1 {
+            accumulate_deviations(isa, g.piece_of(x, o, c, blk), mv, &mut ds, &mut qs);
         }
-        for j in 0..len {
-            out[j].0 += chunk[j].0;
-            out[j].1 += chunk[j].1;
-        }
+        vectors[0][j] = combine(isa, ds);
+        vectors[1][j] = combine(isa, qs);
+    }
+    let mut sums = [[0.0f32; MAX_GROUP]; 2];
+    sums_of(isa, &vectors[0][..len], &mut sums[0][..len]);
+    sums_of(isa, &vectors[1][..len], &mut sums[1][..len]);
+    for j in 0..len {
+        out[j] = Moments::from_deviations(n, inv_n, shift[j], sums[0][j] as f64, sums[1][j] as f64);
     }
 }
 

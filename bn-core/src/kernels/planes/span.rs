@@ -40,10 +40,16 @@ const BLOCK_IMAGES: usize = 128;
 /// tile stays in a 1 MiB L2 between its sums and its elementwise pass.
 const TILE_BYTES: usize = 512 << 10;
 
-/// Whether `dims` (planes) takes the span schedule.
+/// Least images for the span schedule: a tile's per-lane parameters and sums cost a few scalar
+/// operations per lane and call, which the images must amortize (with one image, S6's
+/// (1, 64, 8, 8), the run-by-run loops are 4x faster).
+const MIN_IMAGES: usize = 16;
+
+/// Whether `dims` (planes) takes the span schedule: runs shorter than [`SHORT_RUN`] and at
+/// least [`MIN_IMAGES`] images. A function of the shape alone.
 #[inline(always)]
 pub(super) fn is_short(dims: Canonical) -> bool {
-    dims.inner < SHORT_RUN
+    dims.inner < SHORT_RUN && dims.outer >= MIN_IMAGES
 }
 
 /// Channels per tile for a pass that re-reads `tensors` tensors: a function of the shape alone.
