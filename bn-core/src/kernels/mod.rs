@@ -20,8 +20,8 @@
 //!   row blocks, then a streaming pass.
 //! - **Statistics.** Deviations from a shift over each cache-resident block, corrected by their
 //!   sum: the block's mean from a first pass (`f32` planes), or a pilot (the mean so far or of
-//!   the first values; rows and 16-bit data) with a second pass only where it is far; blocks
-//!   combined with Chan's merge in `f64`: accurate when `|mean| >> std`.
+//!   the first values; short planes runs, rows and 16-bit data) with a second pass only where
+//!   it is far; blocks combined with Chan's merge in `f64`: accurate when `|mean| >> std`.
 //! - **Parallelism.** On the caller's Rayon pool, serially below a work threshold. The calling
 //!   thread starts on a kernel's tasks at once and helpers from the pool join it, the caller
 //!   claiming tasks from the front and helpers from the back (waking a sleeping worker costs as

@@ -35,7 +35,31 @@ fn shapes() -> Vec<Canonical> {
     {
         out.push(Canonical { outer, channels, inner });
     }
+    out.extend(short_run_shapes());
     out
+}
+
+/// Every branch of the planes family's short-run rule (runs shorter than 256 values and at least
+/// 16 images take spans of channel tiles): tiles of many channels with a partial last tile, of
+/// one channel, runs of 2, 49 and 196, more than one block of 128 images, 15 and 16 images,
+/// runs of 255 and 256 (the first long run), and slabs too large to fuse (the split schedule).
+fn short_run_shapes() -> Vec<Canonical> {
+    [
+        (50, 40, 196),
+        (16, 70, 255),
+        (9, 70, 256),
+        (5, 33, 257),
+        (50, 37, 49),
+        (15, 37, 49),
+        (16, 37, 49),
+        (300, 21, 2),
+        (1500, 2, 49),
+        (6000, 3, 49),
+        (2, 513, 7),
+    ]
+    .into_iter()
+    .map(|(outer, channels, inner)| Canonical { outer, channels, inner })
+    .collect()
 }
 
 fn tolerance_check(
@@ -415,8 +439,9 @@ fn bit_identical_across_thread_counts() {
         Canonical { outer: 200, channels: 700, inner: 1 },
         Canonical { outer: 1500, channels: 64, inner: 1 },
     ];
+    let shapes = shapes.into_iter().chain(short_run_shapes());
     for b in Backend::available().into_iter().filter(|&b| b != Backend::Scalar) {
-        for (k, dims) in shapes.into_iter().enumerate() {
+        for (k, dims) in shapes.clone().enumerate() {
             let mut first: Option<Outputs> = None;
             for threads in [1, 2, 3, 4, 7] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();

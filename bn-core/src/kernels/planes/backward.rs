@@ -8,6 +8,7 @@ use core::ops::Range;
 use super::elementwise::DxRuns;
 use super::geometry::{channel_groups, Geometry, FUSE_BYTES, MAX_GROUP};
 use super::reduce::{accumulate_backward, chunk_backward_sums, dx_masked, mask_of, reduce32};
+use super::span;
 use crate::kernels::epilogue::{masked, residual_of, FusedRelu, NONE};
 use crate::kernels::loops::{for_each_chunk3, map2};
 use crate::kernels::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
@@ -51,6 +52,38 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
         let inner = g.dims.inner;
         let n = g.dims.per_channel() as f64;
         let first = self.channels.start;
+        if span::is_short(g.dims) {
+            let zero = DxCoefficients { m: 0.0, k1: 0.0, k2: 0.0, k3: 0.0 };
+            let (mut sums, mut coefficients) = ([(0.0, 0.0); span::MAX_TILE], [zero; span::MAX_TILE]);
+            let (x, dy, mask) = (self.x, self.dy, &self.mask);
+            let mut scratch = span::Scratch::new();
+            for tile in span::backward_tiles(g.dims, self.channels.clone()) {
+                let (len, mean, s) = (tile.len(), self.stats.mean, &mut scratch);
+                span::backward_sums::<I, MASK>(
+                    isa,
+                    g.dims,
+                    x,
+                    dy,
+                    mask,
+                    None,
+                    tile.clone(),
+                    mean,
+                    s,
+                    &mut sums[..len],
+                );
+                for (j, c) in tile.clone().enumerate() {
+                    let (mean, inv_std) = (self.stats.mean[c], self.stats.inv_std[c]);
+                    let (sdy, sxm) = sums[j];
+                    let sdxh = sum_dy_xhat(mean, mean as f32, inv_std, sdy, sxm);
+                    self.sum_dy[c - first] = sdy;
+                    self.sum_dy_xhat[c - first] = sdxh;
+                    coefficients[j] = DxCoefficients::train(mean, inv_std, self.stats.gamma[c], n, sdy, sdxh);
+                }
+                let (dx, dr, s) = (self.dx, self.dr, &mut scratch);
+                span::dx::<I, MASK>(isa, g.dims, x, dy, mask, dx, dr, tile, &coefficients[..len], s);
+            }
+            return;
+        }
         let zero = DxCoefficients { m: 0.0, k1: 0.0, k2: 0.0, k3: 0.0 };
         let mut coefficients = [zero; MAX_GROUP];
         for group in channel_groups(&g, self.channels.clone()) {
@@ -149,6 +182,32 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackwardSums<'_, '_, S, MASK> {
             let (x, dy, mask, dr) = (self.x, self.dy, &self.mask, self.dr);
             *out = chunk_backward_sums::<I, MASK>(isa, &g, x, dy, mask, dr, c, k, m);
         }
+    }
+}
+
+/// Backward sums of the channels `channels` of a short-run shape ([`span`]) for the gradient of
+/// kind `MASK` (written to `dr` when given).
+struct SpanBackwardSums<'a, 'o, S, const MASK: u8> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    mask: FusedRelu<'a>,
+    dr: Option<&'a SharedMut<'o, f32>>,
+    dims: Canonical,
+    mean: &'a [f64],
+    channels: Range<usize>,
+    out: &'a mut [(f64, f64)],
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec, const MASK: u8> Kernel for SpanBackwardSums<'_, '_, S, MASK> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let dims = specialize::<S>(self.dims);
+        let (x, dy, mask, dr) = (self.x, self.dy, &self.mask, self.dr);
+        let mut scratch = span::Scratch::new();
+        let (channels, mean) = (self.channels, self.mean);
+        span::backward_sums::<I, MASK>(isa, dims, x, dy, mask, dr, channels, mean, &mut scratch, self.out);
     }
 }
 
@@ -387,6 +446,34 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
 ) {
     let g = Geometry::new(dims);
     let parallel = use_pool(2 * dims.len());
+    if span::is_short(dims) {
+        let mut sums = vec![(0.0, 0.0); dims.channels];
+        let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
+        let shared = SharedMut::new(&mut sums);
+        let drs = dr.map(SharedMut::new);
+        let dr = drs.as_ref();
+        for_each_task(parallel, tasks, |k| {
+            let channels = part(dims.channels, tasks, k);
+            // SAFETY: the channel ranges of distinct tasks are disjoint.
+            let out = unsafe { shared.slice(channels.start, channels.len()) };
+            isa.vectorize(SpanBackwardSums::<S, MASK> {
+                x,
+                dy,
+                mask,
+                dr,
+                dims,
+                mean,
+                channels,
+                out,
+                _spec: PhantomData,
+            });
+        });
+        for (c, &(sdy, sxm)) in sums.iter().enumerate() {
+            sum_dy_out[c] = sdy;
+            sum_dy_xhat_out[c] = sum_dy_xhat(mean[c], mean[c] as f32, inv_std[c], sdy, sxm);
+        }
+        return;
+    }
     let total = dims.channels * g.chunks;
     let mut sums = vec![(0.0, 0.0); total];
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(total);

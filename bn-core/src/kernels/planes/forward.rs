@@ -8,6 +8,7 @@ use core::ops::Range;
 use super::elementwise::normalize_runs;
 use super::geometry::{channel_groups, Geometry, FUSE_BYTES, MAX_GROUP};
 use super::reduce::{chunk_moments, group_moments};
+use super::span;
 use crate::kernels::epilogue::Apply;
 use crate::kernels::loops::{map, Split};
 use crate::kernels::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
@@ -38,6 +39,13 @@ impl<S: Spec, A: Apply> Kernel for TrainFused<'_, '_, S, A> {
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let g = Geometry::new(specialize::<S>(self.dims));
+        if span::is_short(g.dims) {
+            // Runs this short are never streamed.
+            let (x, y, act, channels) = (self.x, self.y, self.act, self.channels);
+            let (gamma, beta, mean, var) = (self.gamma, self.beta, self.mean, self.var);
+            span::train(isa, g.dims, x, y, act, channels, gamma, beta, self.eps, mean, var);
+            return;
+        }
         let inner = g.dims.inner;
         let first = self.channels.start;
         // Scratch of `group_moments` (2 KiB with AVX-512), zeroed once per call, not per group.
@@ -112,6 +120,25 @@ impl<S: Spec> Kernel for ChunkMoments<'_, S> {
     }
 }
 
+/// Statistics of the channels `channels` of a short-run shape ([`span`]).
+struct SpanStatistics<'a, S> {
+    x: &'a [f32],
+    dims: Canonical,
+    channels: Range<usize>,
+    mean: &'a mut [f64],
+    var: &'a mut [f64],
+    _spec: PhantomData<S>,
+}
+
+impl<S: Spec> Kernel for SpanStatistics<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) {
+        let dims = specialize::<S>(self.dims);
+        span::statistics(isa, dims, self.x, self.channels, self.mean, self.var);
+    }
+}
+
 /// Training forward of the planes family.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_train<S: Spec, I: Isa, A: Apply>(
@@ -174,6 +201,18 @@ pub(crate) fn statistics<S: Spec, I: Isa>(
     mean_out: &mut [f64],
     var_out: &mut [f64],
 ) {
+    if span::is_short(dims) {
+        let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
+        let (mean, var) = (SharedMut::new(mean_out), SharedMut::new(var_out));
+        for_each_task(parallel, tasks, |k| {
+            let channels = part(dims.channels, tasks, k);
+            let len = channels.len();
+            // SAFETY: the channel ranges of distinct tasks are disjoint.
+            let (mean, var) = unsafe { (mean.slice(channels.start, len), var.slice(channels.start, len)) };
+            isa.vectorize(SpanStatistics::<S> { x, dims, channels, mean, var, _spec: PhantomData });
+        });
+        return;
+    }
     let g = Geometry::new(dims);
     let total = dims.channels * g.chunks;
     let mut moments = vec![Moments::EMPTY; total];

@@ -14,16 +14,21 @@
 //!   reduction ([`group_moments`]). The first pass over a run prefetches the channel's next run
 //!   (the hardware prefetchers do not follow the stride between runs);
 //! - backward: the same two schedules around the fused pair of reductions and the `dx` pass;
-//! - backward with frozen statistics: one pass (reductions and `dx = k * dy` together).
+//! - backward with frozen statistics: one pass (reductions and `dx = k * dy` together);
+//! - short runs (fewer than 256 values, at least 16 images): the training forward and backward
+//!   go image by image over spans of channel tiles with per-lane parameters ([`span`]), in
+//!   both schedules.
 //!
 //! Files: [`geometry`] (blocks, chunks, groups), [`reduce`] (moments and sums of blocks and
-//! chunks), [`elementwise`] (inference, the streaming passes), [`forward`], [`backward`].
+//! chunks), [`elementwise`] (inference, the streaming passes), [`forward`], [`backward`],
+//! [`span`] (short runs).
 
 mod backward;
 mod elementwise;
 mod forward;
 mod geometry;
 mod reduce;
+mod span;
 
 pub(crate) use backward::{
     backward_eval, backward_fused, fuses_backward, train_backward_dx, train_backward_sums,
