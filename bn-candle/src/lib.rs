@@ -38,6 +38,10 @@
 //! own dtype or in f32; f32 and f64 tensors take parameters of their own dtype. A non-contiguous
 //! input is made contiguous first.
 //!
+//! Each op writes a fresh output (candle owns it afterwards); on Linux, outputs of 8 MiB and more
+//! are advised for transparent huge pages (`madvise`), so their first write does not fault once
+//! per 4 KiB page.
+//!
 //! The kernels run on the current Rayon pool, as candle's own convolutions do: the global pool
 //! (`RAYON_NUM_THREADS`), or candle's inside `Device::with_context`.
 //!
