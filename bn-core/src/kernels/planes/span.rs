@@ -431,16 +431,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
                 |r, full| {
                     isa.prefetch(xs[r.start..].as_ptr().wrapping_add(ahead));
                     isa.prefetch(dys[r.start..].as_ptr().wrapping_add(ahead));
-                    let xv = load_r(isa, xs, r.clone(), full);
-                    let av = mask_at::<I, MASK>(isa, a, r.clone(), full);
-                    let gv = masked::<I, MASK>(
-                        isa,
-                        xv,
-                        load_r(isa, dys, r.clone(), full),
-                        av,
-                        #[inline(always)]
-                        || load_r(isa, res, r.clone(), full),
-                    );
+                    let (xv, gv) = gradient_at::<I, MASK>(isa, xs, dys, res, a, r.clone(), full);
                     if let Some(o) = out.as_deref_mut() {
                         store_r(isa, o, r.clone(), full, gv);
                     }
@@ -458,6 +449,31 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
         }
         o0 = o1;
     }
+}
+
+/// The values `x` and the gradient of the normalize's output (`dy` through the fused ReLU of
+/// kind `MASK`) at the lanes `r` of a span.
+#[inline(always)]
+fn gradient_at<I: Isa, const MASK: u8>(
+    isa: I,
+    xs: &[f32],
+    dys: &[f32],
+    res: &[f32],
+    a: &[[f32; SPAN]; 3],
+    r: Range<usize>,
+    full: bool,
+) -> (I::V, I::V) {
+    let xv = load_r(isa, xs, r.clone(), full);
+    let av = mask_at::<I, MASK>(isa, a, r.clone(), full);
+    let gv = masked::<I, MASK>(
+        isa,
+        xv,
+        load_r(isa, dys, r.clone(), full),
+        av,
+        #[inline(always)]
+        || load_r(isa, res, r, full),
+    );
+    (xv, gv)
 }
 
 /// `dx` (and the masked gradient into `dr` when given) of the channels `channels`, tile by
@@ -502,16 +518,7 @@ pub(super) fn dx<I: Isa, const MASK: u8>(
             l,
             #[inline(always)]
             |r, full| {
-                let xv = load_r(isa, xs, r.clone(), full);
-                let av = mask_at::<I, MASK>(isa, a, r.clone(), full);
-                let gv = masked::<I, MASK>(
-                    isa,
-                    xv,
-                    load_r(isa, dys, r.clone(), full),
-                    av,
-                    #[inline(always)]
-                    || load_r(isa, res, r.clone(), full),
-                );
+                let (xv, gv) = gradient_at::<I, MASK>(isa, xs, dys, res, a, r.clone(), full);
                 if let Some(d) = dr.as_deref_mut() {
                     store_r(isa, d, r.clone(), full, gv);
                 }
