@@ -22,6 +22,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::NdArray;
 use burn::backend::{backend_extension, ExtensionType};
 use ndarray::{ArcArray, ArrayViewD, IxDyn};
+use rayon::iter::ParallelExtend;
 
 /// The output of [`BatchNormBackend::fused_batch_norm_train`]: the normalized input, the
 /// batch's mean and biased variance (shape `[channels]`), and what its backward needs.
@@ -125,39 +126,57 @@ pub trait BatchNormBackend: burn::backend::Backend {
 
 /// The float types the kernels run on NdArray: `f32` and `f64`, their own parameter type.
 trait Float: batchnorm::Element<Param = Self> + Clone + Send + Sync + 'static {
-    fn storage(tensor: NdArrayTensor) -> Option<NdArrayViewSource<Self>>;
+    /// The tensor's values, without a copy, when it holds this type.
+    fn view(tensor: &NdArrayTensor) -> Option<ArrayViewD<'_, Self>>;
     fn tensor(array: ArcArray<Self, IxDyn>) -> NdArrayTensor;
+    /// `n` zeros for an output the kernels overwrite, written by all of rayon's threads: a
+    /// single-threaded `calloc` memset of a recycled activation-sized block costs as much as a
+    /// kernel pass.
+    fn zeros(n: usize) -> Vec<Self>;
     fn saved(pass: Pass<Self>) -> Saved;
     fn pass(saved: &Saved) -> Option<&Pass<Self>>;
 }
 
-/// A tensor's values as the kernels take them: the tensor, viewed row-major.
-struct NdArrayViewSource<E> {
-    array: ArcArray<E, IxDyn>,
+/// A tensor's values as the kernels take them: the tensor itself when its values are
+/// contiguous and row-major, a row-major copy otherwise (made once).
+struct Values<E> {
+    tensor: NdArrayTensor,
+    copy: Option<ArcArray<E, IxDyn>>,
 }
 
-impl<E: Clone> NdArrayViewSource<E> {
+impl<E: Float> Values<E> {
     fn view(&self) -> ArrayViewD<'_, E> {
-        self.array.view()
+        match &self.copy {
+            Some(copy) => copy.view(),
+            // `values` checked the dtype.
+            None => E::view(&self.tensor).unwrap_or_else(|| unreachable!("bn-burn: dtype checked")),
+        }
     }
 }
 
 macro_rules! float {
     ($ty:ty, $variant:ident) => {
         impl Float for $ty {
-            fn storage(tensor: NdArrayTensor) -> Option<NdArrayViewSource<Self>> {
+            fn view(tensor: &NdArrayTensor) -> Option<ArrayViewD<'_, Self>> {
                 match tensor {
-                    // `into_shared` keeps an owned array as it is (no copy); only a borrowed
-                    // buffer (a zero-copy load) is copied.
-                    NdArrayTensor::$variant(storage) => {
-                        Some(NdArrayViewSource { array: storage.into_shared() })
-                    }
+                    // Zero-copy for owned and borrowed (loaded) storage alike.
+                    NdArrayTensor::$variant(storage) => Some(storage.view()),
                     _ => None,
                 }
             }
 
             fn tensor(array: ArcArray<Self, IxDyn>) -> NdArrayTensor {
                 NdArrayTensor::from(array)
+            }
+
+            fn zeros(n: usize) -> Vec<Self> {
+                // Below a few pages one thread is faster than a fork-join.
+                if n < 1 << 16 {
+                    return vec![0.0; n];
+                }
+                let mut values = Vec::with_capacity(n);
+                values.par_extend(rayon::iter::repeat_n(0.0, n));
+                values
             }
 
             fn saved(pass: Pass<Self>) -> Saved {
@@ -198,16 +217,17 @@ fn fail(error: BnError) -> ! {
 
 /// The contiguous values of a tensor of dtype `E` (copied into row-major order once when the
 /// tensor is a strided view).
-fn values<E: Float>(tensor: NdArrayTensor, what: &str) -> (NdArrayViewSource<E>, Vec<usize>) {
-    let dtype = tensor_dtype(&tensor);
-    let Some(mut source) = E::storage(tensor) else {
-        panic!("bn-burn batch norm: {what} has dtype {dtype}, expected {}", std::any::type_name::<E>())
+fn values<E: Float>(tensor: NdArrayTensor, what: &str) -> (Values<E>, Vec<usize>) {
+    let (copy, shape) = match E::view(&tensor) {
+        Some(view) if view.is_standard_layout() => (None, view.shape().to_vec()),
+        Some(view) => (Some(view.as_standard_layout().into_owned().into_shared()), view.shape().to_vec()),
+        None => panic!(
+            "bn-burn batch norm: {what} has dtype {}, expected {}",
+            tensor_dtype(&tensor),
+            std::any::type_name::<E>()
+        ),
     };
-    if !source.array.is_standard_layout() {
-        source.array = source.array.as_standard_layout().into_owned().into_shared();
-    }
-    let shape = source.array.shape().to_vec();
-    (source, shape)
+    (Values { tensor, copy }, shape)
 }
 
 fn tensor_dtype(tensor: &NdArrayTensor) -> String {
@@ -257,7 +277,7 @@ fn train<E: Float>(
     let beta = vector::<E>(beta, channels, "beta");
     let view = x.view();
     let x = slice(&view);
-    let mut y = vec![E::default(); x.len()];
+    let mut y = E::zeros(x.len());
     let stats = ops.forward_train(x, &shape, &gamma, &beta, &mut y).unwrap_or_else(|e| fail(e));
     FusedTrainOutput {
         output: array(&shape, y),
@@ -280,8 +300,8 @@ fn train_backward<E: Float>(
     let channels = pass.gamma.len();
     let (x_view, dy_view) = (x.view(), dy.view());
     let (x, dy) = (slice(&x_view), slice(&dy_view));
-    let mut dx = vec![E::default(); x.len()];
-    let (mut dgamma, mut dbeta) = (vec![E::default(); channels], vec![E::default(); channels]);
+    let mut dx = E::zeros(x.len());
+    let (mut dgamma, mut dbeta) = (E::zeros(channels), E::zeros(channels));
     pass.ops
         .backward(x, dy, &shape, &pass.stats, &pass.gamma, &pass.beta, &mut dx, &mut dgamma, &mut dbeta)
         .unwrap_or_else(|e| fail(e));
@@ -295,7 +315,7 @@ fn train_backward<E: Float>(
 /// The inputs of an inference pass, as the kernels take them.
 struct EvalInputs<E: Float> {
     ops: BatchNormOps<E>,
-    x: NdArrayViewSource<E>,
+    x: Values<E>,
     shape: Vec<usize>,
     gamma: Vec<E>,
     beta: Vec<E>,
@@ -329,7 +349,7 @@ fn eval<E: Float>(inputs: EvalInputs<E>) -> NdArrayTensor {
     let EvalInputs { ops, x, shape, gamma, beta, mean, variance } = inputs;
     let view = x.view();
     let x = slice(&view);
-    let mut y = vec![E::default(); x.len()];
+    let mut y = E::zeros(x.len());
     ops.forward_eval(x, &shape, &mean, &variance, &gamma, &beta, &mut y).unwrap_or_else(|e| fail(e));
     array(&shape, y)
 }
@@ -343,8 +363,8 @@ fn eval_backward<E: Float>(inputs: EvalInputs<E>, output_grad: NdArrayTensor) ->
     let channels = gamma.len();
     let (x_view, dy_view) = (x.view(), dy.view());
     let (x, dy) = (slice(&x_view), slice(&dy_view));
-    let mut dx = vec![E::default(); x.len()];
-    let (mut dgamma, mut dbeta) = (vec![E::default(); channels], vec![E::default(); channels]);
+    let mut dx = E::zeros(x.len());
+    let (mut dgamma, mut dbeta) = (E::zeros(channels), E::zeros(channels));
     ops.backward_eval(x, dy, &shape, &mean, &variance, &gamma, &beta, &mut dx, &mut dgamma, &mut dbeta)
         .unwrap_or_else(|e| fail(e));
     FusedGradients {
