@@ -231,3 +231,19 @@ fn errors_leave_state_unchanged() {
     assert_eq!(vec_of(ours.running_mean.value_sync()), vec![0.0; 3]);
     assert_eq!(vec_of(ours.running_var.value_sync()), vec![1.0; 3]);
 }
+
+/// A strided input (a transposed view) is normalized as its values, as burn-nn does: the
+/// kernels read a row-major copy made once.
+#[test]
+fn strided_input() {
+    let device = Device::ndarray().autodiff();
+    let (ours, theirs) = pair(3, 0.1, &device);
+    let x = tensor([5, 3, 4], 21, &device).swap_dims(0, 2).require_grad(); // [4, 3, 5], strided
+    let r = tensor([4, 3, 5], 22, &device);
+    let y_ours = ours.forward(x.clone());
+    let y_theirs = theirs.forward(x.clone());
+    assert_close("strided y", &vec_of(y_ours.clone()), &vec_of(y_theirs.clone()), 2e-5, 2e-4);
+    let dx_ours = vec_of(x.grad(&y_ours.mul(r.clone()).sum().backward()).expect("dx"));
+    let dx_theirs = vec_of(x.grad(&y_theirs.mul(r).sum().backward()).expect("dx"));
+    assert_close("strided dx", &dx_ours, &dx_theirs, 1e-4, 1e-3);
+}
