@@ -128,7 +128,7 @@ impl BatchNorm {
 
     fn forward_train<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let device = input.device();
-        let [_, channels] = [0, self.gamma.shape().dims::<1>()[0]];
+        let [channels] = self.gamma.shape().dims();
         let count = input.shape().num_elements() / channels;
         if self.unbiased_running_var && count < 2 {
             panic!(
