@@ -293,20 +293,32 @@ fn train_backward<E: Float>(
     pass: &Pass<E>,
 ) -> FusedGradients<NdArray> {
     let (x, shape) = values::<E>(x, "the input");
+    let Pass { ops, stats, gamma, beta } = pass;
+    gradients(&x, &shape, output_grad, gamma.len(), |x, dy, dx, dgamma, dbeta| {
+        ops.backward(x, dy, &shape, stats, gamma, beta, dx, dgamma, dbeta)
+    })
+}
+
+/// The gradients of a pass over `x` (of `shape`) from the gradient of its output: `backward`
+/// runs the kernel on the contiguous values into dx, dgamma and dbeta.
+fn gradients<E: Float>(
+    x: &Values<E>,
+    shape: &[usize],
+    output_grad: NdArrayTensor,
+    channels: usize,
+    backward: impl FnOnce(&[E], &[E], &mut [E], &mut [E], &mut [E]) -> Result<(), BnError>,
+) -> FusedGradients<NdArray> {
     let (dy, dy_shape) = values::<E>(output_grad, "the output gradient");
     if dy_shape != shape {
         panic!("bn-burn batch norm: the output gradient has shape {dy_shape:?}, the input {shape:?}")
     }
-    let channels = pass.gamma.len();
     let (x_view, dy_view) = (x.view(), dy.view());
     let (x, dy) = (slice(&x_view), slice(&dy_view));
     let mut dx = E::zeros(x.len());
     let (mut dgamma, mut dbeta) = (E::zeros(channels), E::zeros(channels));
-    pass.ops
-        .backward(x, dy, &shape, &pass.stats, &pass.gamma, &pass.beta, &mut dx, &mut dgamma, &mut dbeta)
-        .unwrap_or_else(|e| fail(e));
+    backward(x, dy, &mut dx, &mut dgamma, &mut dbeta).unwrap_or_else(|e| fail(e));
     FusedGradients {
-        x_grad: array(&shape, dx),
+        x_grad: array(shape, dx),
         gamma_grad: array(&[channels], dgamma),
         beta_grad: array(&[channels], dbeta),
     }
@@ -356,22 +368,9 @@ fn eval<E: Float>(inputs: EvalInputs<E>) -> NdArrayTensor {
 
 fn eval_backward<E: Float>(inputs: EvalInputs<E>, output_grad: NdArrayTensor) -> FusedGradients<NdArray> {
     let EvalInputs { ops, x, shape, gamma, beta, mean, variance } = inputs;
-    let (dy, dy_shape) = values::<E>(output_grad, "the output gradient");
-    if dy_shape != shape {
-        panic!("bn-burn batch norm: the output gradient has shape {dy_shape:?}, the input {shape:?}")
-    }
-    let channels = gamma.len();
-    let (x_view, dy_view) = (x.view(), dy.view());
-    let (x, dy) = (slice(&x_view), slice(&dy_view));
-    let mut dx = E::zeros(x.len());
-    let (mut dgamma, mut dbeta) = (E::zeros(channels), E::zeros(channels));
-    ops.backward_eval(x, dy, &shape, &mean, &variance, &gamma, &beta, &mut dx, &mut dgamma, &mut dbeta)
-        .unwrap_or_else(|e| fail(e));
-    FusedGradients {
-        x_grad: array(&shape, dx),
-        gamma_grad: array(&[channels], dgamma),
-        beta_grad: array(&[channels], dbeta),
-    }
+    gradients(&x, &shape, output_grad, gamma.len(), |x, dy, dx, dgamma, dbeta| {
+        ops.backward_eval(x, dy, &shape, &mean, &variance, &gamma, &beta, dx, dgamma, dbeta)
+    })
 }
 
 /// Runs `$body` with `$E` bound to the element type of `$x` (`f32` or `f64`).
