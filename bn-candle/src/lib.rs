@@ -38,9 +38,9 @@
 //! own dtype or in f32; f32 and f64 tensors take parameters of their own dtype. A non-contiguous
 //! input is made contiguous first.
 //!
-//! Each op writes a fresh output (candle owns it afterwards); on Linux, outputs of 8 MiB and more
-//! are advised for transparent huge pages (`madvise`), so their first write does not fault once
-//! per 4 KiB page.
+//! Each op writes a fresh output (candle owns it afterwards) from
+//! [`batchnorm::ops::output_buffer`]: on Linux, outputs of 8 MiB and more are advised for
+//! transparent huge pages (`madvise`), so their first write does not fault once per 4 KiB page.
 //!
 //! The kernels run on the current Rayon pool, as candle's own convolutions do: the global pool
 //! (`RAYON_NUM_THREADS`), or candle's inside `Device::with_context`.
@@ -63,7 +63,6 @@
 
 #![deny(missing_docs)]
 
-mod buffer;
 mod element;
 mod module;
 mod op;

@@ -10,11 +10,10 @@
 use std::cell::OnceCell;
 use std::sync::{Arc, OnceLock};
 
-use batchnorm::ops::{BatchNormOps, BatchStats};
+use batchnorm::ops::{output_buffer, BatchNormOps, BatchStats};
 use batchnorm::Param;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
-use crate::buffer;
 use crate::element::{candle_error, CandleElement};
 
 /// Two per-feature vectors: gamma and beta, or their gradients, or the running mean and
@@ -68,7 +67,7 @@ impl<E: CandleElement> TrainOp<E> {
                 (&unit.0[..], &unit.1[..])
             }
         };
-        let mut y = buffer::output::<E>(x.len());
+        let mut y = output_buffer::<E>(x.len());
         let stats = self.ops.forward_train(x, layout.dims(), gamma, beta, &mut y).map_err(candle_error)?;
         if self.zero_eps {
             if let Some(c) = stats.var().iter().position(|&v| v == 0.0) {
@@ -124,7 +123,7 @@ impl<E: CandleElement> EvalOp<E> {
                 (&unit.0[..], &unit.1[..])
             }
         };
-        let mut y = buffer::output::<E>(x.len());
+        let mut y = output_buffer::<E>(x.len());
         self.ops
             .forward_eval(x, layout.dims(), &self.running_mean, &self.running_var, gamma, beta, &mut y)
             .map_err(candle_error)?;
@@ -259,7 +258,7 @@ impl<E: CandleElement> CustomOp2 for BackwardPass<'_, E> {
             )
         }
         let channels = self.ops.layout().channels();
-        let mut dx = buffer::output::<E>(x.len());
+        let mut dx = output_buffer::<E>(x.len());
         let (mut dgamma, mut dbeta) = (vec![E::Param::ZERO; channels], vec![E::Param::ZERO; channels]);
         let (ops, shape, gamma, beta) = (self.ops, l1.dims(), self.gamma, self.beta);
         match self.frozen {

@@ -40,6 +40,7 @@
 //! ```
 
 pub(crate) mod backward;
+mod buffer;
 mod check;
 mod eval;
 mod setup;
@@ -49,6 +50,7 @@ pub(crate) use check::{check_len, check_running};
 pub(crate) use eval::Coefficients;
 pub(crate) use train::update_running;
 
+pub use buffer::{output_buffer, HUGE_PAGE_MIN};
 pub use setup::{BatchNormOps, BatchStats};
 
 use crate::spec::Dynamic;
