@@ -13,7 +13,7 @@ use burn::backend::AutodiffBackend;
 /// The autodiff tensor of inner backend `B` (burn's `AdTensor<B, C>`, not exported by name).
 type AdTensor<B, C> = FloatTensor<Autodiff<B, C>>;
 
-use crate::backend::{BatchNormBackend, FusedGradients, FusedTrainOutput, Saved};
+use crate::backend::{BatchNormBackend, FusedGradients, FusedTrainOutput, RunningStats, Saved};
 
 /// Registers each gradient for the parent that needs one.
 macro_rules! register {
@@ -164,5 +164,25 @@ impl<B: BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for Autodiff<B
         _output_grad: AdTensor<B, C>,
     ) -> FusedGradients<Self> {
         panic!("bn-burn batch norm: the backward pass is not differentiable (no second-order gradients)")
+    }
+
+    fn fused_running_stats(
+        running_mean: AdTensor<B, C>,
+        running_var: AdTensor<B, C>,
+        batch_mean: AdTensor<B, C>,
+        batch_var: AdTensor<B, C>,
+        momentum: f64,
+        variance_factor: f64,
+    ) -> RunningStats<Self> {
+        // Statistics carry no gradient: the inner operation on the values, untracked.
+        let result = B::fused_running_stats(
+            running_mean.into_primitive(),
+            running_var.into_primitive(),
+            batch_mean.into_primitive(),
+            batch_var.into_primitive(),
+            momentum,
+            variance_factor,
+        );
+        RunningStats { mean: Self::from_inner(result.mean), variance: Self::from_inner(result.variance) }
     }
 }

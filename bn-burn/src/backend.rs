@@ -15,14 +15,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use batchnorm::ops::{BatchNormOps, BatchStats};
+use batchnorm::ops::{output_buffer, BatchNormOps, BatchStats};
 use batchnorm::{BnError, Config, Layout, Preset};
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::NdArray;
 use burn::backend::{backend_extension, ExtensionType};
 use ndarray::{ArcArray, ArrayViewD, IxDyn};
-use rayon::iter::ParallelExtend;
 
 /// The output of [`BatchNormBackend::fused_batch_norm_train`]: the normalized input, the
 /// batch's mean and biased variance (shape `[channels]`), and what its backward needs.
@@ -47,6 +46,16 @@ pub struct FusedGradients<B: burn::backend::Backend> {
     pub gamma_grad: FloatTensor<B>,
     /// Gradient of beta, `[channels]`.
     pub beta_grad: FloatTensor<B>,
+}
+
+/// The running statistics after a training batch, from
+/// [`BatchNormBackend::fused_running_stats`].
+#[derive(ExtensionType)]
+pub struct RunningStats<B: burn::backend::Backend> {
+    /// The running mean, `[channels]`.
+    pub mean: FloatTensor<B>,
+    /// The running variance, `[channels]`.
+    pub variance: FloatTensor<B>,
 }
 
 /// What a training forward leaves for its backward: the kernels' handle, the batch statistics
@@ -122,6 +131,21 @@ pub trait BatchNormBackend: burn::backend::Backend {
         epsilon: f64,
         output_grad: FloatTensor<Self>,
     ) -> FusedGradients<Self>;
+
+    /// The running statistics after a training batch, as burn-nn's `BatchNorm` updates them,
+    /// in one operation: `running * (1 - momentum) + batch * momentum` per channel, the batch
+    /// variance first multiplied by `variance_factor` (1 for burn's biased running variance,
+    /// `n / (n - 1)` for PyTorch's unbiased one). The same element arithmetic, in the same
+    /// order, as burn's tensor operations, so the same bits. Not differentiable (the running
+    /// statistics never are).
+    fn fused_running_stats(
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        batch_mean: FloatTensor<Self>,
+        batch_var: FloatTensor<Self>,
+        momentum: f64,
+        variance_factor: f64,
+    ) -> RunningStats<Self>;
 }
 
 /// The float types the kernels run on NdArray: `f32` and `f64`, their own parameter type.
@@ -129,10 +153,9 @@ trait Float: batchnorm::Element<Param = Self> + Clone + Send + Sync + 'static {
     /// The tensor's values, without a copy, when it holds this type.
     fn view(tensor: &NdArrayTensor) -> Option<ArrayViewD<'_, Self>>;
     fn tensor(array: ArcArray<Self, IxDyn>) -> NdArrayTensor;
-    /// `n` zeros for an output the kernels overwrite, written by all of rayon's threads: a
-    /// single-threaded `calloc` memset of a recycled activation-sized block costs as much as a
-    /// kernel pass.
-    fn zeros(n: usize) -> Vec<Self>;
+    /// `running * keep + batch * factor * take`, each product and the sum rounded to `Self`
+    /// as burn's `mul_scalar` and `add` round them (scalars converted to `Self` first).
+    fn blend(running: &[Self], batch: &[Self], keep: f64, take: f64, factor: f64) -> Vec<Self>;
     fn saved(pass: Pass<Self>) -> Saved;
     fn pass(saved: &Saved) -> Option<&Pass<Self>>;
 }
@@ -169,14 +192,9 @@ macro_rules! float {
                 NdArrayTensor::from(array)
             }
 
-            fn zeros(n: usize) -> Vec<Self> {
-                // Below a few pages one thread is faster than a fork-join.
-                if n < 1 << 16 {
-                    return vec![0.0; n];
-                }
-                let mut values = Vec::with_capacity(n);
-                values.par_extend(rayon::iter::repeat_n(0.0, n));
-                values
+            fn blend(running: &[Self], batch: &[Self], keep: f64, take: f64, factor: f64) -> Vec<Self> {
+                let (keep, take, factor) = (keep as $ty, take as $ty, factor as $ty);
+                running.iter().zip(batch).map(|(&r, &b)| r * keep + b * factor * take).collect()
             }
 
             fn saved(pass: Pass<Self>) -> Saved {
@@ -277,7 +295,7 @@ fn train<E: Float>(
     let beta = vector::<E>(beta, channels, "beta");
     let view = x.view();
     let x = slice(&view);
-    let mut y = E::zeros(x.len());
+    let mut y = output_buffer::<E>(x.len());
     let stats = ops.forward_train(x, &shape, &gamma, &beta, &mut y).unwrap_or_else(|e| fail(e));
     FusedTrainOutput {
         output: array(&shape, y),
@@ -314,8 +332,8 @@ fn gradients<E: Float>(
     }
     let (x_view, dy_view) = (x.view(), dy.view());
     let (x, dy) = (slice(&x_view), slice(&dy_view));
-    let mut dx = E::zeros(x.len());
-    let (mut dgamma, mut dbeta) = (E::zeros(channels), E::zeros(channels));
+    let mut dx = output_buffer::<E>(x.len());
+    let (mut dgamma, mut dbeta) = (vec![E::default(); channels], vec![E::default(); channels]);
     backward(x, dy, &mut dx, &mut dgamma, &mut dbeta).unwrap_or_else(|e| fail(e));
     FusedGradients {
         x_grad: array(shape, dx),
@@ -361,7 +379,7 @@ fn eval<E: Float>(inputs: EvalInputs<E>) -> NdArrayTensor {
     let EvalInputs { ops, x, shape, gamma, beta, mean, variance } = inputs;
     let view = x.view();
     let x = slice(&view);
-    let mut y = E::zeros(x.len());
+    let mut y = output_buffer::<E>(x.len());
     ops.forward_eval(x, &shape, &mean, &variance, &gamma, &beta, &mut y).unwrap_or_else(|e| fail(e));
     array(&shape, y)
 }
@@ -371,6 +389,27 @@ fn eval_backward<E: Float>(inputs: EvalInputs<E>, output_grad: NdArrayTensor) ->
     gradients(&x, &shape, output_grad, gamma.len(), |x, dy, dx, dgamma, dbeta| {
         ops.backward_eval(x, dy, &shape, &mean, &variance, &gamma, &beta, dx, dgamma, dbeta)
     })
+}
+
+fn running_stats<E: Float>(
+    [running_mean, running_var, batch_mean, batch_var]: [NdArrayTensor; 4],
+    momentum: f64,
+    variance_factor: f64,
+) -> RunningStats<NdArray> {
+    let (running_mean, shape) = values::<E>(running_mean, "the running mean");
+    let &[channels] = shape.as_slice() else {
+        panic!("bn-burn batch norm: the running mean has shape {shape:?}, expected one axis")
+    };
+    let view = running_mean.view();
+    let running_mean = slice(&view);
+    let running_var = vector::<E>(running_var, channels, "the running variance");
+    let batch_mean = vector::<E>(batch_mean, channels, "the batch mean");
+    let batch_var = vector::<E>(batch_var, channels, "the batch variance");
+    let keep = 1.0 - momentum;
+    RunningStats {
+        mean: array(&[channels], E::blend(running_mean, &batch_mean, keep, momentum, 1.0)),
+        variance: array(&[channels], E::blend(&running_var, &batch_var, keep, momentum, variance_factor)),
+    }
 }
 
 /// Runs `$body` with `$E` bound to the element type of `$x` (`f32` or `f64`).
@@ -435,5 +474,17 @@ impl BatchNormBackend for NdArray {
         output_grad: NdArrayTensor,
     ) -> FusedGradients<Self> {
         with_float!(x, E => eval_backward::<E>(eval_inputs(x, gamma, beta, mean, variance, epsilon), output_grad))
+    }
+
+    fn fused_running_stats(
+        running_mean: NdArrayTensor,
+        running_var: NdArrayTensor,
+        batch_mean: NdArrayTensor,
+        batch_var: NdArrayTensor,
+        momentum: f64,
+        variance_factor: f64,
+    ) -> RunningStats<Self> {
+        let tensors = [running_mean, running_var, batch_mean, batch_var];
+        with_float!(tensors[0], E => running_stats::<E>(tensors, momentum, variance_factor))
     }
 }

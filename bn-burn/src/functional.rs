@@ -111,3 +111,45 @@ pub fn batch_norm<const D: usize>(
         epsilon,
     ))
 }
+
+/// The running statistics after a training batch, as burn-nn's `BatchNorm` updates them:
+/// `running * (1 - momentum) + batch * momentum` per channel, the batch variance first
+/// multiplied by `variance_factor` (1 for burn's biased running variance, `n / (n - 1)` for
+/// PyTorch's unbiased one). Returns the new mean and variance, untracked.
+///
+/// One operation where the extension covers the device and dtype (the same bits as burn's
+/// tensor operations, which run everywhere else).
+///
+/// # Panics
+///
+/// As burn's tensor operations, when the four tensors differ in shape.
+pub fn update_running_stats(
+    running_mean: Tensor<1>,
+    running_var: Tensor<1>,
+    batch_mean: Tensor<1>,
+    batch_var: Tensor<1>,
+    momentum: f64,
+    variance_factor: f64,
+) -> (Tensor<1>, Tensor<1>) {
+    let dtype = running_mean.dtype();
+    let covered = is_accelerated(&running_mean.device(), dtype)
+        && [&running_var, &batch_mean, &batch_var]
+            .iter()
+            .all(|t| t.dtype() == dtype && t.dims() == running_mean.dims());
+    if !covered {
+        let keep = 1.0 - momentum;
+        return (
+            running_mean.mul_scalar(keep).add(batch_mean.mul_scalar(momentum)),
+            running_var.mul_scalar(keep).add(batch_var.mul_scalar(variance_factor).mul_scalar(momentum)),
+        );
+    }
+    let result = Dispatch::fused_running_stats(
+        running_mean.into_dispatch(),
+        running_var.into_dispatch(),
+        batch_mean.into_dispatch(),
+        batch_var.into_dispatch(),
+        momentum,
+        variance_factor,
+    );
+    (Tensor::from_dispatch(result.mean), Tensor::from_dispatch(result.variance))
+}

@@ -139,19 +139,21 @@ impl BatchNorm {
 
         let result = functional::batch_norm_train(input, self.gamma.val(), self.beta.val(), self.epsilon);
 
-        let variance = match self.unbiased_running_var {
-            true => result.variance.detach().mul_scalar(count as f64 / (count - 1) as f64),
-            false => result.variance.detach(),
+        let variance_factor = match self.unbiased_running_var {
+            true => count as f64 / (count - 1) as f64,
+            false => 1.0,
         };
-        let running_mean = self.running_mean.value_sync().to_device(&device);
-        let running_var = self.running_var.value_sync().to_device(&device);
+        let (running_mean, running_var) = functional::update_running_stats(
+            self.running_mean.value_sync().to_device(&device),
+            self.running_var.value_sync().to_device(&device),
+            result.mean,
+            result.variance,
+            self.momentum,
+            variance_factor,
+        );
 
-        let running_mean =
-            running_mean.mul_scalar(1.0 - self.momentum).add(result.mean.detach().mul_scalar(self.momentum));
-        let running_var = running_var.mul_scalar(1.0 - self.momentum).add(variance.mul_scalar(self.momentum));
-
-        self.running_mean.update(running_mean.detach());
-        self.running_var.update(running_var.detach());
+        self.running_mean.update(running_mean);
+        self.running_var.update(running_var);
 
         result.output
     }

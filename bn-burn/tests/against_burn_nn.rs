@@ -247,3 +247,31 @@ fn strided_input() {
     let dx_theirs = vec_of(x.grad(&y_theirs.mul(r).sum().backward()).expect("dx"));
     assert_close("strided dx", &dx_ours, &dx_theirs, 1e-4, 1e-3);
 }
+
+/// The running-statistics update in one operation gives the bits of burn-nn's tensor
+/// arithmetic (`running * (1 - m) + batch * m`, the variance first scaled), f32 and f64, on the
+/// plain and the autodiff device, for burn's biased and PyTorch's unbiased factor.
+#[test]
+fn running_stats_update_has_burns_bits() {
+    let plain = Device::ndarray();
+    for device in [plain.clone(), plain.autodiff()] {
+        for dtype in [DType::F32, DType::F64] {
+            for (momentum, factor) in [(0.1, 1.0), (0.37, 64.0 / 63.0), (1.0, 3.0 / 2.0), (0.0, 1.0)] {
+                let t = |seed| tensor([37], seed, &device).cast(dtype);
+                let (rm, rv, bm, bv) = (t(1), t(2).abs(), t(3), t(4).abs());
+                let keep = 1.0 - momentum;
+                let mean = rm.clone().mul_scalar(keep).add(bm.clone().mul_scalar(momentum));
+                let var = rv.clone().mul_scalar(keep).add(bv.clone().mul_scalar(factor).mul_scalar(momentum));
+                let (ours_mean, ours_var) =
+                    bn_burn::functional::update_running_stats(rm, rv, bm, bv, momentum, factor);
+                assert!(bn_burn::functional::is_accelerated(&device, dtype));
+                assert_eq!(ours_mean.dtype(), dtype);
+                let bits =
+                    |t: Tensor<1>| t.into_data().convert::<f64>().try_into_vec::<f64>().expect("f64 data");
+                let what = format!("{dtype:?} momentum {momentum} factor {factor}");
+                assert_eq!(bits(ours_mean), bits(mean), "{what}: mean");
+                assert_eq!(bits(ours_var), bits(var), "{what}: variance");
+            }
+        }
+    }
+}
