@@ -9,7 +9,11 @@
 //! - `floor`: the same step on `y = x` (what burn spends around any op: the loss, its backward,
 //!   the gradient buffers), so that `step - floor` is what batch norm adds;
 //! - `kernels`: the kernels alone on slices (`batchnorm::ops` forward_train + backward, buffers
-//!   allocated once), which `step - floor` is compared with.
+//!   allocated once), which `step - floor` is compared with;
+//! - `copy op`: the step through a custom op that only copies (`y = x`, and in its backward
+//!   `dx = dy`, each into a fresh buffer, as the batch norm writes `y` and `dx`): what burn
+//!   charges for any op of that shape, so `(copy op - floor) / kernels` is the least the batch
+//!   norm's ratio can be.
 //!
 //! Times are medians.
 //!
@@ -24,6 +28,65 @@ use batchnorm::ops::BatchNormOps;
 use batchnorm::{Config, Layout, Preset};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
+
+/// The copy op: a backend extension with an Autodiff node, built the way bn-burn's batch norm
+/// is, whose forward and backward only copy.
+mod copy_op {
+    use batchnorm::ops::output_buffer;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops};
+    use burn::backend::autodiff::Autodiff;
+    use burn::backend::backend_extension;
+    use burn::backend::ndarray::NdArrayTensor;
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::{Dispatch, NdArray};
+    use burn::tensor::Tensor;
+    use ndarray::{ArcArray, IxDyn};
+
+    /// `y = x` into a fresh buffer.
+    #[backend_extension(NdArray, Autodiff)]
+    pub trait CopyBackend: burn::backend::Backend {
+        fn copy_op(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    }
+
+    impl CopyBackend for NdArray {
+        fn copy_op(x: NdArrayTensor) -> NdArrayTensor {
+            let NdArrayTensor::F32(storage) = &x else { panic!("the copy op takes f32") };
+            let view = storage.view();
+            let values = view.as_slice().expect("a contiguous tensor");
+            let mut y = output_buffer::<f32>(values.len());
+            y.copy_from_slice(values);
+            NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(view.shape()), y).expect("same shape"))
+        }
+    }
+
+    #[derive(Debug)]
+    struct CopyNode;
+
+    impl<B: CopyBackend> Backward<B, 1> for CopyNode {
+        type State = ();
+
+        fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let [parent] = ops.parents;
+            let grad = grads.consume::<B>(&ops.node);
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, B::copy_op(grad));
+            }
+        }
+    }
+
+    impl<B: CopyBackend, C: CheckpointStrategy> CopyBackend for Autodiff<B, C> {
+        fn copy_op(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            CopyNode.prepare::<C>([x.node()]).compute_bound().stateless(B::copy_op(x.into_primitive()))
+        }
+    }
+
+    pub fn copy<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+        Tensor::from_dispatch(Dispatch::copy_op(x.into_dispatch()))
+    }
+}
 
 const SHAPES: &[(&str, &[usize])] = &[
     ("S1", &[256, 1024]),
@@ -176,12 +239,18 @@ fn time_rank<const D: usize>(
     [train, eval, step]
 }
 
-fn floor<const D: usize>(options: &Options, x: &Tensor<D>, r: &Tensor<D>) -> f64 {
+/// The floor (`y = x`) and the copy op's step.
+fn floor<const D: usize>(options: &Options, x: &Tensor<D>, r: &Tensor<D>) -> [f64; 2] {
     let x_tracked = x.clone().require_grad();
-    options.median(|| {
+    let floor = options.median(|| {
         let grads = x_tracked.clone().mul(r.clone()).sum().backward();
         assert!(x_tracked.grad(&grads).is_some());
-    })
+    });
+    let copy = options.median(|| {
+        let grads = copy_op::copy(x_tracked.clone()).mul(r.clone()).sum().backward();
+        assert!(x_tracked.grad(&grads).is_some());
+    });
+    [floor, copy]
 }
 
 /// The kernels alone: forward_train and backward on slices.
@@ -238,6 +307,7 @@ struct Group {
     eval: Vec<f64>,
     step: Vec<f64>,
     overhead: Vec<f64>,
+    copy: Vec<f64>,
     added: f64,
     kernels: f64,
 }
@@ -249,13 +319,15 @@ impl Group {
         }
         println!(
             "geo-mean over {} {what} shapes: train forward {:.1}x, eval {:.1}x, training step {:.1}x faster than burn-nn; \
-             (step - floor) / kernels: median {:.2}, summed over the shapes {:.2}",
+             (step - floor) / kernels: median {:.2}, summed over the shapes {:.2}; \
+             (copy op - floor) / kernels: median {:.2}",
             self.train.len(),
             geo_mean(&self.train),
             geo_mean(&self.eval),
             geo_mean(&self.step),
             median(&self.overhead),
             self.added / self.kernels,
+            median(&self.copy),
         );
     }
 }
@@ -273,9 +345,9 @@ fn main() -> Result<(), String> {
         load(),
     );
     println!(
-        "| shape | train: burn-nn / ours | x | eval: burn-nn / ours | x | step: burn-nn / ours | x | floor | kernels | (step - floor) / kernels |"
+        "| shape | train: burn-nn / ours | x | eval: burn-nn / ours | x | step: burn-nn / ours | x | floor | kernels | (step - floor) / kernels | copy op | (copy op - floor) / kernels |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut standard, mut resnet) = (Group::default(), Group::default());
     for (name, shape) in SHAPES {
         if options.shapes.as_ref().is_some_and(|list| !list.iter().any(|s| s == name)) {
@@ -286,7 +358,7 @@ fn main() -> Result<(), String> {
         let (xs, rs) = (random(n, 1, 0.5, 2.0), random(n, 2, 0.0, 1.0));
         let make = |values: &Vec<f32>, _device: &Device| TensorData::new(values.clone(), shape.to_vec());
         let mut times = Vec::new();
-        let mut floor_time = 0.0;
+        let mut floor_time = [0.0; 2];
         for ours in [false, true] {
             let module: Box<dyn Bn> = if ours {
                 Box::new(bn_burn::BatchNormConfig::new(c).init(&device))
@@ -334,9 +406,11 @@ fn main() -> Result<(), String> {
         let kernels = time_kernels(&options, shape, &xs, &rs);
         let [theirs, ours] = [times[0], times[1]];
         let ratio = |i: usize| theirs[i] / ours[i];
+        let [floor_time, copy_time] = floor_time;
         let added = (ours[2] - floor_time) / kernels;
+        let copy_added = (copy_time - floor_time) / kernels;
         println!(
-            "| {name} {shape:?} | {} / {} | {:.1} | {} / {} | {:.1} | {} / {} | {:.1} | {} | {} | {:.2} |",
+            "| {name} {shape:?} | {} / {} | {:.1} | {} / {} | {:.1} | {} / {} | {:.1} | {} | {} | {:.2} | {} | {:.2} |",
             ms(theirs[0]),
             ms(ours[0]),
             ratio(0),
@@ -349,12 +423,15 @@ fn main() -> Result<(), String> {
             ms(floor_time),
             ms(kernels),
             added,
+            ms(copy_time),
+            copy_added,
         );
         let group = if name.starts_with('S') { &mut standard } else { &mut resnet };
         group.train.push(ratio(0));
         group.eval.push(ratio(1));
         group.step.push(ratio(2));
         group.overhead.push(added);
+        group.copy.push(copy_added);
         group.added += ours[2] - floor_time;
         group.kernels += kernels;
     }
