@@ -143,9 +143,10 @@ impl BatchNorm {
             true => count as f64 / (count - 1) as f64,
             false => 1.0,
         };
+        let on_device = |t: Tensor<1>| if t.device() == device { t } else { t.to_device(&device) };
         let (running_mean, running_var) = functional::update_running_stats(
-            self.running_mean.value_sync().to_device(&device),
-            self.running_var.value_sync().to_device(&device),
+            on_device(self.running_mean.value_sync()),
+            on_device(self.running_var.value_sync()),
             result.mean,
             result.variance,
             self.momentum,

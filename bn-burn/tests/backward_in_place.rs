@@ -1,0 +1,90 @@
+//! The f32 training backward writes `dx` over the output gradient when it holds the only
+//! reference to it: the same bits as the backward into a fresh buffer (taken when the gradient
+//! is shared), on shapes that cut into several blocks of images, one image larger than a
+//! block, short runs, rows and rank 3; tensors under a block always take a fresh buffer.
+#![allow(deprecated)] // burn 0.22 deprecates NdArray; it is the backend we accelerate.
+
+use bn_burn::{BatchNormBackend, FusedGradients};
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::NdArray;
+use ndarray::{ArcArray, IxDyn};
+
+/// Deterministic values in about [-3, 5): an LCG, no dependency on our code.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 3.0
+        })
+        .collect()
+}
+
+fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
+    NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(shape), values).expect("shape"))
+}
+
+fn address(t: &NdArrayTensor) -> *const f32 {
+    match t {
+        NdArrayTensor::F32(storage) => storage.view().as_ptr(),
+        _ => panic!("not f32"),
+    }
+}
+
+fn bits(t: &NdArrayTensor) -> Vec<u32> {
+    match t {
+        NdArrayTensor::F32(storage) => storage.view().iter().map(|v| v.to_bits()).collect(),
+        _ => panic!("not f32"),
+    }
+}
+
+#[test]
+fn dx_over_the_output_gradient_has_the_fresh_buffers_bits() {
+    let shapes: [&[usize]; 7] = [
+        &[40, 8, 30, 30],  // 7,200 values per image: 9 images per block, 5 blocks
+        &[2, 4, 200, 200], // an image larger than a block
+        &[32, 64, 7, 7],   // short runs (the span schedule)
+        &[300, 1000],      // rows
+        &[3, 5, 17],       // rank 3, under a block
+        &[50, 3],          // tiny
+        &[17, 6, 33, 35],  // odd extents
+    ];
+    for (k, shape) in shapes.into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let c = shape[1];
+        let seed = 10 * k as u64;
+        let x = values(n, seed + 1);
+        let gamma = values(c, seed + 2).iter().map(|v| 0.5 * v + 1.0).collect::<Vec<_>>();
+        let forward = NdArray::fused_batch_norm_train(
+            tensor(x.clone(), shape),
+            tensor(gamma, &[c]),
+            tensor(values(c, seed + 3), &[c]),
+            1e-5,
+        );
+        let dy = values(n, seed + 4);
+
+        // Shared (another reference is held): dx goes to a fresh buffer.
+        let shared = tensor(dy.clone(), shape);
+        let held = shared.clone();
+        let fresh: FusedGradients<NdArray> =
+            NdArray::fused_batch_norm_train_backward(tensor(x.clone(), shape), shared, forward.saved.clone());
+        assert_ne!(address(&fresh.x_grad), address(&held), "{shape:?}: the shared gradient was overwritten");
+        assert_eq!(
+            bits(&held),
+            dy.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{shape:?}: shared gradient changed"
+        );
+
+        // Sole owner: dx is written over it.
+        let owned = tensor(dy, shape);
+        let at = address(&owned);
+        let in_place = NdArray::fused_batch_norm_train_backward(tensor(x, shape), owned, forward.saved);
+        // Tensors under one block (65,536 values) take the fused kernel into a fresh buffer.
+        let expect_in_place = n >= 1 << 16;
+        assert_eq!(address(&in_place.x_grad) == at, expect_in_place, "{shape:?}: dx over the gradient");
+
+        assert_eq!(bits(&in_place.x_grad), bits(&fresh.x_grad), "{shape:?}: dx");
+        assert_eq!(bits(&in_place.gamma_grad), bits(&fresh.gamma_grad), "{shape:?}: dgamma");
+        assert_eq!(bits(&in_place.beta_grad), bits(&fresh.beta_grad), "{shape:?}: dbeta");
+    }
+}
