@@ -7,16 +7,9 @@ use burn::module::{Module, Param};
 use burn::nn as burn_nn;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-/// Deterministic values in about [-3, 5): a per-shape LCG, no dependency on our code.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 3.0
-        })
-        .collect()
-}
+mod common;
+
+use common::values;
 
 fn tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
     let n = shape.iter().product();

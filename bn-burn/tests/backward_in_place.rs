@@ -9,16 +9,9 @@ use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::NdArray;
 use ndarray::{ArcArray, IxDyn};
 
-/// Deterministic values in about [-3, 5): an LCG, no dependency on our code.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 3.0
-        })
-        .collect()
-}
+mod common;
+
+use common::values;
 
 fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
     NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(shape), values).expect("shape"))
