@@ -93,7 +93,7 @@ pub fn __copy_scheduled(src: &[f32], dst: &mut [f32], chunk: usize) {
 
 /// Forces non-temporal (streaming) stores for every out-of-place output on (`Some(true)`) or off
 /// (`Some(false)`), or restores the size rule (`None`: outputs of 14 MiB and more, in runs of
-/// at least 256 values). Results are the same bits either way; for tests and measurements.
+/// at least 128 values). Results are the same bits either way; for tests and measurements.
 /// The environment variable `BN_STREAM=0|1`, read on first use, does the same.
 #[doc(hidden)]
 pub fn __force_streaming(on: Option<bool>) {

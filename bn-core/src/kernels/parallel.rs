@@ -75,9 +75,11 @@ pub(crate) const TASK_ELEMS: usize = 1 << 13;
 pub(crate) const STREAM_MIN_BYTES: usize = 14 << 20;
 
 /// Least contiguous run (values) worth streaming: shorter runs leave partial lines, which
-/// streaming stores turn into slow partial writes (S4's runs of 49 values take about 1.5x as
-/// long streamed).
-pub(crate) const STREAM_MIN_RUN: usize = 256;
+/// streaming stores turn into slow partial writes. Runs of 196 values (14 x 14: 12 whole lines
+/// and at most two partial ones) pay: ResNet-50's (50, 1024, 14, 14) inference takes 0.67-0.76x
+/// the time streamed on a Zen 4 VM. Runs of 49 do not: (32, 2048, 7, 7) takes 1.2x as long
+/// with 1 thread (and 1.5x on a Zen 3), (50, 2048, 7, 7) 1.2x.
+pub(crate) const STREAM_MIN_RUN: usize = 128;
 
 /// Orders this thread's non-temporal stores before its later stores (`sfence` on x86-64; nothing
 /// elsewhere, where the kernels store the regular way): what a task that streamed runs before

@@ -4,7 +4,7 @@
 //!
 //! Backends this machine lacks are skipped with a printed line.
 
-use bn_core::kernels::{self, reference, Backend};
+use bn_core::kernels::{self, reference, Backend, Epilogue};
 use bn_core::spec::{Dynamic, Spec};
 use bn_core::Canonical;
 
@@ -173,6 +173,71 @@ fn normalize_matches_reference_and_inplace_is_bit_identical() {
             assert_bits(&xy, &y, &format!("{b} {dims:?}: normalize_inplace vs normalize"));
         }
         let _ = &backends;
+    }
+}
+
+/// Inference of short runs (every branch of [`short_run_shapes`], runs of 127 and 128 values
+/// around the streaming threshold, and one large enough for the pool) on the backends with a
+/// fused multiply-add: exactly `fma(x - m, s, t)` in `f32` per value, through the fused ReLU and
+/// the residual too, in place, with streaming stores forced on and off and by the size rule, on
+/// 1, 2 and 3 threads.
+#[test]
+fn short_run_inference_is_the_fused_formula() {
+    let shapes = short_run_shapes().into_iter().chain([
+        Canonical { outer: 20, channels: 40, inner: 127 },
+        Canonical { outer: 20, channels: 40, inner: 128 },
+        Canonical { outer: 50, channels: 96, inner: 196 },
+    ]);
+    let backends: Vec<Backend> =
+        fast_backends().into_iter().filter(|b| matches!(b, Backend::Avx2 | Backend::Avx512)).collect();
+    if backends.is_empty() {
+        println!("skipped: no backend with a fused multiply-add on this machine");
+    }
+    for (k, dims) in shapes.enumerate() {
+        let mut rng = Rng::new(7000 + k as u64);
+        let c = dims.channels;
+        let x = rng.vec(dims.len(), -3.0, 5.0);
+        let residual = rng.vec(dims.len(), -2.0, 2.0);
+        let mean = rng.vec(c, -1.0, 1.0);
+        let scale = rng.vec(c, 0.2, 3.0);
+        let shift = rng.vec(c, -1.0, 1.0);
+        let relu = |v: f32| if v < 0.0 { 0.0 } else { v };
+        let plain: Vec<f32> = (0..dims.len())
+            .map(|i| {
+                let ch = (i / dims.inner) % c;
+                (x[i] - mean[ch]).mul_add(scale[ch], shift[ch])
+            })
+            .collect();
+        let with_relu: Vec<f32> = plain.iter().map(|&v| relu(v)).collect();
+        let with_residual: Vec<f32> = plain.iter().zip(&residual).map(|(&v, &r)| relu(v + r)).collect();
+        for &b in &backends {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                for stream in [None, Some(false), Some(true)] {
+                    let what = format!("{b} {dims:?}, {threads} threads, streaming {stream:?}");
+                    kernels::__force_streaming(stream);
+                    pool.install(|| {
+                        let mut y = vec![f32::NAN; dims.len()];
+                        kernels::normalize::<Dynamic>(b, &x, &mut y, dims, &mean, &scale, &shift);
+                        assert_bits(&y, &plain, &format!("{what}: normalize"));
+                        let mut xy = x.clone();
+                        kernels::normalize_inplace::<Dynamic>(b, &mut xy, dims, &mean, &scale, &shift);
+                        assert_bits(&xy, &plain, &format!("{what}: normalize_inplace"));
+                        for (epilogue, want, name) in [
+                            (Epilogue::Relu, &with_relu, "relu"),
+                            (Epilogue::AddRelu(&residual), &with_residual, "add-relu"),
+                        ] {
+                            let mut y = vec![f32::NAN; dims.len()];
+                            kernels::normalize_fused::<Dynamic>(
+                                b, &x, &mut y, epilogue, dims, &mean, &scale, &shift,
+                            );
+                            assert_bits(&y, want, &format!("{what}: normalize_fused {name}"));
+                        }
+                    });
+                    kernels::__force_streaming(None);
+                }
+            }
+        }
     }
 }
 

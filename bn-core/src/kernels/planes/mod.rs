@@ -17,7 +17,7 @@
 //! - backward with frozen statistics: one pass (reductions and `dx = k * dy` together);
 //! - short runs (fewer than 256 values, at least 16 images): the training forward and backward
 //!   go image by image over spans of channel tiles with per-lane parameters ([`span`]), in
-//!   both schedules.
+//!   both schedules; inference stays run by run (each run's parameters in registers).
 //!
 //! Files: [`geometry`] (blocks, chunks, groups), [`reduce`] (moments and sums of blocks and
 //! chunks), [`elementwise`] (inference, the streaming passes), [`forward`], [`backward`],

@@ -25,8 +25,10 @@ use crate::kernels::stats::{Affine32, DxCoefficients, Moments};
 use crate::kernels::vector::{affine, dx_train};
 use crate::Canonical;
 
-/// Runs shorter than this many values take the span schedule (runs of this length and more are
-/// long enough for the run-by-run loops, and for streaming stores).
+/// Runs shorter than this many values take the span schedule in training and the backward (runs
+/// of this length and more are long enough for the run-by-run loops). Inference goes run by run
+/// at any length: one pass with each run's parameters in registers costs less than per-lane
+/// parameters loaded beside every vector.
 pub(super) const SHORT_RUN: usize = 256;
 /// Most values of one span (a tile's values in one image): per-lane sums and parameters of a
 /// span stay in L1.
