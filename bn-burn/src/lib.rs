@@ -38,6 +38,6 @@ mod backend;
 pub mod functional;
 mod module;
 
-pub use backend::{BatchNormBackend, FusedGradients, FusedTrainOutput, Saved};
+pub use backend::{BatchNormBackend, FusedGradients, FusedTrainOutput, RunningStats, Saved};
 pub use functional::is_accelerated;
 pub use module::{BatchNorm, BatchNormConfig};
