@@ -419,14 +419,10 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
         sxm[..l].fill(0.0);
         for o in o0..o1 {
             let s = span_start(dims, o, tile.start);
-            let (xs, dys) = (&x[s..s + l], &dy[s..s + l]);
-            let res = if MASK == ADD_RELU { &mask.residual.unwrap_or(&[])[s..s + l] } else { &[] };
-            let mut out = match dr.filter(|_| MASK != NONE) {
-                // SAFETY: the span of `tile` in image `o` holds runs of the tile's channels
-                // only, which only the caller processes; it is released before the next is taken.
-                Some(d) => Some(unsafe { d.slice(s, l) }),
-                None => None,
-            };
+            // SAFETY: the span of `tile` in image `o` holds runs of the tile's channels only,
+            // which only the caller processes; it is released before the next is taken.
+            let SpanIo { x: xs, dy: dys, res, dr: mut out } =
+                unsafe { span_io::<MASK>(s, l, x, dy, mask, dr) };
             for_vectors::<I>(
                 l,
                 #[inline(always)]
@@ -451,6 +447,36 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
         }
         o0 = o1;
     }
+}
+
+/// What a backward pass reads and writes in the span of `l` lanes at `s` (a tile's channels in
+/// one image): `x`, `dy`, the residual (for a gradient of kind `ADD_RELU`, else empty) and, for a
+/// masked gradient, the span of its `dr` output when one is given.
+///
+/// # Safety
+///
+/// Only the caller may access that span of `dr` until it releases the returned slice.
+#[inline(always)]
+unsafe fn span_io<'a, 'b, const MASK: u8>(
+    s: usize,
+    l: usize,
+    x: &'b [f32],
+    dy: &'b [f32],
+    mask: &FusedRelu<'b>,
+    dr: Option<&SharedMut<'a, f32>>,
+) -> SpanIo<'a, 'b> {
+    let res = if MASK == ADD_RELU { &mask.residual.unwrap_or(&[])[s..s + l] } else { &[] };
+    // SAFETY: the caller's contract above.
+    let dr = dr.filter(|_| MASK != NONE).map(|d| unsafe { d.slice(s, l) });
+    SpanIo { x: &x[s..s + l], dy: &dy[s..s + l], res, dr }
+}
+
+/// The slices [`span_io`] returns.
+struct SpanIo<'a, 'b> {
+    x: &'b [f32],
+    dy: &'b [f32],
+    res: &'b [f32],
+    dr: Option<&'a mut [f32]>,
 }
 
 /// The values `x` and the gradient of the normalize's output (`dy` through the fused ReLU of
@@ -505,17 +531,12 @@ pub(super) fn dx<I: Isa, const MASK: u8>(
     mask_lanes::<MASK>(mask, inner, tile.clone(), a);
     for o in 0..dims.outer {
         let s = span_start(dims, o, tile.start);
-        let (xs, dys) = (&x[s..s + l], &dy[s..s + l]);
-        let res = if MASK == ADD_RELU { &mask.residual.unwrap_or(&[])[s..s + l] } else { &[] };
         // SAFETY: the span of `tile` in image `o` holds runs of the tile's channels only, which
         // only this task processes; it is released before the next is taken.
         let out = unsafe { dx.slice(s, l) };
+        // SAFETY: as for `dx` (the same span of another output).
+        let SpanIo { x: xs, dy: dys, res, mut dr } = unsafe { span_io::<MASK>(s, l, x, dy, mask, dr) };
         prefetch_span(isa, out.as_ptr().wrapping_add(stride(dims)), l);
-        let mut dr = match dr.filter(|_| MASK != NONE) {
-            // SAFETY: as for `dx` (the same span of another output).
-            Some(d) => Some(unsafe { d.slice(s, l) }),
-            None => None,
-        };
         for_vectors::<I>(
             l,
             #[inline(always)]
