@@ -44,10 +44,95 @@ pub fn backward<S: Spec>(
     backward_of::<S, NONE>(
         backend,
         x,
-        dy,
+        Some(dy),
         mask,
         None,
         dx,
+        dims,
+        mean,
+        inv_std,
+        gamma,
+        sum_dy_out,
+        sum_dy_xhat_out,
+    )
+}
+
+/// [`backward`] with `dx` written over `dy`: `dy_dx` holds the output gradient on entry and the
+/// input gradient on return, to the same bits as [`backward`] gives into a separate buffer on
+/// the same backend.
+///
+/// For a caller that owns the output gradient and has no further use for it (an autodiff
+/// engine's last reference): no second activation-sized buffer is needed, and the fused
+/// schedule still reads `x` and `dy` once, each run's `dx` stored over the gradient it has just
+/// read. `Backend::Scalar` computes in `f64` (from a copy of `dy`).
+///
+/// ```
+/// use batchnorm::kernels::{self, Backend};
+/// use batchnorm::{spec::Dynamic, Canonical};
+///
+/// let dims = Canonical { outer: 4, channels: 1, inner: 1 };
+/// let x = [0.0, 1.0, 2.0, 3.0];
+/// let (mean, inv_std) = ([1.5], [1.0]);
+/// let (mut sum_dy, mut sum_dy_xhat) = ([0.0], [0.0]);
+/// // The same gradient on every output: the normalization cancels it, dx is zero.
+/// let mut dy_dx = [1.0; 4];
+/// kernels::backward_in_place::<Dynamic>(Backend::detect(), &x, &mut dy_dx, dims, &mean, &inv_std,
+///     &[1.0], &mut sum_dy, &mut sum_dy_xhat);
+/// assert_eq!((sum_dy[0], sum_dy_xhat[0]), (4.0, 0.0));
+/// assert!(dy_dx.iter().all(|v| v.abs() < 1e-6));
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward_in_place<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    dy_dx: &mut [f32],
+    dims: Canonical,
+    mean: &[f64],
+    inv_std: &[f64],
+    gamma: &[f32],
+    sum_dy_out: &mut [f64],
+    sum_dy_xhat_out: &mut [f64],
+) {
+    let dims = specialize::<S>(dims);
+    check_backward(
+        x,
+        dy_dx,
+        dy_dx,
+        dims,
+        mean.len(),
+        inv_std.len(),
+        gamma.len(),
+        sum_dy_out,
+        sum_dy_xhat_out,
+    );
+    if dims.is_empty() {
+        sum_dy_out.fill(0.0);
+        sum_dy_xhat_out.fill(0.0);
+        return;
+    }
+    if backend.usable() == Backend::Scalar {
+        let dy = dy_dx.to_vec();
+        return backward::<S>(
+            backend,
+            x,
+            &dy,
+            dy_dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sum_dy_out,
+            sum_dy_xhat_out,
+        );
+    }
+    let mask = FusedRelu::default();
+    backward_of::<S, NONE>(
+        backend,
+        x,
+        None,
+        mask,
+        None,
+        dy_dx,
         dims,
         mean,
         inv_std,
@@ -106,11 +191,33 @@ pub fn backward_relu<S: Spec>(
     }
     let (mask, sums) = (relu, (sum_dy_out, sum_dy_xhat_out));
     match relu.residual {
-        None => {
-            backward_of::<S, RELU>(backend, x, dy, mask, dg, dx, dims, mean, inv_std, gamma, sums.0, sums.1)
-        }
+        None => backward_of::<S, RELU>(
+            backend,
+            x,
+            Some(dy),
+            mask,
+            dg,
+            dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sums.0,
+            sums.1,
+        ),
         Some(_) => backward_of::<S, ADD_RELU>(
-            backend, x, dy, mask, dg, dx, dims, mean, inv_std, gamma, sums.0, sums.1,
+            backend,
+            x,
+            Some(dy),
+            mask,
+            dg,
+            dx,
+            dims,
+            mean,
+            inv_std,
+            gamma,
+            sums.0,
+            sums.1,
         ),
     }
 }
@@ -157,12 +264,13 @@ fn check_backward(
     assert!(sum_dy_out.len() == c && sum_dy_xhat_out.len() == c);
 }
 
-/// The fast training backward of the gradient of kind `MASK` (not `Scalar`, not empty).
+/// The fast training backward of the gradient of kind `MASK` (not `Scalar`, not empty); `dy:
+/// None` when the gradient is in `dx`, which is written over it (then `dr` is `None`).
 #[allow(clippy::too_many_arguments)]
 fn backward_of<S: Spec, const MASK: u8>(
     backend: Backend,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
@@ -188,11 +296,12 @@ fn backward_of<S: Spec, const MASK: u8>(
 /// The split schedule of the training backward, either family: the two reductions (writing the
 /// masked gradient when wanted), then the `dx` pass (the pieces the synchronized backward runs
 /// with the group's sums in between), which reads that gradient back where it was written.
+/// `dy: None`: the gradient is in `dx`, which the `dx` pass overwrites.
 #[allow(clippy::too_many_arguments)]
 fn backward_split<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
@@ -205,8 +314,8 @@ fn backward_split<S: Spec, I: Isa, const MASK: u8>(
 ) {
     let sums = (sum_dy_out, sum_dy_xhat_out);
     let n = dims.per_channel() as f64;
-    match dr {
-        Some(dr) => {
+    match (dr, dy) {
+        (Some(dr), Some(dy)) => {
             train_backward_sums::<S, I, MASK>(
                 isa,
                 x,
@@ -221,15 +330,44 @@ fn backward_split<S: Spec, I: Isa, const MASK: u8>(
             );
             let (no_mask, dr) = (FusedRelu::default(), &*dr);
             train_backward_dx::<S, I, NONE>(
-                isa, x, dr, no_mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+                isa,
+                x,
+                Some(dr),
+                no_mask,
+                dx,
+                dims,
+                n,
+                mean,
+                inv_std,
+                gamma,
+                sums.0,
+                sums.1,
             );
         }
-        None => {
+        (None, Some(dy)) => {
             train_backward_sums::<S, I, MASK>(isa, x, dy, mask, None, dims, mean, inv_std, sums.0, sums.1);
             train_backward_dx::<S, I, MASK>(
-                isa, x, dy, mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+                isa,
+                x,
+                Some(dy),
+                mask,
+                dx,
+                dims,
+                n,
+                mean,
+                inv_std,
+                gamma,
+                sums.0,
+                sums.1,
             );
         }
+        (None, None) => {
+            train_backward_sums::<S, I, MASK>(isa, x, dx, mask, None, dims, mean, inv_std, sums.0, sums.1);
+            train_backward_dx::<S, I, MASK>(
+                isa, x, None, mask, dx, dims, n, mean, inv_std, gamma, sums.0, sums.1,
+            );
+        }
+        (Some(_), None) => unreachable!("the masked gradient needs the gradient apart from dx"),
     }
 }
 
@@ -277,12 +415,12 @@ fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
 }
 
 /// The `dx` pass of the training backward by the family of `dims`, from given sums over `n`
-/// values, for the gradient of kind `MASK`.
+/// values, for the gradient of kind `MASK`; `dy: None` when the gradient is in `dx`.
 #[allow(clippy::too_many_arguments)]
 fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     mask: FusedRelu<'_>,
     dx: &mut [f32],
     dims: Canonical,
@@ -580,7 +718,7 @@ pub fn backward_dx<S: Spec>(
             with_isa!(b, |isa| train_backward_dx::<S, _, NONE>(
                 isa,
                 x,
-                dy,
+                Some(dy),
                 no_mask,
                 dx,
                 dims,
@@ -597,3 +735,36 @@ pub fn backward_dx<S: Spec>(
 
 /// Channels whose per-call `f32` coefficients live on the stack.
 const STACK_CHANNELS: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Dynamic;
+
+    /// [`backward_in_place`] against [`backward`] on small shapes of every schedule (fused runs,
+    /// fused spans, split, rows), small enough for Miri, which checks that no reference to the
+    /// gradient outlives the writes of `dx` over it.
+    #[test]
+    fn in_place_is_backward_on_every_schedule() {
+        let shapes = [(4, 8, 300), (20, 4, 49), (2, 1, 600), (33, 7, 1), (16, 16, 1)];
+        for (outer, channels, inner) in shapes {
+            let dims = Canonical { outer, channels, inner };
+            let value = |i: usize, k: usize| ((i * k) % 97) as f32 / 48.0 - 1.0;
+            let x: Vec<f32> = (0..dims.len()).map(|i| value(i, 31)).collect();
+            let dy: Vec<f32> = (0..dims.len()).map(|i| value(i, 53)).collect();
+            let c = channels;
+            let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+            reference::batch_stats(&x, dims, &mut mean, &mut var);
+            let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+            let gamma: Vec<f32> = (0..c).map(|j| 0.5 + j as f32 / 8.0).collect();
+            let b = Backend::detect();
+            let (mut dx, mut s1, mut s2) = (vec![0.0; dims.len()], vec![0.0; c], vec![0.0; c]);
+            backward::<Dynamic>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut s1, &mut s2);
+            let (mut dydx, mut t1, mut t2) = (dy.clone(), vec![0.0; c], vec![0.0; c]);
+            backward_in_place::<Dynamic>(b, &x, &mut dydx, dims, &mean, &inv_std, &gamma, &mut t1, &mut t2);
+            assert_ne!(dx, dy, "{dims:?}: a test that dx differs from dy");
+            assert_eq!(dx, dydx, "{dims:?}: dx");
+            assert_eq!((s1, s2), (t1, t2), "{dims:?}: sums");
+        }
+    }
+}

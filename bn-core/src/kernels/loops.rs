@@ -418,12 +418,13 @@ fn store_partial<I: Isa>(isa: I, s: &mut [f32], v: I::V, stream: bool) {
 }
 
 /// The whole vectors of [`map2_periodic`] in `start..start + len` (`len <= w`, a multiple of
-/// `LANES`), `params` starting at the columns of `start`.
+/// `LANES`), `params` starting at the columns of `start`; `dy` as in [`map2`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn map2_whole<I: Isa, const P: usize>(
     isa: I,
-    [x, dy]: [&[f32]; 2],
+    x: &[f32],
+    dy: Option<&[f32]>,
     dx: &mut [f32],
     start: usize,
     len: usize,
@@ -432,7 +433,8 @@ fn map2_whole<I: Isa, const P: usize>(
     f: &mut impl FnMut(Pos, [I::V; P], I::V, I::V) -> I::V,
 ) {
     let l = I::LANES;
-    let (xs, gs, ds) = (&x[start..start + len], &dy[start..start + len], &mut dx[start..start + len]);
+    let (xs, ds) = (&x[start..start + len], &mut dx[start..start + len]);
+    let gs = dy.map(|dy| &dy[start..start + len]);
     let mut ps: [&[f32]; P] = [&[]; P];
     for k in 0..P {
         ps[k] = &params[k][..len];
@@ -441,7 +443,8 @@ fn map2_whole<I: Isa, const P: usize>(
     while i + l <= len {
         // SAFETY: every `ps[k]` holds `len` values (cut above) and `i + l <= len`.
         let v = unsafe { load_params(isa, &ps, i) };
-        let g = f(Pos { i: start + i, n: l }, v, isa.load(&xs[i..i + l]), isa.load(&gs[i..i + l]));
+        let g = isa.load(&gs.unwrap_or(&*ds)[i..i + l]);
+        let g = f(Pos { i: start + i, n: l }, v, isa.load(&xs[i..i + l]), g);
         if stream {
             isa.stream(&mut ds[i..i + l], g);
         } else {
@@ -451,17 +454,17 @@ fn map2_whole<I: Isa, const P: usize>(
     }
 }
 
-/// `dx[i] = f(pos, p, x[i], dy[i])` over three slices of one length, a stream of whole periods
-/// of `w` values (a multiple of `LANES`) from column 0 and a shorter remainder, `p` the vectors
-/// of per-column parameters (each of `params` holds the period twice, as in [`map_periodic`]);
-/// `pos` is the data position (for tensors aligned with `dx`). With `stream`, non-temporal
-/// stores as in [`map2`].
+/// `dx[i] = f(pos, p, x[i], dy[i])` over slices of one length, a stream of whole periods of `w`
+/// values (a multiple of `LANES`) from column 0 and a shorter remainder, `p` the vectors of
+/// per-column parameters (each of `params` holds the period twice, as in [`map_periodic`]);
+/// `pos` is the data position (for tensors aligned with `dx`). `dy` as in [`map2`]; with
+/// `stream` (ignored in place), non-temporal stores as in [`map2`].
 #[inline(always)]
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 pub(crate) fn map2_periodic<I: Isa, const P: usize>(
     isa: I,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     dx: &mut [f32],
     stream: bool,
     w: usize,
@@ -470,17 +473,19 @@ pub(crate) fn map2_periodic<I: Isa, const P: usize>(
 ) {
     let l = I::LANES;
     let n = dx.len();
-    assert!(x.len() == n && dy.len() == n && w > 0 && w.is_multiple_of(l));
+    assert!(x.len() == n && dy.is_none_or(|dy| dy.len() == n) && w > 0 && w.is_multiple_of(l));
     for p in params {
         assert!(p.len() >= 2 * w);
     }
+    let stream = stream && dy.is_some();
     let head = if stream { ((l - (dx.as_ptr() as usize / 4) % l) % l).min(n) } else { 0 };
     if head > 0 {
         let mut v = [isa.zero(); P];
         for k in 0..P {
             v[k] = isa.load_tail(&params[k][..head]);
         }
-        let g = f(Pos { i: 0, n: head }, v, isa.load_tail(&x[..head]), isa.load_tail(&dy[..head]));
+        let g = isa.load_tail(&dy.unwrap_or(&*dx)[..head]);
+        let g = f(Pos { i: 0, n: head }, v, isa.load_tail(&x[..head]), g);
         store_partial(isa, &mut dx[..head], g, stream);
     }
     let mut shifted: [&[f32]; P] = [&[]; P];
@@ -491,13 +496,13 @@ pub(crate) fn map2_periodic<I: Isa, const P: usize>(
     // `head`.
     let mut start = head;
     while start + w <= n {
-        map2_whole(isa, [x, dy], dx, start, w, shifted, stream, &mut f);
+        map2_whole(isa, x, dy, dx, start, w, shifted, stream, &mut f);
         start += w;
     }
     let rest = n - start;
     let full = rest - rest % l;
     if full > 0 {
-        map2_whole(isa, [x, dy], dx, start, full, shifted, stream, &mut f);
+        map2_whole(isa, x, dy, dx, start, full, shifted, stream, &mut f);
     }
     if full < rest {
         let mut v = [isa.zero(); P];
@@ -505,70 +510,83 @@ pub(crate) fn map2_periodic<I: Isa, const P: usize>(
             v[k] = isa.load_tail(&shifted[k][full..rest]);
         }
         let (a, b) = (start + full, n);
-        let g = f(Pos { i: a, n: b - a }, v, isa.load_tail(&x[a..b]), isa.load_tail(&dy[a..b]));
+        let g = isa.load_tail(&dy.unwrap_or(&*dx)[a..b]);
+        let g = f(Pos { i: a, n: b - a }, v, isa.load_tail(&x[a..b]), g);
         store_partial(isa, &mut dx[a..b], g, stream);
     }
 }
 
-/// `dx[i] = f(pos, x[i], dy[i])` over three slices of one length, one vector at a time; with
-/// `stream`, non-temporal stores as in [`map`], and with `overlap` a whole last vector instead
-/// of a masked one where the output is not streamed, as in [`map`].
+/// `dx[i] = f(pos, x[i], dy[i])` over slices of one length, one vector at a time.
+///
+/// `dy: None` reads the gradient from `dx` itself, which the walk overwrites (in place): each
+/// vector is loaded before it is stored, and the options below that would store a value before
+/// loading it, or store it twice, are off. With `stream` (ignored in place), non-temporal stores
+/// as in [`map`]; with `overlap`, a whole last vector instead of a masked one where the output is
+/// not streamed and not in place, as in [`map`].
 #[inline(always)]
 pub(crate) fn map2<I: Isa>(
     isa: I,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     dx: &mut [f32],
     stream: bool,
     overlap: bool,
     mut f: impl FnMut(Pos, I::V, I::V) -> I::V,
 ) {
     let n = dx.len();
-    assert!(x.len() == n && dy.len() == n);
+    assert!(x.len() == n && dy.is_none_or(|dy| dy.len() == n));
+    let (stream, overlap) = (stream && dy.is_some(), overlap && dy.is_some());
     let l = I::LANES;
     let head = if stream { ((l - (dx.as_ptr() as usize / 4) % l) % l).min(n) } else { 0 };
     if head > 0 {
-        let v = f(Pos { i: 0, n: head }, isa.load_tail(&x[..head]), isa.load_tail(&dy[..head]));
+        let g = isa.load_tail(&dy.unwrap_or(&*dx)[..head]);
+        let v = f(Pos { i: 0, n: head }, isa.load_tail(&x[..head]), g);
         store_partial(isa, &mut dx[..head], v, stream);
     }
     let full = head + (n - head) / l * l;
-    let (xb, gb, db) = (&x[head..full], &dy[head..full], &mut dx[head..full]);
+    let (xb, db) = (&x[head..full], &mut dx[head..full]);
+    let gb = dy.map(|dy| &dy[head..full]);
     let len = db.len();
-    assert!(xb.len() == len && gb.len() == len);
+    assert!(xb.len() == len);
     let mut i = 0;
     if stream {
         while i + l <= len {
-            let v = f(Pos { i: head + i, n: l }, isa.load(&xb[i..i + l]), isa.load(&gb[i..i + l]));
+            let g = isa.load(&gb.unwrap_or(&*db)[i..i + l]);
+            let v = f(Pos { i: head + i, n: l }, isa.load(&xb[i..i + l]), g);
             isa.stream(&mut db[i..i + l], v);
             i += l;
         }
     } else {
         while i + l <= len {
-            let v = f(Pos { i: head + i, n: l }, isa.load(&xb[i..i + l]), isa.load(&gb[i..i + l]));
+            let g = isa.load(&gb.unwrap_or(&*db)[i..i + l]);
+            let v = f(Pos { i: head + i, n: l }, isa.load(&xb[i..i + l]), g);
             isa.store(&mut db[i..i + l], v);
             i += l;
         }
     }
     if full < n && overlap && !stream && n >= l {
         let i = n - l;
-        let v = f(Pos { i, n: l }, isa.load(&x[i..]), isa.load(&dy[i..]));
+        let g = isa.load(&dy.unwrap_or(&*dx)[i..]);
+        let v = f(Pos { i, n: l }, isa.load(&x[i..]), g);
         isa.store(&mut dx[i..], v);
     } else if full < n {
         let pos = Pos { i: full, n: n - full };
-        let v = f(pos, isa.load_tail(&x[full..]), isa.load_tail(&dy[full..]));
+        let g = isa.load_tail(&dy.unwrap_or(&*dx)[full..]);
+        let v = f(pos, isa.load_tail(&x[full..]), g);
         store_partial(isa, &mut dx[full..], v, stream);
     }
 }
 
-/// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of three slices.
+/// Calls `f(k, x, dy, dx)` on the `k`-th chunks of `chunk` values of `x`, `dx` and, when given,
+/// `dy` (`None`: the gradient is in `dx`, as in [`map2`]).
 pub(crate) fn for_each_chunk3(
     parallel: bool,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     dx: &mut [f32],
     chunk: usize,
-    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
+    f: impl Fn(usize, &[f32], Option<&[f32]>, &mut [f32]) + Sync + Send,
 ) {
-    assert!(x.len() == dx.len() && dy.len() == dx.len());
-    for_each_chunk_mut(parallel, dx, chunk, |k, r, dx| f(k, &x[r.clone()], &dy[r], dx));
+    assert!(x.len() == dx.len() && dy.is_none_or(|dy| dy.len() == dx.len()));
+    for_each_chunk_mut(parallel, dx, chunk, |k, r, dx| f(k, &x[r.clone()], dy.map(|dy| &dy[r]), dx));
 }

@@ -70,7 +70,9 @@ mod vector;
 pub use simd::backend::{Backend, ParseBackendError, BACKEND_ENV};
 pub use simd::bits::HalfFormat;
 
-pub use backward::{backward, backward_dx, backward_eval, backward_eval_relu, backward_relu, backward_sums};
+pub use backward::{
+    backward, backward_dx, backward_eval, backward_eval_relu, backward_in_place, backward_relu, backward_sums,
+};
 pub use epilogue::{Epilogue, FusedRelu};
 pub use forward::{
     batch_stats, forward_train, forward_train_fused, normalize, normalize_fused, normalize_inplace,

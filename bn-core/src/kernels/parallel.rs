@@ -357,6 +357,56 @@ impl<'a, T> SharedMut<'a, T> {
         // the caller guarantees no other live reference overlaps it.
         unsafe { core::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
+
+    /// The values `start..start + len`, to read. Panics when out of bounds.
+    ///
+    /// # Safety
+    ///
+    /// No slice from [`SharedMut::slice`] that overlaps it may be alive at the same time.
+    #[inline]
+    pub(crate) unsafe fn read(&self, start: usize, len: usize) -> &'a [T] {
+        assert!(start <= self.len && len <= self.len - start, "range out of bounds");
+        // SAFETY: the range is inside the borrowed slice (checked above), which outlives 'a;
+        // the caller guarantees no mutable reference overlaps it while it lives.
+        unsafe { core::slice::from_raw_parts(self.ptr.add(start), len) }
+    }
+}
+
+/// The output gradient a fused backward reads: a slice apart from `dx`, or `dx`'s own buffer,
+/// which the backward overwrites (in place) run by run once that run's gradient has been read.
+#[derive(Clone, Copy)]
+pub(crate) enum Grad<'a, 'o> {
+    /// The gradient in its own slice.
+    Apart(&'a [f32]),
+    /// The gradient in the buffer `dx` is written to.
+    InDx(&'a SharedMut<'o, f32>),
+}
+
+impl<'a> Grad<'a, '_> {
+    /// The gradient's values `start..start + len`. Panics when out of bounds.
+    ///
+    /// # Safety
+    ///
+    /// For [`Grad::InDx`], as [`SharedMut::read`]: no slice of `dx` that overlaps the range may
+    /// be alive at the same time.
+    #[inline(always)]
+    pub(crate) unsafe fn read(self, start: usize, len: usize) -> &'a [f32] {
+        match self {
+            Grad::Apart(dy) => &dy[start..start + len],
+            // SAFETY: the caller's contract above.
+            Grad::InDx(dx) => unsafe { dx.read(start, len) },
+        }
+    }
+
+    /// The gradient's values `start..start + len` when they are apart from `dx`; `None` in place
+    /// (the walks of [`crate::kernels::loops`] then read them from `dx`).
+    #[inline(always)]
+    pub(crate) fn apart(self, start: usize, len: usize) -> Option<&'a [f32]> {
+        match self {
+            Grad::Apart(dy) => Some(&dy[start..start + len]),
+            Grad::InDx(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]

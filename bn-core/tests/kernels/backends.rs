@@ -478,8 +478,10 @@ fn run_all_at<S: Spec>(b: Backend, dims: Canonical, seed: u64, offset: usize) ->
     kernels::normalize_inplace::<S>(b, &mut xy, dims, &m32, &s32, &beta);
     let (mut sdy2, mut sdxh2) = (vec![0.0; c], vec![0.0; c]);
     kernels::backward_eval::<S>(b, &x, &dy, dx2, dims, &m32, &s32, &gamma, &mut sdy2, &mut sdxh2);
-    let f32s = vec![y.to_vec(), dx.to_vec(), ye.to_vec(), xy, dx2.to_vec()];
-    Outputs { f32s, f64s: vec![mean, var, sdy, sdxh, sdy2, sdxh2] }
+    let (mut dydx, mut sdy3, mut sdxh3) = (dy.clone(), vec![0.0; c], vec![0.0; c]);
+    kernels::backward_in_place::<S>(b, &x, &mut dydx, dims, &mean, &inv_std, &gamma, &mut sdy3, &mut sdxh3);
+    let f32s = vec![y.to_vec(), dx.to_vec(), ye.to_vec(), xy, dx2.to_vec(), dydx];
+    Outputs { f32s, f64s: vec![mean, var, sdy, sdxh, sdy2, sdxh2, sdy3, sdxh3] }
 }
 
 fn assert_same(a: &Outputs, b: &Outputs, what: &str) {
@@ -491,20 +493,21 @@ fn assert_same(a: &Outputs, b: &Outputs, what: &str) {
     }
 }
 
+/// Large enough to run in parallel and to take the fused and the split schedules of planes,
+/// several row chunks, a virtual-row tail and a column tail.
+const PARALLEL_SHAPES: [Canonical; 7] = [
+    Canonical { outer: 8, channels: 24, inner: 784 },
+    Canonical { outer: 8, channels: 3, inner: 4096 },
+    Canonical { outer: 16, channels: 12, inner: 512 },
+    Canonical { outer: 3, channels: 2, inner: 70_000 },
+    Canonical { outer: 12_001, channels: 7, inner: 1 },
+    Canonical { outer: 200, channels: 700, inner: 1 },
+    Canonical { outer: 1500, channels: 64, inner: 1 },
+];
+
 #[test]
 fn bit_identical_across_thread_counts() {
-    // Large enough to run in parallel and to take the fused and the split schedules of planes,
-    // several row chunks, a virtual-row tail and a column tail.
-    let shapes = [
-        Canonical { outer: 8, channels: 24, inner: 784 },
-        Canonical { outer: 8, channels: 3, inner: 4096 },
-        Canonical { outer: 16, channels: 12, inner: 512 },
-        Canonical { outer: 3, channels: 2, inner: 70_000 },
-        Canonical { outer: 12_001, channels: 7, inner: 1 },
-        Canonical { outer: 200, channels: 700, inner: 1 },
-        Canonical { outer: 1500, channels: 64, inner: 1 },
-    ];
-    let shapes = shapes.into_iter().chain(short_run_shapes());
+    let shapes = PARALLEL_SHAPES.into_iter().chain(short_run_shapes());
     for b in Backend::available().into_iter().filter(|&b| b != Backend::Scalar) {
         for (k, dims) in shapes.clone().enumerate() {
             let mut first: Option<Outputs> = None;
@@ -516,6 +519,42 @@ fn bit_identical_across_thread_counts() {
                     Some(f) => assert_same(f, &out, &format!("{b} {dims:?}: {threads} threads vs 1")),
                 }
             }
+        }
+    }
+}
+
+/// `backward_in_place` leaves in the gradient's buffer the bits `backward` writes to a separate
+/// `dx`, with the same sums, on every backend (the scalar one included), on every tail of both
+/// families and on shapes that take every schedule in parallel.
+#[test]
+fn backward_in_place_is_backward_bit_for_bit() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let shapes: Vec<Canonical> = shapes().into_iter().chain(PARALLEL_SHAPES).collect();
+    for b in Backend::available() {
+        for (k, &dims) in shapes.iter().enumerate() {
+            let mut rng = Rng::new(7000 + k as u64);
+            let c = dims.channels;
+            let x = rng.vec(dims.len(), -3.0, 5.0);
+            let dy = rng.vec(dims.len(), -1.0, 1.0);
+            let gamma = rng.vec(c, 0.5, 2.0);
+            let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+            reference::batch_stats(&x, dims, &mut mean, &mut var);
+            let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+            let (mut dx, mut sdy, mut sdxh) =
+                (vec![f32::NAN; dims.len()], vec![f64::NAN; c], vec![f64::NAN; c]);
+            let (mut dydx, mut sdy2, mut sdxh2) = (dy.clone(), vec![f64::NAN; c], vec![f64::NAN; c]);
+            pool.install(|| {
+                kernels::backward::<Dynamic>(
+                    b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh,
+                );
+                kernels::backward_in_place::<Dynamic>(
+                    b, &x, &mut dydx, dims, &mean, &inv_std, &gamma, &mut sdy2, &mut sdxh2,
+                );
+            });
+            let what = format!("{b} {dims:?}");
+            assert_bits(&dx, &dydx, &format!("{what}: dx"));
+            assert_bits64(&sdy, &sdy2, &format!("{what}: sum_dy"));
+            assert_bits64(&sdxh, &sdxh2, &format!("{what}: sum_dy_xhat"));
         }
     }
 }

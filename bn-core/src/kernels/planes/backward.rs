@@ -11,7 +11,9 @@ use super::reduce::{accumulate_backward, chunk_backward_sums, dx_masked, mask_of
 use super::span;
 use crate::kernels::epilogue::{masked, residual_of, FusedRelu, NONE};
 use crate::kernels::loops::{for_each_chunk3, map2};
-use crate::kernels::parallel::{for_each_task, part, streaming, task_count, use_pool, SharedMut, TASK_ELEMS};
+use crate::kernels::parallel::{
+    for_each_task, part, streaming, task_count, use_pool, Grad, SharedMut, TASK_ELEMS,
+};
 use crate::kernels::simd::{Isa, Kernel};
 use crate::kernels::stats::{sum_dy_xhat, DxCoefficients};
 use crate::kernels::vector::load_at;
@@ -29,9 +31,11 @@ struct BackwardStats<'a> {
 /// Fused backward of the channels `channels`: both sums, then `dx` while the slab is hot (and,
 /// when `dr` is given, the masked gradient beside it, recomputed from the slab rather than
 /// written by the sums and read back: with streaming stores that saves the output's reads).
+/// With the gradient in `dx` ([`Grad::InDx`]) each run's `dx` is written over its gradient
+/// after the channel's sums have read it.
 struct BackwardFused<'a, 'o, S, const MASK: u8> {
     pub(super) x: &'a [f32],
-    pub(super) dy: &'a [f32],
+    pub(super) dy: Grad<'a, 'o>,
     pub(super) dx: &'a SharedMut<'o, f32>,
     pub(super) mask: FusedRelu<'a>,
     pub(super) dr: Option<&'a SharedMut<'o, f32>>,
@@ -112,7 +116,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                     // processes; runs of distinct `(o, c)` are disjoint, and this one is released
                     // before the next is taken.
                     let dx = unsafe { self.dx.slice(r.start, inner) };
-                    let (x, dy) = (&self.x[r.clone()], &self.dy[r.clone()]);
+                    let (x, dy) = (&self.x[r.clone()], self.dy.apart(r.start, inner));
                     let res = residual_of::<MASK>(&self.mask, r.clone());
                     map2(
                         isa,
@@ -124,13 +128,14 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardFused<'_, '_, S, MASK> {
                         #[inline(always)]
                         |p, x, g| dx_masked::<I, MASK>(isa, p, x, g, a, res, [m, k1, k2, k3]),
                     );
-                    if let (false, Some(dr)) = (MASK == NONE, self.dr) {
+                    // (`backward_fused` takes no `dr` with the gradient in `dx`.)
+                    if let (false, Some(dr), Some(dy)) = (MASK == NONE, self.dr, dy) {
                         // SAFETY: as for `dx` (the same run of another output).
                         let dr = unsafe { dr.slice(r.start, inner) };
                         map2(
                             isa,
                             x,
-                            dy,
+                            Some(dy),
                             dr,
                             self.stream,
                             true,
@@ -179,7 +184,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackwardSums<'_, '_, S, MASK> {
             let q = self.first + j;
             let c = q / g.chunks;
             let (k, m) = (q % g.chunks, self.mean[c] as f32);
-            let (x, dy, mask, dr) = (self.x, self.dy, &self.mask, self.dr);
+            let (x, dy, mask, dr) = (self.x, Grad::Apart(self.dy), &self.mask, self.dr);
             *out = chunk_backward_sums::<I, MASK>(isa, &g, x, dy, mask, dr, c, k, m);
         }
     }
@@ -204,7 +209,7 @@ impl<S: Spec, const MASK: u8> Kernel for SpanBackwardSums<'_, '_, S, MASK> {
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let dims = specialize::<S>(self.dims);
-        let (x, dy, mask, dr) = (self.x, self.dy, &self.mask, self.dr);
+        let (x, dy, mask, dr) = (self.x, Grad::Apart(self.dy), &self.mask, self.dr);
         let mut scratch = span::Scratch::new();
         let (channels, mean) = (self.channels, self.mean);
         span::backward_sums::<I, MASK>(isa, dims, x, dy, mask, dr, channels, mean, &mut scratch, self.out);
@@ -223,12 +228,13 @@ pub(crate) fn fuses_backward(dims: Canonical) -> bool {
 
 /// Training backward of the planes family by the fused schedule (where [`fuses_backward`]), of
 /// the gradient of kind `MASK` (with its `mask`; `dr` receives that gradient when given): a
-/// task owns whole channels, their sums then their `dx` while the slab is in cache.
+/// task owns whole channels, their sums then their `dx` while the slab is in cache. `dy: None`:
+/// the gradient is in `dx`, which is written over it (then `dr` must be `None`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_fused<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     mask: FusedRelu<'_>,
     dr: Option<&mut [f32]>,
     dx: &mut [f32],
@@ -243,7 +249,12 @@ pub(crate) fn backward_fused<S: Spec, I: Isa, const MASK: u8>(
     let stats = BackwardStats { mean, inv_std, gamma };
     let stream = streaming(dims.len(), dims.inner);
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS).min(dims.channels);
+    assert!(dy.is_some() || dr.is_none(), "the masked gradient needs the gradient apart from dx");
     let dxs = SharedMut::new(dx);
+    let dy = match dy {
+        Some(dy) => Grad::Apart(dy),
+        None => Grad::InDx(&dxs),
+    };
     let drs = dr.map(SharedMut::new);
     let dr = drs.as_ref();
     let (sdy, sdxh) = (SharedMut::new(sum_dy_out), SharedMut::new(sum_dy_xhat_out));
@@ -319,7 +330,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardEvalChunks<'_, '_, S, MASK> {
                         map2(
                             isa,
                             x,
-                            g,
+                            Some(g),
                             dx,
                             self.stream,
                             true,
@@ -332,7 +343,7 @@ impl<S: Spec, const MASK: u8> Kernel for BackwardEvalChunks<'_, '_, S, MASK> {
                     map2(
                         isa,
                         x,
-                        dy,
+                        Some(dy),
                         dx,
                         self.stream,
                         true,
@@ -509,12 +520,12 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
 }
 
 /// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values,
-/// for the gradient of kind `MASK`.
+/// for the gradient of kind `MASK`; `dy: None` when the gradient is in `dx` (in place).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     mask: FusedRelu<'_>,
     dx: &mut [f32],
     dims: Canonical,
@@ -534,7 +545,7 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     let runs_per_task = runs.div_ceil(tasks).max(1);
     let stream = streaming(dims.len(), dims.inner);
     let chunk = runs_per_task * dims.inner;
-    let work = |k: usize, x: &[f32], dy: &[f32], dx: &mut [f32]| {
+    let work = |k: usize, x: &[f32], dy: Option<&[f32]>, dx: &mut [f32]| {
         let first_run = k * runs_per_task;
         let coefficients = &coefficients;
         let r = k * chunk..k * chunk + dx.len();

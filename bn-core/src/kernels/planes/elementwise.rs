@@ -82,10 +82,11 @@ pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
 }
 
 /// `dx` of the training backward over contiguous whole runs, from per-channel coefficients, for
-/// the gradient of kind `MASK` (`mask.residual`: the values of these runs).
+/// the gradient of kind `MASK` (`mask.residual`: the values of these runs); `dy: None` when the
+/// gradient is in `dx` (in place, [`map2`]).
 pub(super) struct DxRuns<'a, S, const MASK: u8> {
     pub(super) x: &'a [f32],
-    pub(super) dy: &'a [f32],
+    pub(super) dy: Option<&'a [f32]>,
     pub(super) dx: &'a mut [f32],
     pub(super) mask: FusedRelu<'a>,
     pub(super) first_run: usize,
@@ -109,7 +110,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRuns<'_, S, MASK> {
             c = if c + 1 == dims.channels { 0 } else { c + 1 };
             let (m, k1, k2, k3) = (isa.splat(q.m), isa.splat(q.k1), isa.splat(q.k2), isa.splat(q.k3));
             let span = r * inner..(r + 1) * inner;
-            let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+            let (x, dy) = (&self.x[span.clone()], self.dy.map(|dy| &dy[span.clone()]));
             let res = residual_of::<MASK>(&self.mask, span.clone());
             map2(
                 isa,

@@ -7,7 +7,7 @@ use core::ops::Range;
 
 use super::geometry::{Block, Geometry, MAX_GROUP};
 use crate::kernels::epilogue::{masked, residual_of, FusedRelu, ADD_RELU, NONE};
-use crate::kernels::parallel::SharedMut;
+use crate::kernels::parallel::{Grad, SharedMut};
 use crate::kernels::simd::Isa;
 use crate::kernels::stats::Moments;
 use crate::kernels::vector::{dx_train, load_at, Pos};
@@ -295,15 +295,15 @@ pub(super) fn chunk_moments<I: Isa>(isa: I, g: &Geometry, x: &[f32], c: usize, k
 }
 
 /// `(sum(g), sum(g * (x - m)))` of chunk `k` of channel `c`, `g` the gradient of kind `MASK`
-/// (stored to its place in `dr` when given; the caller owns the chunk): per block in `f32`, then
-/// in `f64` in block order.
+/// (stored to its place in `dr` when given; the caller owns the chunk and, when `dy` is in `dx`,
+/// writes the chunk's `dx` only after): per block in `f32`, then in `f64` in block order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn chunk_backward_sums<I: Isa, const MASK: u8>(
     isa: I,
     g: &Geometry,
     x: &[f32],
-    dy: &[f32],
+    dy: Grad<'_, '_>,
     mask: &FusedRelu<'_>,
     dr: Option<&SharedMut<'_, f32>>,
     c: usize,
@@ -319,7 +319,11 @@ pub(super) fn chunk_backward_sums<I: Isa, const MASK: u8>(
         for o in blk.o0..blk.o1 {
             let s = g.run_start(o, c);
             let r = s + blk.i0..s + blk.i1;
-            let (x, dy, res) = (&x[r.clone()], &dy[r.clone()], residual_of::<MASK>(mask, r.clone()));
+            // SAFETY: no slice of `dx` overlaps this piece of run `(o, c)` while it is read: the
+            // piece belongs to chunk `(c, k)`, which only the caller processes, and the caller
+            // writes its `dx` only after these sums.
+            let dy = unsafe { dy.read(r.start, r.len()) };
+            let (x, res) = (&x[r.clone()], residual_of::<MASK>(mask, r.clone()));
             let out = match dr.filter(|_| MASK != NONE) {
                 // SAFETY: this piece of run `(o, c)` belongs to chunk `(c, k)`, which only the
                 // caller processes; it is released before the next piece is taken.

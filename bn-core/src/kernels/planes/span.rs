@@ -19,7 +19,7 @@ use core::ops::Range;
 
 use crate::kernels::epilogue::{masked, Apply, FusedRelu, ADD_RELU, NONE};
 use crate::kernels::loops::{map_params, Split};
-use crate::kernels::parallel::SharedMut;
+use crate::kernels::parallel::{Grad, SharedMut};
 use crate::kernels::simd::Isa;
 use crate::kernels::stats::{Affine32, DxCoefficients, Moments};
 use crate::kernels::vector::{affine, dx_train};
@@ -363,14 +363,14 @@ fn for_vectors<I: Isa>(l: usize, mut f: impl FnMut(Range<usize>, bool)) {
 
 /// `(sum(g), sum(g * (x - m)))` of the channels `channels` (into `out[..]`, indexed from
 /// `channels.start`; `m` the mean in `f32`), `g` the gradient of kind `MASK`, stored to `dr`
-/// when given.
+/// when given. With `dy` in `dx`, no slice of `dx` in these channels may be alive meanwhile.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward_sums<I: Isa, const MASK: u8>(
     isa: I,
     dims: Canonical,
     x: &[f32],
-    dy: &[f32],
+    dy: Grad<'_, '_>,
     mask: &FusedRelu<'_>,
     dr: Option<&SharedMut<'_, f32>>,
     channels: Range<usize>,
@@ -395,7 +395,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
     isa: I,
     dims: Canonical,
     x: &[f32],
-    dy: &[f32],
+    dy: Grad<'_, '_>,
     mask: &FusedRelu<'_>,
     dr: Option<&SharedMut<'_, f32>>,
     tile: Range<usize>,
@@ -420,7 +420,8 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
         for o in o0..o1 {
             let s = span_start(dims, o, tile.start);
             // SAFETY: the span of `tile` in image `o` holds runs of the tile's channels only,
-            // which only the caller processes; it is released before the next is taken.
+            // which only the caller processes (and, for `dy` in `dx`, writes after these sums);
+            // it is released before the next is taken.
             let SpanIo { x: xs, dy: dys, res, dr: mut out } =
                 unsafe { span_io::<MASK>(s, l, x, dy, mask, dr) };
             for_vectors::<I>(
@@ -455,20 +456,23 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
 ///
 /// # Safety
 ///
-/// Only the caller may access that span of `dr` until it releases the returned slice.
+/// Only the caller may access that span of `dr` until it releases the returned slice, and, with
+/// `dy` in `dx`, no slice of `dx` overlapping the span may be alive while `dy`'s is.
 #[inline(always)]
 unsafe fn span_io<'a, 'b, const MASK: u8>(
     s: usize,
     l: usize,
     x: &'b [f32],
-    dy: &'b [f32],
+    dy: Grad<'b, '_>,
     mask: &FusedRelu<'b>,
     dr: Option<&SharedMut<'a, f32>>,
 ) -> SpanIo<'a, 'b> {
     let res = if MASK == ADD_RELU { &mask.residual.unwrap_or(&[])[s..s + l] } else { &[] };
     // SAFETY: the caller's contract above.
     let dr = dr.filter(|_| MASK != NONE).map(|d| unsafe { d.slice(s, l) });
-    SpanIo { x: &x[s..s + l], dy: &dy[s..s + l], res, dr }
+    // SAFETY: the caller's contract above.
+    let dy = unsafe { dy.read(s, l) };
+    SpanIo { x: &x[s..s + l], dy, res, dr }
 }
 
 /// The slices [`span_io`] returns.
@@ -505,14 +509,16 @@ fn gradient_at<I: Isa, const MASK: u8>(
 }
 
 /// `dx` (and the masked gradient into `dr` when given) of the channels `channels`, tile by
-/// tile, from per-channel coefficients (`coefficients[c - channels.start]`).
+/// tile, from per-channel coefficients (`coefficients[c - channels.start]`). With `dy` in `dx`,
+/// each span's `dx` is written over its gradient, vector by vector after reading it (then `dr`
+/// must be `None`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dx<I: Isa, const MASK: u8>(
     isa: I,
     dims: Canonical,
     x: &[f32],
-    dy: &[f32],
+    dy: Grad<'_, '_>,
     mask: &FusedRelu<'_>,
     dx: &SharedMut<'_, f32>,
     dr: Option<&SharedMut<'_, f32>>,
@@ -534,14 +540,18 @@ pub(super) fn dx<I: Isa, const MASK: u8>(
         // SAFETY: the span of `tile` in image `o` holds runs of the tile's channels only, which
         // only this task processes; it is released before the next is taken.
         let out = unsafe { dx.slice(s, l) };
+        let (xs, dys) = (&x[s..s + l], dy.apart(s, l));
+        let res = if MASK == ADD_RELU { &mask.residual.unwrap_or(&[])[s..s + l] } else { &[] };
+        assert!(dys.is_some() || dr.is_none(), "the masked gradient needs the gradient apart from dx");
         // SAFETY: as for `dx` (the same span of another output).
-        let SpanIo { x: xs, dy: dys, res, mut dr } = unsafe { span_io::<MASK>(s, l, x, dy, mask, dr) };
+        let mut dr = dr.filter(|_| MASK != NONE).map(|d| unsafe { d.slice(s, l) });
         prefetch_span(isa, out.as_ptr().wrapping_add(stride(dims)), l);
         for_vectors::<I>(
             l,
             #[inline(always)]
             |r, full| {
-                let (xv, gv) = gradient_at::<I, MASK>(isa, xs, dys, res, a, r.clone(), full);
+                let g = dys.unwrap_or(&*out);
+                let (xv, gv) = gradient_at::<I, MASK>(isa, xs, g, res, a, r.clone(), full);
                 if let Some(d) = dr.as_deref_mut() {
                     store_r(isa, d, r.clone(), full, gv);
                 }

@@ -177,7 +177,7 @@ fn write_masked<I: Isa, const MASK: u8>(
     map2(
         isa,
         x,
-        dy,
+        Some(dy),
         out,
         false,
         false,
@@ -260,7 +260,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
                             map2(
                                 isa,
                                 &x[local.clone()],
-                                &gr[local],
+                                Some(&gr[local]),
                                 dx,
                                 false,
                                 false,
@@ -311,7 +311,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
                         map2(
                             isa,
                             x,
-                            dy,
+                            Some(dy),
                             dx,
                             false,
                             false,
@@ -447,10 +447,10 @@ fn backward_sums<S: Spec, I: Isa, const MASK: u8>(
 /// kind `MASK` (`mask`: patterns of `2 W` values and the residual of these rows; `dr = g` when
 /// given; coefficients of length `2 W`): period by period ([`map2_periodic`], streamed or not)
 /// when `W` is a whole number of vectors, else row by row or, streamed, flat with a wrapped
-/// column index.
+/// column index. `dy: None` when the gradient is in `dx` (in place, [`map2`]).
 struct DxRows<'a, S, const MASK: u8> {
     pub(super) x: &'a [f32],
-    pub(super) dy: &'a [f32],
+    pub(super) dy: Option<&'a [f32]>,
     pub(super) dx: &'a mut [f32],
     pub(super) mask: FusedRelu<'a>,
     pub(super) dims: Canonical,
@@ -538,7 +538,7 @@ impl<S: Spec, const MASK: u8> Kernel for DxRows<'_, S, MASK> {
             let mut start = 0;
             while start < len {
                 let span = start..(start + w).min(len);
-                let (x, dy) = (&self.x[span.clone()], &self.dy[span.clone()]);
+                let (x, dy) = (&self.x[span.clone()], self.dy.map(|dy| &dy[span.clone()]));
                 let res = residual_of::<MASK>(&self.mask, span.clone());
                 map2(
                     isa,
@@ -622,12 +622,13 @@ pub(crate) fn train_backward_sums<S: Spec, I: Isa, const MASK: u8>(
 }
 
 /// The `dx` pass of the training backward only, from given (e.g. global) sums over `n` values,
-/// for the gradient of kind `MASK` (per-channel `mask`).
+/// for the gradient of kind `MASK` (per-channel `mask`); `dy: None` when the gradient is in `dx`
+/// (in place).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     isa: I,
     x: &[f32],
-    dy: &[f32],
+    dy: Option<&[f32]>,
     mask: FusedRelu<'_>,
     dx: &mut [f32],
     dims: Canonical,
@@ -660,7 +661,8 @@ pub(crate) fn train_backward_dx<S: Spec, I: Isa, const MASK: u8>(
     let mask = mask_patterns::<MASK>(mask, c, 2 * w, &mut buf);
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let rows_per_task = (dims.len() / w).div_ceil(tasks).max(1);
-    let stream = streaming(dims.len(), w.max(rows_per_task * w));
+    // In place the stores follow the loads of the same lines: nothing to stream.
+    let stream = dy.is_some() && streaming(dims.len(), w.max(rows_per_task * w));
     let flat = stream;
     let chunk = rows_per_task * w;
     for_each_chunk3(parallel, x, dy, dx, chunk, |k, x, dy, dx| {
