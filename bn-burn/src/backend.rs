@@ -25,7 +25,6 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::NdArray;
 use burn::backend::{backend_extension, ExtensionType};
 use ndarray::{ArcArray, ArrayViewD, IxDyn};
-use rayon::prelude::*;
 
 /// The output of [`BatchNormBackend::fused_batch_norm_train`]: the normalized input, the
 /// batch's mean and biased variance (shape `[channels]`), and what its backward needs.
@@ -330,23 +329,15 @@ fn train_backward<E: Float>(
     })
 }
 
-/// Values per block of the in-place `dx` pass: the block's output gradient is copied aside
-/// (256 KiB, so the copy and the pass stay in the core's L2) before `dx` overwrites it.
-const IN_PLACE_BLOCK: usize = 1 << 16;
-
-/// The f32 training backward with `dx` written over the output gradient, when burn hands that
-/// over as the sole owner of a contiguous buffer of the input's shape (as its autodiff does
-/// with a gradient no other node holds) of at least one block; otherwise the gradient is given
-/// back. (A smaller `dx` comes cheaply from the allocator's reused memory, and one fused kernel
-/// call costs less than the two passes here.)
+/// The f32 training backward with `dx` written over the output gradient
+/// ([`kernels::backward_in_place`]), when burn hands that over as the sole owner of a contiguous
+/// buffer of the input's shape (as its autodiff does with a gradient no other node holds);
+/// otherwise the gradient is given back.
 ///
-/// A fresh activation-sized `dx` per step costs more than the backward kernels: the allocator
-/// returns such blocks to the system and their pages fault in again (burn-ndarray's own
-/// elementwise operations reuse a uniquely held buffer the same way). The kernels take `dy`
-/// and `dx` as separate slices, so the pass runs over blocks of whole images: each block's
-/// gradient is copied to a scratch buffer and its `dx` written in its place, from the sums of
-/// the whole batch ([`kernels::backward_sums`], [`kernels::backward_dx`]): the same values as
-/// [`BatchNormOps::backward`].
+/// A fresh activation-sized `dx` per step can cost more than the backward kernels: the
+/// allocator returns such blocks to the system and their pages fault in again (burn-ndarray's
+/// own elementwise operations reuse a uniquely held buffer the same way). The in-place kernel
+/// gives the same values as [`BatchNormOps::backward`] and reads `x` and the gradient once.
 fn in_place_f32(
     x: &Values<f32>,
     shape: &[usize],
@@ -358,8 +349,7 @@ fn in_place_f32(
         let view = storage.view();
         view.is_standard_layout() && view.shape() == shape
     };
-    let large = shape.iter().product::<usize>() >= IN_PLACE_BLOCK;
-    if !eligible || !large || shape.len() < 2 || pass.ops.config().get_activation() != Activation::Identity {
+    if !eligible || shape.len() < 2 || pass.ops.config().get_activation() != Activation::Identity {
         return Err(NdArrayTensor::F32(storage));
     }
     let Pass { ops, stats, gamma, .. } = pass;
@@ -371,38 +361,18 @@ fn in_place_f32(
     let x = slice(&x_view);
     let channels = gamma.len();
     let dims = Canonical { outer: shape[0], channels, inner: shape[2..].iter().product() };
-    let backend = ops.backend();
     let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; channels], vec![0.0; channels]);
-    kernels::backward_sums::<Dynamic>(
-        backend,
+    kernels::backward_in_place::<Dynamic>(
+        ops.backend(),
         x,
         dy_dx,
         dims,
         stats.mean(),
         stats.inv_std(),
+        gamma,
         &mut sum_dy,
         &mut sum_dy_xhat,
     );
-    let image = (channels * dims.inner).max(1);
-    let block = (IN_PLACE_BLOCK / image).max(1) * image;
-    dy_dx.par_chunks_mut(block).zip(x.par_chunks(block)).for_each_init(Vec::new, |dy, (dx, x)| {
-        dy.clear();
-        dy.extend_from_slice(dx);
-        let dims = Canonical { outer: dx.len() / image, ..dims };
-        kernels::backward_dx::<Dynamic>(
-            backend,
-            x,
-            dy,
-            dx,
-            dims,
-            stats.count(),
-            stats.mean(),
-            stats.inv_std(),
-            gamma,
-            &sum_dy,
-            &sum_dy_xhat,
-        );
-    });
     let narrow = |sums: &[f64]| sums.iter().map(|&v| v as f32).collect::<Vec<f32>>();
     Ok(FusedGradients {
         x_grad: NdArrayTensor::from(grad),
