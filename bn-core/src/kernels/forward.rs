@@ -140,12 +140,21 @@ pub fn normalize_fused<S: Spec>(
         assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
     }
     parallel::without_alloc(2 * dims.len(), || {
-        normalize_fused_helped::<S>(backend, x, y, epilogue, dims, mean, scale, shift)
+        with_act!(epilogue, |act| normalize_io::<S, _>(
+            backend,
+            Split { x, y, act },
+            dims,
+            mean,
+            scale,
+            shift,
+            true
+        ))
     })
 }
 
 /// [`normalize_fused`] for a training step (the synchronized forward's normalize): helped from
-/// outside the pool like the training kernels, never handed to a worker.
+/// outside the pool like the training kernels, never handed to a worker, and streamed by the
+/// training passes' rule.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn normalize_fused_helped<S: Spec>(
     backend: Backend,
@@ -157,7 +166,15 @@ pub(crate) fn normalize_fused_helped<S: Spec>(
     scale: &[f32],
     shift: &[f32],
 ) {
-    with_act!(epilogue, |act| normalize_io::<S, _>(backend, Split { x, y, act }, dims, mean, scale, shift))
+    with_act!(epilogue, |act| normalize_io::<S, _>(
+        backend,
+        Split { x, y, act },
+        dims,
+        mean,
+        scale,
+        shift,
+        false
+    ))
 }
 
 /// [`normalize`] in place: bit-identical to it (the same loop body runs both).
@@ -187,7 +204,15 @@ pub fn normalize_inplace_fused<S: Spec>(
         assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
     }
     parallel::without_alloc(2 * dims.len(), || {
-        with_act!(epilogue, |act| normalize_io::<S, _>(backend, InPlace(xy, act), dims, mean, scale, shift))
+        with_act!(epilogue, |act| normalize_io::<S, _>(
+            backend,
+            InPlace(xy, act),
+            dims,
+            mean,
+            scale,
+            shift,
+            true
+        ))
     })
 }
 
@@ -218,7 +243,7 @@ pub fn relu_grad<S: Spec>(
         assert_eq!(r.len(), n, "the residual must hold dims.len() values");
     }
     let act = MaskGrad { dy, residual };
-    normalize_io::<S, _>(backend, Split { x, y: out, act }, dims, mean, scale, shift)
+    normalize_io::<S, _>(backend, Split { x, y: out, act }, dims, mean, scale, shift, false)
 }
 
 /// The `f32` coefficients `(mean, scale, shift)` of channel `c`'s transform in a training
@@ -229,6 +254,9 @@ pub fn train_coefficients(mean: f64, inv_std: f64, gamma: f32, beta: f32) -> (f3
     (a.m, a.s, a.t)
 }
 
+/// The normalize of every entry point above; `inference` picks the streaming rule of the planes
+/// family (inference's, or the training passes' for the synchronized forward and [`relu_grad`]).
+#[allow(clippy::too_many_arguments)]
 fn normalize_io<S: Spec, T: Io>(
     backend: Backend,
     io: T,
@@ -236,6 +264,7 @@ fn normalize_io<S: Spec, T: Io>(
     mean: &[f32],
     scale: &[f32],
     shift: &[f32],
+    inference: bool,
 ) {
     let c = dims.channels;
     assert!(mean.len() == c && scale.len() == c && shift.len() == c);
@@ -246,7 +275,7 @@ fn normalize_io<S: Spec, T: Io>(
     match backend.usable() {
         Backend::Scalar => scalar_normalize(io, dims, mean, scale, shift),
         b => with_isa!(b, |isa| match dims.family() {
-            Family::Planes => planes::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
+            Family::Planes => planes::normalize::<S, _, T>(isa, io, dims, mean, scale, shift, inference),
             Family::Rows => rows::normalize::<S, _, T>(isa, io, dims, mean, scale, shift),
         }),
     }

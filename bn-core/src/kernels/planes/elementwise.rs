@@ -6,7 +6,7 @@ use core::marker::PhantomData;
 use super::reduce::{dx_masked, mask_of};
 use crate::kernels::epilogue::{residual_of, FusedRelu};
 use crate::kernels::loops::{map, map2, Io};
-use crate::kernels::parallel::{streaming, task_count, use_pool, TASK_ELEMS};
+use crate::kernels::parallel::{streaming, streaming_inference, task_count, use_pool, TASK_ELEMS};
 use crate::kernels::simd::{Isa, Kernel};
 use crate::kernels::stats::{Affine32, DxCoefficients};
 use crate::kernels::vector::affine;
@@ -50,25 +50,28 @@ impl<S: Spec, T: Io, P: Fn(usize) -> Affine32> Kernel for NormalizeRuns<'_, S, T
     }
 }
 
-/// The streaming normalize: contiguous ranges of whole runs, in parallel above the threshold.
+/// The streaming normalize: contiguous ranges of whole runs, in parallel above the threshold,
+/// with non-temporal stores when `stream`.
 pub(super) fn normalize_runs<S: Spec, I: Isa, T: Io>(
     isa: I,
     io: T,
     dims: Canonical,
     params: &(impl Fn(usize) -> Affine32 + Sync),
+    stream: bool,
 ) {
     let parallel = use_pool(2 * dims.len());
     let runs = dims.outer * dims.channels;
     let tasks = task_count(parallel, dims.len(), TASK_ELEMS);
     let runs_per_task = runs.div_ceil(tasks).max(1);
-    let stream = streaming(dims.len(), dims.inner);
     io.for_each_chunk(parallel, runs_per_task * dims.inner, |k, io| {
         let first_run = k * runs_per_task;
         isa.vectorize(NormalizeRuns::<S, T, _> { io, first_run, dims, params, stream, _spec: PhantomData });
     });
 }
 
-/// Inference: `y = (x - mean) * scale + shift` per channel, one pass.
+/// `y = (x - mean) * scale + shift` per channel, one pass; with `inference`, the output is
+/// streamed by the inference rule ([`streaming_inference`]), else by the rule of the training
+/// passes ([`streaming`]).
 pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
     isa: I,
     io: T,
@@ -76,9 +79,15 @@ pub(crate) fn normalize<S: Spec, I: Isa, T: Io>(
     mean: &[f32],
     scale: &[f32],
     shift: &[f32],
+    inference: bool,
 ) {
     let params = |c: usize| Affine32 { m: mean[c], s: scale[c], t: shift[c] };
-    normalize_runs::<S, I, T>(isa, io, dims, &params);
+    let stream = if inference {
+        streaming_inference(dims.len(), dims.inner)
+    } else {
+        streaming(dims.len(), dims.inner)
+    };
+    normalize_runs::<S, I, T>(isa, io, dims, &params, stream);
 }
 
 /// `dx` of the training backward over contiguous whole runs, from per-channel coefficients, for

@@ -188,7 +188,7 @@ pub(crate) fn forward_train<S: Spec, I: Isa, A: Apply>(
     let params: Vec<Affine32> = (0..dims.channels)
         .map(|c| Affine32::train(mean_out[c], var_out[c], eps, gamma[c], beta[c]))
         .collect();
-    normalize_runs::<S, I, _>(isa, Split { x, y, act }, dims, &|c: usize| params[c]);
+    normalize_runs::<S, I, _>(isa, Split { x, y, act }, dims, &|c: usize| params[c], stream);
 }
 
 /// Per-channel batch mean and biased variance only: chunk moments (in parallel when
