@@ -8,6 +8,7 @@ environment outside the repository and run it next to bn-bench on the same machi
     ~/torchenv/bin/python bn-bench/scripts/torch_bench.py            # all cases and modes
     ~/torchenv/bin/python bn-bench/scripts/torch_bench.py --case S1,S6 --json torch.json
     ~/torchenv/bin/python bn-bench/scripts/torch_bench.py --suite resnet50 --json torch-rn50.json
+    ~/torchenv/bin/python bn-bench/scripts/torch_bench.py --shape 32x960x7x7 --json torch-custom.json
 
 What is timed, per case and mode, interleaved repetition by repetition (as bn-bench does):
 - train:    torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
@@ -17,7 +18,8 @@ What is timed, per case and mode, interleaved repetition by repetition (as bn-be
             training forward: dx, dgamma, dbeta (the kernel autograd calls, without autograd);
 - copy:     dst.copy_(src) moving the bytes the mode must move (2x the tensor forward, 3x
             backward), the same yardstick as bn-bench's `x copy` column.
-S3 is NHWC: x is (32, 64, 56, 56) in torch.channels_last. --suite resnet50 runs the batch-norm
+S3 is NHWC: x is (32, 64, 56, 56) in torch.channels_last. --shape times one other shape instead,
+as bn-bench's --shape does (case "custom"; the layout from the rank, or --layout). --suite resnet50 runs the batch-norm
 layers of ResNet-50 at batch 50 instead (NCHW, bn-bench's R1..R9 with their counts in the network)
 and prints the time of one training step (forward + backward of the 53 layers) and of one
 inference pass, the summary bn-bench prints for its own suite run. Calls under 10 us are timed in batches
@@ -74,6 +76,8 @@ for _name, (_shape, _count) in RESNET50.items():
     BENCH_SHAPES[_name] = (list(_shape), [0, 2, 3])
 SUITES = {"resnet50": ("ResNet-50", RESNET50)}
 MODES = ("train", "eval", "backward")
+# --layout: bn-bench's reduced axes, and the rank each takes (the default by rank as in bn-bench).
+LAYOUTS = {"nc": ([0], 2), "ncl": ([0, 2], 3), "nchw": ([0, 2, 3], 4), "nhwc": ([0, 1, 2], 4)}
 MIN_SAMPLE_S = 10e-6
 EPS = 1e-5
 
@@ -214,10 +218,29 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="50 ms per implementation and row")
     parser.add_argument("--json", default=None, help="write bn-bench's JSON records here")
+    parser.add_argument("--shape", default=None,
+                        help="one shape instead, as bn-bench's --shape spells it, e.g. 32x960x7x7 (case custom)")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default=None,
+                        help="its layout (default by rank: nc, ncl, nchw); nhwc takes the shape as N x H x W x C")
     args = parser.parse_args()
-    if args.suite and args.case:
-        parser.error("give --case or --suite, not both")
-    if args.suite:
+    if sum(a is not None for a in (args.suite, args.case, args.shape)) > 1:
+        parser.error("give one of --case, --suite and --shape")
+    if args.layout and not args.shape:
+        parser.error("--layout goes with --shape")
+    if args.shape:
+        try:
+            shape = [int(d) for d in args.shape.split("x")]
+        except ValueError:
+            parser.error(f"not a shape: {args.shape} (e.g. 32x960x7x7)")
+        by_rank = {rank: name for name, (_, rank) in LAYOUTS.items() if name != "nhwc"}
+        layout = args.layout or by_rank.get(len(shape))
+        if layout is None or LAYOUTS[layout][1] != len(shape) or min(shape) < 1:
+            parser.error(f"{args.shape}: a shape of rank 2, 3 or 4 with a matching --layout")
+        torch_shape = (shape[0], shape[3], shape[1], shape[2]) if layout == "nhwc" else tuple(shape)
+        CASES["custom"] = (torch_shape, layout.upper(), torch_shape[1])
+        BENCH_SHAPES["custom"] = (shape, LAYOUTS[layout][0])
+        cases = ["custom"]
+    elif args.suite:
         cases = list(SUITES[args.suite][1])
     else:
         cases = args.case.split(",") if args.case else standard
