@@ -39,16 +39,17 @@ fn shapes() -> Vec<Canonical> {
     out
 }
 
-/// Every branch of the planes family's short-run rule (runs shorter than 256 values and at least
+/// Every branch of the planes family's short-run rule (runs shorter than 128 values and at least
 /// 16 images take spans of channel tiles): tiles of many channels with a partial last tile, of
-/// one channel, runs of 2, 49 and 196, more than one block of 128 images, 15 and 16 images,
-/// runs of 255 and 256 (the first long run), and slabs too large to fuse (the split schedule).
+/// one channel, runs of 2, 49 and 196 (a long run), more than one block of 128 images, 15 and
+/// 16 images, runs of 127 and 128 (the first long run), and slabs too large to fuse (the split
+/// schedule).
 fn short_run_shapes() -> Vec<Canonical> {
     [
         (50, 40, 196),
-        (16, 70, 255),
-        (9, 70, 256),
-        (5, 33, 257),
+        (16, 70, 127),
+        (16, 70, 128),
+        (5, 33, 129),
         (50, 37, 49),
         (15, 37, 49),
         (16, 37, 49),

@@ -15,7 +15,7 @@
 //!   (the hardware prefetchers do not follow the stride between runs);
 //! - backward: the same two schedules around the fused pair of reductions and the `dx` pass;
 //! - backward with frozen statistics: one pass (reductions and `dx = k * dy` together);
-//! - short runs (fewer than 256 values, at least 16 images): the training forward and backward
+//! - short runs (fewer than 128 values, at least 16 images): the training forward and backward
 //!   go image by image over spans of channel tiles with per-lane parameters ([`span`]): in the
 //!   fused schedule every pass, in the split schedule the statistics and the backward's sums
 //!   (its normalize and `dx` are the streaming passes, run by run); inference stays run by run

@@ -1,4 +1,4 @@
-//! Short runs (`inner <` [`SHORT_RUN`]: the 7 x 7 and 14 x 14 layers of a convolutional
+//! Short runs (`inner <` [`SHORT_RUN`]: the 7 x 7 to 11 x 11 layers of a convolutional
 //! network): a tile of consecutive channels is, in each image, one contiguous span of
 //! `channels * inner` values, so every pass goes image by image over whole spans with
 //! per-lane parameters (each lane repeats its channel's), never run by run.
@@ -29,7 +29,15 @@ use crate::Canonical;
 /// of this length and more are long enough for the run-by-run loops). Inference goes run by run
 /// at any length: one pass with each run's parameters in registers costs less than per-lane
 /// parameters loaded beside every vector.
-pub(super) const SHORT_RUN: usize = 256;
+///
+/// Measured on a Zen 4 VM (bn-bench --quick, 1 and 2 threads, medians of 3 interleaved rounds,
+/// the spans' time over the run-by-run loops'): runs of 49 take 0.5-0.87x (ResNet-50's
+/// (50, 512, 7, 7) and (50, 2048, 7, 7), (32, 960, 7, 7)), 64 0.82-1.03x, 81 0.6-0.92x, 121
+/// 0.88-1.03x; runs of 144 take 1.05-1.27x and 196 1.04-1.78x ((50, 1024, 14, 14) 1.5-1.8x,
+/// (50, 256, 14, 14) 1.04-1.19x): from 12 x 12 on, a channel's runs are long enough for the
+/// prefetchers, and the spans' tiles (a few channels, each image's span a whole image apart)
+/// are not.
+pub(super) const SHORT_RUN: usize = 128;
 /// Most values of one span (a tile's values in one image): per-lane sums and parameters of a
 /// span stay in L1.
 const SPAN: usize = 1024;
