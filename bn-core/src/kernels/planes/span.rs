@@ -33,8 +33,9 @@ use crate::Canonical;
 /// Measured on a Zen 4 VM (bn-bench --quick, 1 and 2 threads, medians of 3 interleaved rounds,
 /// the spans' time over the run-by-run loops'): runs of 49 take 0.5-0.87x (ResNet-50's
 /// (50, 512, 7, 7) and (50, 2048, 7, 7), (32, 960, 7, 7)), 64 0.82-1.03x, 81 0.6-0.92x, 121
-/// 0.88-1.03x; runs of 144 take 1.05-1.27x and 196 1.04-1.78x ((50, 1024, 14, 14) 1.5-1.8x,
-/// (50, 256, 14, 14) 1.04-1.19x): from 12 x 12 on, a channel's runs are long enough for the
+/// 0.88-1.03x; runs of 144 take 1.05-1.27x and 196 1.04-1.78x in 23 of 24 measurements
+/// ((50, 1024, 14, 14) 1.5-1.8x, (50, 256, 14, 14) 1.04-1.19x; (32, 256, 14, 14)'s training at
+/// 2 threads 0.79x): from 12 x 12 on, a channel's runs are long enough for the
 /// prefetchers, and the spans' tiles (a few channels, each image's span a whole image apart)
 /// are not.
 pub(super) const SHORT_RUN: usize = 128;
