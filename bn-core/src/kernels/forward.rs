@@ -140,15 +140,7 @@ pub fn normalize_fused<S: Spec>(
         assert_eq!(r.len(), dims.len(), "the residual must hold dims.len() values");
     }
     parallel::without_alloc(2 * dims.len(), || {
-        with_act!(epilogue, |act| normalize_io::<S, _>(
-            backend,
-            Split { x, y, act },
-            dims,
-            mean,
-            scale,
-            shift,
-            true
-        ))
+        normalize_split::<S>(backend, x, y, epilogue, dims, mean, scale, shift, true)
     })
 }
 
@@ -166,6 +158,23 @@ pub(crate) fn normalize_fused_helped<S: Spec>(
     scale: &[f32],
     shift: &[f32],
 ) {
+    normalize_split::<S>(backend, x, y, epilogue, dims, mean, scale, shift, false)
+}
+
+/// [`normalize_io`] from `x` into `y` with `epilogue` fused into the stores.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn normalize_split<S: Spec>(
+    backend: Backend,
+    x: &[f32],
+    y: &mut [f32],
+    epilogue: Epilogue<'_>,
+    dims: Canonical,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    inference: bool,
+) {
     with_act!(epilogue, |act| normalize_io::<S, _>(
         backend,
         Split { x, y, act },
@@ -173,7 +182,7 @@ pub(crate) fn normalize_fused_helped<S: Spec>(
         mean,
         scale,
         shift,
-        false
+        inference
     ))
 }
 
