@@ -19,11 +19,12 @@ What is timed, per case and mode, interleaved repetition by repetition (as bn-be
 - copy:     dst.copy_(src) moving the bytes the mode must move (2x the tensor forward, 3x
             backward), the same yardstick as bn-bench's `x copy` column.
 S3 is NHWC: x is (32, 64, 56, 56) in torch.channels_last. --shape times one other shape instead,
-as bn-bench's --shape does (case "custom"; the layout from the rank, or --layout). --suite resnet50 runs the batch-norm
-layers of ResNet-50 at batch 50 instead (NCHW, bn-bench's R1..R9 with their counts in the network)
-and prints the time of one training step (forward + backward of the 53 layers) and of one
-inference pass, the summary bn-bench prints for its own suite run. Calls under 10 us are timed in batches
-of consecutive calls, each batch counted as its mean (warm calls, as bn-bench times S6).
+as bn-bench's --shape does (case "custom"; the layout from the rank, or --layout). --suite
+resnet50 runs the batch-norm layers of ResNet-50 at batch 50 instead (NCHW, bn-bench's R1..R9 with
+their counts in the network) and prints the time of one training step (forward + backward of the
+53 layers) and of one inference pass, the summary bn-bench prints for its own suite run. Calls
+under 10 us are timed in batches of consecutive calls, each batch counted as its mean (warm calls,
+as bn-bench times S6).
 --json writes bn-bench's records (a JSON array) (implementation "pytorch", and "copy" for the
 yardstick), with this command and the CPU's model name, for `bn-bench markdown --torch` and
 `bn-bench --suite resnet50 --torch`.
