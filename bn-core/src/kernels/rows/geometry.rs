@@ -222,12 +222,16 @@ pub(super) fn column_sums<
     }
 }
 
-/// [`column_sums`] with the register blocking suited to the tile: eight vectors of columns per
-/// row when the tile is that wide, else two with four row phases.
+/// [`column_sums`] with the register blocking suited to the tile: `8 / A` vectors of columns per
+/// row (eight accumulator chains) when the tile is that wide, else two with four row phases.
+/// A tile that holds a row whole is then read row by row in memory order: with two sums (`A =
+/// 2`) a tile of 64 columns (`NHWC` with 64 channels, AVX-512) takes its four vectors at once.
+/// Read two vectors at a time, in two sweeps of half rows, the same tiles take 1.25-1.35x as
+/// long (bn-bench `--case S3`, 1 and 2 threads, Zen 4).
 macro_rules! column_sums {
     ($isa:expr, $k:literal, $q:literal, $a:literal, $tensors:expr, $w:expr, $rows:expr, $cols:expr, $params:expr, $term:expr, $emit:expr) => {{
         let (rows, cols) = ($rows, $cols);
-        if cols.len() >= 8 * I::LANES {
+        if cols.len() >= (8 / $a) * I::LANES {
             column_sums::<I, $k, $q, $a, { 8 / $a }, 1>($isa, $tensors, $w, rows, cols, $params, $term, $emit)
         } else {
             column_sums::<I, $k, $q, $a, 2, 4>($isa, $tensors, $w, rows, cols, $params, $term, $emit)
