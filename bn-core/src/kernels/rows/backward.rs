@@ -67,7 +67,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
     x: &[f32],
     dy: &[f32],
     mask: &FusedRelu<'_>,
-    w: usize,
+    g: &Geometry,
     rows: Range<usize>,
     cols: Range<usize>,
     m: &[f32],
@@ -86,7 +86,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
             1,
             2,
             [x, dy],
-            w,
+            g,
             rows,
             cols.clone(),
             [m],
@@ -105,7 +105,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
             4,
             2,
             [x, dy],
-            w,
+            g,
             rows,
             cols.clone(),
             [m, f[0], f[1], f[2]],
@@ -134,7 +134,7 @@ fn tile_backward_sums<I: Isa, const MASK: u8>(
             4,
             2,
             [x, dy, mask.residual.unwrap_or(&[])],
-            w,
+            g,
             rows,
             cols.clone(),
             [m, f[0], f[1], f[2]],
@@ -248,7 +248,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
                         let no_mask = FusedRelu::default();
                         let (rows, m) = (local.clone(), self.m);
                         tile_backward_sums::<I, NONE>(
-                            isa, x, gr, &no_mask, g.w, rows, cols, m, &mut buf, sum_dy, sum_xm,
+                            isa, x, gr, &no_mask, &g, rows, cols, m, &mut buf, sum_dy, sum_xm,
                         );
                     }
                     if let Some((dx, scale)) = self.dx {
@@ -291,7 +291,7 @@ impl<S: Spec, const MASK: u8> Kernel for ChunkBackward<'_, '_, S, MASK> {
                     self.x,
                     self.dy,
                     &self.mask,
-                    g.w,
+                    &g,
                     block.clone(),
                     cols.clone(),
                     self.m,

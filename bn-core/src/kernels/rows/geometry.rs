@@ -10,6 +10,12 @@ use crate::Canonical;
 
 /// Most values in a virtual row built from a small or odd `C`.
 pub(crate) const MAX_PERIOD: usize = 1024;
+/// Least bytes per tensor for which the column sums of a tile that holds whole rows go row by
+/// row ([`column_sums`]).
+const ROW_ORDER_MIN_BYTES: usize = 8 << 20;
+/// Most vectors per tile the row-by-row column sums keep accumulators for (1 KiB of `f32` with
+/// 4 lanes; 256 columns with any backend).
+const ROW_VECTORS: usize = 64;
 /// Most columns per tile.
 const TILE_COLS: usize = 1024;
 /// Values per tile (32 KiB): the tile is re-read from L1 by its second pass.
@@ -62,6 +68,8 @@ pub(super) struct Geometry {
     pub(super) block_rows: usize,
     pub(super) chunk_rows: usize,
     pub(super) chunks: usize,
+    /// Whether the column sums go row by row ([`ROW_ORDER_MIN_BYTES`]).
+    pub(super) row_order: bool,
 }
 
 impl Geometry {
@@ -77,7 +85,9 @@ impl Geometry {
         let blocks = vrows.div_ceil(block_rows);
         let chunk_blocks = (CHUNK_ELEMS / (block_rows * w)).max(blocks.div_ceil(MAX_CHUNKS)).max(1);
         let chunks = blocks.div_ceil(chunk_blocks);
-        Geometry { c, w, len, vrows, tile, tiles, block_rows, chunk_rows: chunk_blocks * block_rows, chunks }
+        let row_order = tiles == 1 && len * 4 >= ROW_ORDER_MIN_BYTES;
+        let chunk_rows = chunk_blocks * block_rows;
+        Geometry { c, w, len, vrows, tile, tiles, block_rows, chunk_rows, chunks, row_order }
     }
 
     #[inline(always)]
@@ -114,12 +124,19 @@ impl TileBuf {
 /// adds one vector of each tensor (with the vectors of `params`, `Q` per-column parameters of
 /// the tile, at the same columns) into `A` accumulators and returns them (so that a product can
 /// be added with one fused multiply-add), and `emit` receives, for each vector of columns, the
-/// `A` sums over the rows (an empty parameter loads as zeros). Accumulators stay in registers: `G` vectors of columns
-/// at a time (a row's `G` vectors are contiguous), each with `P` accumulators (rows `P q + k`)
-/// so that at least eight independent chains hide the latency of the additions; the phases are
-/// added pairwise at the end. Whole groups run a loop without per-vector checks; the last,
-/// partial group and the masked tail vector run a generic one. Lanes past the last column load
-/// as zero.
+/// `A` sums over the rows (an empty parameter loads as zeros). Accumulators stay in registers:
+/// `G` vectors of columns at a time (a row's `G` vectors are contiguous), each with `P`
+/// accumulators (rows `P q + k`) so that at least eight independent chains hide the latency of
+/// the additions; the phases are added pairwise at the end. Whole groups run a loop without
+/// per-vector checks; the last, partial group and the masked tail vector run a generic one.
+/// Lanes past the last column load as zero.
+///
+/// With `row_order`, a tile of whole rows wider than `G` vectors (`P = 1`) is read row by row
+/// instead, every vector's accumulators in memory: the same additions in the same order (the
+/// same bits), with the tensors read in memory order. Taken `G` vectors at a time the tile is
+/// read in sweeps of part rows, which the hardware prefetchers follow badly from DRAM; row by
+/// row, the accumulators' loads and stores cost more than that saves in cache
+/// ([`ROW_ORDER_MIN_BYTES`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub(super) fn column_sums<
@@ -133,6 +150,7 @@ pub(super) fn column_sums<
     isa: I,
     tensors: [&[f32]; K],
     w: usize,
+    row_order: bool,
     rows: Range<usize>,
     cols: Range<usize>,
     params: [&[f32]; Q],
@@ -143,6 +161,37 @@ pub(super) fn column_sums<
     let nc = cols.len();
     let vectors = nc.div_ceil(l);
     let whole = nc / l;
+    if row_order && P == 1 && vectors > G && vectors <= ROW_VECTORS && cols.start == 0 && nc == w {
+        // The same sums (one accumulator per vector of columns, rows in order), row by row.
+        let mut acc = [[isa.zero(); A]; ROW_VECTORS];
+        for r in rows {
+            let start = r * w;
+            let mut s: [&[f32]; K] = [&[]; K];
+            for t in 0..K {
+                s[t] = &tensors[t][start..start + w];
+            }
+            for (v, acc) in acc[..vectors].iter_mut().enumerate() {
+                let i = v * l;
+                let pos = Pos { i, n: (nc - i).min(l) };
+                let mut x = [isa.zero(); K];
+                for t in 0..K {
+                    x[t] = if v < whole { isa.load(&s[t][i..i + l]) } else { isa.load_tail(&s[t][i..]) };
+                }
+                let mut pv = [isa.zero(); Q];
+                for q in 0..Q {
+                    if !params[q].is_empty() {
+                        pv[q] = load_at(isa, params[q], pos);
+                    }
+                }
+                *acc = term(pos, x, pv, *acc);
+            }
+        }
+        for (v, &acc) in acc[..vectors].iter().enumerate() {
+            let i = v * l;
+            emit(Pos { i, n: (nc - i).min(l) }, acc);
+        }
+        return;
+    }
     let mut v0 = 0;
     while v0 < vectors {
         let group = (vectors - v0).min(G);
@@ -227,14 +276,107 @@ pub(super) fn column_sums<
 /// A tile that holds a row whole is then read row by row in memory order: with two sums (`A =
 /// 2`) a tile of 64 columns (`NHWC` with 64 channels, AVX-512) takes its four vectors at once.
 /// Read two vectors at a time, in two sweeps of half rows, the same tiles take 1.25-1.35x as
-/// long (bn-bench `--case S3`, 1 and 2 threads, Zen 4).
+/// long (bn-bench `--case S3`, 1 and 2 threads, Zen 4). The row order of wider tiles is the
+/// geometry's `row_order`.
 macro_rules! column_sums {
-    ($isa:expr, $k:literal, $q:literal, $a:literal, $tensors:expr, $w:expr, $rows:expr, $cols:expr, $params:expr, $term:expr, $emit:expr) => {{
-        let (rows, cols) = ($rows, $cols);
+    ($isa:expr, $k:literal, $q:literal, $a:literal, $tensors:expr, $g:expr, $rows:expr, $cols:expr, $params:expr, $term:expr, $emit:expr) => {{
+        let (g, rows, cols): (&Geometry, _, _) = ($g, $rows, $cols);
+        let (w, order) = (g.w, g.row_order);
         if cols.len() >= (8 / $a) * I::LANES {
-            column_sums::<I, $k, $q, $a, { 8 / $a }, 1>($isa, $tensors, $w, rows, cols, $params, $term, $emit)
+            column_sums::<I, $k, $q, $a, { 8 / $a }, 1>(
+                $isa, $tensors, w, order, rows, cols, $params, $term, $emit,
+            )
         } else {
-            column_sums::<I, $k, $q, $a, 2, 4>($isa, $tensors, $w, rows, cols, $params, $term, $emit)
+            column_sums::<I, $k, $q, $a, 2, 4>($isa, $tensors, w, order, rows, cols, $params, $term, $emit)
         }
     }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::simd::backend::Backend;
+    use crate::kernels::simd::{with_isa, Kernel};
+
+    /// The backward's two sums of `x` and `dy` over `rows` rows of a tile of whole rows of `w`
+    /// columns, the rows in order (`row_order`) or `8 / A` vectors of columns at a time.
+    struct Sums<'a> {
+        x: &'a [f32],
+        dy: &'a [f32],
+        m: &'a [f32],
+        w: usize,
+        rows: usize,
+        row_order: bool,
+    }
+
+    impl Kernel for Sums<'_> {
+        type Output = (Vec<f32>, Vec<f32>);
+        fn run<I: Isa>(self, isa: I) -> Self::Output {
+            // Padded: `emit` stores whole vectors.
+            let (mut a, mut b) = (vec![0.0; self.w + 16], vec![0.0; self.w + 16]);
+            column_sums::<I, 2, 1, 2, 4, 1>(
+                isa,
+                [self.x, self.dy],
+                self.w,
+                self.row_order,
+                0..self.rows,
+                0..self.w,
+                [self.m],
+                |_, [x, g], [m], [s, q]| [isa.add(s, g), isa.mul_add(g, isa.sub(x, m), q)],
+                |pos, [s, q]| {
+                    isa.store(&mut a[pos.i..], s);
+                    isa.store(&mut b[pos.i..], q);
+                },
+            );
+            a.truncate(self.w);
+            b.truncate(self.w);
+            (a, b)
+        }
+    }
+
+    /// Row by row, the column sums are the same bits as taken four vectors at a time, and
+    /// both are the sums (against `f64`), on every backend, for whole vectors and a tail.
+    #[test]
+    fn row_order_is_the_same_sums() {
+        let rows = 37;
+        for w in [80, 128, 200, 256] {
+            let value = |i: usize, k: usize| ((i * k) % 101) as f32 / 50.0 - 1.0;
+            let x: Vec<f32> = (0..rows * w).map(|i| value(i, 37)).collect();
+            let dy: Vec<f32> = (0..rows * w).map(|i| value(i, 59)).collect();
+            let m: Vec<f32> = (0..w).map(|j| j as f32 / w as f32 - 0.5).collect();
+            for backend in Backend::available() {
+                let sums = |row_order| {
+                    let (x, dy, m) = (&x[..], &dy[..], &m[..]);
+                    with_isa!(backend, |isa| isa.vectorize(Sums { x, dy, m, w, rows, row_order }))
+                };
+                let (by_rows, by_vectors) = (sums(true), sums(false));
+                assert_eq!(by_rows, by_vectors, "{backend} w = {w}");
+                for (j, &mj) in m.iter().enumerate() {
+                    let col = (0..rows).map(|r| r * w + j);
+                    let s: f64 = col.clone().map(|i| dy[i] as f64).sum();
+                    let q: f64 = col.map(|i| dy[i] as f64 * (x[i] - mj) as f64).sum();
+                    let (a, b) = (by_rows.0[j] as f64, by_rows.1[j] as f64);
+                    assert!(
+                        (a - s).abs() <= 1e-4 * (1.0 + s.abs()),
+                        "{backend} w = {w} column {j}: {a} vs {s}"
+                    );
+                    assert!(
+                        (b - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "{backend} w = {w} column {j}: {b} vs {q}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Row order is for tensors of whole-row tiles from [`ROW_ORDER_MIN_BYTES`] on.
+    #[test]
+    fn row_order_rule() {
+        let order = |outer, channels| Geometry::new(Canonical { outer, channels, inner: 1 }).row_order;
+        assert!(order(50 * 56 * 56, 256), "NHWC (50, 56, 56, 256): 160 MB, tiles of whole rows");
+        assert!(order(8192, 256), "8 MiB");
+        assert!(!order(8191, 256), "below 8 MiB");
+        assert!(!order(50 * 14 * 14, 1024), "rows of 1024 columns are cut into tiles");
+        assert!(!order(256, 1024), "S1");
+    }
 }

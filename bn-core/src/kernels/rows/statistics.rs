@@ -18,7 +18,7 @@ use crate::Canonical;
 fn tile_deviations<I: Isa>(
     isa: I,
     x: &[f32],
-    w: usize,
+    g: &Geometry,
     rows: Range<usize>,
     cols: Range<usize>,
     buf: &mut TileBuf,
@@ -31,7 +31,7 @@ fn tile_deviations<I: Isa>(
         1,
         2,
         [x],
-        w,
+        g,
         rows,
         cols,
         [m],
@@ -55,7 +55,7 @@ fn tile_deviations<I: Isa>(
 fn tile_moments<I: Isa>(
     isa: I,
     x: &[f32],
-    w: usize,
+    g: &Geometry,
     rows: Range<usize>,
     cols: Range<usize>,
     buf: &mut TileBuf,
@@ -85,7 +85,7 @@ fn tile_moments<I: Isa>(
             0,
             1,
             [x],
-            w,
+            g,
             first,
             cols.clone(),
             [],
@@ -95,7 +95,7 @@ fn tile_moments<I: Isa>(
             |pos, [s]| isa.store(&mut m[pos.i..], s)
         );
     }
-    tile_deviations(isa, x, w, rows.clone(), cols.clone(), buf);
+    tile_deviations(isa, x, g, rows.clone(), cols.clone(), buf);
     // Every column tested (no early exit), so that the test vectorizes.
     let mut far = false;
     for j in 0..nc {
@@ -105,7 +105,7 @@ fn tile_moments<I: Isa>(
         for j in 0..nc {
             buf.m[j] = (buf.m[j] as f64 + buf.a[j] as f64 / n) as f32;
         }
-        tile_deviations(isa, x, w, rows, cols, buf);
+        tile_deviations(isa, x, g, rows, cols, buf);
     }
     // Chan's merge of this block into the chunk so far, column by column; the ratios are the
     // same for every column (no division in the loop). With `n_before == 0` it copies.
@@ -157,7 +157,7 @@ impl<S: Spec> Kernel for ChunkMoments<'_, '_, S> {
                 tile_moments(
                     isa,
                     self.x,
-                    g.w,
+                    &g,
                     block.clone(),
                     cols.clone(),
                     &mut buf,
