@@ -13,13 +13,23 @@ pub(crate) const MAX_PERIOD: usize = 1024;
 /// Least bytes per tensor for which the column sums of a tile that holds whole rows go row by
 /// row ([`column_sums`]).
 const ROW_ORDER_MIN_BYTES: usize = 8 << 20;
-/// Most vectors per tile the row-by-row column sums keep accumulators for (1 KiB of `f32` with
-/// 4 lanes; 256 columns with any backend).
-const ROW_VECTORS: usize = 64;
+/// Least bytes per tensor for which rows wider than [`NARROW_TILE`] columns (up to
+/// [`TILE_COLS`]) make one tile of whole rows, in blocks of [`MIN_BLOCK_ROWS`] rows (up to 128
+/// KiB, in L2), whose column sums go row by row: (50, 14, 14, 1024) NHWC trains in 0.91-0.99x
+/// the time and differentiates in 0.80-0.87x, (50, 28, 28, 512) 0.76-0.79x and 0.75-0.81x,
+/// (3072, 1024) (12 MiB) 0.99-1.12x and 0.74-0.81x; at 8 MiB, (2048, 1024) trained in 1.1-1.34x
+/// as long (Zen 4, 1 and 2 threads, bn-bench `--quick`, medians of 3 interleaved rounds).
+const WIDE_TILE_MIN_BYTES: usize = 12 << 20;
+/// Most vectors per tile the row-by-row column sums keep accumulators for: a tile of
+/// [`TILE_COLS`] columns with 8 lanes.
+const ROW_VECTORS: usize = TILE_COLS / 8;
 /// Most columns per tile.
 const TILE_COLS: usize = 1024;
-/// Values per tile (32 KiB): the tile is re-read from L1 by its second pass.
+/// Values per block of a tile (32 KiB): the block is re-read from L1 by its second pass.
 const TILE_ELEMS: usize = 1 << 13;
+/// Most columns per tile in blocks of [`MIN_BLOCK_ROWS`] rows or more of [`TILE_ELEMS`] values;
+/// wider rows are cut into tiles this wide, unless [`WIDE_TILE_MIN_BYTES`].
+const NARROW_TILE: usize = TILE_ELEMS / MIN_BLOCK_ROWS;
 /// Most rows per block (bounds the `f32` accumulation).
 const MAX_BLOCK_ROWS: usize = 256;
 /// Least rows per block a tile is narrowed for: every block ends in an `f64` merge per
@@ -79,9 +89,10 @@ impl Geometry {
         let w = virtual_width(c);
         let len = dims.len();
         let vrows = len / w;
-        let tile = w.min(TILE_COLS).min(TILE_ELEMS / MIN_BLOCK_ROWS);
+        let wide = w > NARROW_TILE && w <= TILE_COLS && len * 4 >= WIDE_TILE_MIN_BYTES;
+        let tile = if wide { w } else { w.min(NARROW_TILE) };
         let tiles = w.div_ceil(tile);
-        let block_rows = (TILE_ELEMS / tile).clamp(4, MAX_BLOCK_ROWS);
+        let block_rows = if wide { MIN_BLOCK_ROWS } else { (TILE_ELEMS / tile).clamp(4, MAX_BLOCK_ROWS) };
         let blocks = vrows.div_ceil(block_rows);
         let chunk_blocks = (CHUNK_ELEMS / (block_rows * w)).max(blocks.div_ceil(MAX_CHUNKS)).max(1);
         let chunks = blocks.div_ceil(chunk_blocks);
@@ -162,35 +173,12 @@ pub(super) fn column_sums<
     let vectors = nc.div_ceil(l);
     let whole = nc / l;
     if row_order && P == 1 && vectors > G && vectors <= ROW_VECTORS && cols.start == 0 && nc == w {
-        // The same sums (one accumulator per vector of columns, rows in order), row by row.
-        let mut acc = [[isa.zero(); A]; ROW_VECTORS];
-        for r in rows {
-            let start = r * w;
-            let mut s: [&[f32]; K] = [&[]; K];
-            for t in 0..K {
-                s[t] = &tensors[t][start..start + w];
-            }
-            for (v, acc) in acc[..vectors].iter_mut().enumerate() {
-                let i = v * l;
-                let pos = Pos { i, n: (nc - i).min(l) };
-                let mut x = [isa.zero(); K];
-                for t in 0..K {
-                    x[t] = if v < whole { isa.load(&s[t][i..i + l]) } else { isa.load_tail(&s[t][i..]) };
-                }
-                let mut pv = [isa.zero(); Q];
-                for q in 0..Q {
-                    if !params[q].is_empty() {
-                        pv[q] = load_at(isa, params[q], pos);
-                    }
-                }
-                *acc = term(pos, x, pv, *acc);
-            }
-        }
-        for (v, &acc) in acc[..vectors].iter().enumerate() {
-            let i = v * l;
-            emit(Pos { i, n: (nc - i).min(l) }, acc);
-        }
-        return;
+        // Accumulators for the vectors there are (zeroed per block).
+        return if vectors <= ROW_VECTORS / 4 {
+            row_sums::<I, K, Q, A, { ROW_VECTORS / 4 }>(isa, tensors, w, rows, params, term, emit)
+        } else {
+            row_sums::<I, K, Q, A, ROW_VECTORS>(isa, tensors, w, rows, params, term, emit)
+        };
     }
     let mut v0 = 0;
     while v0 < vectors {
@@ -271,6 +259,50 @@ pub(super) fn column_sums<
     }
 }
 
+/// [`column_sums`] of a tile of whole rows (`w` columns, at most `N` vectors) row by row: one
+/// accumulator per vector of columns, the rows in order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn row_sums<I: Isa, const K: usize, const Q: usize, const A: usize, const N: usize>(
+    isa: I,
+    tensors: [&[f32]; K],
+    w: usize,
+    rows: Range<usize>,
+    params: [&[f32]; Q],
+    mut term: impl FnMut(Pos, [I::V; K], [I::V; Q], [I::V; A]) -> [I::V; A],
+    mut emit: impl FnMut(Pos, [I::V; A]),
+) {
+    let l = I::LANES;
+    let (vectors, whole) = (w.div_ceil(l), w / l);
+    let mut acc = [[isa.zero(); A]; N];
+    for r in rows {
+        let start = r * w;
+        let mut s: [&[f32]; K] = [&[]; K];
+        for t in 0..K {
+            s[t] = &tensors[t][start..start + w];
+        }
+        for (v, acc) in acc[..vectors].iter_mut().enumerate() {
+            let i = v * l;
+            let pos = Pos { i, n: (w - i).min(l) };
+            let mut x = [isa.zero(); K];
+            for t in 0..K {
+                x[t] = if v < whole { isa.load(&s[t][i..i + l]) } else { isa.load_tail(&s[t][i..]) };
+            }
+            let mut pv = [isa.zero(); Q];
+            for q in 0..Q {
+                if !params[q].is_empty() {
+                    pv[q] = load_at(isa, params[q], pos);
+                }
+            }
+            *acc = term(pos, x, pv, *acc);
+        }
+    }
+    for (v, &acc) in acc[..vectors].iter().enumerate() {
+        let i = v * l;
+        emit(Pos { i, n: (w - i).min(l) }, acc);
+    }
+}
+
 /// [`column_sums`] with the register blocking suited to the tile: `8 / A` vectors of columns per
 /// row (eight accumulator chains) when the tile is that wide, else two with four row phases.
 /// A tile that holds a row whole is then read row by row in memory order: with two sums (`A =
@@ -339,7 +371,7 @@ mod tests {
     #[test]
     fn row_order_is_the_same_sums() {
         let rows = 37;
-        for w in [80, 128, 200, 256] {
+        for w in [80, 128, 200, 256, 520, 1024] {
             let value = |i: usize, k: usize| ((i * k) % 101) as f32 / 50.0 - 1.0;
             let x: Vec<f32> = (0..rows * w).map(|i| value(i, 37)).collect();
             let dy: Vec<f32> = (0..rows * w).map(|i| value(i, 59)).collect();
@@ -369,14 +401,22 @@ mod tests {
         }
     }
 
-    /// Row order is for tensors of whole-row tiles from [`ROW_ORDER_MIN_BYTES`] on.
+    /// Row order is for tensors of whole-row tiles from [`ROW_ORDER_MIN_BYTES`] on; rows wider
+    /// than [`NARROW_TILE`] make whole-row tiles from [`WIDE_TILE_MIN_BYTES`] on.
     #[test]
     fn row_order_rule() {
-        let order = |outer, channels| Geometry::new(Canonical { outer, channels, inner: 1 }).row_order;
+        let geometry = |outer, channels| Geometry::new(Canonical { outer, channels, inner: 1 });
+        let order = |outer, channels| geometry(outer, channels).row_order;
         assert!(order(50 * 56 * 56, 256), "NHWC (50, 56, 56, 256): 160 MB, tiles of whole rows");
         assert!(order(8192, 256), "8 MiB");
         assert!(!order(8191, 256), "below 8 MiB");
-        assert!(!order(50 * 14 * 14, 1024), "rows of 1024 columns are cut into tiles");
         assert!(!order(256, 1024), "S1");
+        let g = geometry(50 * 14 * 14, 1024);
+        assert!(g.row_order && (g.tile, g.tiles, g.block_rows) == (1024, 1, MIN_BLOCK_ROWS), "{g:?}");
+        assert!(order(3072, 1024), "12 MiB");
+        let g = geometry(3071, 1024);
+        assert!(!g.row_order && (g.tile, g.tiles) == (NARROW_TILE, 4), "below 12 MiB: {g:?}");
+        assert!(!order(4096, 512), "8 MiB of rows of 512 columns");
+        assert!(!order(2048, 2048), "wider than a tile");
     }
 }
