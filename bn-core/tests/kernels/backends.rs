@@ -147,23 +147,21 @@ fn whole_row_tiles_match_reference() {
 fn check_forward_train(seed: u64, dims: Canonical) {
     let backends = fast_backends();
     let eps = 1e-5;
-    {
-        let mut rng = Rng::new(seed);
-        let c = dims.channels;
-        let x = rng.vec(dims.len(), -3.0, 5.0);
-        let gamma = rng.vec(c, 0.5, 2.0);
-        let beta = rng.vec(c, -1.0, 1.0);
-        let want = expected_train(&x, dims, &gamma, &beta, eps);
-        let y_scale: Vec<f64> = want.y.iter().map(|&v| 1.0 + v.abs() as f64).collect();
-        for &b in &backends {
-            let (mut mean, mut var) = (vec![f64::NAN; c], vec![f64::NAN; c]);
-            let mut y = vec![f32::NAN; dims.len()];
-            kernels::forward_train::<Dynamic>(b, &x, &mut y, dims, &gamma, &beta, eps, &mut mean, &mut var);
-            let std: Vec<f64> = want.var.iter().map(|v| v.sqrt() + 1e-3).collect();
-            tolerance_check("mean", dims, b, &mean, &want.mean, &std, 1e-5);
-            tolerance_check("var", dims, b, &var, &want.var, &want.var, 2e-5);
-            tolerance_check("y", dims, b, &to_f64(&y), &to_f64(&want.y), &y_scale, 2e-5);
-        }
+    let mut rng = Rng::new(seed);
+    let c = dims.channels;
+    let x = rng.vec(dims.len(), -3.0, 5.0);
+    let gamma = rng.vec(c, 0.5, 2.0);
+    let beta = rng.vec(c, -1.0, 1.0);
+    let want = expected_train(&x, dims, &gamma, &beta, eps);
+    let y_scale: Vec<f64> = want.y.iter().map(|&v| 1.0 + v.abs() as f64).collect();
+    for &b in &backends {
+        let (mut mean, mut var) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+        let mut y = vec![f32::NAN; dims.len()];
+        kernels::forward_train::<Dynamic>(b, &x, &mut y, dims, &gamma, &beta, eps, &mut mean, &mut var);
+        let std: Vec<f64> = want.var.iter().map(|v| v.sqrt() + 1e-3).collect();
+        tolerance_check("mean", dims, b, &mean, &want.mean, &std, 1e-5);
+        tolerance_check("var", dims, b, &var, &want.var, &want.var, 2e-5);
+        tolerance_check("y", dims, b, &to_f64(&y), &to_f64(&want.y), &y_scale, 2e-5);
     }
 }
 
@@ -333,42 +331,38 @@ fn backward_matches_reference() {
 /// `seed`.
 fn check_backward(seed: u64, dims: Canonical) {
     let backends = fast_backends();
-    {
-        let mut rng = Rng::new(seed);
-        let c = dims.channels;
-        let x = rng.vec(dims.len(), -3.0, 5.0);
-        let dy = rng.vec(dims.len(), -1.0, 1.0);
-        let gamma = rng.vec(c, 0.5, 2.0);
-        let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
-        reference::batch_stats(&x, dims, &mut mean, &mut var);
-        let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
-        let (want_sdy, want_sdxh, want_dx) = expected_backward(&x, &dy, dims, &mean, &inv_std, &gamma);
-        let scale_dy = abs_sums(dims, |i| dy[i] as f64);
-        let scale_dxh = abs_sums(dims, |i| {
+    let mut rng = Rng::new(seed);
+    let c = dims.channels;
+    let x = rng.vec(dims.len(), -3.0, 5.0);
+    let dy = rng.vec(dims.len(), -1.0, 1.0);
+    let gamma = rng.vec(c, 0.5, 2.0);
+    let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+    reference::batch_stats(&x, dims, &mut mean, &mut var);
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+    let (want_sdy, want_sdxh, want_dx) = expected_backward(&x, &dy, dims, &mean, &inv_std, &gamma);
+    let scale_dy = abs_sums(dims, |i| dy[i] as f64);
+    let scale_dxh = abs_sums(dims, |i| {
+        let c = (i / dims.inner) % dims.channels;
+        dy[i] as f64 * (x[i] as f64 - mean[c]) * inv_std[c]
+    });
+    // |dx| is bounded by gamma * inv_std * (|dy| + mean|dy| + |xhat| mean|dy xhat|).
+    let dx_scale: Vec<f64> = (0..dims.len())
+        .map(|i| {
             let c = (i / dims.inner) % dims.channels;
-            dy[i] as f64 * (x[i] as f64 - mean[c]) * inv_std[c]
-        });
-        // |dx| is bounded by gamma * inv_std * (|dy| + mean|dy| + |xhat| mean|dy xhat|).
-        let dx_scale: Vec<f64> = (0..dims.len())
-            .map(|i| {
-                let c = (i / dims.inner) % dims.channels;
-                let n = dims.per_channel() as f64;
-                let xhat = (x[i] as f64 - mean[c]) * inv_std[c];
-                gamma[c] as f64
-                    * inv_std[c]
-                    * (1.0 + dy[i].abs() as f64 + (1.0 + xhat.abs()) * (scale_dy[c] + scale_dxh[c]) / n)
-            })
-            .collect();
-        for &b in &backends {
-            let (mut sdy, mut sdxh) = (vec![f64::NAN; c], vec![f64::NAN; c]);
-            let mut dx = vec![f32::NAN; dims.len()];
-            kernels::backward::<Dynamic>(
-                b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh,
-            );
-            tolerance_check("sum_dy", dims, b, &sdy, &want_sdy, &scale_dy, 1e-6);
-            tolerance_check("sum_dy_xhat", dims, b, &sdxh, &want_sdxh, &scale_dxh, 1e-6);
-            tolerance_check("dx", dims, b, &to_f64(&dx), &to_f64(&want_dx), &dx_scale, 1e-6);
-        }
+            let n = dims.per_channel() as f64;
+            let xhat = (x[i] as f64 - mean[c]) * inv_std[c];
+            gamma[c] as f64
+                * inv_std[c]
+                * (1.0 + dy[i].abs() as f64 + (1.0 + xhat.abs()) * (scale_dy[c] + scale_dxh[c]) / n)
+        })
+        .collect();
+    for &b in &backends {
+        let (mut sdy, mut sdxh) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+        let mut dx = vec![f32::NAN; dims.len()];
+        kernels::backward::<Dynamic>(b, &x, &dy, &mut dx, dims, &mean, &inv_std, &gamma, &mut sdy, &mut sdxh);
+        tolerance_check("sum_dy", dims, b, &sdy, &want_sdy, &scale_dy, 1e-6);
+        tolerance_check("sum_dy_xhat", dims, b, &sdxh, &want_sdxh, &scale_dxh, 1e-6);
+        tolerance_check("dx", dims, b, &to_f64(&dx), &to_f64(&want_dx), &dx_scale, 1e-6);
     }
 }
 
